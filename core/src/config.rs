@@ -1,0 +1,372 @@
+//! Typed job configuration (`JOB.toml`), the one place every option is documented.
+//!
+//! Unknown fields are errors, and every error names the field by its dotted path
+//! (`grpo.clip_high`). Defaults give a working job; see `examples/*.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::generate::SamplingParams;
+
+/// A whole training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// The policy to train.
+    pub model: ModelSection,
+    /// Where prompts and rewards come from.
+    pub task: TaskConfig,
+    /// How rollouts are sampled.
+    #[serde(default)]
+    pub sampling: SamplingParams,
+    /// The GRPO objective.
+    #[serde(default)]
+    pub grpo: GrpoConfig,
+    /// Optimisation, supervised warm-up, evaluation and checkpoints.
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+/// Which policy to start from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Random-init preset (`tiny`, `small`, `qwen2-0.5b`) with the character-level tokenizer.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// A local Hugging Face directory (`config.json`, `model.safetensors`, `tokenizer.json`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Parameter dtype: `f32` or `bf16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Seed of the random init (presets only).
+    #[serde(default)]
+    pub init_seed: i64,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// The task, selected by `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TaskConfig {
+    Arithmetic(ArithmeticConfig),
+    Countdown(CountdownConfig),
+    Jsonl(JsonlConfig),
+}
+
+/// `a op b op ... =` with integer operands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArithmeticConfig {
+    /// Maximum digits per operand (1..=6).
+    #[serde(default = "one")]
+    pub digits: u32,
+    /// Number of operands (2..=4).
+    #[serde(default = "two")]
+    pub operands: u32,
+    /// Operators to draw from: any of `+ - *`.
+    #[serde(default = "plus")]
+    pub operators: Vec<char>,
+    /// Seed of the problem stream.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Reach a target with the given numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountdownConfig {
+    /// How many numbers (2..=6).
+    #[serde(default = "three")]
+    pub numbers: usize,
+    /// Numbers are drawn from 1..=max_number.
+    #[serde(default = "twenty")]
+    pub max_number: i64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Problems from JSONL files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    /// Training rows: `{"prompt", "answer", "verifier"}` per line.
+    pub path: PathBuf,
+    /// Held-out rows; the training rows when absent.
+    #[serde(default)]
+    pub eval_path: Option<PathBuf>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> usize {
+    3
+}
+fn twenty() -> i64 {
+    20
+}
+fn plus() -> Vec<char> {
+    vec!['+']
+}
+
+/// How per-token losses are reduced to one number (DESIGN.md, "Aggregation modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossAgg {
+    /// Mean over all response tokens of the batch (DAPO).
+    TokenMean,
+    /// Mean over sequences of the per-sequence token mean (original GRPO).
+    SeqMeanTokenMean,
+    /// Mean over sequences of the token sum divided by a constant budget (Dr. GRPO).
+    SeqMeanTokenSumNorm,
+}
+
+/// The GRPO objective (DeepSeekMath eq. 3 with DAPO and Dr. GRPO options).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoConfig {
+    /// Completions per prompt (G).
+    pub group_size: usize,
+    /// Lower clip range: rho is clipped at 1 - clip_low.
+    pub clip_low: f64,
+    /// Upper clip range: rho is clipped at 1 + clip_high (DAPO clip-higher uses 0.28).
+    pub clip_high: f64,
+    /// Dual-clip constant c for negative advantages (pg <= -A*c); 0 turns it off.
+    pub dual_clip: f64,
+    /// beta: weight of the k3 KL penalty to the frozen reference policy; 0 skips the reference model.
+    pub kl_coef: f64,
+    /// Aggregation of per-token losses.
+    pub loss_agg: LossAgg,
+    /// Divide advantages by the group std (false for Dr. GRPO).
+    pub norm_adv_by_std: bool,
+    /// Constant generation budget for `seq-mean-token-sum-norm`; 0 means `sampling.max_new_tokens`.
+    pub generation_budget: usize,
+    /// DAPO overlong shaping buffer L_c in tokens, with L = `sampling.max_new_tokens`; 0 turns it off.
+    pub overlong_buffer: usize,
+    /// DAPO dynamic sampling: drop groups whose rewards are all equal and refill with new prompts.
+    pub filter_zero_variance: bool,
+    /// Refill rounds per step when filtering; the step trains on what it has after that.
+    pub max_refill_rounds: usize,
+    /// Passes over each batch of rollouts (PPO epochs).
+    pub epochs: usize,
+    /// Optimizer steps per epoch (the batch is split into this many mini-batches).
+    pub mini_batches: usize,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            group_size: 8,
+            clip_low: 0.2,
+            clip_high: 0.2,
+            dual_clip: 3.0,
+            kl_coef: 0.0,
+            loss_agg: LossAgg::TokenMean,
+            norm_adv_by_std: true,
+            generation_budget: 0,
+            overlong_buffer: 0,
+            filter_zero_variance: false,
+            max_refill_rounds: 2,
+            epochs: 1,
+            mini_batches: 1,
+        }
+    }
+}
+
+/// Optimisation and bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// GRPO steps to run (after the supervised warm-up).
+    pub steps: u64,
+    /// Prompts drawn per GRPO step; each gets `grpo.group_size` completions.
+    pub prompts_per_step: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    /// Clip the global gradient norm to this value; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    /// Sequences per forward/backward pass (gradient accumulation inside a mini-batch).
+    pub micro_batch_size: usize,
+    /// Seed of sampling and data order.
+    pub seed: u64,
+    /// Supervised warm-up steps on task demonstrations before GRPO (0 = none).
+    pub sft_steps: u64,
+    /// Demonstrations per supervised step.
+    pub sft_batch_size: usize,
+    /// Learning rate of the supervised warm-up.
+    pub sft_lr: f64,
+    /// Evaluate (greedy, held-out split) every this many GRPO steps; 0 = only at start and end.
+    pub eval_every: u64,
+    /// Held-out prompts per evaluation.
+    pub eval_prompts: usize,
+    /// Write a checkpoint every this many GRPO steps; 0 = only at the end.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept on disk (oldest removed first); at least 1.
+    pub keep_checkpoints: usize,
+    /// Run directory: checkpoints and metrics.jsonl.
+    pub out_dir: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 50,
+            prompts_per_step: 8,
+            lr: 1e-4,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            micro_batch_size: 64,
+            seed: 0,
+            sft_steps: 0,
+            sft_batch_size: 32,
+            sft_lr: 1e-3,
+            eval_every: 0,
+            eval_prompts: 64,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            out_dir: PathBuf::from("runs/default"),
+        }
+    }
+}
+
+impl JobConfig {
+    /// Parses TOML text; errors name the offending field.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let de = toml::Deserializer::new(text);
+        let cfg: JobConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            Error::config(if path == "." { "(root)".to_string() } else { path }, inner.message().to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::Config { path: field, reason } => Error::Config { path: format!("{}: {field}", path.display()), reason },
+            other => other,
+        })
+    }
+
+    /// Cross-field checks; each error names its field.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        match (&m.preset, &m.path) {
+            (None, None) => return Err(Error::config("model", "set `preset` or `path`")),
+            (Some(_), Some(_)) => return Err(Error::config("model", "set only one of `preset` and `path`")),
+            _ => {}
+        }
+        if crate::hf::parse_kind(&m.dtype).is_none() {
+            return Err(Error::config("model.dtype", format!("`{}` is not one of f32, bf16", m.dtype)));
+        }
+        crate::device::parse_device(&m.device).map_err(|r| Error::config("model.device", r))?;
+        if let TaskConfig::Arithmetic(a) = &self.task {
+            a.validate("task")?;
+        }
+        self.sampling.validate("sampling")?;
+        let g = &self.grpo;
+        let check = |ok: bool, field: &str, why: &str| if ok { Ok(()) } else { Err(Error::config(field, why)) };
+        check(g.group_size >= 1, "grpo.group_size", "must be >= 1")?;
+        check(g.clip_low >= 0.0 && g.clip_low < 1.0, "grpo.clip_low", "must be in [0, 1)")?;
+        check(g.clip_high >= 0.0, "grpo.clip_high", "must be >= 0")?;
+        check(g.dual_clip == 0.0 || g.dual_clip > 1.0, "grpo.dual_clip", "must be 0 (off) or > 1")?;
+        check(g.kl_coef >= 0.0, "grpo.kl_coef", "must be >= 0")?;
+        check(g.epochs >= 1, "grpo.epochs", "must be >= 1")?;
+        check(g.mini_batches >= 1, "grpo.mini_batches", "must be >= 1")?;
+        check(
+            (g.overlong_buffer as i64) < self.sampling.max_new_tokens,
+            "grpo.overlong_buffer",
+            "must be smaller than sampling.max_new_tokens",
+        )?;
+        let t = &self.train;
+        check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")?;
+        check(t.lr > 0.0 && t.lr.is_finite(), "train.lr", "must be > 0")?;
+        check(t.sft_lr > 0.0 && t.sft_lr.is_finite(), "train.sft_lr", "must be > 0")?;
+        check((0.0..1.0).contains(&t.beta1), "train.beta1", "must be in [0, 1)")?;
+        check((0.0..1.0).contains(&t.beta2), "train.beta2", "must be in [0, 1)")?;
+        check(t.adam_eps > 0.0, "train.adam_eps", "must be > 0")?;
+        check(t.max_grad_norm >= 0.0, "train.max_grad_norm", "must be >= 0")?;
+        check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")?;
+        check(t.sft_batch_size >= 1, "train.sft_batch_size", "must be >= 1")?;
+        check(t.eval_prompts >= 1, "train.eval_prompts", "must be >= 1")?;
+        check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")?;
+        check(
+            t.prompts_per_step * g.group_size >= g.mini_batches,
+            "grpo.mini_batches",
+            "more mini-batches than rollouts per step",
+        )?;
+        Ok(())
+    }
+
+    /// The generation budget used by `seq-mean-token-sum-norm`.
+    pub fn generation_budget(&self) -> usize {
+        if self.grpo.generation_budget > 0 {
+            self.grpo.generation_budget
+        } else {
+            self.sampling.max_new_tokens as usize
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = JobConfig::from_toml(MIN).unwrap();
+        assert_eq!(c.grpo, GrpoConfig::default());
+        assert_eq!(c.task, TaskConfig::Arithmetic(ArithmeticConfig { digits: 1, operands: 2, operators: vec!['+'], seed: 0 }));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (format!("{MIN}[grpo]\nclip_hgh = 0.3\n"), "grpo"),
+            (format!("{MIN}[grpo]\nclip_low = 1.5\n"), "grpo.clip_low"),
+            (format!("{MIN}[grpo]\nloss_agg = \"mean\"\n"), "grpo.loss_agg"),
+            (format!("{MIN}[train]\nlr = \"fast\"\n"), "train.lr"),
+            (format!("{MIN}[sampling]\ntop_p = 0\n"), "sampling.top_p"),
+            ("[model]\npreset = \"tiny\"\n[task]\nkind = \"chess\"\n".to_string(), "task"),
+            ("[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ndigit = 3\n".to_string(), "task"),
+            ("[model]\ndtype = \"f32\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model"),
+            ("[model]\npreset = \"tiny\"\ndtype = \"f16\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model.dtype"),
+        ];
+        for (text, field) in cases {
+            match JobConfig::from_toml(&text) {
+                Err(Error::Config { path, reason }) => assert!(path.starts_with(field), "{text}: got path `{path}` ({reason})"),
+                other => panic!("{text}: expected a config error, got {other:?}"),
+            }
+        }
+        let e = JobConfig::from_toml(&format!("{MIN}[grpo]\nclip_hgh = 0.3\n")).unwrap_err().to_string();
+        assert!(e.contains("clip_hgh"), "{e}");
+    }
+}

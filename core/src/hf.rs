@@ -1,0 +1,179 @@
+//! A policy as a Hugging Face model directory: `config.json`, `model.safetensors`
+//! (or sharded `model.safetensors.index.json`), `tokenizer.json`.
+//!
+//! Loading walks the var store: every parameter the model has must be in the
+//! checkpoint with the same shape, or the error names the tensor and both shapes.
+//! Extra tensors in the file (a tied `lm_head.weight`, old rotary buffers) are
+//! ignored with a debug log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{Model, ModelConfig};
+
+/// A decoder with its own parameter store.
+pub struct Policy {
+    vs: nn::VarStore,
+    model: Model,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy").field("config", self.model.config()).field("kind", &self.kind()).finish()
+    }
+}
+
+/// Parses a dtype name as used in configs: `f32`/`float32`, `bf16`/`bfloat16`.
+pub fn parse_kind(s: &str) -> Option<Kind> {
+    match s {
+        "f32" | "fp32" | "float32" => Some(Kind::Float),
+        "bf16" | "bfloat16" => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
+
+impl Policy {
+    /// Random init with a fixed seed (normal(0, 0.02) weights, unit norms, zero biases).
+    pub fn random(config: &ModelConfig, device: Device, kind: Kind, seed: i64) -> Self {
+        tch::manual_seed(seed);
+        let mut vs = nn::VarStore::new(device);
+        let model = Model::new(&vs.root(), config);
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
+        Policy { vs, model }
+    }
+
+    /// Loads a Hugging Face directory onto `device`, cast to `kind`.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config = read_config(dir)?;
+        let mut policy = Policy::random(&config, device, kind, 0);
+        policy.load_weights(dir)?;
+        Ok(policy)
+    }
+
+    /// Copies the tensors of the checkpoint in `dir` into this policy's parameters.
+    pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
+        let files = weight_files(dir)?;
+        let mut tensors: HashMap<String, (Tensor, PathBuf)> = HashMap::new();
+        for file in &files {
+            let named = Tensor::read_safetensors(file)
+                .map_err(|e| Error::Checkpoint { file: file.clone(), reason: e.to_string() })?;
+            for (name, t) in named {
+                tensors.insert(name, (t, file.clone()));
+            }
+        }
+        self.copy_named(&tensors, &files[0])
+    }
+
+    /// Copies named tensors (e.g. a received weight update) into the parameters, checking names and shapes.
+    pub fn copy_named(&mut self, tensors: &HashMap<String, (Tensor, PathBuf)>, file: &Path) -> Result<()> {
+        let vars = self.vs.variables();
+        let mut names: Vec<_> = vars.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &vars[name];
+            let expected = var.size();
+            let Some((src, src_file)) = tensors.get(name) else {
+                return Err(Error::MissingTensor { file: file.to_path_buf(), name: name.clone(), expected });
+            };
+            if src.size() != expected {
+                return Err(Error::ShapeMismatch {
+                    file: src_file.clone(),
+                    name: name.clone(),
+                    expected,
+                    found: src.size(),
+                });
+            }
+            tch::no_grad(|| {
+                let mut var = var.shallow_clone();
+                var.copy_(&src.to_device(var.device()).to_kind(var.kind()))
+            });
+        }
+        for extra in tensors.keys().filter(|k| !vars.contains_key(*k)) {
+            tracing::debug!(tensor = %extra, "ignoring tensor the model does not use");
+        }
+        Ok(())
+    }
+
+    /// Writes `config.json` and `model.safetensors` into `dir` (which must exist).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let cfg = self.config().to_hf_json(self.kind());
+        let text = serde_json::to_string_pretty(&cfg).expect("json value serialises");
+        let cfg_path = dir.join("config.json");
+        std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))?;
+        let path = dir.join("model.safetensors");
+        Tensor::write_safetensors(&self.named_parameters(), &path)
+            .map_err(|e| Error::Checkpoint { file: path, reason: e.to_string() })
+    }
+
+    /// Parameters sorted by name (the Hugging Face tensor names).
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<_> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Copies every parameter of `other` (same config) into this policy.
+    pub fn copy_from(&mut self, other: &Policy) -> Result<()> {
+        self.vs.copy(&other.vs)?;
+        Ok(())
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+    /// The dtype of the parameters.
+    pub fn kind(&self) -> Kind {
+        self.model.kind()
+    }
+}
+
+/// Reads and validates `config.json` of a Hugging Face directory.
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint { file: path.clone(), reason: format!("not valid JSON: {e}") })?;
+    ModelConfig::from_hf_json(&v).map_err(|e| match e {
+        Error::Config { path: field, reason } => Error::Config { path: format!("{} ({field})", path.display()), reason },
+        other => other,
+    })
+}
+
+/// The safetensors files of a directory: a single `model.safetensors` or the shards of an index.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).map_err(|_| Error::Checkpoint {
+        file: dir.to_path_buf(),
+        reason: "neither model.safetensors nor model.safetensors.index.json exists".into(),
+    })?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint { file: index.clone(), reason: format!("not valid JSON: {e}") })?;
+    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::Checkpoint {
+        file: index.clone(),
+        reason: "no `weight_map` object".into(),
+    })?;
+    let shards: BTreeMap<&str, ()> = map.values().filter_map(Value::as_str).map(|s| (s, ())).collect();
+    Ok(shards.keys().map(|s| dir.join(s)).collect())
+}

@@ -1,0 +1,25 @@
+//! `sluice-core`: what every sluice process shares.
+//!
+//! * [`model`] — the Qwen2/Llama decoder in tch, with a KV cache.
+//! * [`hf`] — [`hf::Policy`]: a model with its parameters, loaded from / saved to
+//!   Hugging Face directories.
+//! * [`tokenizer`] — `tokenizer.json` through the `tokenizers` crate.
+//! * [`generate`] — batched sampling returning behaviour log-probs.
+//! * [`rollout`] — rollouts and groups, the unit of training data.
+//! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL).
+//! * [`config`] — the typed job configuration.
+//!
+//! No networking and no training here: losses, optimizers and the trainer live
+//! in `sluice-learner`.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod hf;
+pub mod model;
+pub mod rollout;
+pub mod tasks;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,516 @@
+//! Autoregressive decoder with the Qwen2 / Llama layout, in tch.
+//!
+//! Pre-norm transformer: token embedding, `num_hidden_layers` blocks of
+//! (RMSNorm → grouped-query self-attention with rotary position embeddings →
+//! residual, RMSNorm → SwiGLU MLP → residual), a final RMSNorm and a language
+//! model head that may share the embedding matrix (`tie_word_embeddings`).
+//! Qwen2 puts a bias on the q/k/v projections; Llama puts one on all four
+//! projections only when `attention_bias` is set.
+//!
+//! Parameter paths equal the Hugging Face tensor names
+//! (`model.layers.3.self_attn.q_proj.weight`), so loading a checkpoint is a walk
+//! over the var store (see [`crate::hf`]). Numerics follow `transformers`'
+//! `modeling_qwen2.py` / `modeling_llama.py`: RMSNorm in fp32, rotary tables in
+//! fp32 with the "rotate half" convention, softmax scale `head_dim^-0.5`.
+//!
+//! References: Qwen2 technical report (arXiv 2407.10671); RoFormer (arXiv 2104.09864);
+//! GQA (arXiv 2305.13245); GLU variants (arXiv 2002.05202).
+
+use serde_json::{json, Value};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Architecture family; decides which projections carry a bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Qwen2,
+    Llama,
+}
+
+impl Arch {
+    fn hf_names(self) -> (&'static str, &'static str) {
+        match self {
+            Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Arch::Llama => ("llama", "LlamaForCausalLM"),
+        }
+    }
+}
+
+/// Hyper-parameters of the decoder, as found in a Hugging Face `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: i64,
+    /// Bias on q/k/v (Qwen2 always; Llama when `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Llama with `attention_bias` only).
+    pub o_bias: bool,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_id: Option<i64>,
+    pub pad_token_id: Option<i64>,
+}
+
+/// Small random-init presets for tests, benchmarks and `sluice dev`.
+pub const PRESETS: &[&str] = &["tiny", "small", "qwen2-0.5b"];
+
+impl ModelConfig {
+    /// A named preset with the given vocabulary size.
+    pub fn preset(name: &str, vocab_size: i64) -> Result<Self> {
+        let (hidden, inter, layers, heads, kv, tie) = match name {
+            // ~0.1M parameters besides the embedding: learns arithmetic in minutes on 2 cores.
+            "tiny" => (64, 176, 2, 4, 2, true),
+            // ~3M parameters.
+            "small" => (256, 704, 4, 8, 2, true),
+            // Qwen2-0.5B shapes (random init), for throughput benchmarks.
+            "qwen2-0.5b" => (896, 4864, 24, 14, 2, true),
+            other => {
+                return Err(Error::config(
+                    "model.preset",
+                    format!("unknown preset `{other}`; known: {}", PRESETS.join(", ")),
+                ))
+            }
+        };
+        Ok(ModelConfig {
+            arch: Arch::Qwen2,
+            vocab_size,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim: hidden / heads,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            tie_word_embeddings: tie,
+            max_position_embeddings: 4096,
+            qkv_bias: true,
+            o_bias: false,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+        })
+    }
+
+    /// Parses a Hugging Face `config.json` value. Fields that would change the
+    /// computation in ways this implementation does not support are errors that
+    /// name the field; purely informational fields are ignored.
+    pub fn from_hf_json(v: &Value) -> Result<Self> {
+        let arch = match v.get("model_type").and_then(Value::as_str) {
+            Some("qwen2") => Arch::Qwen2,
+            Some("llama") => Arch::Llama,
+            Some(other) => {
+                return Err(Error::config(
+                    "config.json: model_type",
+                    format!("unsupported architecture `{other}` (supported: qwen2, llama)"),
+                ))
+            }
+            None => return Err(Error::config("config.json: model_type", "missing")),
+        };
+        let int = |k: &str| -> Result<i64> {
+            v.get(k)
+                .and_then(Value::as_i64)
+                .ok_or_else(|| Error::config(format!("config.json: {k}"), "missing or not an integer"))
+        };
+        let opt_int = |k: &str| -> Option<i64> {
+            match v.get(k) {
+                Some(Value::Number(n)) => n.as_i64(),
+                Some(Value::Array(a)) => a.first().and_then(Value::as_i64),
+                _ => None,
+            }
+        };
+        let hidden_size = int("hidden_size")?;
+        let heads = int("num_attention_heads")?;
+        let kv = opt_int("num_key_value_heads").unwrap_or(heads);
+        if heads % kv != 0 {
+            return Err(Error::config(
+                "config.json: num_key_value_heads",
+                format!("{kv} does not divide num_attention_heads {heads}"),
+            ));
+        }
+        let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        if act != "silu" {
+            return Err(Error::config("config.json: hidden_act", format!("`{act}` unsupported, only silu")));
+        }
+        if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+            return Err(Error::config("config.json: use_sliding_window", "sliding-window attention is not supported"));
+        }
+        if v.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
+            return Err(Error::config("config.json: mlp_bias", "MLP bias is not supported"));
+        }
+        // transformers >= 5 keeps rope settings in `rope_parameters`; older files in `rope_theta`/`rope_scaling`.
+        let rope = v.get("rope_parameters").filter(|r| !r.is_null());
+        if let Some(r) = rope {
+            let ty = r.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+            if ty != "default" {
+                return Err(Error::config("config.json: rope_parameters.rope_type", format!("`{ty}` unsupported, only default")));
+            }
+        }
+        if let Some(s) = v.get("rope_scaling").filter(|s| !s.is_null()) {
+            let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("?");
+            if ty != "default" {
+                return Err(Error::config("config.json: rope_scaling", format!("`{ty}` scaling unsupported")));
+            }
+        }
+        let rope_theta = rope
+            .and_then(|r| r.get("rope_theta"))
+            .or_else(|| v.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
+        let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            Arch::Qwen2 => (true, false),
+            Arch::Llama => (attention_bias, attention_bias),
+        };
+        Ok(ModelConfig {
+            arch,
+            vocab_size: int("vocab_size")?,
+            hidden_size,
+            intermediate_size: int("intermediate_size")?,
+            num_hidden_layers: int("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim: opt_int("head_dim").unwrap_or(hidden_size / heads),
+            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rope_theta,
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            max_position_embeddings: opt_int("max_position_embeddings").unwrap_or(4096),
+            qkv_bias,
+            o_bias,
+            bos_token_id: opt_int("bos_token_id"),
+            eos_token_id: opt_int("eos_token_id"),
+            pad_token_id: opt_int("pad_token_id"),
+        })
+    }
+
+    /// The `config.json` that `transformers` reads back into the same model.
+    pub fn to_hf_json(&self, dtype: Kind) -> Value {
+        let (model_type, class) = self.arch.hf_names();
+        let dtype = if dtype == Kind::BFloat16 { "bfloat16" } else { "float32" };
+        let mut v = json!({
+            "architectures": [class],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "use_sliding_window": false,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "torch_dtype": dtype,
+            "dtype": dtype,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        });
+        if self.arch == Arch::Llama {
+            v["attention_bias"] = json!(self.o_bias);
+        }
+        v
+    }
+
+    /// Number of parameters of a model with this config.
+    pub fn num_params(&self) -> i64 {
+        let (d, f, h, kv, hd) =
+            (self.hidden_size, self.intermediate_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim);
+        let attn = d * h * hd * 2 + d * kv * hd * 2 + if self.qkv_bias { h * hd + 2 * kv * hd } else { 0 };
+        let layer = attn + 3 * d * f + 2 * d;
+        let emb = self.vocab_size * d * if self.tie_word_embeddings { 1 } else { 2 };
+        emb + self.num_hidden_layers * layer + d
+    }
+}
+
+/// Root-mean-square layer norm, computed in fp32 like transformers.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
+        RmsNorm { weight: vs.var("weight", &[dim], nn::Init::Const(1.0)), eps }
+    }
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let kind = xs.kind();
+        let x = xs.to_kind(Kind::Float);
+        let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let x = x * (var + self.eps).rsqrt();
+        &self.weight * x.to_kind(kind)
+    }
+}
+
+/// cos/sin tables for the given positions, shared by all layers of one forward.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// `positions`: [B, T] int64. Tables come out as [B, 1, T, head_dim] in `kind`.
+    fn new(positions: &Tensor, head_dim: i64, theta: f64, kind: Kind) -> Self {
+        let device = positions.device();
+        let idx = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float);
+        let inv_freq = Tensor::pow_scalar(theta, &(idx / head_dim as f64)).reciprocal();
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        Rotary { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+    }
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let half = x.size()[3] / 2;
+        let x1 = x.narrow(3, 0, half);
+        let x2 = x.narrow(3, half, half);
+        let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
+        x * &self.cos + rotated * &self.sin
+    }
+}
+
+fn linear(vs: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
+    let cfg = nn::LinearConfig {
+        ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+        bs_init: Some(nn::Init::Const(0.0)),
+        bias,
+    };
+    nn::linear(vs, i, o, cfg)
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    o_proj: nn::Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(vs: nn::Path, c: &ModelConfig) -> Self {
+        let (d, h, kv, hd) = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        Attention {
+            q_proj: linear(&vs / "q_proj", d, h * hd, c.qkv_bias),
+            k_proj: linear(&vs / "k_proj", d, kv * hd, c.qkv_bias),
+            v_proj: linear(&vs / "v_proj", d, kv * hd, c.qkv_bias),
+            o_proj: linear(&vs / "o_proj", h * hd, d, c.o_bias),
+            heads: h,
+            kv_heads: kv,
+            head_dim: hd,
+        }
+    }
+
+    fn forward(&self, xs: &Tensor, rope: &Rotary, mask: Option<&Tensor>, cache: Option<LayerCache>) -> Tensor {
+        let (b, t, _) = xs.size3().expect("attention input is [B, T, D]");
+        let q = self.q_proj.forward(xs).view([b, t, self.heads, self.head_dim]).transpose(1, 2);
+        let k = self.k_proj.forward(xs).view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+        let v = self.v_proj.forward(xs).view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+        let q = rope.apply(&q);
+        let k = rope.apply(&k);
+        let (k, v) = match cache {
+            Some(c) => {
+                // Write this step's keys/values into the preallocated cache, attend over the prefix.
+                c.k.narrow(2, c.offset, t).copy_(&k);
+                c.v.narrow(2, c.offset, t).copy_(&v);
+                (c.k.narrow(2, 0, c.offset + t), c.v.narrow(2, 0, c.offset + t))
+            }
+            None => (k, v),
+        };
+        let rep = self.heads / self.kv_heads;
+        let (k, v) = if rep > 1 { (repeat_kv(&k, rep), repeat_kv(&v, rep)) } else { (k, v) };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let y = match mask {
+            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false),
+            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false),
+        };
+        let y = y.transpose(1, 2).contiguous().view([b, t, self.heads * self.head_dim]);
+        self.o_proj.forward(&y)
+    }
+}
+
+/// [B, kv, T, hd] -> [B, kv * rep, T, hd], each kv head serving `rep` query heads.
+fn repeat_kv(x: &Tensor, rep: i64) -> Tensor {
+    let (b, kv, t, hd) = x.size4().expect("kv is [B, kv, T, hd]");
+    x.unsqueeze(2).expand([b, kv, rep, t, hd], false).reshape([b, kv * rep, t, hd])
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: nn::Linear,
+    up_proj: nn::Linear,
+    down_proj: nn::Linear,
+}
+
+impl Mlp {
+    fn new(vs: nn::Path, c: &ModelConfig) -> Self {
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        Mlp {
+            gate_proj: linear(&vs / "gate_proj", d, f, false),
+            up_proj: linear(&vs / "up_proj", d, f, false),
+            down_proj: linear(&vs / "down_proj", f, d, false),
+        }
+    }
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        // SwiGLU: down(silu(gate(x)) * up(x))
+        self.down_proj.forward(&(self.gate_proj.forward(xs).silu() * self.up_proj.forward(xs)))
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(vs: nn::Path, c: &ModelConfig) -> Self {
+        DecoderLayer {
+            self_attn: Attention::new(&vs / "self_attn", c),
+            mlp: Mlp::new(&vs / "mlp", c),
+            input_layernorm: RmsNorm::new(&vs / "input_layernorm", c.hidden_size, c.rms_norm_eps),
+            post_attention_layernorm: RmsNorm::new(&vs / "post_attention_layernorm", c.hidden_size, c.rms_norm_eps),
+        }
+    }
+    fn forward(&self, xs: &Tensor, rope: &Rotary, mask: Option<&Tensor>, cache: Option<LayerCache>) -> Tensor {
+        let h = xs + self.self_attn.forward(&self.input_layernorm.forward(xs), rope, mask, cache);
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+    }
+}
+
+/// One layer's view of the KV cache during a forward pass.
+struct LayerCache<'a> {
+    k: &'a Tensor,
+    v: &'a Tensor,
+    offset: i64,
+}
+
+/// Preallocated key/value cache: `[B, kv_heads, capacity, head_dim]` per layer.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Number of positions already written.
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    pub fn new(c: &ModelConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
+        let shape = [batch, c.num_key_value_heads, capacity, c.head_dim];
+        let mk = || (0..c.num_hidden_layers).map(|_| Tensor::zeros(shape, (kind, device))).collect::<Vec<_>>();
+        KvCache { k: mk(), v: mk(), len: 0, capacity }
+    }
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+}
+
+/// The decoder: `model.*` tensors plus the optional untied `lm_head`.
+#[derive(Debug)]
+pub struct Model {
+    embed_tokens: nn::Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Option<nn::Linear>,
+    config: ModelConfig,
+}
+
+impl Model {
+    /// Builds the parameters under `vs` (random init: normal(0, 0.02), norms 1, biases 0).
+    pub fn new(vs: &nn::Path, config: &ModelConfig) -> Self {
+        let m = vs / "model";
+        let emb_cfg = nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() };
+        let embed_tokens = nn::embedding(&m / "embed_tokens", config.vocab_size, config.hidden_size, emb_cfg);
+        let layers = (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&m / "layers" / i, config)).collect();
+        let norm = RmsNorm::new(&m / "norm", config.hidden_size, config.rms_norm_eps);
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| linear(vs / "lm_head", config.hidden_size, config.vocab_size, false));
+        Model { embed_tokens, layers, norm, lm_head, config: config.clone() }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    /// Device of the parameters.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.ws.device()
+    }
+    /// Dtype of the parameters.
+    pub fn kind(&self) -> Kind {
+        self.embed_tokens.ws.kind()
+    }
+
+    /// Final hidden states `[B, T, D]`.
+    ///
+    /// * `positions` `[B, T]`: rotary positions of the input tokens.
+    /// * `mask`: boolean `[B, 1, T, K]` (true = may attend), or `None` for a plain
+    ///   causal mask over an unpadded / right-padded batch without cache.
+    /// * `cache`: when given, keys/values are written at `cache.len()` and the
+    ///   cache advances by `T`.
+    pub fn hidden(&self, input_ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Tensor {
+        let t = input_ids.size()[1];
+        let mut xs = self.embed_tokens.forward(input_ids);
+        let rope = Rotary::new(positions, self.config.head_dim, self.config.rope_theta, xs.kind());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let lc = cache.as_deref().map(|c| LayerCache { k: &c.k[i], v: &c.v[i], offset: c.len });
+            xs = layer.forward(&xs, &rope, mask, lc);
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            c.len += t;
+        }
+        self.norm.forward(&xs)
+    }
+
+    /// Vocabulary logits for hidden states `[.., D]` → `[.., V]`, in the parameter dtype.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(&self.embed_tokens.ws.tr()),
+        }
+    }
+
+    /// Logits of an unpadded or right-padded batch `[B, T]` with positions `0..T`.
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        let (b, t) = input_ids.size2().expect("input_ids is [B, T]");
+        let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand([b, t], false);
+        self.logits(&self.hidden(input_ids, &positions, None, None))
+    }
+}
+
+/// Log-probabilities (fp32) of `targets` under `logits / temperature`.
+/// `logits` `[.., V]`, `targets` `[..]` int64 → `[..]`.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Tensor {
+    let scaled = if temperature > 0.0 && temperature != 1.0 {
+        logits.to_kind(Kind::Float) / temperature
+    } else {
+        logits.to_kind(Kind::Float)
+    };
+    scaled.log_softmax(-1, Kind::Float).gather(-1, &targets.unsqueeze(-1), false).squeeze_dim(-1)
+}

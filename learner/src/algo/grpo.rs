@@ -1,0 +1,327 @@
+//! GRPO, read top to bottom: rewards → shaping → group advantages → clipped
+//! surrogate → KL penalty → aggregation.
+//!
+//! References
+//! * GRPO: Shao et al., DeepSeekMath (arXiv 2402.03300), eq. 3 (objective) and §4.1.2
+//!   (outcome supervision: A_i = (r_i - mean(r)) / std(r)); k3 KL estimator, eq. 4.
+//! * PPO clipped surrogate: Schulman et al. (arXiv 1707.06347), eq. 7.
+//! * Dual clip: Ye et al., "Mastering Complex Control in MOBA Games" (arXiv 1912.09729), eq. 5.
+//! * DAPO: Yu et al. (arXiv 2503.14476): clip-higher (eq. 10), dynamic sampling (eq. 11),
+//!   token-level loss (eq. 12), overlong reward shaping (eq. 13).
+//! * Dr. GRPO: Liu et al., "Understanding R1-Zero-Like Training" (arXiv 2503.20783), eq. 3:
+//!   no std division, token sum normalised by a constant budget.
+//!
+//! Every option lives in [`sluice_core::config::GrpoConfig`].
+
+use sluice_core::config::{GrpoConfig, LossAgg};
+use tch::{Kind, Tensor};
+
+/// DAPO overlong reward shaping (eq. 13) for a response of `len` tokens with
+/// maximum length `max_len` (L) and buffer `buffer` (L_c):
+/// 0 if len <= L - L_c; ((L - L_c) - len) / L_c inside the buffer; -1 beyond L.
+pub fn overlong_penalty(len: usize, max_len: usize, buffer: usize) -> f64 {
+    if buffer == 0 {
+        return 0.0;
+    }
+    let free = max_len.saturating_sub(buffer);
+    if len <= free {
+        0.0
+    } else if len <= max_len {
+        (free as f64 - len as f64) / buffer as f64
+    } else {
+        -1.0
+    }
+}
+
+/// Group-relative advantages (DeepSeekMath §4.1.2):
+/// A_i = (r_i - mean(r)) / (std(r) + 1e-6), std unbiased (N - 1).
+/// A group of one has mean 0 and std 1. Without `norm_by_std` (Dr. GRPO) A_i = r_i - mean(r).
+pub fn group_advantages(rewards: &[f64], norm_by_std: bool) -> Vec<f64> {
+    let n = rewards.len();
+    let (mean, std) = if n < 2 {
+        (0.0, 1.0)
+    } else {
+        let mean = rewards.iter().sum::<f64>() / n as f64;
+        let var = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        (mean, var.sqrt())
+    };
+    rewards
+        .iter()
+        .map(|r| if norm_by_std { (r - mean) / (std + 1e-6) } else { r - mean })
+        .collect()
+}
+
+/// DAPO dynamic sampling (eq. 11) keeps a group only if its rewards are not all equal:
+/// such a group has zero advantage everywhere and contributes no gradient.
+pub fn has_reward_variance(rewards: &[f64]) -> bool {
+    rewards.iter().any(|r| (r - rewards[0]).abs() > 1e-12)
+}
+
+/// Denominators of the aggregation, computed once for the whole mini-batch (or
+/// the whole global batch across data-parallel ranks), so that the sum of the
+/// per-micro-batch losses equals the loss of the mini-batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Denominators {
+    /// Response tokens in the mini-batch (`token-mean`).
+    pub tokens: f64,
+    /// Sequences in the mini-batch (`seq-mean-*`).
+    pub seqs: f64,
+    /// Constant generation budget (`seq-mean-token-sum-norm`).
+    pub budget: f64,
+}
+
+/// Reduces per-token values `[B, T]` under `mask` `[B, T]` (1 = response token).
+pub fn aggregate(values: &Tensor, mask: &Tensor, agg: LossAgg, d: Denominators) -> Tensor {
+    let masked = values * mask;
+    match agg {
+        // DAPO eq. 12: every token of the batch weighs the same.
+        LossAgg::TokenMean => masked.sum(Kind::Float) / d.tokens.max(1.0),
+        // GRPO eq. 3: 1/G sum_i 1/|o_i| sum_t.
+        LossAgg::SeqMeanTokenMean => {
+            let per_seq = masked.sum_dim_intlist(1, false, Kind::Float) / mask.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
+            per_seq.sum(Kind::Float) / d.seqs.max(1.0)
+        }
+        // Dr. GRPO eq. 3: token sums over a constant budget, averaged over sequences.
+        LossAgg::SeqMeanTokenSumNorm => masked.sum(Kind::Float) / (d.seqs.max(1.0) * d.budget.max(1.0)),
+    }
+}
+
+/// Per-token inputs of the policy loss, all `[B, T]` except `advantages` `[B]`.
+#[derive(Debug)]
+pub struct LossInputs<'a> {
+    /// log pi_theta(o_t | q, o_<t), with gradient.
+    pub logp: &'a Tensor,
+    /// Behaviour log-probs (pi_theta_old).
+    pub old_logp: &'a Tensor,
+    /// Reference-policy log-probs; needed when `kl_coef > 0`.
+    pub ref_logp: Option<&'a Tensor>,
+    pub advantages: &'a Tensor,
+    /// 1.0 on response tokens, 0.0 on prompt, environment and padding tokens.
+    pub mask: &'a Tensor,
+}
+
+/// The loss of one micro-batch and detached statistics for logging.
+#[derive(Debug)]
+pub struct LossOutput {
+    /// Scalar to call `backward` on.
+    pub loss: Tensor,
+    /// Aggregated policy-gradient term.
+    pub pg: f64,
+    /// Aggregated k3 KL (0 without a reference).
+    pub kl: f64,
+    /// Response tokens where clipping changed the objective.
+    pub clipped_tokens: f64,
+}
+
+/// The GRPO objective for one micro-batch.
+pub fn grpo_loss(x: &LossInputs, cfg: &GrpoConfig, d: Denominators) -> LossOutput {
+    let adv = x.advantages.to_kind(Kind::Float).unsqueeze(1);
+    // Importance ratio rho = exp(logp - logp_old); the log ratio is clamped to
+    // [-20, 20] so a stale or corrupted behaviour log-prob cannot overflow exp.
+    let ratio = (x.logp - x.old_logp).clamp(-20.0, 20.0).exp();
+    // PPO eq. 7 written as a loss, with asymmetric clip range (DAPO eq. 10):
+    // pg = max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high)).
+    let unclipped = -&adv * &ratio;
+    let clipped = -&adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high);
+    let mut pg = unclipped.maximum(&clipped);
+    let mut clip_active = clipped.gt_tensor(&unclipped);
+    // Dual clip (Ye et al. eq. 5): for A < 0 bound the loss by -A * c.
+    if cfg.dual_clip > 0.0 {
+        let bound = -&adv * cfg.dual_clip;
+        let neg = adv.lt(0.0).expand_as(&pg);
+        let dual_active = neg.logical_and(&pg.gt_tensor(&bound));
+        clip_active = clip_active.logical_or(&dual_active);
+        pg = pg.where_self(&dual_active.logical_not(), &bound.expand_as(&pg));
+    }
+    let pg_loss = aggregate(&pg, x.mask, cfg.loss_agg, d);
+    let mut loss = pg_loss.shallow_clone();
+    let mut kl_value = 0.0;
+    if cfg.kl_coef > 0.0 {
+        let ref_logp = x.ref_logp.expect("kl_coef > 0 needs reference log-probs");
+        // k3 estimator (DeepSeekMath eq. 4): exp(ref - logp) - (ref - logp) - 1,
+        // log ratio clamped to [-20, 20], result to [-10, 10].
+        let log_r = (ref_logp - x.logp).clamp(-20.0, 20.0);
+        let kl = (log_r.exp() - &log_r - 1.0).clamp(-10.0, 10.0);
+        let kl_loss = aggregate(&kl, x.mask, cfg.loss_agg, d);
+        kl_value = kl_loss.double_value(&[]);
+        loss = loss + kl_loss * cfg.kl_coef;
+    }
+    let clipped_tokens = (clip_active.to_kind(Kind::Float) * x.mask).sum(Kind::Float).double_value(&[]);
+    LossOutput { pg: pg_loss.double_value(&[]), loss, kl: kl_value, clipped_tokens }
+}
+
+/// Supervised fine-tuning (warm-up) loss: mean negative log-likelihood over the
+/// masked target tokens, normalised by `tokens` (the mini-batch total).
+pub fn sft_loss(logp: &Tensor, mask: &Tensor, tokens: f64) -> Tensor {
+    -(logp * mask).sum(Kind::Float) / tokens.max(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t2(rows: &[&[f64]]) -> Tensor {
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().map(|&x| x as f32)).collect();
+        Tensor::from_slice(&flat).view([rows.len() as i64, rows[0].len() as i64])
+    }
+
+    #[test]
+    fn advantages_by_hand() {
+        // mean 0.5, unbiased std sqrt(1/3)
+        let a = group_advantages(&[1.0, 0.0, 1.0, 0.0], true);
+        let s = (1.0f64 / 3.0).sqrt();
+        for (x, want) in a.iter().zip([0.5 / (s + 1e-6), -0.5 / (s + 1e-6), 0.5 / (s + 1e-6), -0.5 / (s + 1e-6)]) {
+            assert!((x - want).abs() < 1e-12);
+        }
+        assert_eq!(group_advantages(&[1.0, 0.0], false), vec![0.5, -0.5]);
+        assert_eq!(group_advantages(&[0.7], true), vec![0.7 / (1.0 + 1e-6)]);
+        assert_eq!(group_advantages(&[1.0, 1.0, 1.0], true), vec![0.0; 3]);
+        assert!(!has_reward_variance(&[1.0, 1.0]) && has_reward_variance(&[1.0, 0.0]));
+    }
+
+    #[test]
+    fn overlong_shaping_by_hand() {
+        // L = 20, L_c = 4: free up to 16.
+        assert_eq!(overlong_penalty(10, 20, 4), 0.0);
+        assert_eq!(overlong_penalty(16, 20, 4), 0.0);
+        assert_eq!(overlong_penalty(18, 20, 4), -0.5);
+        assert_eq!(overlong_penalty(20, 20, 4), -1.0);
+        assert_eq!(overlong_penalty(21, 20, 4), -1.0);
+        assert_eq!(overlong_penalty(21, 20, 0), 0.0);
+    }
+
+    fn cfg(agg: LossAgg) -> GrpoConfig {
+        GrpoConfig { clip_low: 0.2, clip_high: 0.28, dual_clip: 3.0, loss_agg: agg, ..GrpoConfig::default() }
+    }
+
+    #[test]
+    fn clipping_by_hand() {
+        // One token per sequence; token-mean over 4 tokens.
+        // A=+1, rho=1.5: max(-1.5, -1.28) = -1.28 (clipped)
+        // A=+1, rho=0.5: max(-0.5, -0.8) = -0.5
+        // A=-1, rho=5:   max(5, 1.28) = 5, dual clip min(5, 3) = 3 (clipped)
+        // A=-1, rho=0.5: max(0.5, 0.8) = 0.8 (clipped)
+        let old = t2(&[&[0.0], &[0.0], &[0.0], &[0.0]]);
+        let logp = t2(&[&[1.5f64.ln()], &[0.5f64.ln()], &[5f64.ln()], &[0.5f64.ln()]]);
+        let adv = Tensor::from_slice(&[1.0f32, 1.0, -1.0, -1.0]);
+        let mask = Tensor::ones([4, 1], (Kind::Float, tch::Device::Cpu));
+        let x = LossInputs { logp: &logp, old_logp: &old, ref_logp: None, advantages: &adv, mask: &mask };
+        let d = Denominators { tokens: 4.0, seqs: 4.0, budget: 1.0 };
+        let out = grpo_loss(&x, &cfg(LossAgg::TokenMean), d);
+        let want = (-1.28 - 0.5 + 3.0 + 0.8) / 4.0;
+        assert!((out.loss.double_value(&[]) - want).abs() < 1e-5, "{}", out.loss.double_value(&[]));
+        assert_eq!(out.clipped_tokens, 3.0);
+    }
+
+    /// Independent scalar implementation of the whole objective, written from DESIGN.md.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_loss(
+        logp: &[Vec<f64>],
+        old: &[Vec<f64>],
+        refp: &[Vec<f64>],
+        adv: &[f64],
+        mask: &[Vec<f64>],
+        c: &GrpoConfig,
+        budget: f64,
+    ) -> f64 {
+        let per_token = |i: usize, t: usize| -> (f64, f64) {
+            let rho = (logp[i][t] - old[i][t]).clamp(-20.0, 20.0).exp();
+            let a = adv[i];
+            let mut pg = f64::max(-a * rho, -a * rho.clamp(1.0 - c.clip_low, 1.0 + c.clip_high));
+            if a < 0.0 && c.dual_clip > 0.0 {
+                pg = pg.min(-a * c.dual_clip);
+            }
+            let lr = (refp[i][t] - logp[i][t]).clamp(-20.0, 20.0);
+            (pg, (lr.exp() - lr - 1.0).clamp(-10.0, 10.0))
+        };
+        let b = logp.len();
+        let mut total = 0.0;
+        for which in 0..2 {
+            let pick = |i, t| if which == 0 { per_token(i, t).0 } else { per_token(i, t).1 };
+            let value = match c.loss_agg {
+                LossAgg::TokenMean => {
+                    let (mut s, mut n) = (0.0, 0.0);
+                    for i in 0..b {
+                        for t in 0..logp[i].len() {
+                            s += pick(i, t) * mask[i][t];
+                            n += mask[i][t];
+                        }
+                    }
+                    s / n
+                }
+                LossAgg::SeqMeanTokenMean => {
+                    (0..b)
+                        .map(|i| {
+                            let s: f64 = (0..logp[i].len()).map(|t| pick(i, t) * mask[i][t]).sum();
+                            s / mask[i].iter().sum::<f64>().max(1.0)
+                        })
+                        .sum::<f64>()
+                        / b as f64
+                }
+                LossAgg::SeqMeanTokenSumNorm => {
+                    (0..b).map(|i| (0..logp[i].len()).map(|t| pick(i, t) * mask[i][t]).sum::<f64>() / budget).sum::<f64>()
+                        / b as f64
+                }
+            };
+            total += if which == 0 { value } else { c.kl_coef * value };
+        }
+        total
+    }
+
+    #[test]
+    fn matches_independent_implementation_in_every_mode_and_split_into_micro_batches() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+        let (b, t) = (6usize, 7usize);
+        let mut gen = |scale: f64| -> Vec<Vec<f64>> {
+            (0..b).map(|_| (0..t).map(|_| rng.gen_range(-scale..scale) - 1.0).collect()).collect()
+        };
+        let old = gen(1.0);
+        let logp: Vec<Vec<f64>> = old.iter().map(|r| r.iter().map(|x| x + 0.0).collect()).collect();
+        let logp: Vec<Vec<f64>> = logp.iter().zip(gen(0.6)).map(|(r, n)| r.iter().zip(n).map(|(x, y)| x + y + 1.0).collect()).collect();
+        let refp = gen(1.0);
+        let adv = [1.2, -0.7, 0.0, -2.0, 0.4, 1.0];
+        let lens = [7usize, 3, 5, 1, 6, 4];
+        let mask: Vec<Vec<f64>> = lens.iter().map(|&l| (0..t).map(|j| if j < l { 1.0 } else { 0.0 }).collect()).collect();
+        let to_t = |v: &[Vec<f64>]| t2(&v.iter().map(|r| r.as_slice()).collect::<Vec<_>>());
+        let budget = 9.0;
+        for agg in [LossAgg::TokenMean, LossAgg::SeqMeanTokenMean, LossAgg::SeqMeanTokenSumNorm] {
+            for kl_coef in [0.0, 0.1] {
+                for dual_clip in [0.0, 3.0] {
+                    let c = GrpoConfig { kl_coef, dual_clip, ..cfg(agg) };
+                    let want = reference_loss(&logp, &old, &refp, &adv, &mask, &c, budget);
+                    let d = Denominators { tokens: lens.iter().sum::<usize>() as f64, seqs: b as f64, budget };
+                    // Whole batch, then two micro-batches of 4 + 2 rows: the sum must be the same.
+                    let mut got = 0.0;
+                    for (start, len) in [(0usize, 6usize), (0, 4), (4, 2)] {
+                        let s = |v: &[Vec<f64>]| to_t(&v[start..start + len]);
+                        let (lp, ol, rp, m) = (s(&logp), s(&old), s(&refp), s(&mask));
+                        let a = Tensor::from_slice(&adv[start..start + len]).to_kind(Kind::Float);
+                        let x = LossInputs { logp: &lp, old_logp: &ol, ref_logp: Some(&rp), advantages: &a, mask: &m };
+                        let v = grpo_loss(&x, &c, d).loss.double_value(&[]);
+                        if len == 6 {
+                            assert!((v - want).abs() < 1e-5, "{agg:?} kl={kl_coef} dual={dual_clip}: {v} vs {want}");
+                        } else {
+                            got += v;
+                        }
+                    }
+                    assert!((got - want).abs() < 1e-5, "micro-batches {agg:?}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn on_policy_gradient_is_advantage_weighted_score() {
+        // At rho = 1 the surrogate's gradient w.r.t. logp is -A / denom per token.
+        let logp = Tensor::from_slice(&[-1.0f32, -2.0, -0.5]).view([1, 3]).set_requires_grad(true);
+        let old = logp.detach();
+        let adv = Tensor::from_slice(&[2.0f32]);
+        let mask = Tensor::from_slice(&[1.0f32, 1.0, 0.0]).view([1, 3]);
+        let x = LossInputs { logp: &logp, old_logp: &old, ref_logp: None, advantages: &adv, mask: &mask };
+        let out = grpo_loss(&x, &cfg(LossAgg::TokenMean), Denominators { tokens: 2.0, seqs: 1.0, budget: 1.0 });
+        out.loss.backward();
+        let g = Vec::<f32>::try_from(&logp.grad().view([-1])).unwrap();
+        assert_eq!(g, vec![-1.0, -1.0, 0.0]);
+    }
+}

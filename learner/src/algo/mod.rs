@@ -1,0 +1,3 @@
+//! Training objectives, one file per algorithm.
+
+pub mod grpo;

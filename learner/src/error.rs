@@ -1,0 +1,31 @@
+//! The one error type of `sluice-learner`.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Core(#[from] sluice_core::Error),
+
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+
+    /// A training checkpoint is incomplete or does not fit the job.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+
+    #[error("io error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// The trainer cannot make progress (e.g. the task produced no usable groups).
+    #[error("training: {0}")]
+    Training(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
