@@ -1,0 +1,155 @@
+//! Logits parity with Hugging Face `transformers` on the same weights.
+//!
+//! A Python helper (run with the project venv's interpreter, `SLUICE_PYTHON`)
+//! builds tiny random models, saves them with `save_pretrained` and records
+//! their logits; sluice loads the directory and must agree within 1e-4 (fp32).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+use sluice_core::hf::Policy;
+use sluice_core::Error;
+use tch::{Device, Kind, Tensor};
+
+fn python() -> PathBuf {
+    match std::env::var_os("SLUICE_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+            assert!(venv.exists(), "no Python with transformers: run ./scripts/test.sh (it creates .venv) or set SLUICE_PYTHON");
+            venv
+        }
+    }
+}
+
+/// Runs the reference script; returns (model dir, HF logits, their shape).
+fn reference(dir: &Path, spec: &Value) -> (Vec<f32>, Vec<i64>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_reference.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(dir)
+        .arg(spec.to_string())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "hf_reference.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("logits.json")).unwrap()).unwrap();
+    let logits = v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let shape = v["shape"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    (logits, shape)
+}
+
+fn ids() -> Vec<Vec<i64>> {
+    vec![vec![1, 5, 9, 2, 33, 17, 4, 8, 60, 3, 11, 7], vec![0, 44, 21, 21, 13, 50, 6, 90, 2, 2, 70, 19]]
+}
+
+fn check(spec: Value, kind: Kind, tol: f64) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let (want, shape) = reference(dir.path(), &spec);
+    let policy = Policy::load(dir.path(), Device::Cpu, kind).unwrap();
+    let input = Tensor::from_slice(&ids().concat()).view([2, 12]);
+    let got = tch::no_grad(|| policy.model().forward(&input)).to_kind(Kind::Float);
+    assert_eq!(got.size(), shape);
+    let want = Tensor::from_slice(&want).view(shape.as_slice());
+    let diff = (&got - &want).abs().max().double_value(&[]);
+    let scale = want.abs().max().double_value(&[]);
+    assert!(diff <= tol, "{spec}: max |logit diff| {diff:e} > {tol:e} (logits up to {scale:.2})");
+    eprintln!("parity {}: max |diff| = {diff:.2e} (logit scale {scale:.2})", spec["name"]);
+    diff
+}
+
+#[test]
+fn qwen2_gqa_tied_embeddings_matches_transformers() {
+    check(
+        json!({"name": "qwen2-gqa-tied", "arch": "qwen2", "seed": 1, "ids": ids(), "config": {
+            "vocab_size": 97, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "tie_word_embeddings": true,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6}}),
+        Kind::Float,
+        1e-4,
+    );
+}
+
+#[test]
+fn qwen2_untied_mqa_rope_theta_1e6_matches_transformers() {
+    check(
+        json!({"name": "qwen2-mqa-untied-theta1e6", "arch": "qwen2", "seed": 2, "ids": ids(), "config": {
+            "vocab_size": 101, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "tie_word_embeddings": false,
+            "rope_theta": 1000000.0, "max_position_embeddings": 128, "rms_norm_eps": 1e-5}}),
+        Kind::Float,
+        1e-4,
+    );
+}
+
+#[test]
+fn llama_untied_attention_bias_explicit_head_dim_matches_transformers() {
+    check(
+        json!({"name": "llama-bias-headdim", "arch": "llama", "seed": 3, "ids": ids(), "config": {
+            "vocab_size": 113, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "attention_bias": true,
+            "tie_word_embeddings": false, "rope_theta": 500000.0, "max_position_embeddings": 128}}),
+        Kind::Float,
+        1e-4,
+    );
+}
+
+#[test]
+fn bf16_weights_match_transformers_bf16_loosely() {
+    // bf16 keeps 8 bits of mantissa; both sides round differently inside matmuls.
+    // Documented tolerance: 0.1 absolute on logits of scale ~3-5.
+    check(
+        json!({"name": "qwen2-bf16", "arch": "qwen2", "seed": 4, "ids": ids(), "dtype": "bfloat16", "config": {
+            "vocab_size": 97, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "tie_word_embeddings": true,
+            "max_position_embeddings": 128}}),
+        Kind::BFloat16,
+        0.1,
+    );
+}
+
+#[test]
+fn save_then_load_round_trips_and_bad_checkpoints_name_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = json!({"name": "roundtrip", "arch": "qwen2", "seed": 5, "ids": ids(), "config": {
+        "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": true,
+        "max_position_embeddings": 64}});
+    reference(dir.path(), &spec);
+    let a = Policy::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    let again = tempfile::tempdir().unwrap();
+    a.save(again.path()).unwrap();
+    let b = Policy::load(again.path(), Device::Cpu, Kind::Float).unwrap();
+    for ((na, ta), (nb, tb)) in a.named_parameters().iter().zip(b.named_parameters()) {
+        assert_eq!(na, &nb);
+        assert!(ta.equal(&tb), "{na} changed in the round trip");
+    }
+
+    // A tensor with the wrong shape: the error names it and both shapes.
+    let named = a.named_parameters();
+    let broken: Vec<(String, Tensor)> = named
+        .iter()
+        .map(|(n, t)| if n == "model.layers.0.mlp.up_proj.weight" { (n.clone(), t.narrow(0, 0, 10)) } else { (n.clone(), t.shallow_clone()) })
+        .collect();
+    Tensor::write_safetensors(&broken, again.path().join("model.safetensors")).unwrap();
+    match Policy::load(again.path(), Device::Cpu, Kind::Float) {
+        Err(Error::ShapeMismatch { name, expected, found, .. }) => {
+            assert_eq!(name, "model.layers.0.mlp.up_proj.weight");
+            assert_eq!((expected, found), (vec![64, 32], vec![10, 32]));
+        }
+        other => panic!("expected a shape error, got {other:?}"),
+    }
+    // A missing tensor.
+    let missing: Vec<(String, Tensor)> = named.iter().filter(|(n, _)| n != "model.norm.weight").map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    Tensor::write_safetensors(&missing, again.path().join("model.safetensors")).unwrap();
+    let e = Policy::load(again.path(), Device::Cpu, Kind::Float).unwrap_err().to_string();
+    assert!(e.contains("model.norm.weight") && e.contains("missing"), "{e}");
+    // An unknown architecture names the field.
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(again.path().join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = json!("mamba");
+    std::fs::write(again.path().join("config.json"), cfg.to_string()).unwrap();
+    let e = Policy::load(again.path(), Device::Cpu, Kind::Float).unwrap_err().to_string();
+    assert!(e.contains("model_type") && e.contains("mamba"), "{e}");
+}

@@ -1,0 +1,8 @@
+# Sourced by the other scripts: where the project's Python and libtorch live.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export SLUICE_ROOT="$ROOT"
+export SLUICE_VENV="$ROOT/.venv"
+export SLUICE_PYTHON="$SLUICE_VENV/bin/python"
+# tch builds against the torch wheel in the venv (tch 0.24 <-> torch 2.11.0).
+export LIBTORCH_USE_PYTORCH=1
+export PATH="$SLUICE_VENV/bin:$HOME/.cargo/bin:$PATH"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent setup: a project-local Python venv with torch 2.11.0 (+ transformers for
+# the parity tests), then one debug build of the whole workspace. Safe to re-run.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$SLUICE_ROOT"
+
+TORCH=2.11.0
+TRANSFORMERS=5.24.0
+need_python() {
+  [ -x "$SLUICE_PYTHON" ] && "$SLUICE_PYTHON" - <<PY 2>/dev/null
+import torch, transformers, safetensors
+assert torch.__version__.split("+")[0] == "$TORCH", torch.__version__
+assert transformers.__version__ == "$TRANSFORMERS", transformers.__version__
+PY
+}
+if ! need_python; then
+  echo "setup: creating $SLUICE_VENV with torch==$TORCH (about 530 MB download, once)"
+  if ! python3 -m venv "$SLUICE_VENV" 2>/dev/null; then
+    # Debian's python3 needs python3-venv for `python3 -m venv`.
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    else
+      echo "setup: python3 -m venv failed; install python3-venv" >&2; exit 1
+    fi
+    python3 -m venv "$SLUICE_VENV"
+  fi
+  "$SLUICE_PYTHON" -m pip install --quiet --upgrade pip
+  "$SLUICE_PYTHON" -m pip install --quiet "torch==$TORCH" "transformers==$TRANSFORMERS" safetensors numpy
+fi
+# The venv's python may be a different minor version than the one env.sh assumes.
+TORCH_LIB="$("$SLUICE_PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export LD_LIBRARY_PATH="$TORCH_LIB:$LD_LIBRARY_PATH"
+
+echo "setup: building the workspace (first build takes about 5 minutes on 2 cores)"
+cargo build --workspace --all-targets --quiet
