@@ -553,3 +553,69 @@ fn split_even<'a, T>(rows: &'a [T], n: usize) -> Vec<&'a [T]> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::generate::FinishReason;
+
+    fn trainer(dir: &Path) -> Trainer {
+        let text = format!(
+            "[model]\npreset = \"tiny\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\n[train]\nout_dir = \"{}\"\n",
+            dir.display()
+        );
+        Trainer::new(JobConfig::from_toml(&text).unwrap(), false).unwrap()
+    }
+
+    fn params(t: &Trainer) -> Vec<Tensor> {
+        t.policy().named_parameters().into_iter().map(|(_, p)| p.detach().copy()).collect()
+    }
+
+    fn group(logprob: f32) -> Group {
+        let r = |reward| Rollout {
+            prompt_id: 0,
+            prompt_tokens: vec![5, 6, 7],
+            response_tokens: vec![8, 1],
+            logprobs: vec![logprob, logprob],
+            reward,
+            version: 0,
+            finish: FinishReason::Stop,
+        };
+        Group { prompt_id: 0, rollouts: vec![r(1.0), r(0.0)] }
+    }
+
+    #[test]
+    fn non_finite_loss_skips_the_update_and_keeps_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = trainer(dir.path());
+        let before = params(&t);
+        let m = t.train_on(&[group(f32::NAN)]).unwrap();
+        assert_eq!(m.skipped_updates, 1);
+        assert_eq!(t.state().optimizer_t, 0);
+        for (a, b) in before.iter().zip(params(&t)) {
+            assert!(a.equal(&b), "weights changed on a skipped step");
+        }
+        // A finite batch afterwards trains normally.
+        let m = t.train_on(&[group(-3.0)]).unwrap();
+        assert_eq!((m.skipped_updates, t.state().optimizer_t), (0, 1));
+        assert!(before.iter().zip(params(&t)).any(|(a, b)| !a.equal(&b)));
+    }
+
+    #[test]
+    fn equal_rewards_give_no_effective_gradient() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = trainer(dir.path());
+        let mut g = group(-2.0);
+        g.rollouts[1].reward = 1.0;
+        let m = t.train_on(&[g, group(-2.0)]).unwrap();
+        assert!((m.effective_gradient_ratio - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn split_even_covers_all_rows() {
+        let rows: Vec<u32> = (0..10).collect();
+        let parts = split_even(&rows, 3);
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![4, 3, 3]);
+        assert_eq!(parts.concat(), rows);
+    }
+}
