@@ -71,16 +71,19 @@ impl AdamW {
         }
     }
 
-    /// Global gradient norm over all parameters (fp64 accumulation on the host).
+    /// Global gradient norm over all parameters (one host sync).
     pub fn grad_norm(&self) -> f64 {
-        let mut sq = 0.0;
-        for s in self.slots.values() {
-            let g = s.param.grad();
-            if g.defined() {
-                sq += g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float).double_value(&[]);
-            }
+        let norms: Vec<Tensor> = self
+            .slots
+            .values()
+            .map(|s| s.param.grad())
+            .filter(Tensor::defined)
+            .map(|g| g.to_kind(Kind::Float).norm())
+            .collect();
+        if norms.is_empty() {
+            return 0.0;
         }
-        sq.sqrt()
+        Tensor::stack(&norms, 0).norm().double_value(&[])
     }
 
     /// Clips gradients to `max_norm` (0 = no clipping) and applies one AdamW update,
@@ -103,20 +106,19 @@ impl AdamW {
                 if !g.defined() {
                     continue;
                 }
-                let g = g.to_kind(Kind::Float) * clip;
-                // m_t = b1 m + (1 - b1) g;  v_t = b2 v + (1 - b2) g^2
-                let _ = s.m.g_mul_scalar_(beta1).g_add_(&(&g * (1.0 - beta1)));
-                let _ = s.v.g_mul_scalar_(beta2).g_add_(&(g.square() * (1.0 - beta2)));
-                // theta <- theta (1 - lr wd) - lr * m_hat / (sqrt(v_hat) + eps)
-                let update = (&s.m / bc1) / ((&s.v / bc2).sqrt() + eps) * lr;
-                match &mut s.master {
-                    Some(master) => {
-                        let _ = master.g_mul_scalar_(1.0 - lr * weight_decay).g_sub_(&update);
-                        let _ = s.param.copy_(&master.to_kind(s.param.kind()));
-                    }
-                    None => {
-                        let _ = s.param.g_mul_scalar_(1.0 - lr * weight_decay).g_sub_(&update);
-                    }
+                let g = g.to_kind(Kind::Float);
+                let g = if clip < 1.0 { g * clip } else { g };
+                // m_t = b1 m + (1 - b1) g  (as a lerp towards g);  v_t = b2 v + (1 - b2) g^2
+                let _ = s.m.lerp_(&g, 1.0 - beta1);
+                let _ = s.v.g_mul_scalar_(beta2).addcmul_(&(&g * (1.0 - beta2)), &g);
+                // theta <- theta (1 - lr wd) - lr * m_hat / (sqrt(v_hat) + eps), computed in
+                // one temporary: lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+                let mut update = s.v.sqrt();
+                let _ = update.g_div_scalar_(bc2.sqrt()).g_add_scalar_(eps).reciprocal_().g_mul_(&s.m).g_mul_scalar_(lr / bc1);
+                let target = s.master.as_mut().unwrap_or(&mut s.param);
+                let _ = target.g_mul_scalar_(1.0 - lr * weight_decay).g_sub_(&update);
+                if let Some(master) = &s.master {
+                    let _ = s.param.copy_(&master.to_kind(s.param.kind()));
                 }
             }
         });

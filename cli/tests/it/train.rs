@@ -14,12 +14,12 @@ fn evals(ev: &[serde_json::Value]) -> Vec<(u64, u64, f64)> {
 #[test]
 fn grpo_raises_held_out_reward() {
     let dir = tempfile::tempdir().unwrap();
-    let out = sluice().args(["train", "--json"]).arg(job(dir.path(), 200, 60, "eval_every = 50")).output().unwrap();
+    let out = sluice().args(["train", "--json"]).arg(job(dir.path(), 300, 40, "eval_every = 50")).output().unwrap();
     let ev = evals(&events(&out));
     eprintln!("evaluations (sft_step, step, reward): {ev:?}");
-    let after_sft = ev.iter().find(|e| e.0 == 60 && e.1 == 0).expect("eval after warm-up").2;
+    let after_sft = ev.iter().find(|e| e.0 == 40 && e.1 == 0).expect("eval after warm-up").2;
     let last = ev.last().unwrap();
-    assert_eq!((last.0, last.1), (60, 200));
+    assert_eq!((last.0, last.1), (40, 300));
     assert!(last.2 - after_sft >= 0.3, "GRPO moved held-out reward from {after_sft:.3} to {:.3}", last.2);
 }
 
