@@ -30,7 +30,7 @@ if ! need_python; then
 fi
 # The venv's python may be a different minor version than the one env.sh assumes.
 TORCH_LIB="$("$SLUICE_PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-export LD_LIBRARY_PATH="$TORCH_LIB:$LD_LIBRARY_PATH"
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 echo "setup: building the workspace (first build takes about 5 minutes on 2 cores)"
 cargo build --workspace --all-targets --quiet

@@ -5,7 +5,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$SLUICE_ROOT/scripts/setup.sh"
 cd "$SLUICE_ROOT"
 TORCH_LIB="$("$SLUICE_PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-export LD_LIBRARY_PATH="$TORCH_LIB:$LD_LIBRARY_PATH"
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # libtorch's intra-op threads: one per core is the fastest on small models and
 # keeps parallel test processes from oversubscribing the CPU.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -70,8 +70,8 @@ impl Policy {
         self.copy_named(&tensors, &files[0])
     }
 
-    /// Copies named tensors (e.g. a received weight update) into the parameters, checking names and shapes.
-    pub fn copy_named(&mut self, tensors: &HashMap<String, (Tensor, PathBuf)>, file: &Path) -> Result<()> {
+    /// Copies named tensors into the parameters, checking names and shapes.
+    fn copy_named(&mut self, tensors: &HashMap<String, (Tensor, PathBuf)>, file: &Path) -> Result<()> {
         let vars = self.vs.variables();
         let mut names: Vec<_> = vars.keys().collect();
         names.sort();
