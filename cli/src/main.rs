@@ -117,8 +117,10 @@ fn train(job: PathBuf, out: Option<PathBuf>, steps: Option<u64>, fresh: bool, js
             .expect("valid template"),
     );
     bar.set_position(done);
+    // indicatif draws nothing when stderr is not a terminal; keep the log lines then.
+    let say = |msg: String| if bar.is_hidden() { eprintln!("{msg}") } else { bar.println(msg) };
     if done > 0 {
-        bar.println(format!("resumed at sft step {} / grpo step {}", trainer.state().sft_step, trainer.state().step));
+        say(format!("resumed at sft step {} / grpo step {}", trainer.state().sft_step, trainer.state().step));
     }
     trainer.run(&stop, |e| {
         if json {
@@ -138,9 +140,9 @@ fn train(job: PathBuf, out: Option<PathBuf>, steps: Option<u64>, fresh: bool, js
                 ));
             }
             Event::Eval { step, sft_step, reward_mean, prompts } => {
-                bar.println(format!("eval (sft {sft_step}, step {step}): mean reward {reward_mean:.3} on {prompts} held-out prompts"))
+                say(format!("eval (sft {sft_step}, step {step}): mean reward {reward_mean:.3} on {prompts} held-out prompts"))
             }
-            Event::Checkpoint { path, .. } => bar.println(format!("checkpoint {}", path.display())),
+            Event::Checkpoint { path, .. } => say(format!("checkpoint {}", path.display())),
         }
     })?;
     bar.finish_and_clear();

@@ -3,7 +3,7 @@
 //! Layout under `<out_dir>/checkpoints/`:
 //!
 //! ```text
-//! step-00000040/            one complete checkpoint
+//! step-00000040/            one complete checkpoint, numbered by sft_step + step
 //!   config.json             Hugging Face model config  } loadable by transformers
 //!   model.safetensors       policy weights             } and by `Policy::load`
 //!   tokenizer.json
