@@ -32,5 +32,5 @@ fi
 TORCH_LIB="$("$SLUICE_PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
-echo "setup: building the workspace (first build takes about 5 minutes on 2 cores)"
+echo "setup: building the workspace (first build takes about 8 minutes on 2 cores)"
 cargo build --workspace --all-targets --quiet

@@ -474,7 +474,7 @@ impl Model {
     ///   causal mask over an unpadded / right-padded batch without cache.
     /// * `cache`: when given, keys/values are written at `cache.len()` and the
     ///   cache advances by `T`.
-    pub fn hidden(&self, input_ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Tensor {
+    pub fn hidden(&self, input_ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Tensor {
         let t = input_ids.size()[1];
         let mut xs = self.embed_tokens.forward(input_ids);
         let rope = Rotary::new(positions, self.config.head_dim, self.config.rope_theta, xs.kind());
@@ -482,7 +482,7 @@ impl Model {
             let lc = cache.as_deref().map(|c| LayerCache { k: &c.k[i], v: &c.v[i], offset: c.len });
             xs = layer.forward(&xs, &rope, mask, lc);
         }
-        if let Some(c) = cache.as_deref_mut() {
+        if let Some(c) = cache {
             c.len += t;
         }
         self.norm.forward(&xs)

@@ -6,6 +6,7 @@
 //!   generating exactly `new` tokens, vs `transformers` `generate` (sampling, cache on);
 //! * train tokens/s: forward + log-probs + backward + global-norm clip + AdamW
 //!   on `[batch, prompt + new]`, vs the same loop in PyTorch;
+//!
 //! and prints each pair with the ratio sluice / baseline.
 //!
 //! usage: cargo bench -p sluice-learner --bench throughput -- [--preset small]

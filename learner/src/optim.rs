@@ -118,7 +118,7 @@ impl AdamW {
                 let target = s.master.as_mut().unwrap_or(&mut s.param);
                 let _ = target.g_mul_scalar_(1.0 - lr * weight_decay).g_sub_(&update);
                 if let Some(master) = &s.master {
-                    let _ = s.param.copy_(&master.to_kind(s.param.kind()));
+                    s.param.copy_(&master.to_kind(s.param.kind()));
                 }
             }
         });

@@ -520,10 +520,10 @@ impl Trainer {
             let m = self.grpo_step()?;
             emit(Event::Step(m), &mut on_event)?;
             let s = self.state.step;
-            if t.eval_every > 0 && s % t.eval_every == 0 && s != t.steps {
+            if t.eval_every > 0 && s.is_multiple_of(t.eval_every) && s != t.steps {
                 emit(eval(self)?, &mut on_event)?;
             }
-            if t.checkpoint_every > 0 && s % t.checkpoint_every == 0 {
+            if t.checkpoint_every > 0 && s.is_multiple_of(t.checkpoint_every) {
                 let path = self.save_checkpoint()?;
                 last_ckpt = (self.state.sft_step, s);
                 emit(Event::Checkpoint { step: s, path }, &mut on_event)?;
@@ -541,7 +541,7 @@ impl Trainer {
 }
 
 /// Splits `rows` into `n` contiguous parts whose sizes differ by at most one.
-fn split_even<'a, T>(rows: &'a [T], n: usize) -> Vec<&'a [T]> {
+fn split_even<T>(rows: &[T], n: usize) -> Vec<&[T]> {
     let n = n.clamp(1, rows.len().max(1));
     let (q, r) = (rows.len() / n, rows.len() % n);
     let mut out = Vec::with_capacity(n);

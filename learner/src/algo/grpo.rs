@@ -144,7 +144,7 @@ pub fn grpo_loss(x: &LossInputs, cfg: &GrpoConfig, d: Denominators) -> LossOutpu
         let kl = (log_r.exp() - &log_r - 1.0).clamp(-10.0, 10.0);
         let kl_loss = aggregate(&kl, x.mask, cfg.loss_agg, d);
         kl_value = kl_loss.double_value(&[]);
-        loss = loss + kl_loss * cfg.kl_coef;
+        loss += kl_loss * cfg.kl_coef;
     }
     let clipped_tokens = (clip_active.to_kind(Kind::Float) * x.mask).sum(Kind::Float).double_value(&[]);
     LossOutput { pg: pg_loss.double_value(&[]), loss, kl: kl_value, clipped_tokens }
@@ -214,7 +214,7 @@ mod tests {
     }
 
     /// Independent scalar implementation of the whole objective, written from DESIGN.md.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     fn reference_loss(
         logp: &[Vec<f64>],
         old: &[Vec<f64>],
