@@ -14,6 +14,10 @@ use crate::generate::SamplingParams;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobConfig {
+    /// Job name; every rollout and weight request carries it and a learner
+    /// refuses another job's.
+    #[serde(default = "default_name")]
+    pub name: String,
     /// The policy to train.
     pub model: ModelSection,
     /// Where prompts and rewards come from.
@@ -27,6 +31,49 @@ pub struct JobConfig {
     /// Optimisation, supervised warm-up, evaluation and checkpoints.
     #[serde(default)]
     pub train: TrainConfig,
+    /// The distributed data plane: staleness, buffers, weight sync.
+    #[serde(default)]
+    pub rollout: RolloutConfig,
+}
+
+fn default_name() -> String {
+    "default".into()
+}
+
+/// How rollouts flow from actors to learners and weights flow back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    /// A learner never trains on a rollout more than this many policy versions
+    /// old; 0 is synchronous on-policy training.
+    pub max_staleness: u64,
+    /// Complete groups a learner buffers before it stops reading from actors.
+    pub buffer_groups: usize,
+    /// Dtype of weights on the wire: `f32` (bit-exact) or `bf16` (half the bytes).
+    pub weights_dtype: String,
+    /// Bytes per weight chunk message.
+    pub weight_chunk_bytes: usize,
+    /// Largest encoded rollout message a learner accepts.
+    pub max_rollout_bytes: usize,
+    /// Largest group a learner accepts.
+    pub max_group_size: usize,
+    /// Prompts an actor samples per generation batch; 0 means
+    /// `train.prompts_per_step` divided among the job's actors.
+    pub prompts_per_batch: usize,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            max_staleness: 1,
+            buffer_groups: 64,
+            weights_dtype: "f32".into(),
+            weight_chunk_bytes: 1 << 20,
+            max_rollout_bytes: 1 << 20,
+            max_group_size: 1024,
+            prompts_per_batch: 0,
+        }
+    }
 }
 
 /// Which policy to start from.
@@ -321,6 +368,23 @@ impl JobConfig {
             "grpo.mini_batches",
             "more mini-batches than rollouts per step",
         )?;
+        let r = &self.rollout;
+        check(!self.name.is_empty() && self.name.len() <= 128, "name", "must be 1 to 128 characters")?;
+        check(r.buffer_groups >= 1, "rollout.buffer_groups", "must be >= 1")?;
+        check(
+            matches!(r.weights_dtype.as_str(), "f32" | "bf16"),
+            "rollout.weights_dtype",
+            "must be one of f32, bf16",
+        )?;
+        check(r.weight_chunk_bytes >= 1024, "rollout.weight_chunk_bytes", "must be >= 1024")?;
+        check(
+            r.weight_chunk_bytes <= 32 << 20,
+            "rollout.weight_chunk_bytes",
+            "must be <= 33554432 (32 MiB)",
+        )?;
+        check(r.max_rollout_bytes >= 1024, "rollout.max_rollout_bytes", "must be >= 1024")?;
+        check(r.max_rollout_bytes <= 32 << 20, "rollout.max_rollout_bytes", "must be <= 33554432 (32 MiB)")?;
+        check(r.max_group_size >= g.group_size, "rollout.max_group_size", "must be >= grpo.group_size")?;
         Ok(())
     }
 
@@ -355,6 +419,8 @@ mod tests {
             (format!("{MIN}[grpo]\nloss_agg = \"mean\"\n"), "grpo.loss_agg"),
             (format!("{MIN}[train]\nlr = \"fast\"\n"), "train.lr"),
             (format!("{MIN}[sampling]\ntop_p = 0\n"), "sampling.top_p"),
+            (format!("{MIN}[rollout]\nweights_dtype = \"f16\"\n"), "rollout.weights_dtype"),
+            (format!("{MIN}[rollout]\nmax_staleness = -1\n"), "rollout.max_staleness"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"chess\"\n".to_string(), "task"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ndigit = 3\n".to_string(), "task"),
             ("[model]\ndtype = \"f32\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model"),

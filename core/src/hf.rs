@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::config::ModelSection;
+use crate::device::parse_device;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig};
+use crate::tokenizer::{Tokenizer, DEFAULT_ALPHABET};
 
 /// A decoder with its own parameter store.
 pub struct Policy {
@@ -59,41 +62,43 @@ impl Policy {
     /// Copies the tensors of the checkpoint in `dir` into this policy's parameters.
     pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
         let files = weight_files(dir)?;
-        let mut tensors: HashMap<String, (Tensor, PathBuf)> = HashMap::new();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for file in &files {
             let named = Tensor::read_safetensors(file)
                 .map_err(|e| Error::Checkpoint { file: file.clone(), reason: e.to_string() })?;
-            for (name, t) in named {
-                tensors.insert(name, (t, file.clone()));
-            }
+            tensors.extend(named);
         }
-        self.copy_named(&tensors, &files[0])
+        self.set_parameters(tensors, dir)
     }
 
-    /// Copies named tensors into the parameters, checking names and shapes.
-    fn copy_named(&mut self, tensors: &HashMap<String, (Tensor, PathBuf)>, file: &Path) -> Result<()> {
+    /// Copies named tensors into the parameters (converting device and dtype),
+    /// checking that every parameter is present with its shape; `source` names
+    /// where they came from in errors. Tensors the model does not use are ignored.
+    pub fn set_parameters(&mut self, tensors: HashMap<String, Tensor>, source: &Path) -> Result<()> {
         let vars = self.vs.variables();
         let mut names: Vec<_> = vars.keys().collect();
         names.sort();
-        for name in names {
-            let var = &vars[name];
+        for name in &names {
+            let var = &vars[*name];
             let expected = var.size();
-            let Some((src, src_file)) = tensors.get(name) else {
-                return Err(Error::MissingTensor { file: file.to_path_buf(), name: name.clone(), expected });
+            let Some(src) = tensors.get(*name) else {
+                return Err(Error::MissingTensor { file: source.to_path_buf(), name: name.to_string(), expected });
             };
             if src.size() != expected {
                 return Err(Error::ShapeMismatch {
-                    file: src_file.clone(),
-                    name: name.clone(),
+                    file: source.to_path_buf(),
+                    name: name.to_string(),
                     expected,
                     found: src.size(),
                 });
             }
-            tch::no_grad(|| {
-                let mut var = var.shallow_clone();
-                var.copy_(&src.to_device(var.device()).to_kind(var.kind()))
-            });
         }
+        tch::no_grad(|| {
+            for name in names {
+                let mut var = vars[name].shallow_clone();
+                var.copy_(&tensors[name].to_device(var.device()).to_kind(var.kind()));
+            }
+        });
         for extra in tensors.keys().filter(|k| !vars.contains_key(*k)) {
             tracing::debug!(tensor = %extra, "ignoring tensor the model does not use");
         }
@@ -142,6 +147,25 @@ impl Policy {
     /// The dtype of the parameters.
     pub fn kind(&self) -> Kind {
         self.model.kind()
+    }
+}
+
+/// Builds the policy and tokenizer a job's `[model]` section names: a random-init
+/// preset with the character-level tokenizer, or a local Hugging Face directory.
+pub fn load_policy(m: &ModelSection) -> Result<(Policy, Tokenizer)> {
+    let device = parse_device(&m.device).map_err(|r| Error::config("model.device", r))?;
+    let kind = parse_kind(&m.dtype).ok_or_else(|| Error::config("model.dtype", "must be one of f32, bf16"))?;
+    if let Some(preset) = &m.preset {
+        let tokenizer = Tokenizer::char_level(DEFAULT_ALPHABET)?;
+        let mut mc = ModelConfig::preset(preset, tokenizer.vocab_size())?;
+        mc.eos_token_id = Some(tokenizer.eos_id());
+        mc.pad_token_id = Some(tokenizer.pad_id());
+        Ok((Policy::random(&mc, device, kind, m.init_seed), tokenizer))
+    } else {
+        let dir = m.path.as_ref().ok_or_else(|| Error::config("model", "set `preset` or `path`"))?;
+        let policy = Policy::load(dir, device, kind)?;
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), policy.config().eos_token_id)?;
+        Ok((policy, tokenizer))
     }
 }
 

@@ -5,9 +5,10 @@
 //!   Hugging Face directories.
 //! * [`tokenizer`] — `tokenizer.json` through the `tokenizers` crate.
 //! * [`generate`] — batched sampling returning behaviour log-probs.
-//! * [`rollout`] — rollouts and groups, the unit of training data.
+//! * [`rollout`] — rollouts and groups, the unit of training data, and how they are sampled.
 //! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL).
 //! * [`config`] — the typed job configuration.
+//! * [`weights`] — parameters as an in-memory safetensors blob (weight sync).
 //!
 //! No networking and no training here: losses, optimizers and the trainer live
 //! in `sluice-learner`.
@@ -21,5 +22,6 @@ pub mod model;
 pub mod rollout;
 pub mod tasks;
 pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};

@@ -17,6 +17,10 @@ pub enum Error {
     #[error("io error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 
+    /// A collective call failed (a rank left, or ranks called in a different order).
+    #[error("collective: {0}")]
+    Collective(String),
+
     /// The trainer cannot make progress (e.g. the task produced no usable groups).
     #[error("training: {0}")]
     Training(String),

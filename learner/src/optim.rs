@@ -71,6 +71,18 @@ impl AdamW {
         }
     }
 
+    /// Every parameter's gradient (zeros are allocated where none exists yet),
+    /// in a fixed order: what data-parallel ranks all-reduce.
+    pub fn grads(&mut self) -> Vec<Tensor> {
+        let missing: Vec<Tensor> =
+            self.slots.values().filter(|s| !s.param.grad().defined()).map(|s| s.param.sum(Kind::Float)).collect();
+        if !missing.is_empty() {
+            // A zero-valued backward pass is how libtorch allocates the gradients.
+            (Tensor::stack(&missing, 0).sum(Kind::Float) * 0.0).backward();
+        }
+        self.slots.values().map(|s| s.param.grad()).collect()
+    }
+
     /// Global gradient norm over all parameters (one host sync).
     pub fn grad_norm(&self) -> f64 {
         let norms: Vec<Tensor> = self

@@ -6,6 +6,10 @@
 //! [`Trainer::collect`] (rollouts), [`Trainer::train_on`] (loss, backward and
 //! optimizer step on a set of groups) and [`Trainer::evaluate`].
 //!
+//! Data parallelism: a trainer holds a [`Collective`]. With more than one rank,
+//! loss denominators and gradients are summed over ranks before each optimizer
+//! step, so N ranks on N shards take the step one rank takes on the whole batch.
+//!
 //! Determinism: every random draw comes from a ChaCha stream keyed by
 //! (seed, phase, step), and problems are a pure function of the data cursor, so
 //! a resumed run repeats exactly what the uninterrupted run would have done.
@@ -19,19 +23,19 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use sluice_core::config::JobConfig;
-use sluice_core::device::parse_device;
 use sluice_core::generate::{generate, SamplingParams};
-use sluice_core::hf::{parse_kind, Policy};
-use sluice_core::model::{token_logprobs, ModelConfig};
-use sluice_core::rollout::{Group, Rollout};
+use sluice_core::hf::{load_policy, Policy};
+use sluice_core::model::token_logprobs;
+use sluice_core::rollout::{collect_groups, Group};
 use sluice_core::tasks::{self, Problem, Split, Task};
-use sluice_core::tokenizer::{Tokenizer, DEFAULT_ALPHABET};
+use sluice_core::tokenizer::Tokenizer;
 use tch::{Device, Tensor};
 
 use crate::algo::grpo::{self, Denominators, LossInputs};
 use crate::checkpoint::{self, TrainerState};
+use crate::collective::{all_reduce_f64, Collective, Single};
 use crate::error::{Error, Result};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, StepReport};
 
 /// What happened in one GRPO step.
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +57,10 @@ pub struct StepMetrics {
     pub generation_tokens_per_s: f64,
     pub train_tokens_per_s: f64,
     pub step_seconds: f64,
+    /// Mean policy-version lag of the trained groups (0 when rollouts are on-policy).
+    pub staleness_mean: f64,
+    /// Seconds the step waited for rollouts (distributed learner).
+    pub wait_seconds: f64,
 }
 
 /// What happened in one supervised warm-up step.
@@ -79,6 +87,8 @@ struct Row<'a> {
     prompt: &'a [i64],
     response: &'a [i64],
     old_logp: Option<&'a [f32]>,
+    /// Per response token: train on it? Empty = every token.
+    loss_mask: &'a [bool],
     advantage: f64,
 }
 
@@ -90,6 +100,17 @@ struct Batch {
     old_logp: Tensor,
     advantages: Tensor,
     tokens: f64,
+}
+
+impl Row<'_> {
+    /// Response tokens the loss trains on.
+    fn trained_tokens(&self) -> f64 {
+        if self.loss_mask.is_empty() {
+            self.response.len() as f64
+        } else {
+            self.loss_mask.iter().filter(|&&m| m).count() as f64
+        }
+    }
 }
 
 impl Batch {
@@ -107,7 +128,9 @@ impl Batch {
             input[o..o + seq.len() - 1].copy_from_slice(&seq[..seq.len() - 1]);
             target[o..o + seq.len() - 1].copy_from_slice(&seq[1..]);
             let start = o + r.prompt.len() - 1;
-            mask[start..start + r.response.len()].iter_mut().for_each(|m| *m = 1.0);
+            for (k, m) in mask[start..start + r.response.len()].iter_mut().enumerate() {
+                *m = if r.loss_mask.get(k).copied().unwrap_or(true) { 1.0 } else { 0.0 };
+            }
             if let Some(lp) = r.old_logp {
                 old[start..start + r.response.len()].copy_from_slice(lp);
             }
@@ -135,30 +158,12 @@ pub struct Trainer {
     state: TrainerState,
     sampling: SamplingParams,
     out_dir: PathBuf,
+    comm: Box<dyn Collective>,
 }
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer").field("state", &self.state).field("policy", &self.policy).finish()
-    }
-}
-
-/// Builds the policy and tokenizer a config names.
-pub fn load_policy(cfg: &JobConfig) -> Result<(Policy, Tokenizer)> {
-    let m = &cfg.model;
-    let device = parse_device(&m.device).map_err(|r| sluice_core::Error::config("model.device", r))?;
-    let kind = parse_kind(&m.dtype).expect("validated dtype");
-    if let Some(preset) = &m.preset {
-        let tokenizer = Tokenizer::char_level(DEFAULT_ALPHABET)?;
-        let mut mc = ModelConfig::preset(preset, tokenizer.vocab_size())?;
-        mc.eos_token_id = Some(tokenizer.eos_id());
-        mc.pad_token_id = Some(tokenizer.pad_id());
-        Ok((Policy::random(&mc, device, kind, m.init_seed), tokenizer))
-    } else {
-        let dir = m.path.as_ref().expect("validated: preset or path");
-        let policy = Policy::load(dir, device, kind)?;
-        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), policy.config().eos_token_id)?;
-        Ok((policy, tokenizer))
     }
 }
 
@@ -172,10 +177,17 @@ impl Trainer {
     /// A fresh trainer, or one resumed from the newest checkpoint in `cfg.train.out_dir`
     /// when `resume` is set and one exists.
     pub fn new(cfg: JobConfig, resume: bool) -> Result<Self> {
+        Self::with_collective(cfg, resume, Box::new(Single))
+    }
+
+    /// A trainer that is one rank of a data-parallel group. Rank 0 restores the
+    /// checkpoint (when resuming) and then broadcasts parameters, optimizer state
+    /// and counters, so every rank starts identical even without shared storage.
+    pub fn with_collective(cfg: JobConfig, resume: bool, comm: Box<dyn Collective>) -> Result<Self> {
         cfg.validate()?;
-        let (policy, tokenizer) = load_policy(&cfg)?;
+        let (policy, tokenizer) = load_policy(&cfg.model)?;
         let reference = if cfg.grpo.kl_coef > 0.0 {
-            let (mut r, _) = load_policy(&cfg)?;
+            let (mut r, _) = load_policy(&cfg.model)?;
             r.copy_from(&policy)?;
             r.var_store_mut().freeze();
             Some(r)
@@ -193,14 +205,38 @@ impl Trainer {
         }
         let state = TrainerState { step: 0, sft_step: 0, cursor: 0, seed: t.seed, optimizer_t: 0 };
         let out_dir = t.out_dir.clone();
-        let mut trainer = Trainer { cfg, policy, reference, tokenizer, task, opt, state, sampling, out_dir };
-        if resume {
+        let mut trainer = Trainer { cfg, policy, reference, tokenizer, task, opt, state, sampling, out_dir, comm };
+        if resume && trainer.comm.rank() == 0 {
             if let Some(dir) = checkpoint::latest(&trainer.out_dir)? {
                 trainer.state = checkpoint::restore(&dir, &mut trainer.policy, &mut trainer.opt)?;
                 tracing::info!(checkpoint = %dir.display(), step = trainer.state.step, "resumed");
             }
         }
+        if trainer.comm.world_size() > 1 {
+            trainer.sync_from_root()?;
+        }
         Ok(trainer)
+    }
+
+    /// Copies rank 0's parameters, optimizer state and counters to every rank.
+    fn sync_from_root(&mut self) -> Result<()> {
+        let mut params: Vec<Tensor> = self.policy.named_parameters().into_iter().map(|(_, t)| t).collect();
+        self.comm.broadcast_from_root(&mut params)?;
+        let mut opt_state: Vec<Tensor> = self.opt.state_tensors().into_iter().map(|(_, t)| t).collect();
+        self.comm.broadcast_from_root(&mut opt_state)?;
+        let s = &self.state;
+        let mut counters = [Tensor::from_slice(&[s.step as f64, s.sft_step as f64, s.cursor as f64, s.optimizer_t as f64])];
+        self.comm.broadcast_from_root(&mut counters)?;
+        let c = Vec::<f64>::try_from(&counters[0]).map_err(Error::from)?;
+        (self.state.step, self.state.sft_step, self.state.cursor) = (c[0] as u64, c[1] as u64, c[2] as u64);
+        self.state.optimizer_t = c[3] as i64;
+        self.opt.t = self.state.optimizer_t;
+        Ok(())
+    }
+
+    /// This trainer's rank and the world size.
+    pub fn rank(&self) -> (usize, usize) {
+        (self.comm.rank(), self.comm.world_size())
     }
 
     pub fn state(&self) -> &TrainerState {
@@ -235,31 +271,21 @@ impl Trainer {
 
     /// Samples `group_size` completions for each problem and scores them.
     pub fn collect(&self, problems: &[Problem], rng: &mut ChaCha8Rng) -> Result<(Vec<Group>, f64)> {
-        let g = self.cfg.grpo.group_size;
-        let encoded = problems.iter().map(|p| self.tokenizer.encode(&p.prompt)).collect::<Result<Vec<_>, _>>()?;
-        let prompts: Vec<Vec<i64>> = encoded.iter().flat_map(|p| std::iter::repeat_n(p.clone(), g)).collect();
-        let t0 = Instant::now();
-        let completions = generate(self.policy.model(), &prompts, &self.sampling, self.tokenizer.pad_id(), rng)?;
-        let gen_s = t0.elapsed().as_secs_f64();
-        let mut groups = Vec::with_capacity(problems.len());
-        let mut it = completions.into_iter();
-        for (p, prompt) in problems.iter().zip(encoded) {
-            let mut rollouts = Vec::with_capacity(g);
-            for c in it.by_ref().take(g) {
-                let text = self.tokenizer.decode(&c.tokens)?;
-                rollouts.push(Rollout {
-                    prompt_id: p.id,
-                    prompt_tokens: prompt.clone(),
-                    reward: p.score(&text),
-                    response_tokens: c.tokens,
-                    logprobs: c.logprobs,
-                    version: self.state.optimizer_t as u64,
-                    finish: c.finish,
-                });
-            }
-            groups.push(Group { prompt_id: p.id, rollouts });
-        }
-        Ok((groups, gen_s))
+        let c = collect_groups(
+            self.policy.model(),
+            &self.tokenizer,
+            problems,
+            self.cfg.grpo.group_size,
+            &self.sampling,
+            self.state.step,
+            rng,
+        )?;
+        Ok((c.groups, c.generate_s))
+    }
+
+    /// The sampling parameters actors use (the tokenizer's EOS is always a stop token).
+    pub fn sampling(&self) -> &SamplingParams {
+        &self.sampling
     }
 
     /// Log-probs of `batch.target` under `policy` (with gradient unless called under no_grad).
@@ -304,8 +330,9 @@ impl Trainer {
     }
 
     /// Shapes rewards, computes group advantages and runs `epochs x mini_batches`
-    /// optimizer steps on `groups`. Fills every metric except reward, generation
-    /// speed, step and step time.
+    /// optimizer steps on `groups` (this rank's shard). Fills every metric except
+    /// reward, generation speed, step and step time. Every rank of a
+    /// data-parallel group must call it once per step (with any number of groups).
     pub fn train_on(&mut self, groups: &[Group]) -> Result<StepMetrics> {
         let c = self.cfg.grpo.clone();
         let max_len = self.sampling.max_new_tokens as usize;
@@ -331,25 +358,42 @@ impl Trainer {
             .flat_map(|g| &g.rollouts)
             .zip(&advantages)
             .filter(|(r, _)| !r.response_tokens.is_empty())
-            .map(|(r, &a)| Row { prompt: &r.prompt_tokens, response: &r.response_tokens, old_logp: Some(&r.logprobs), advantage: a })
+            .map(|(r, &a)| Row {
+                prompt: &r.prompt_tokens,
+                response: &r.response_tokens,
+                old_logp: Some(&r.logprobs),
+                loss_mask: &r.loss_mask,
+                advantage: a,
+            })
             .collect();
+        let mut counts = [
+            effective as f64,
+            total as f64,
+            groups.len() as f64,
+            rows.len() as f64,
+            rows.iter().map(|r| r.response.len()).sum::<usize>() as f64,
+        ];
+        all_reduce_f64(self.comm.as_mut(), &mut counts)?;
+        let [effective, total, n_groups, n_rows, response_tokens] = counts;
         let mut m = StepMetrics {
             step: self.state.step,
             reward_mean: 0.0,
-            effective_gradient_ratio: effective as f64 / total.max(1) as f64,
-            groups_trained: groups.len(),
-            rollouts_trained: rows.len(),
+            effective_gradient_ratio: effective / total.max(1.0),
+            groups_trained: n_groups as usize,
+            rollouts_trained: n_rows as usize,
             pg_loss: 0.0,
             kl: 0.0,
             clip_fraction: 0.0,
             grad_norm: 0.0,
             skipped_updates: 0,
-            response_len_mean: rows.iter().map(|r| r.response.len()).sum::<usize>() as f64 / rows.len().max(1) as f64,
+            response_len_mean: response_tokens / n_rows.max(1.0),
             generation_tokens_per_s: 0.0,
             train_tokens_per_s: 0.0,
             step_seconds: 0.0,
+            staleness_mean: 0.0,
+            wait_seconds: 0.0,
         };
-        if rows.is_empty() {
+        if n_rows == 0.0 {
             return Ok(m);
         }
         let t0 = Instant::now();
@@ -359,9 +403,15 @@ impl Trainer {
         let temperature = self.temperature();
         self.opt.cfg.lr = self.cfg.train.lr;
         for _epoch in 0..c.epochs {
+            // Exactly `mini_batches` parts on every rank (some may be empty), so
+            // all ranks make the same collective calls.
             for mb in split_even(&rows, c.mini_batches) {
-                let tokens: f64 = mb.iter().map(|r| r.response.len() as f64).sum();
-                let d = Denominators { tokens, seqs: mb.len() as f64, budget };
+                let mut den = [mb.iter().map(|r| r.trained_tokens()).sum::<f64>(), mb.len() as f64];
+                all_reduce_f64(self.comm.as_mut(), &mut den)?;
+                if den[1] == 0.0 {
+                    continue;
+                }
+                let d = Denominators { tokens: den[0].max(1.0), seqs: den[1], budget };
                 let mut finite = true;
                 let (mut pg, mut kl) = (0.0, 0.0);
                 for micro in mb.chunks(self.cfg.train.micro_batch_size) {
@@ -391,47 +441,87 @@ impl Trainer {
                     clipped += out.clipped_tokens;
                     trained_tokens += batch.tokens;
                 }
-                let report = if finite {
-                    self.opt.step(self.cfg.train.max_grad_norm)
-                } else {
-                    self.opt.zero_grad();
-                    crate::optim::StepReport { grad_norm: f64::NAN, skipped: true }
-                };
+                let report = self.reduce_and_step(finite, self.cfg.train.max_grad_norm)?;
+                let mut parts = [pg, kl];
+                all_reduce_f64(self.comm.as_mut(), &mut parts)?;
                 if report.skipped {
                     m.skipped_updates += 1;
                     tracing::warn!(step = self.state.step, "non-finite loss or gradient: optimizer step skipped");
                 } else {
                     updates += 1;
-                    m.pg_loss += pg;
-                    m.kl += kl;
+                    m.pg_loss += parts[0];
+                    m.kl += parts[1];
                     m.grad_norm += report.grad_norm;
                 }
             }
         }
+        let mut tokens = [clipped, trained_tokens];
+        all_reduce_f64(self.comm.as_mut(), &mut tokens)?;
         let n = updates.max(1) as f64;
         m.pg_loss /= n;
         m.kl /= n;
         m.grad_norm /= n;
-        m.clip_fraction = clipped / trained_tokens.max(1.0);
-        m.train_tokens_per_s = trained_tokens / t0.elapsed().as_secs_f64().max(1e-9);
+        m.clip_fraction = tokens[0] / tokens[1].max(1.0);
+        m.train_tokens_per_s = tokens[1] / t0.elapsed().as_secs_f64().max(1e-9);
         self.state.optimizer_t = self.opt.t;
         Ok(m)
     }
 
-    /// One supervised step on task demonstrations (prompt → answer + EOS).
+    /// One GRPO step on groups that arrived from actors (the distributed
+    /// learner's step): trains, then advances the step (= the policy version).
+    pub fn step_on(&mut self, groups: &[Group]) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let mut sums = [groups.iter().flat_map(Group::rewards).sum::<f64>(), groups.iter().map(|g| g.rollouts.len() as f64).sum()];
+        all_reduce_f64(self.comm.as_mut(), &mut sums)?;
+        let mut m = self.train_on(groups)?;
+        m.reward_mean = sums[0] / sums[1].max(1.0);
+        self.state.step += 1;
+        m.step = self.state.step;
+        m.step_seconds = t0.elapsed().as_secs_f64();
+        Ok(m)
+    }
+
+    /// Sums gradients over ranks (and whether any rank saw a non-finite loss),
+    /// then takes the optimizer step every rank takes.
+    fn reduce_and_step(&mut self, finite: bool, max_norm: f64) -> Result<StepReport> {
+        let skipped = StepReport { grad_norm: f64::NAN, skipped: true };
+        if self.comm.world_size() == 1 {
+            if finite {
+                return Ok(self.opt.step(max_norm));
+            }
+            self.opt.zero_grad();
+            return Ok(skipped);
+        }
+        let mut bad = [if finite { 0.0 } else { 1.0 }];
+        all_reduce_f64(self.comm.as_mut(), &mut bad)?;
+        if bad[0] > 0.0 {
+            self.opt.zero_grad();
+            return Ok(skipped);
+        }
+        let mut grads = self.opt.grads();
+        self.comm.all_reduce_sum(&mut grads)?;
+        Ok(self.opt.step(max_norm))
+    }
+
+    /// One supervised step on task demonstrations (prompt → answer + EOS). With
+    /// several ranks each takes every world-th demonstration of the same batch.
     pub fn sft_step(&mut self) -> Result<SftMetrics> {
         let problems = self.next_problems(self.cfg.train.sft_batch_size);
+        let (rank, world) = self.rank();
         let eos = self.tokenizer.eos_id();
         let mut data = Vec::with_capacity(problems.len());
-        for p in &problems {
+        for p in problems.iter().skip(rank).step_by(world) {
             let prompt = self.tokenizer.encode(&p.prompt)?;
             let mut response = self.tokenizer.encode(&self.task.demonstration(p))?;
             response.push(eos);
             data.push((prompt, response));
         }
-        let rows: Vec<Row> =
-            data.iter().map(|(p, r)| Row { prompt: p, response: r, old_logp: None, advantage: 0.0 }).collect();
-        let tokens: f64 = rows.iter().map(|r| r.response.len() as f64).sum();
+        let rows: Vec<Row> = data
+            .iter()
+            .map(|(p, r)| Row { prompt: p, response: r, old_logp: None, loss_mask: &[], advantage: 0.0 })
+            .collect();
+        let mut tokens = [rows.iter().map(|r| r.response.len() as f64).sum::<f64>()];
+        all_reduce_f64(self.comm.as_mut(), &mut tokens)?;
         self.opt.cfg.lr = self.cfg.train.sft_lr;
         let mut loss_sum = 0.0;
         let mut finite = true;
@@ -439,7 +529,7 @@ impl Trainer {
             let micro: Vec<&Row> = micro.iter().collect();
             let batch = Batch::new(&micro, self.tokenizer.pad_id(), self.policy.device());
             let logp = Self::logprobs(&self.policy, &batch, 1.0);
-            let loss = grpo::sft_loss(&logp, &batch.mask, tokens);
+            let loss = grpo::sft_loss(&logp, &batch.mask, tokens[0]);
             let v = loss.double_value(&[]);
             if !v.is_finite() {
                 finite = false;
@@ -448,15 +538,12 @@ impl Trainer {
             loss.backward();
             loss_sum += v;
         }
-        let report = if finite {
-            self.opt.step(self.cfg.train.max_grad_norm)
-        } else {
-            self.opt.zero_grad();
-            crate::optim::StepReport { grad_norm: f64::NAN, skipped: true }
-        };
+        let report = self.reduce_and_step(finite, self.cfg.train.max_grad_norm)?;
+        let mut loss = [loss_sum];
+        all_reduce_f64(self.comm.as_mut(), &mut loss)?;
         self.state.sft_step += 1;
         self.state.optimizer_t = self.opt.t;
-        Ok(SftMetrics { sft_step: self.state.sft_step, loss: loss_sum, grad_norm: report.grad_norm, skipped: report.skipped })
+        Ok(SftMetrics { sft_step: self.state.sft_step, loss: loss[0], grad_norm: report.grad_norm, skipped: report.skipped })
     }
 
     /// Mean reward of greedy answers to the first `n` held-out problems.
@@ -482,67 +569,98 @@ impl Trainer {
     /// Runs the rest of the job: warm-up, GRPO steps, evaluations and checkpoints.
     /// Stops early (after checkpointing) when `stop` is set. Events also go to
     /// `<out_dir>/metrics.jsonl`.
-    pub fn run(&mut self, stop: &AtomicBool, mut on_event: impl FnMut(&Event)) -> Result<()> {
-        std::fs::create_dir_all(&self.out_dir).map_err(|e| Error::io(&self.out_dir, e))?;
-        let log_path = self.out_dir.join("metrics.jsonl");
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| Error::io(&log_path, e))?;
+    pub fn run(&mut self, stop: &AtomicBool, on_event: impl FnMut(&Event)) -> Result<()> {
+        self.run_with(stop, on_event, |t| t.grpo_step().map(Some))
+    }
+
+    /// [`Trainer::run`] with the GRPO step supplied by `next_step` (the
+    /// distributed learner trains on rollouts from actors); `next_step` returns
+    /// `None` to stop early. Rank 0 alone evaluates, checkpoints and writes
+    /// `metrics.jsonl`; every rank reports its events to `on_event`.
+    pub fn run_with(
+        &mut self,
+        stop: &AtomicBool,
+        mut on_event: impl FnMut(&Event),
+        mut next_step: impl FnMut(&mut Self) -> Result<Option<StepMetrics>>,
+    ) -> Result<()> {
+        let lead = self.comm.rank() == 0;
+        let mut log = if lead { Some(EventLog::open(&self.out_dir)?) } else { None };
         let mut emit = |e: Event, on_event: &mut dyn FnMut(&Event)| -> Result<()> {
-            let line = serde_json::to_string(&e).expect("events serialise");
-            writeln!(log, "{line}").map_err(|err| Error::io(&log_path, err))?;
+            if let Some(log) = log.as_mut() {
+                log.write(&e)?;
+            }
             on_event(&e);
             Ok(())
         };
         let t = self.cfg.train.clone();
-        let eval = |tr: &Self| -> Result<Event> {
-            Ok(Event::Eval {
-                step: tr.state.step,
-                sft_step: tr.state.sft_step,
-                reward_mean: tr.evaluate(t.eval_prompts)?,
-                prompts: t.eval_prompts,
-            })
+        let eval = |tr: &Self, emit: &mut dyn FnMut(Event) -> Result<()>| -> Result<()> {
+            if lead {
+                let reward_mean = tr.evaluate(t.eval_prompts)?;
+                emit(Event::Eval { step: tr.state.step, sft_step: tr.state.sft_step, reward_mean, prompts: t.eval_prompts })?;
+            }
+            Ok(())
         };
+        let mut emit_now = |e: Event| emit(e, &mut on_event);
         if self.state.step == 0 && self.state.sft_step == 0 {
-            emit(eval(self)?, &mut on_event)?;
+            eval(self, &mut emit_now)?;
         }
         let mut last_ckpt = (self.state.sft_step, self.state.step);
         while self.state.sft_step < t.sft_steps && !stop.load(Ordering::SeqCst) {
             let m = self.sft_step()?;
-            emit(Event::Sft(m), &mut on_event)?;
+            emit_now(Event::Sft(m))?;
             if self.state.sft_step == t.sft_steps {
-                emit(eval(self)?, &mut on_event)?;
+                eval(self, &mut emit_now)?;
             }
         }
         while self.state.step < t.steps && !stop.load(Ordering::SeqCst) {
-            let m = self.grpo_step()?;
-            emit(Event::Step(m), &mut on_event)?;
+            let Some(m) = next_step(self)? else { break };
+            emit_now(Event::Step(m))?;
             let s = self.state.step;
             if t.eval_every > 0 && s.is_multiple_of(t.eval_every) && s != t.steps {
-                emit(eval(self)?, &mut on_event)?;
+                eval(self, &mut emit_now)?;
             }
-            if t.checkpoint_every > 0 && s.is_multiple_of(t.checkpoint_every) {
+            if lead && t.checkpoint_every > 0 && s.is_multiple_of(t.checkpoint_every) {
                 let path = self.save_checkpoint()?;
                 last_ckpt = (self.state.sft_step, s);
-                emit(Event::Checkpoint { step: s, path }, &mut on_event)?;
+                emit_now(Event::Checkpoint { step: s, path })?;
             }
         }
         if self.state.step == t.steps && !stop.load(Ordering::SeqCst) {
-            emit(eval(self)?, &mut on_event)?;
+            eval(self, &mut emit_now)?;
         }
-        if last_ckpt != (self.state.sft_step, self.state.step) {
+        if lead && last_ckpt != (self.state.sft_step, self.state.step) {
             let path = self.save_checkpoint()?;
-            emit(Event::Checkpoint { step: self.state.step, path }, &mut on_event)?;
+            emit_now(Event::Checkpoint { step: self.state.step, path })?;
         }
         Ok(())
     }
 }
 
-/// Splits `rows` into `n` contiguous parts whose sizes differ by at most one.
+/// `<out_dir>/metrics.jsonl`: one JSON event per line, appended.
+pub struct EventLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl EventLog {
+    pub fn open(out_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        let path = out_dir.join("metrics.jsonl");
+        let file =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(EventLog { path, file })
+    }
+
+    pub fn write(&mut self, e: &Event) -> Result<()> {
+        let line = serde_json::to_string(e).expect("events serialise");
+        writeln!(self.file, "{line}").map_err(|err| Error::io(&self.path, err))
+    }
+}
+
+/// Splits `rows` into exactly `n` (at least 1) contiguous parts whose sizes
+/// differ by at most one (so some are empty when `rows` has fewer than `n`).
 fn split_even<T>(rows: &[T], n: usize) -> Vec<&[T]> {
-    let n = n.clamp(1, rows.len().max(1));
+    let n = n.max(1);
     let (q, r) = (rows.len() / n, rows.len() % n);
     let mut out = Vec::with_capacity(n);
     let mut start = 0;
@@ -558,6 +676,7 @@ fn split_even<T>(rows: &[T], n: usize) -> Vec<&[T]> {
 mod tests {
     use super::*;
     use sluice_core::generate::FinishReason;
+    use sluice_core::rollout::Rollout;
 
     fn trainer(dir: &Path) -> Trainer {
         let text = format!(
@@ -577,6 +696,7 @@ mod tests {
             prompt_tokens: vec![5, 6, 7],
             response_tokens: vec![8, 1],
             logprobs: vec![logprob, logprob],
+            loss_mask: vec![],
             reward,
             version: 0,
             finish: FinishReason::Stop,
@@ -617,5 +737,7 @@ mod tests {
         let parts = split_even(&rows, 3);
         assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![4, 3, 3]);
         assert_eq!(parts.concat(), rows);
+        // Data-parallel ranks need the same number of parts even with few rows.
+        assert_eq!(split_even(&rows[..2], 3).iter().map(|p| p.len()).collect::<Vec<_>>(), vec![1, 1, 0]);
     }
 }

@@ -1,0 +1,337 @@
+//! The actor loop.
+//!
+//! Connect to a learner (retrying with backoff), open one `PushRollouts`
+//! stream, and repeat: refresh weights when the learner is more than
+//! `max_staleness` versions ahead (or restarted), sample a batch of groups with
+//! the current policy, score them with the task's verifier, and send each group
+//! whole. Sends block when the learner's buffer is full (backpressure). With
+//! `max_staleness = 0` the actor waits for the learner to train on a version
+//! before sampling again, so nothing it sends goes stale.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use sluice_core::config::JobConfig;
+use sluice_core::hf::load_policy;
+use sluice_core::rollout::collect_groups;
+use sluice_core::tasks::{self, Split};
+use sluice_proto::v1::learner_client::LearnerClient;
+use sluice_proto::v1::{self, PushAck};
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+use crate::sync::{apply, WeightSync};
+use crate::wire::{to_wire, Placement};
+
+/// Who this actor is and where it sends.
+#[derive(Debug, Clone)]
+pub struct ActorOptions {
+    pub job: JobConfig,
+    /// Learner endpoints (`http://host:port`); actor `index` uses `learners[index % len]`.
+    pub learners: Vec<String>,
+    pub actor_id: String,
+    /// This actor's index among `actors` (it samples prompts index, index + actors, ...).
+    pub index: usize,
+    pub actors: usize,
+    pub seed: u64,
+    /// Stop after sending this many groups (None: until the learner finishes).
+    pub max_groups: Option<u64>,
+}
+
+/// What the actor reports (printed as JSON lines by the binary).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ActorEvent {
+    Connected { endpoint: String, learner_version: u64 },
+    Synced { version: u64, bytes: usize, resumed_from: u64, seconds: f64 },
+    Sent { version: u64, groups: usize, rollouts: usize, reward_mean: f64, generate_s: f64, send_s: f64 },
+    Disconnected { reason: String },
+    Done { groups_sent: u64, groups_accepted: u64, groups_dropped: u64, version: u64 },
+}
+
+/// What the learner told us on the ack stream.
+#[derive(Debug, Default)]
+struct LearnerView {
+    version: u64,
+    incarnation: u64,
+    finished: bool,
+    accepted: u64,
+    dropped: u64,
+    /// The stream ended (with this reason).
+    closed: Option<String>,
+    heard: bool,
+}
+
+/// Doubling backoff between `min` and `max`, reset after a success.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: Duration::from_millis(100), min: Duration::from_millis(100), max: Duration::from_secs(5) }
+    }
+    fn wait(&mut self, stop: &AtomicBool) {
+        let until = Instant::now() + self.next;
+        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.next = (self.next * 2).min(self.max);
+    }
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// A gRPC channel to a learner with sluice's message limits and windows.
+pub async fn connect(endpoint: &str) -> Result<LearnerClient<Channel>> {
+    let transport = |reason: String| Error::Transport { endpoint: endpoint.to_string(), reason };
+    let channel = Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| transport(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .connect()
+        .await
+        .map_err(|e| transport(e.to_string()))?;
+    Ok(LearnerClient::new(channel)
+        .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES))
+}
+
+/// Runs until the learner reports the job finished, `max_groups` is reached or
+/// `stop` is set. Connection failures are retried with backoff.
+pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&ActorEvent)) -> Result<()> {
+    let cfg = &opts.job;
+    cfg.validate()?;
+    let endpoint = opts.learners[opts.index % opts.learners.len().max(1)].clone();
+    let (mut policy, tokenizer) = load_policy(&cfg.model)?;
+    let task = tasks::build(&cfg.task)?;
+    let mut sampling = cfg.sampling.clone();
+    if !sampling.stop_token_ids.contains(&tokenizer.eos_id()) {
+        sampling.stop_token_ids.push(tokenizer.eos_id());
+    }
+    let g = cfg.grpo.group_size;
+    let per_batch = if cfg.rollout.prompts_per_batch > 0 {
+        cfg.rollout.prompts_per_batch
+    } else {
+        cfg.train.prompts_per_step.div_ceil(opts.actors.max(1))
+    };
+    let max_staleness = cfg.rollout.max_staleness;
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    rng.set_stream(opts.index as u64);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Transport { endpoint: endpoint.clone(), reason: format!("runtime: {e}") })?;
+
+    let mut sync = WeightSync::default();
+    let mut mine: Option<(u64, u64)> = None; // (version, incarnation) the policy holds
+    let mut sent_at: Option<(u64, u64)> = None;
+    let mut cursor: u64 = 0;
+    let (mut groups_sent, mut next_group_id) = (0u64, 1u64);
+    let mut backoff = Backoff::new();
+    let view = Arc::new(Mutex::new(LearnerView::default()));
+    let notify = Arc::new(Notify::new());
+    let mut totals = (0u64, 0u64);
+
+    'connection: while !stop.load(Ordering::SeqCst) {
+        let mut client = match rt.block_on(connect(&endpoint)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "learner not reachable");
+                backoff.wait(&stop);
+                continue;
+            }
+        };
+        let (tx, rx) = mpsc::channel::<v1::Rollout>(2 * g);
+        let acks = match rt.block_on(client.push_rollouts(ReceiverStream::new(rx))) {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                report(&ActorEvent::Disconnected { reason: status.to_string() });
+                backoff.wait(&stop);
+                continue;
+            }
+        };
+        {
+            let mut v = view.lock().expect("view lock");
+            totals.0 += v.accepted;
+            totals.1 += v.dropped;
+            *v = LearnerView::default();
+        }
+        rt.spawn(read_acks(acks, view.clone(), notify.clone()));
+        // The learner's first message says where it stands.
+        if !wait_for(&rt, &view, &notify, &stop, |v| v.heard || v.closed.is_some()) {
+            break;
+        }
+        if let Some(reason) = view.lock().expect("view lock").closed.clone() {
+            report(&ActorEvent::Disconnected { reason });
+            backoff.wait(&stop);
+            continue;
+        }
+        backoff.reset();
+        report(&ActorEvent::Connected {
+            endpoint: endpoint.clone(),
+            learner_version: view.lock().expect("view lock").version,
+        });
+
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                break 'connection;
+            }
+            let (lv, linc, finished, closed) = {
+                let v = view.lock().expect("view lock");
+                (v.version, v.incarnation, v.finished, v.closed.clone())
+            };
+            if finished {
+                break 'connection;
+            }
+            if let Some(reason) = closed {
+                report(&ActorEvent::Disconnected { reason });
+                backoff.wait(&stop);
+                continue 'connection;
+            }
+            let behind = match mine {
+                None => true,
+                Some((v, inc)) => inc != linc || v > lv || lv - v > max_staleness,
+            };
+            if behind {
+                match rt.block_on(sync.download(&mut client, &cfg.name)) {
+                    Ok((s, bytes)) => {
+                        apply(&mut policy, &bytes, s.version)?;
+                        mine = Some((s.version, s.incarnation));
+                        report(&ActorEvent::Synced {
+                            version: s.version,
+                            bytes: s.bytes,
+                            resumed_from: s.resumed_from,
+                            seconds: s.seconds,
+                        });
+                    }
+                    Err(e) => {
+                        report(&ActorEvent::Disconnected { reason: format!("weight sync: {e}") });
+                        backoff.wait(&stop);
+                        continue 'connection;
+                    }
+                }
+                continue;
+            }
+            let (version, incarnation) = mine.expect("synced");
+            if max_staleness == 0 && sent_at == Some((version, incarnation)) {
+                // Synchronous mode: this version's batch is out; wait for the next version.
+                wait_for(&rt, &view, &notify, &stop, |v| {
+                    v.version != version || v.incarnation != incarnation || v.finished || v.closed.is_some()
+                });
+                continue;
+            }
+            let problems: Vec<_> = (0..per_batch)
+                .map(|k| task.problem(Split::Train, (cursor + k as u64) * opts.actors as u64 + opts.index as u64))
+                .collect();
+            cursor += per_batch as u64;
+            let collected = collect_groups(policy.model(), &tokenizer, &problems, g, &sampling, version, &mut rng)?;
+            let t_send = Instant::now();
+            let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let timings = v1::Timings { generate_s: collected.generate_s, score_s: 0.0, created_unix_ms: created };
+            let (mut rollouts, mut reward) = (0usize, 0.0);
+            for group in &collected.groups {
+                let at = Placement { job: &cfg.name, actor: &opts.actor_id, group_id: next_group_id, group_size: group.rollouts.len() };
+                next_group_id += 1;
+                for (i, r) in group.rollouts.iter().enumerate() {
+                    if tx.blocking_send(to_wire(r, at, i, Some(timings))).is_err() {
+                        continue 'connection;
+                    }
+                    rollouts += 1;
+                    reward += r.reward;
+                }
+                groups_sent += 1;
+            }
+            sent_at = Some((version, incarnation));
+            report(&ActorEvent::Sent {
+                version,
+                groups: collected.groups.len(),
+                rollouts,
+                reward_mean: reward / rollouts.max(1) as f64,
+                generate_s: collected.generate_s,
+                send_s: t_send.elapsed().as_secs_f64(),
+            });
+            if opts.max_groups.is_some_and(|m| groups_sent >= m) {
+                // Let the learner ack what is in flight before closing the stream.
+                let want = groups_sent;
+                let base = totals;
+                wait_for(&rt, &view, &notify, &stop, |v| {
+                    base.0 + base.1 + v.accepted + v.dropped >= want || v.closed.is_some() || v.finished
+                });
+                break 'connection;
+            }
+        }
+    }
+    let v = view.lock().expect("view lock");
+    report(&ActorEvent::Done {
+        groups_sent,
+        groups_accepted: totals.0 + v.accepted,
+        groups_dropped: totals.1 + v.dropped,
+        version: mine.map_or(0, |m| m.0),
+    });
+    Ok(())
+}
+
+/// Blocks until `done(view)` holds or `stop` is set; false when stopped.
+fn wait_for(
+    rt: &tokio::runtime::Runtime,
+    view: &Mutex<LearnerView>,
+    notify: &Notify,
+    stop: &AtomicBool,
+    done: impl Fn(&LearnerView) -> bool,
+) -> bool {
+    loop {
+        if done(&view.lock().expect("view lock")) {
+            return true;
+        }
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_millis(50), notify.notified()).await;
+        });
+    }
+}
+
+async fn read_acks(mut acks: tonic::Streaming<PushAck>, view: Arc<Mutex<LearnerView>>, notify: Arc<Notify>) {
+    loop {
+        let msg = acks.message().await;
+        {
+            let mut v = view.lock().expect("view lock");
+            match msg {
+                Ok(Some(a)) => {
+                    v.heard = true;
+                    v.version = a.learner_version;
+                    v.incarnation = a.incarnation;
+                    v.finished = a.finished;
+                    if a.group_id != 0 {
+                        if a.accepted {
+                            v.accepted += 1;
+                        } else {
+                            v.dropped += 1;
+                        }
+                    }
+                }
+                Ok(None) => v.closed = Some("the learner closed the stream".into()),
+                Err(status) => v.closed = Some(status.to_string()),
+            }
+        }
+        notify.notify_waiters();
+        if view.lock().expect("view lock").closed.is_some() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! The one error type of `sluice-actor`.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Core(#[from] sluice_core::Error),
+
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+
+    /// The learner could not be reached or the connection broke.
+    #[error("transport to {endpoint}: {reason}")]
+    Transport { endpoint: String, reason: String },
+
+    /// The learner answered with an error status.
+    #[error("learner refused: {0}")]
+    Status(#[from] tonic::Status),
+
+    /// A weight download did not add up (wrong offsets, sizes or versions).
+    #[error("weight sync: {0}")]
+    Sync(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,14 @@
+//! `sluice-actor`: the process that turns the current policy into rollouts.
+//!
+//! * [`sync`] — downloads a policy version from a learner (chunked, resumable)
+//!   and swaps it in only once it is complete.
+//! * [`actor`] — the loop: keep weights fresh enough for `max_staleness`,
+//!   sample groups, score them with the task verifier, stream them to a learner.
+//! * [`wire`] — core rollouts to `sluice.v1` messages.
+
+pub mod actor;
+pub mod error;
+pub mod sync;
+pub mod wire;
+
+pub use error::{Error, Result};

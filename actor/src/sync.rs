@@ -1,0 +1,128 @@
+//! Weight sync from a learner: a chunked, resumable download of one version's
+//! safetensors bytes. The policy is only touched once a version is complete, so
+//! an interrupted download leaves the actor on its previous version; the next
+//! attempt resumes at the byte it stopped at when the learner still has that
+//! version (same incarnation), and starts over otherwise.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use sluice_core::hf::Policy;
+use sluice_proto::v1::learner_client::LearnerClient;
+use sluice_proto::v1::WeightsRequest;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::error::{Error, Result};
+
+struct Partial {
+    version: u64,
+    incarnation: u64,
+    total: u64,
+    buf: Vec<u8>,
+}
+
+/// A finished download.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Synced {
+    pub version: u64,
+    pub incarnation: u64,
+    pub bytes: usize,
+    /// Byte the download resumed at (0 for a fresh one).
+    pub resumed_from: u64,
+    pub seconds: f64,
+}
+
+/// Download state kept across attempts.
+#[derive(Default)]
+pub struct WeightSync {
+    partial: Option<Partial>,
+}
+
+impl WeightSync {
+    /// Bytes held from an interrupted download.
+    pub fn partial_bytes(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| p.buf.len())
+    }
+
+    /// Downloads the newest version (or finishes the interrupted one) and returns its bytes.
+    pub async fn download(&mut self, client: &mut LearnerClient<Channel>, job: &str) -> Result<(Synced, Vec<u8>)> {
+        match self.try_download(client, job).await {
+            Err(Error::Status(s)) if self.partial.is_some() && matches!(s.code(), Code::NotFound | Code::FailedPrecondition | Code::OutOfRange) => {
+                tracing::info!(reason = %s.message(), "cannot resume the weight download; starting over");
+                self.partial = None;
+                self.try_download(client, job).await
+            }
+            other => other,
+        }
+    }
+
+    async fn try_download(&mut self, client: &mut LearnerClient<Channel>, job: &str) -> Result<(Synced, Vec<u8>)> {
+        let t0 = Instant::now();
+        let req = match &self.partial {
+            Some(p) => WeightsRequest {
+                job_id: job.into(),
+                version: p.version,
+                offset: p.buf.len() as u64,
+                incarnation: p.incarnation,
+            },
+            None => WeightsRequest { job_id: job.into(), ..Default::default() },
+        };
+        let resumed_from = req.offset;
+        let mut stream = client.get_weights(req).await?.into_inner();
+        loop {
+            let chunk = match stream.message().await {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    let have = self.partial_bytes();
+                    return Err(Error::Sync(format!("stream ended after {have} bytes of an incomplete version")));
+                }
+                Err(status) => return Err(Error::Status(status)),
+            };
+            let p = self.partial.get_or_insert_with(|| Partial {
+                version: chunk.version,
+                incarnation: chunk.incarnation,
+                total: chunk.total_bytes,
+                buf: Vec::with_capacity(chunk.total_bytes as usize),
+            });
+            if (chunk.version, chunk.incarnation, chunk.total_bytes) != (p.version, p.incarnation, p.total)
+                || chunk.offset != p.buf.len() as u64
+            {
+                let msg = format!(
+                    "chunk of version {} at offset {} does not continue version {} at offset {}",
+                    chunk.version,
+                    chunk.offset,
+                    p.version,
+                    p.buf.len()
+                );
+                self.partial = None;
+                return Err(Error::Sync(msg));
+            }
+            p.buf.extend_from_slice(&chunk.data);
+            if p.buf.len() as u64 > p.total {
+                self.partial = None;
+                return Err(Error::Sync("more bytes than announced".into()));
+            }
+            if p.buf.len() as u64 == p.total {
+                let p = self.partial.take().expect("present");
+                let synced = Synced {
+                    version: p.version,
+                    incarnation: p.incarnation,
+                    bytes: p.buf.len(),
+                    resumed_from,
+                    seconds: t0.elapsed().as_secs_f64(),
+                };
+                return Ok((synced, p.buf));
+            }
+        }
+    }
+}
+
+/// Loads downloaded weights into the policy (all parameters or none: names and
+/// shapes are checked before anything is copied).
+pub fn apply(policy: &mut Policy, bytes: &[u8], version: u64) -> Result<()> {
+    let tensors: HashMap<_, _> = sluice_core::weights::decode(bytes)?.into_iter().collect();
+    policy.set_parameters(tensors, Path::new(&format!("<weights version {version}>")))?;
+    Ok(())
+}

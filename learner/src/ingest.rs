@@ -1,0 +1,242 @@
+//! Checking and assembling rollouts that arrive from actors.
+//!
+//! [`check`] turns one wire rollout into a core [`Rollout`] or a [`Refusal`]
+//! (the reason becomes an `INVALID_ARGUMENT` status); [`Assembler`] collects the
+//! rollouts of one stream into complete groups. A group whose stream ends early
+//! is never released.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use sluice_core::generate::FinishReason;
+use sluice_core::rollout::{Group, Rollout};
+use sluice_proto::v1;
+
+/// Limits a learner enforces on every rollout.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub job: String,
+    pub vocab_size: usize,
+    /// Prompt plus response tokens.
+    pub max_tokens: usize,
+    pub max_rollout_bytes: usize,
+    pub max_group_size: usize,
+}
+
+/// Why a rollout was refused: a short kind (counted in status) and a reason for the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+fn refuse(kind: &'static str, reason: impl Into<String>) -> Refusal {
+    Refusal { kind, reason: reason.into() }
+}
+
+fn check_tokens(what: &str, tokens: &[u32], vocab: usize) -> Result<(), Refusal> {
+    match tokens.iter().position(|&t| t as usize >= vocab) {
+        Some(i) => Err(refuse(
+            "token_out_of_vocab",
+            format!("{what} token {} at position {i} is outside the vocabulary (size {vocab})", tokens[i]),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Validates one rollout message against the limits.
+pub fn check(r: &v1::Rollout, limits: &Limits) -> Result<Rollout, Refusal> {
+    if r.job_id != limits.job {
+        return Err(refuse("unknown_job", format!("unknown job `{}`: this learner serves `{}`", r.job_id, limits.job)));
+    }
+    let size = r.encoded_len();
+    if size > limits.max_rollout_bytes {
+        return Err(refuse(
+            "too_large",
+            format!("rollout is {size} bytes, over the limit of {} (rollout.max_rollout_bytes)", limits.max_rollout_bytes),
+        ));
+    }
+    if r.group_size == 0 || r.group_size as usize > limits.max_group_size {
+        return Err(refuse(
+            "group_size",
+            format!("group_size {} is outside 1..={} (rollout.max_group_size)", r.group_size, limits.max_group_size),
+        ));
+    }
+    if r.index >= r.group_size {
+        return Err(refuse("group_size", format!("index {} is not below group_size {}", r.index, r.group_size)));
+    }
+    if r.prompt_tokens.is_empty() {
+        return Err(refuse("empty_prompt", "prompt_tokens is empty"));
+    }
+    let len = r.prompt_tokens.len() + r.response_tokens.len();
+    if len > limits.max_tokens {
+        return Err(refuse("too_long", format!("{len} tokens exceed the model's {} positions", limits.max_tokens)));
+    }
+    check_tokens("prompt", &r.prompt_tokens, limits.vocab_size)?;
+    check_tokens("response", &r.response_tokens, limits.vocab_size)?;
+    if r.logprobs.len() != r.response_tokens.len() {
+        return Err(refuse(
+            "shape",
+            format!("{} logprobs for {} response tokens", r.logprobs.len(), r.response_tokens.len()),
+        ));
+    }
+    if !r.loss_mask.is_empty() && r.loss_mask.len() != r.response_tokens.len() {
+        return Err(refuse(
+            "shape",
+            format!("loss_mask has {} entries for {} response tokens", r.loss_mask.len(), r.response_tokens.len()),
+        ));
+    }
+    if let Some(i) = r.logprobs.iter().position(|l| !l.is_finite()) {
+        return Err(refuse("non_finite", format!("logprob {} at position {i} is not finite", r.logprobs[i])));
+    }
+    if let Some(i) = r.logprobs.iter().position(|&l| l > 1e-3) {
+        return Err(refuse("bad_logprob", format!("logprob {} at position {i} is positive", r.logprobs[i])));
+    }
+    let Some(rewards) = r.rewards.as_ref() else {
+        return Err(refuse("bad_reward", "rewards are missing"));
+    };
+    if !rewards.total.is_finite() {
+        return Err(refuse("non_finite", format!("reward {} is not finite", rewards.total)));
+    }
+    let finish = match v1::FinishReason::try_from(r.finish) {
+        Ok(v1::FinishReason::Stop) => FinishReason::Stop,
+        Ok(v1::FinishReason::Length) => FinishReason::Length,
+        _ => return Err(refuse("finish", format!("finish reason {} is not STOP or LENGTH", r.finish))),
+    };
+    Ok(Rollout {
+        prompt_id: r.prompt_id,
+        prompt_tokens: r.prompt_tokens.iter().map(|&t| t as i64).collect(),
+        response_tokens: r.response_tokens.iter().map(|&t| t as i64).collect(),
+        logprobs: r.logprobs.clone(),
+        loss_mask: r.loss_mask.clone(),
+        reward: rewards.total,
+        version: r.policy_version,
+        finish,
+    })
+}
+
+struct Partial {
+    size: u32,
+    prompt_id: u64,
+    version: u64,
+    slots: Vec<Option<Rollout>>,
+    filled: usize,
+}
+
+/// Collects the rollouts of one stream into complete groups.
+#[derive(Default)]
+pub struct Assembler {
+    partial: HashMap<u64, Partial>,
+}
+
+impl Assembler {
+    /// Adds a checked rollout; returns its group once all members have arrived.
+    pub fn add(&mut self, wire: &v1::Rollout, r: Rollout) -> Result<Option<Group>, Refusal> {
+        let p = self.partial.entry(wire.group_id).or_insert_with(|| Partial {
+            size: wire.group_size,
+            prompt_id: r.prompt_id,
+            version: r.version,
+            slots: (0..wire.group_size).map(|_| None).collect(),
+            filled: 0,
+        });
+        if p.size != wire.group_size || p.prompt_id != r.prompt_id || p.version != r.version {
+            return Err(refuse(
+                "group_mismatch",
+                format!(
+                    "group {}: rollout says group_size {}, prompt {}, version {}; the group started with {}, {}, {}",
+                    wire.group_id, wire.group_size, r.prompt_id, r.version, p.size, p.prompt_id, p.version
+                ),
+            ));
+        }
+        let slot = &mut p.slots[wire.index as usize];
+        if slot.is_some() {
+            return Err(refuse("group_mismatch", format!("group {}: index {} sent twice", wire.group_id, wire.index)));
+        }
+        *slot = Some(r);
+        p.filled += 1;
+        if p.filled < p.size as usize {
+            return Ok(None);
+        }
+        let p = self.partial.remove(&wire.group_id).expect("present");
+        let rollouts: Vec<Rollout> = p.slots.into_iter().map(|s| s.expect("all filled")).collect();
+        Ok(Some(Group { prompt_id: p.prompt_id, rollouts }))
+    }
+
+    /// Groups still waiting for members (dropped when the stream ends).
+    pub fn pending(&self) -> usize {
+        self.partial.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { job: "j".into(), vocab_size: 50, max_tokens: 64, max_rollout_bytes: 4096, max_group_size: 8 }
+    }
+
+    fn rollout(index: u32) -> v1::Rollout {
+        v1::Rollout {
+            job_id: "j".into(),
+            actor_id: "a".into(),
+            group_id: 9,
+            group_size: 2,
+            index,
+            prompt_id: 3,
+            prompt_tokens: vec![4, 5],
+            response_tokens: vec![6, 1],
+            logprobs: vec![-0.5, -0.1],
+            rewards: Some(v1::Rewards { extrinsic: 1.0, intrinsic: 0.0, total: 1.0 }),
+            policy_version: 2,
+            finish: v1::FinishReason::Stop as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn good_rollouts_round_trip_and_assemble_into_a_group() {
+        let mut asm = Assembler::default();
+        let a = rollout(1);
+        let ra = check(&a, &limits()).unwrap();
+        assert_eq!(ra.response_tokens, vec![6, 1]);
+        assert!(asm.add(&a, ra).unwrap().is_none());
+        assert_eq!(asm.pending(), 1);
+        let b = rollout(0);
+        let g = asm.add(&b, check(&b, &limits()).unwrap()).unwrap().unwrap();
+        assert_eq!(g.rollouts.len(), 2);
+        assert_eq!(asm.pending(), 0);
+        let dup = rollout(0);
+        asm.add(&dup, check(&dup, &limits()).unwrap()).unwrap();
+        assert_eq!(asm.add(&dup, check(&dup, &limits()).unwrap()).unwrap_err().kind, "group_mismatch");
+    }
+
+    #[test]
+    fn bad_rollouts_are_refused_with_a_reason() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut v1::Rollout)>)> = vec![
+            ("unknown_job", Box::new(|r| r.job_id = "other".into())),
+            ("token_out_of_vocab", Box::new(|r| r.response_tokens[0] = 50)),
+            ("non_finite", Box::new(|r| r.logprobs[1] = f32::NAN)),
+            ("non_finite", Box::new(|r| r.rewards.as_mut().unwrap().total = f64::INFINITY)),
+            ("shape", Box::new(|r| r.logprobs.push(-1.0))),
+            ("group_size", Box::new(|r| r.index = 2)),
+            ("group_size", Box::new(|r| r.group_size = 9)),
+            ("too_large", Box::new(|r| r.prompt_tokens = vec![1; 5000])),
+            ("too_long", Box::new(|r| r.prompt_tokens = vec![1; 100])),
+            ("bad_logprob", Box::new(|r| r.logprobs[0] = 0.5)),
+        ];
+        for (kind, edit) in cases {
+            let mut r = rollout(0);
+            edit(&mut r);
+            let e = check(&r, &limits()).unwrap_err();
+            assert_eq!(e.kind, kind, "{}", e.reason);
+            assert!(!e.reason.is_empty());
+        }
+        let mut asm = Assembler::default();
+        let a = rollout(0);
+        asm.add(&a, check(&a, &limits()).unwrap()).unwrap();
+        let mut b = rollout(1);
+        b.group_size = 3;
+        assert_eq!(asm.add(&b, check(&b, &limits()).unwrap()).unwrap_err().kind, "group_mismatch");
+    }
+}

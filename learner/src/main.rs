@@ -1,0 +1,79 @@
+//! `sluice-learner`: one rank of a job's learner group (see `sluice_learner::node`).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use sluice_core::config::JobConfig;
+use sluice_learner::node::{self, NodeOptions};
+
+/// Serves the Learner gRPC service and trains on the rollouts actors stream in.
+///
+/// Prints one JSON object per line on stdout (`listening`, `published`,
+/// `train`, `finished`); logs go to stderr (RUST_LOG). Every flag can also be
+/// set through the environment variable shown.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Job file (TOML).
+    #[arg(env = "SLUICE_JOB")]
+    job: PathBuf,
+    /// gRPC listen address; port 0 picks a free port (printed in the `listening` line).
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: String,
+    /// This learner's rank, 0-based.
+    #[arg(long, env = "SLUICE_RANK", default_value_t = 0)]
+    rank: usize,
+    /// Number of learner ranks.
+    #[arg(long, env = "SLUICE_WORLD_SIZE", default_value_t = 1)]
+    world_size: usize,
+    /// Rank 0's collective address, host:port (rank 0 listens there).
+    #[arg(long, env = "SLUICE_RENDEZVOUS")]
+    rendezvous: Option<String>,
+    /// Override the job's train.out_dir.
+    #[arg(long, env = "SLUICE_OUT")]
+    out: Option<PathBuf>,
+    /// Start from scratch instead of resuming from the newest checkpoint.
+    #[arg(long)]
+    fresh: bool,
+    /// Seconds to keep answering after the last step, so actors see the job end.
+    #[arg(long, default_value_t = 3.0)]
+    linger_s: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let mut job = JobConfig::from_file(&args.job)?;
+    if let Some(out) = args.out {
+        job.train.out_dir = out;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("stopping after the current step (press Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let opts = NodeOptions {
+        job,
+        listen: args.listen,
+        rank: args.rank,
+        world_size: args.world_size,
+        rendezvous: args.rendezvous,
+        resume: !args.fresh,
+        linger: Duration::from_secs_f64(args.linger_s.max(0.0)),
+    };
+    node::run(opts, stop, |e| {
+        println!("{}", serde_json::to_string(e).expect("events serialise"));
+    })?;
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! A learner process: one rank of a job's data-parallel learner group.
+//!
+//! It serves `sluice.v1.Learner` (and gRPC health) on a tokio runtime, and runs
+//! the training loop on the calling thread: warm-up, then for each step it takes
+//! `prompts_per_step / world_size` complete groups from the ingest buffer
+//! (dropping any older than `max_staleness`), trains with the other ranks, bumps
+//! the policy version and publishes the new weights. Rank 0 evaluates, writes
+//! checkpoints and `metrics.jsonl`; a restart resumes from the newest checkpoint.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sluice_core::config::JobConfig;
+use sluice_core::hf::parse_kind;
+use sluice_core::rollout::Group;
+use sluice_proto::v1::learner_server::LearnerServer;
+use tokio::sync::mpsc;
+
+use crate::algo::grpo;
+use crate::collective::{Collective, Single, TcpCollective};
+use crate::error::{Error, Result};
+use crate::ingest::Limits;
+use crate::service::{LearnerService, Shared};
+use crate::trainer::{Event, StepMetrics, Trainer};
+
+/// Where this rank listens and how it finds the others.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub job: JobConfig,
+    /// gRPC listen address (`host:port`; port 0 picks a free one).
+    pub listen: String,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Rank 0's collective address (`host:port`); needed when world_size > 1.
+    pub rendezvous: Option<String>,
+    /// Resume from the newest checkpoint in the job's out_dir.
+    pub resume: bool,
+    /// How long to keep answering after the last step (so actors learn the job finished).
+    pub linger: Duration,
+}
+
+/// What the learner reports as it runs (printed as JSON lines by the binary).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum NodeEvent<'a> {
+    Listening { addr: String, rank: usize, world_size: usize, version: u64 },
+    Published { version: u64, bytes: usize, seconds: f64 },
+    Train(&'a Event),
+    Finished { version: u64 },
+}
+
+fn build_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sluice-learner-io")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Training(format!("cannot start the async runtime: {e}")))
+}
+
+/// Runs one learner rank until the job's steps are done or `stop` is set.
+pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&NodeEvent)) -> Result<()> {
+    let cfg = opts.job.clone();
+    cfg.validate()?;
+    let world = opts.world_size.max(1);
+    if cfg.train.prompts_per_step % world != 0 {
+        return Err(sluice_core::Error::config(
+            "train.prompts_per_step",
+            format!("{} is not divisible by the {world} learner ranks", cfg.train.prompts_per_step),
+        )
+        .into());
+    }
+    let comm: Box<dyn Collective> = if world == 1 {
+        Box::new(Single)
+    } else {
+        let addr = opts.rendezvous.as_deref().ok_or_else(|| {
+            Error::Collective("a rendezvous address is required with more than one rank".into())
+        })?;
+        Box::new(TcpCollective::connect(opts.rank, world, addr, Duration::from_secs(300))?)
+    };
+    let mut trainer = Trainer::with_collective(cfg.clone(), opts.resume, comm)?;
+    let mc = trainer.policy().config().clone();
+    let limits = Limits {
+        job: cfg.name.clone(),
+        vocab_size: mc.vocab_size as usize,
+        max_tokens: mc.max_position_embeddings as usize,
+        max_rollout_bytes: cfg.rollout.max_rollout_bytes,
+        max_group_size: cfg.rollout.max_group_size,
+    };
+    let per_rank = cfg.train.prompts_per_step / world;
+    let (shared, mut rx) = Shared::new(
+        limits,
+        opts.rank,
+        world,
+        trainer.state().step,
+        cfg.rollout.max_staleness,
+        per_rank,
+        cfg.rollout.buffer_groups,
+        cfg.rollout.weight_chunk_bytes,
+    );
+
+    let rt = build_runtime()?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(&opts.listen))
+        .map_err(|e| Error::io(format!("listen address {}", opts.listen), e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io("listener", e))?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let svc = LearnerServer::new(LearnerService::new(shared.clone()))
+            .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES);
+        rt.spawn(async move {
+            let (reporter, health) = tonic_health::server::health_reporter();
+            reporter.set_serving::<LearnerServer<LearnerService>>().await;
+            tonic::transport::Server::builder()
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(8 << 20)
+                .add_service(health)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                    let _ = shutdown_rx.await;
+                })
+                .await
+        })
+    };
+    report(&NodeEvent::Listening { addr: addr.to_string(), rank: opts.rank, world_size: world, version: shared.version() });
+    tracing::info!(%addr, rank = opts.rank, world, "learner serving");
+
+    let wire_kind = parse_kind(&cfg.rollout.weights_dtype).expect("validated weights_dtype");
+    let publish = |trainer: &Trainer, report: &mut dyn FnMut(&NodeEvent)| -> Result<()> {
+        let t0 = Instant::now();
+        let bytes = sluice_core::weights::encode(&trainer.policy().named_parameters(), wire_kind)?;
+        let (version, n) = (trainer.state().step, bytes.len());
+        shared.publish(version, bytes, &cfg.rollout.weights_dtype);
+        report(&NodeEvent::Published { version, bytes: n, seconds: t0.elapsed().as_secs_f64() });
+        Ok(())
+    };
+
+    let report = RefCell::new(report);
+    let mut published = false;
+    let filter = cfg.grpo.filter_zero_variance;
+    let result = trainer.run_with(
+        &stop,
+        |e| (report.borrow_mut())(&NodeEvent::Train(e)),
+        |t| {
+            if !published {
+                publish(t, &mut *report.borrow_mut())?;
+                published = true;
+            }
+            let t0 = Instant::now();
+            let Some((groups, lags)) = gather(&shared, &rt, &mut rx, per_rank, t.state().step, filter, &stop) else {
+                return Ok(None);
+            };
+            let wait_seconds = t0.elapsed().as_secs_f64();
+            let mut m: StepMetrics = t.step_on(&groups)?;
+            m.wait_seconds = wait_seconds;
+            m.staleness_mean = lags.iter().sum::<u64>() as f64 / lags.len().max(1) as f64;
+            shared.set_version(t.state().step);
+            publish(t, &mut *report.borrow_mut())?;
+            Ok(Some(m))
+        },
+    );
+    shared.finish();
+    (report.borrow_mut())(&NodeEvent::Finished { version: shared.version() });
+    if result.is_ok() && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(opts.linger);
+    }
+    let _ = shutdown_tx.send(());
+    drop(rx);
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Takes `need` trainable groups from the buffer for the step at `version`,
+/// dropping (and counting) groups older than `max_staleness` and, with
+/// `filter`, groups without reward variance. `None` when stopped.
+fn gather(
+    shared: &Shared,
+    rt: &tokio::runtime::Runtime,
+    rx: &mut mpsc::Receiver<Group>,
+    need: usize,
+    version: u64,
+    filter: bool,
+    stop: &AtomicBool,
+) -> Option<(Vec<Group>, Vec<u64>)> {
+    let mut groups = Vec::with_capacity(need);
+    let mut lags = Vec::with_capacity(need);
+    while groups.len() < need {
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let g = match rt.block_on(async { tokio::time::timeout(Duration::from_millis(100), rx.recv()).await }) {
+            Ok(Some(g)) => g,
+            Ok(None) => return None,
+            Err(_) => continue,
+        };
+        match shared.classify(g.rollouts[0].version, version) {
+            Err(why) => shared.count_drop(why),
+            Ok(_) if filter && !grpo::has_reward_variance(&g.rewards()) => {
+                tracing::debug!(prompt = g.prompt_id, "dropped a group without reward variance");
+            }
+            Ok(lag) => {
+                lags.push(lag);
+                groups.push(g);
+            }
+        }
+    }
+    let mut s = shared.stats.lock().expect("stats lock");
+    for &lag in &lags {
+        s.staleness_histogram[lag as usize] += 1;
+    }
+    Some((groups, lags))
+}

@@ -1,0 +1,350 @@
+//! The `sluice.v1.Learner` gRPC service: rollout ingest with backpressure,
+//! versioned chunked weights, and status.
+//!
+//! The service shares [`Shared`] with the training loop ([`crate::node`]):
+//! complete groups go through a bounded channel (when it is full the stream
+//! handler stops reading, HTTP/2 flow control fills up, and the actor's sends
+//! block), and the loop publishes each new version's weights here.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prost::bytes::Bytes;
+use sluice_core::rollout::Group;
+use sluice_proto::v1::learner_server::Learner;
+use sluice_proto::v1::{self, LearnerStatus, PushAck, StatusRequest, WeightsChunk, WeightsRequest};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ingest::{check, Assembler, Limits};
+
+/// One version's weights as safetensors bytes.
+#[derive(Debug)]
+pub struct Published {
+    pub version: u64,
+    pub bytes: Bytes,
+    pub dtype: String,
+}
+
+/// Counters reported by `Status`.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub accepted_rollouts: u64,
+    pub accepted_groups: u64,
+    pub rejected: BTreeMap<String, u64>,
+    pub dropped_stale_groups: u64,
+    pub dropped_future_groups: u64,
+    pub dropped_partial_groups: u64,
+    pub staleness_histogram: Vec<u64>,
+}
+
+/// State shared by the gRPC handlers and the training loop.
+#[derive(Debug)]
+pub struct Shared {
+    pub limits: Limits,
+    pub incarnation: u64,
+    pub rank: usize,
+    pub world: usize,
+    pub max_staleness: u64,
+    pub groups_per_step: usize,
+    pub chunk_bytes: usize,
+    pub capacity: usize,
+    version: watch::Sender<u64>,
+    weights: Mutex<VecDeque<Arc<Published>>>,
+    ingest: mpsc::Sender<Group>,
+    pub stats: Mutex<Stats>,
+    pub finished: AtomicBool,
+}
+
+/// Versions whose weights stay downloadable (so a download that started just
+/// before a step can finish or resume).
+const KEEP_VERSIONS: usize = 2;
+
+impl Shared {
+    /// The shared state and the receiving end of the ingest buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        limits: Limits,
+        rank: usize,
+        world: usize,
+        version: u64,
+        max_staleness: u64,
+        groups_per_step: usize,
+        capacity: usize,
+        chunk_bytes: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<Group>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let incarnation = rand::random::<u64>() | 1;
+        let stats = Stats { staleness_histogram: vec![0; max_staleness as usize + 1], ..Stats::default() };
+        let shared = Shared {
+            limits,
+            incarnation,
+            rank,
+            world,
+            max_staleness,
+            groups_per_step,
+            chunk_bytes,
+            capacity,
+            version: watch::Sender::new(version),
+            weights: Mutex::new(VecDeque::new()),
+            ingest: tx,
+            stats: Mutex::new(stats),
+            finished: AtomicBool::new(false),
+        };
+        (Arc::new(shared), rx)
+    }
+
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// Moves the learner to `version`: from now on groups are judged against it.
+    pub fn set_version(&self, version: u64) {
+        self.version.send_replace(version);
+    }
+
+    /// Marks the job finished and tells every connected actor.
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::SeqCst);
+        self.version.send_modify(|_| {});
+    }
+
+    /// Makes `bytes` the newest downloadable weights; then announces `version`
+    /// (actors that hear of a version can always download it).
+    pub fn publish(&self, version: u64, bytes: Vec<u8>, dtype: &str) {
+        let p = Arc::new(Published { version, bytes: Bytes::from(bytes), dtype: dtype.to_string() });
+        {
+            let mut w = self.weights.lock().expect("weights lock");
+            w.push_back(p);
+            while w.len() > KEEP_VERSIONS {
+                w.pop_front();
+            }
+        }
+        self.version.send_replace(version);
+    }
+
+    fn newest(&self) -> Option<Arc<Published>> {
+        self.weights.lock().expect("weights lock").back().cloned()
+    }
+
+    fn find(&self, version: u64) -> Option<Arc<Published>> {
+        self.weights.lock().expect("weights lock").iter().find(|p| p.version == version).cloned()
+    }
+
+    fn ack(&self, group_id: u64, accepted: bool, reason: &str) -> PushAck {
+        PushAck {
+            group_id,
+            accepted,
+            reason: reason.to_string(),
+            learner_version: self.version(),
+            incarnation: self.incarnation,
+            finished: self.finished.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Staleness verdict for a group sampled at `v` when the learner is at `now`.
+    pub fn classify(&self, v: u64, now: u64) -> Result<u64, &'static str> {
+        if v > now {
+            Err("future")
+        } else if now - v > self.max_staleness {
+            Err("stale")
+        } else {
+            Ok(now - v)
+        }
+    }
+
+    /// Counts a dropped group.
+    pub fn count_drop(&self, why: &str) {
+        let mut s = self.stats.lock().expect("stats lock");
+        match why {
+            "future" => s.dropped_future_groups += 1,
+            _ => s.dropped_stale_groups += 1,
+        }
+    }
+
+    /// Puts a complete group in the buffer (waiting while it is full) unless it
+    /// is already too old; returns the ack for the actor.
+    async fn ingest(&self, group: Group, group_id: u64) -> Option<PushAck> {
+        let v = group.rollouts[0].version;
+        if let Err(why) = self.classify(v, self.version()) {
+            self.count_drop(why);
+            return Some(self.ack(group_id, false, why));
+        }
+        let n = group.rollouts.len() as u64;
+        self.ingest.send(group).await.ok()?;
+        let mut s = self.stats.lock().expect("stats lock");
+        s.accepted_groups += 1;
+        s.accepted_rollouts += n;
+        drop(s);
+        Some(self.ack(group_id, true, ""))
+    }
+
+    /// Groups waiting in the buffer.
+    pub fn buffered(&self) -> usize {
+        self.capacity - self.ingest.capacity()
+    }
+}
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct LearnerService {
+    shared: Arc<Shared>,
+}
+
+impl LearnerService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        LearnerService { shared }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Reads one actor stream until it ends, answering on `tx`.
+async fn serve_push(shared: Arc<Shared>, mut inbound: Streaming<v1::Rollout>, tx: mpsc::Sender<Result<PushAck, Status>>) {
+    let mut asm = Assembler::default();
+    let mut versions = shared.version.subscribe();
+    versions.mark_unchanged();
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let wire = match msg {
+                    Ok(Some(wire)) => wire,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "rollout stream ended with an error");
+                        break;
+                    }
+                };
+                let added = check(&wire, &shared.limits).and_then(|r| asm.add(&wire, r));
+                match added {
+                    Err(refusal) => {
+                        *shared.stats.lock().expect("stats lock").rejected.entry(refusal.kind.to_string()).or_default() += 1;
+                        tracing::warn!(actor = %wire.actor_id, kind = refusal.kind, reason = %refusal.reason, "refused a rollout");
+                        let _ = tx.send(Err(Status::invalid_argument(refusal.reason))).await;
+                        break;
+                    }
+                    Ok(None) => {}
+                    Ok(Some(group)) => {
+                        let Some(ack) = shared.ingest(group, wire.group_id).await else { break };
+                        if tx.send(Ok(ack)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let ack = shared.ack(0, false, "version");
+                if tx.send(Ok(ack)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let partial = asm.pending() as u64;
+    if partial > 0 {
+        shared.stats.lock().expect("stats lock").dropped_partial_groups += partial;
+        tracing::info!(groups = partial, "dropped incomplete groups of a closed stream");
+    }
+}
+
+#[tonic::async_trait]
+impl Learner for LearnerService {
+    type PushRolloutsStream = BoxStream<PushAck>;
+    type GetWeightsStream = BoxStream<WeightsChunk>;
+
+    async fn push_rollouts(
+        &self,
+        request: Request<Streaming<v1::Rollout>>,
+    ) -> Result<Response<Self::PushRolloutsStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        // The first message tells the actor where the learner stands.
+        let _ = tx.try_send(Ok(self.shared.ack(0, false, "version")));
+        tokio::spawn(serve_push(self.shared.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_weights(&self, request: Request<WeightsRequest>) -> Result<Response<Self::GetWeightsStream>, Status> {
+        let req = request.into_inner();
+        let shared = &self.shared;
+        if req.job_id != shared.limits.job {
+            return Err(Status::invalid_argument(format!(
+                "unknown job `{}`: this learner serves `{}`",
+                req.job_id, shared.limits.job
+            )));
+        }
+        let newest = shared.newest().ok_or_else(|| Status::unavailable("no weights published yet"))?;
+        let p = if req.version == 0 {
+            newest
+        } else {
+            shared.find(req.version).ok_or_else(|| {
+                Status::not_found(format!("version {} is not kept; the newest is {}", req.version, newest.version))
+            })?
+        };
+        if req.offset > 0 && req.incarnation != shared.incarnation {
+            return Err(Status::failed_precondition("the learner restarted since that download began; start over"));
+        }
+        let total = p.bytes.len() as u64;
+        if req.offset > total {
+            return Err(Status::out_of_range(format!("offset {} is past the end ({total} bytes)", req.offset)));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let (incarnation, chunk) = (shared.incarnation, shared.chunk_bytes);
+        tokio::spawn(async move {
+            let mut offset = req.offset as usize;
+            loop {
+                let end = (offset + chunk).min(p.bytes.len());
+                let msg = WeightsChunk {
+                    version: p.version,
+                    incarnation,
+                    total_bytes: total,
+                    offset: offset as u64,
+                    data: p.bytes.slice(offset..end),
+                    dtype: p.dtype.clone(),
+                };
+                if tx.send(Ok(msg)).await.is_err() || end == p.bytes.len() {
+                    break;
+                }
+                offset = end;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<LearnerStatus>, Status> {
+        let req = request.into_inner();
+        let s = &self.shared;
+        if !req.job_id.is_empty() && req.job_id != s.limits.job {
+            return Err(Status::invalid_argument(format!("unknown job `{}`: this learner serves `{}`", req.job_id, s.limits.job)));
+        }
+        let stats = s.stats.lock().expect("stats lock").clone();
+        let newest = s.newest();
+        Ok(Response::new(LearnerStatus {
+            job_id: s.limits.job.clone(),
+            rank: s.rank as u32,
+            world_size: s.world as u32,
+            version: s.version(),
+            incarnation: s.incarnation,
+            weights_version: newest.as_ref().map_or(0, |p| p.version),
+            weights_ready: newest.is_some(),
+            buffered_groups: s.buffered() as u64,
+            buffer_capacity: s.capacity as u64,
+            accepted_rollouts: stats.accepted_rollouts,
+            accepted_groups: stats.accepted_groups,
+            rejected: stats.rejected.into_iter().collect(),
+            dropped_stale_groups: stats.dropped_stale_groups,
+            dropped_partial_groups: stats.dropped_partial_groups,
+            staleness_histogram: stats.staleness_histogram,
+            max_staleness: s.max_staleness,
+            groups_per_step: s.groups_per_step as u64,
+            finished: s.finished.load(Ordering::SeqCst),
+            dropped_future_groups: stats.dropped_future_groups,
+        }))
+    }
+}

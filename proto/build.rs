@@ -1,0 +1,13 @@
+//! Compiles `sluice/v1/*.proto` with protox (pure Rust, no protoc) and generates
+//! the prost messages and tonic clients/servers.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["sluice/v1/learner.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    // Weight chunks are slices of one shared buffer: `bytes::Bytes`, no copies.
+    tonic_prost_build::configure().bytes(".sluice.v1.WeightsChunk.data").compile_fds(fds)?;
+    Ok(())
+}
