@@ -43,13 +43,15 @@ pub struct NodeOptions {
 }
 
 /// What the learner reports as it runs (printed as JSON lines by the binary).
+/// Training events keep their own tags (`sft`, `step`, `eval`, `checkpoint`).
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum NodeEvent<'a> {
     Listening { addr: String, rank: usize, world_size: usize, version: u64 },
     Published { version: u64, bytes: usize, seconds: f64 },
-    Train(&'a Event),
     Finished { version: u64 },
+    #[serde(untagged)]
+    Train(&'a Event),
 }
 
 fn build_runtime() -> Result<tokio::runtime::Runtime> {
@@ -163,13 +165,15 @@ pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Nod
             Ok(Some(m))
         },
     );
+    // Finished first, then close the buffer: a stream blocked on a full buffer
+    // wakes up, and every actor hears that the job is over.
     shared.finish();
+    drop(rx);
     (report.borrow_mut())(&NodeEvent::Finished { version: shared.version() });
     if result.is_ok() && !stop.load(Ordering::SeqCst) {
         std::thread::sleep(opts.linger);
     }
     let _ = shutdown_tx.send(());
-    drop(rx);
     let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await });
     rt.shutdown_timeout(Duration::from_secs(1));
     result

@@ -167,20 +167,26 @@ impl Shared {
     }
 
     /// Puts a complete group in the buffer (waiting while it is full) unless it
-    /// is already too old; returns the ack for the actor.
-    async fn ingest(&self, group: Group, group_id: u64) -> Option<PushAck> {
+    /// is already too old or the job is finished; returns the ack for the actor.
+    async fn ingest(&self, group: Group, group_id: u64) -> PushAck {
+        if self.finished.load(Ordering::SeqCst) {
+            return self.ack(group_id, false, "finished");
+        }
         let v = group.rollouts[0].version;
         if let Err(why) = self.classify(v, self.version()) {
             self.count_drop(why);
-            return Some(self.ack(group_id, false, why));
+            return self.ack(group_id, false, why);
         }
         let n = group.rollouts.len() as u64;
-        self.ingest.send(group).await.ok()?;
+        if self.ingest.send(group).await.is_err() {
+            // The training loop is done and closed the buffer.
+            return self.ack(group_id, false, "finished");
+        }
         let mut s = self.stats.lock().expect("stats lock");
         s.accepted_groups += 1;
         s.accepted_rollouts += n;
         drop(s);
-        Some(self.ack(group_id, true, ""))
+        self.ack(group_id, true, "")
     }
 
     /// Groups waiting in the buffer.
@@ -229,7 +235,7 @@ async fn serve_push(shared: Arc<Shared>, mut inbound: Streaming<v1::Rollout>, tx
                     }
                     Ok(None) => {}
                     Ok(Some(group)) => {
-                        let Some(ack) = shared.ingest(group, wire.group_id).await else { break };
+                        let ack = shared.ingest(group, wire.group_id).await;
                         if tx.send(Ok(ack)).await.is_err() {
                             break;
                         }

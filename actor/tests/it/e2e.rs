@@ -1,0 +1,65 @@
+//! A learner and two actor processes train a job to the end.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+fn run(max_staleness: u64, steps: u64) -> (Vec<serde_json::Value>, sluice_proto::v1::LearnerStatus, Vec<serde_json::Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{TINY}[sampling]\nmax_new_tokens = 6\n[grpo]\ngroup_size = 4\n\
+         [train]\nsteps = {steps}\nprompts_per_step = 8\nlr = 0.001\neval_prompts = 4\ncheckpoint_every = 2\n\
+         [rollout]\nmax_staleness = {max_staleness}\nbuffer_groups = 4\n"
+    );
+    let job = write_job(dir.path(), "e2e", &body);
+    let out = dir.path().join("out");
+    let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--linger-s", "60"]);
+    let mut actors: Vec<Proc> = (0..2).map(|i| actor(&job, &learner.endpoint, i, 2, &[])).collect();
+    learner.wait_finished(Duration::from_secs(240));
+    let status = status(&learner.endpoint);
+    let mut done = Vec::new();
+    for a in &mut actors {
+        done.push(a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done"));
+        assert_eq!(a.wait_exit(Duration::from_secs(30)), 0, "{} failed", a.name);
+    }
+    (metrics(&out), status, done)
+}
+
+fn check_common(metrics: &[serde_json::Value], status: &sluice_proto::v1::LearnerStatus, done: &[serde_json::Value], steps: u64) {
+    let step_events: Vec<_> = metrics.iter().filter(|e| e["event"] == "step").collect();
+    assert_eq!(step_events.len() as u64, steps);
+    for e in &step_events {
+        // Complete groups only: 8 prompts x 4 rollouts, every step.
+        assert_eq!(e["groups_trained"], 8, "{e}");
+        assert_eq!(e["rollouts_trained"], 32, "{e}");
+    }
+    assert!(status.finished);
+    assert_eq!(status.version, steps);
+    let hist: u64 = status.staleness_histogram.iter().sum();
+    assert_eq!(hist, steps * 8, "every trained group is in the staleness histogram");
+    assert!(status.rejected.is_empty(), "{:?}", status.rejected);
+    // What the actors say they sent is what the learner counted.
+    let accepted: u64 = done.iter().map(|d| d["groups_accepted"].as_u64().unwrap()).sum();
+    assert_eq!(accepted, status.accepted_groups, "actors {done:?} vs learner {status:?}");
+    assert_eq!(status.accepted_rollouts, status.accepted_groups * 4);
+    assert!(metrics.iter().any(|e| e["event"] == "checkpoint"));
+}
+
+#[test]
+fn synchronous_training_uses_only_on_policy_groups() {
+    let (metrics, status, done) = run(0, 4);
+    check_common(&metrics, &status, &done, 4);
+    assert_eq!(status.staleness_histogram, vec![32], "staleness 0 trains on current-version groups only");
+    assert_eq!(status.dropped_stale_groups, 0, "in synchronous mode actors wait instead of producing stale groups");
+}
+
+#[test]
+fn asynchronous_training_bounds_staleness() {
+    let (metrics, status, done) = run(2, 5);
+    check_common(&metrics, &status, &done, 5);
+    assert_eq!(status.staleness_histogram.len(), 3, "buckets 0..=max_staleness only");
+    let staleness: Vec<f64> = metrics.iter().filter(|e| e["event"] == "step").map(|e| e["staleness_mean"].as_f64().unwrap()).collect();
+    assert!(staleness.iter().all(|&s| (0.0..=2.0).contains(&s)), "{staleness:?}");
+    // The bounded buffer never held more than its capacity.
+    assert!(status.buffered_groups <= status.buffer_capacity);
+}
