@@ -80,10 +80,6 @@ impl Proc {
         }
     }
 
-    pub fn events_of(&self, kind: &str) -> Vec<Value> {
-        self.events.lock().unwrap().iter().filter(|v| v["event"] == kind).cloned().collect()
-    }
-
     /// Waits for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
         let deadline = Instant::now() + timeout;
