@@ -335,3 +335,24 @@ async fn read_acks(mut acks: tonic::Streaming<PushAck>, view: Arc<Mutex<LearnerV
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let stop = AtomicBool::new(true); // a stopped wait returns at once
+        let mut b = Backoff::new();
+        let seen: Vec<u128> = (0..8)
+            .map(|_| {
+                let d = b.next.as_millis();
+                b.wait(&stop);
+                d
+            })
+            .collect();
+        assert_eq!(seen, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next, Duration::from_millis(100));
+    }
+}

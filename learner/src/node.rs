@@ -54,6 +54,26 @@ pub enum NodeEvent<'a> {
     Train(&'a Event),
 }
 
+/// Serves the Learner service and gRPC health on `listener` until `shutdown` resolves.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::result::Result<(), tonic::transport::Error> {
+    let svc = LearnerServer::new(LearnerService::new(shared))
+        .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<LearnerServer<LearnerService>>().await;
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .add_service(health)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
 fn build_runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -110,24 +130,9 @@ pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Nod
         .map_err(|e| Error::io(format!("listen address {}", opts.listen), e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("listener", e))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let svc = LearnerServer::new(LearnerService::new(shared.clone()))
-            .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES);
-        rt.spawn(async move {
-            let (reporter, health) = tonic_health::server::health_reporter();
-            reporter.set_serving::<LearnerServer<LearnerService>>().await;
-            tonic::transport::Server::builder()
-                .initial_stream_window_size(4 << 20)
-                .initial_connection_window_size(8 << 20)
-                .add_service(health)
-                .add_service(svc)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                    let _ = shutdown_rx.await;
-                })
-                .await
-        })
-    };
+    let server = rt.spawn(serve(shared.clone(), listener, async {
+        let _ = shutdown_rx.await;
+    }));
     report(&NodeEvent::Listening { addr: addr.to_string(), rank: opts.rank, world_size: world, version: shared.version() });
     tracing::info!(%addr, rank = opts.rank, world, "learner serving");
 

@@ -1,0 +1,307 @@
+//! Data-plane benchmarks, each a ratio against a baseline measured in the same run.
+//!
+//! * `ingest`: rollouts/s and MB/s into one learner service from 1, 2 and 4
+//!   concurrent PushRollouts streams (validation and group assembly included;
+//!   a task drains the buffer in place of training), against a raw TCP copy of
+//!   the same encoded bytes over as many loopback connections.
+//! * `weights`: one full GetWeights download of a Qwen2-0.5B-sized tensor set
+//!   (through the actor's resumable client), against a raw loopback copy of the
+//!   same bytes.
+//! * `staleness`: wall-clock per training step of a real learner process with
+//!   2 real actor processes, max_staleness 4 against 0 (binaries from
+//!   `--bin-dir`, default: next to this bench's `sluice-actor`).
+//!
+//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|staleness]...`
+//! (scripts/bench-dataplane.sh builds the release binaries first).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use prost::Message;
+use sluice_actor::sync::WeightSync;
+use sluice_learner::ingest::Limits;
+use sluice_learner::service::Shared;
+use sluice_proto::v1;
+use tokio_stream::wrappers::ReceiverStream;
+
+const JOB: &str = "bench";
+
+fn rollout(group: u64, index: u32, prompt: usize, response: usize) -> v1::Rollout {
+    v1::Rollout {
+        job_id: JOB.into(),
+        actor_id: "bench".into(),
+        group_id: group,
+        group_size: 8,
+        index,
+        prompt_id: group,
+        prompt_tokens: (0..prompt as u32).map(|i| (i * 7919) % 32000).collect(),
+        response_tokens: (0..response as u32).map(|i| (i * 104729 + index) % 32000).collect(),
+        logprobs: (0..response).map(|i| -((i % 97) as f32) / 10.0).collect(),
+        rewards: Some(v1::Rewards { extrinsic: 1.0, intrinsic: 0.0, total: 1.0 }),
+        policy_version: 0,
+        finish: v1::FinishReason::Stop as i32,
+        ..Default::default()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A learner service in this process whose buffer is drained as fast as it fills.
+fn start_learner(rt: &tokio::runtime::Runtime, chunk: usize) -> (String, Arc<Shared>) {
+    let limits = Limits {
+        job: JOB.into(),
+        vocab_size: 32000,
+        max_tokens: 1 << 16,
+        max_rollout_bytes: 8 << 20,
+        max_group_size: 1024,
+    };
+    let (shared, mut rx) = Shared::new(limits, 0, 1, 0, 4, 8, 64, chunk);
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { while rx.recv().await.is_some() {} });
+    rt.spawn(sluice_learner::node::serve(shared.clone(), listener, std::future::pending()));
+    (format!("http://{addr}"), shared)
+}
+
+/// Seconds to move `per_stream` bytes over each of `streams` loopback TCP connections.
+fn raw_tcp(streams: usize, per_stream: &[u8]) -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let expected = per_stream.len();
+    let server = std::thread::spawn(move || {
+        let handles: Vec<_> = (0..streams)
+            .map(|_| {
+                let (mut s, _) = listener.accept().unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut got = 0;
+                    while got < expected {
+                        let n = s.read(&mut buf).unwrap();
+                        assert!(n > 0);
+                        got += n;
+                    }
+                    s.write_all(&[1]).unwrap();
+                })
+            })
+            .collect();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+    });
+    let t0 = Instant::now();
+    std::thread::scope(|sc| {
+        for _ in 0..streams {
+            sc.spawn(|| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(per_stream).unwrap();
+                let mut ack = [0u8; 1];
+                s.read_exact(&mut ack).unwrap();
+            });
+        }
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    server.join().unwrap();
+    secs
+}
+
+fn ingest() {
+    let (groups, g, prompt, response) = (400u64, 8u32, 128, 512);
+    let msgs: Vec<v1::Rollout> =
+        (0..groups).flat_map(|k| (0..g).map(move |i| rollout(k + 1, i, prompt, response))).collect();
+    let per_stream_bytes: usize = msgs.iter().map(|m| m.encoded_len() + 5).sum(); // + gRPC frame header
+    let mut raw = Vec::with_capacity(per_stream_bytes);
+    for m in &msgs {
+        raw.push(0u8);
+        raw.extend((m.encoded_len() as u32).to_be_bytes());
+        m.encode(&mut raw).unwrap();
+    }
+    println!("## ingest: {groups} groups x {g} rollouts per stream, prompt {prompt} + response {response} tokens, {:.1} KB per rollout", per_stream_bytes as f64 / msgs.len() as f64 / 1024.0);
+    println!("| streams | gRPC rollouts/s | gRPC MB/s | raw TCP MB/s | ratio |");
+    println!("|---|---|---|---|---|");
+    for streams in [1usize, 2, 4] {
+        let rt = runtime();
+        let (endpoint, shared) = start_learner(&rt, 1 << 20);
+        let clients: Vec<_> =
+            (0..streams).map(|_| rt.block_on(sluice_actor::actor::connect(&endpoint)).unwrap()).collect();
+        let t0 = Instant::now();
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for mut c in clients {
+                let msgs = msgs.clone();
+                tasks.push(tokio::spawn(async move {
+                    let (tx, rx) = tokio::sync::mpsc::channel(64);
+                    let mut acks = c.push_rollouts(ReceiverStream::new(rx)).await.unwrap().into_inner();
+                    let sender = tokio::spawn(async move {
+                        for m in msgs {
+                            tx.send(m).await.unwrap();
+                        }
+                        tx
+                    });
+                    let mut acked = 0;
+                    while acked < groups {
+                        let a = acks.message().await.unwrap().unwrap();
+                        if a.group_id != 0 {
+                            assert!(a.accepted);
+                            acked += 1;
+                        }
+                    }
+                    drop(sender.await);
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let grpc_s = t0.elapsed().as_secs_f64();
+        let accepted = shared.stats.lock().unwrap().accepted_rollouts;
+        assert_eq!(accepted, groups * g as u64 * streams as u64);
+        drop(rt);
+        let tcp_s = raw_tcp(streams, &raw);
+        let total_mb = (per_stream_bytes * streams) as f64 / 1e6;
+        println!(
+            "| {streams} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            accepted as f64 / grpc_s,
+            total_mb / grpc_s,
+            total_mb / tcp_s,
+            tcp_s / grpc_s
+        );
+    }
+}
+
+fn weights() {
+    let cfg = sluice_core::model::ModelConfig::preset("qwen2-0.5b", 151_936).unwrap();
+    let t0 = Instant::now();
+    let policy = sluice_core::hf::Policy::random(&cfg, tch::Device::Cpu, tch::Kind::BFloat16, 0);
+    let params: i64 = policy.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
+    let bytes = sluice_core::weights::encode(&policy.named_parameters(), tch::Kind::BFloat16).unwrap();
+    let encode_s = t0.elapsed().as_secs_f64();
+    drop(policy);
+    println!("## weights: {:.0}M parameters, bf16 on the wire, {:.2} GB (init + encode {encode_s:.1} s)", params as f64 / 1e6, bytes.len() as f64 / 1e9);
+    println!("| chunk | gRPC GetWeights s | GB/s | raw TCP s | ratio |");
+    println!("|---|---|---|---|---|");
+    for chunk in [1usize << 20, 4 << 20] {
+        let rt = runtime();
+        let (endpoint, shared) = start_learner(&rt, chunk);
+        shared.publish(0, bytes.clone(), "bf16");
+        let mut client = rt.block_on(sluice_actor::actor::connect(&endpoint)).unwrap();
+        let mut sync = WeightSync::default();
+        let t0 = Instant::now();
+        let (s, got) = rt.block_on(sync.download(&mut client, JOB)).unwrap();
+        let grpc_s = t0.elapsed().as_secs_f64();
+        assert_eq!(got.len(), bytes.len());
+        assert!(got == bytes && s.version == 0);
+        drop(got);
+        drop(rt);
+        let tcp_s = raw_tcp(1, &bytes);
+        println!(
+            "| {} MiB | {grpc_s:.2} | {:.2} | {tcp_s:.2} | {:.2} |",
+            chunk >> 20,
+            bytes.len() as f64 / 1e9 / grpc_s,
+            tcp_s / grpc_s
+        );
+    }
+}
+
+fn bin_dir() -> PathBuf {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "--bin-dir") {
+        Some(i) => PathBuf::from(&args[i + 1]),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_sluice-actor")).parent().unwrap().to_path_buf(),
+    }
+}
+
+/// Seconds per step of a learner with 2 actors (steps after the first, which includes warm-up).
+fn run_job(bins: &PathBuf, dir: &std::path::Path, staleness: u64, steps: u64) -> f64 {
+    let job = dir.join(format!("job-{staleness}.toml"));
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"bench\"\n[model]\npreset = \"small\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\ndigits = 2\n\
+             [sampling]\nmax_new_tokens = 16\n[grpo]\ngroup_size = 8\n\
+             [train]\nsteps = {steps}\nprompts_per_step = 8\neval_prompts = 8\nmicro_batch_size = 32\n\
+             [rollout]\nmax_staleness = {staleness}\nbuffer_groups = 16\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.join(format!("out-{staleness}"));
+    let mut learner = Command::new(bins.join("sluice-learner"))
+        .args([job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--out", out.to_str().unwrap(), "--fresh", "--linger-s", "2"])
+        .env("OMP_NUM_THREADS", "1")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = learner.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let listening = rx.iter().find(|v| v["event"] == "listening").unwrap();
+    let endpoint = format!("http://{}", listening["addr"].as_str().unwrap());
+    let mut actors: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(bins.join("sluice-actor"))
+                .args([job.to_str().unwrap(), "--learner", &endpoint, "--index", &i.to_string(), "--actors", "2"])
+                .env("OMP_NUM_THREADS", "1")
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut first = None;
+    let mut last = Instant::now();
+    for v in rx.iter() {
+        if v["event"] == "step" {
+            last = Instant::now();
+            if first.is_none() {
+                first = Some(last);
+            }
+        }
+        if v["event"] == "finished" {
+            break;
+        }
+    }
+    let _ = learner.wait();
+    for a in &mut actors {
+        let _ = a.wait();
+    }
+    (last - first.unwrap()).as_secs_f64() / (steps - 1) as f64
+}
+
+fn staleness() {
+    let bins = bin_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 21;
+    let sync_s = run_job(&bins, dir.path(), 0, steps);
+    let async_s = run_job(&bins, dir.path(), 4, steps);
+    println!("## staleness: learner + 2 actors, preset small, 8 prompts x 8 rollouts per step, {steps} steps");
+    println!("| max_staleness | s/step |");
+    println!("|---|---|");
+    println!("| 0 (synchronous) | {sync_s:.3} |");
+    println!("| 4 (asynchronous) | {async_s:.3} |");
+    println!("async / sync time per step: {:.2}", async_s / sync_s);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
+    if want("ingest") {
+        ingest();
+    }
+    if want("weights") {
+        weights();
+    }
+    if want("staleness") {
+        staleness();
+    }
+}
