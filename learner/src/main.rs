@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sluice_core::config::JobConfig;
-use sluice_learner::node::{self, NodeOptions};
+use sluice_learner::node::{self, CollectiveKind, NodeOptions};
 
 /// Serves the Learner gRPC service and trains on the rollouts actors stream in.
 ///
@@ -33,6 +33,9 @@ struct Args {
     /// Rank 0's collective address, host:port (rank 0 listens there).
     #[arg(long, env = "SLUICE_RENDEZVOUS")]
     rendezvous: Option<String>,
+    /// Gradient collective between ranks: auto (NCCL for CUDA policies, else TCP), tcp, nccl.
+    #[arg(long, env = "SLUICE_COLLECTIVE", default_value = "auto")]
+    collective: CollectiveKind,
     /// Override the job's train.out_dir.
     #[arg(long, env = "SLUICE_OUT")]
     out: Option<PathBuf>,
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         world_size: args.world_size,
         rendezvous: args.rendezvous,
         resume: !args.fresh,
+        collective: args.collective,
         linger: Duration::from_secs_f64(args.linger_s.max(0.0)),
     };
     node::run(opts, stop, |e| {

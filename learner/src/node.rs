@@ -14,13 +14,16 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sluice_core::config::JobConfig;
+use sluice_core::device::parse_device;
 use sluice_core::hf::parse_kind;
 use sluice_core::rollout::Group;
 use sluice_proto::v1::learner_server::LearnerServer;
+use tch::Device;
 use tokio::sync::mpsc;
 
 use crate::algo::grpo;
 use crate::collective::{Collective, Single, TcpCollective};
+use crate::nccl::NcclCollective;
 use crate::error::{Error, Result};
 use crate::ingest::Limits;
 use crate::service::{LearnerService, Shared};
@@ -38,8 +41,53 @@ pub struct NodeOptions {
     pub rendezvous: Option<String>,
     /// Resume from the newest checkpoint in the job's out_dir.
     pub resume: bool,
+    /// Gradient collective between ranks.
+    pub collective: CollectiveKind,
     /// How long to keep answering after the last step (so actors learn the job finished).
     pub linger: Duration,
+}
+
+/// Which collective backend data-parallel ranks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CollectiveKind {
+    /// NCCL when the policy is on a CUDA device, otherwise TCP.
+    Auto,
+    /// The CPU collective over TCP (any device; tensors are staged through host memory).
+    Tcp,
+    /// NCCL (the policy must be on a CUDA device).
+    Nccl,
+}
+
+impl std::str::FromStr for CollectiveKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(CollectiveKind::Auto),
+            "tcp" => Ok(CollectiveKind::Tcp),
+            "nccl" => Ok(CollectiveKind::Nccl),
+            other => Err(format!("`{other}` is not one of auto, tcp, nccl")),
+        }
+    }
+}
+
+fn build_collective(opts: &NodeOptions, world: usize) -> Result<Box<dyn Collective>> {
+    if world == 1 {
+        return Ok(Box::new(Single));
+    }
+    let addr = opts
+        .rendezvous
+        .as_deref()
+        .ok_or_else(|| Error::Collective("a rendezvous address is required with more than one rank".into()))?;
+    let tcp = TcpCollective::connect(opts.rank, world, addr, Duration::from_secs(300))?;
+    let device = parse_device(&opts.job.model.device).map_err(|r| sluice_core::Error::config("model.device", r))?;
+    match (opts.collective, device) {
+        (CollectiveKind::Tcp, _) | (CollectiveKind::Auto, Device::Cpu) => Ok(Box::new(tcp)),
+        (_, Device::Cuda(i)) => Ok(Box::new(NcclCollective::new(tcp, i)?)),
+        (CollectiveKind::Nccl, other) => {
+            Err(Error::Collective(format!("the nccl collective needs a CUDA policy, not {other:?}")))
+        }
+        (CollectiveKind::Auto, other) => Err(Error::Collective(format!("no collective for device {other:?}"))),
+    }
 }
 
 /// What the learner reports as it runs (printed as JSON lines by the binary).
@@ -95,14 +143,7 @@ pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Nod
         )
         .into());
     }
-    let comm: Box<dyn Collective> = if world == 1 {
-        Box::new(Single)
-    } else {
-        let addr = opts.rendezvous.as_deref().ok_or_else(|| {
-            Error::Collective("a rendezvous address is required with more than one rank".into())
-        })?;
-        Box::new(TcpCollective::connect(opts.rank, world, addr, Duration::from_secs(300))?)
-    };
+    let comm = build_collective(&opts, world)?;
     let mut trainer = Trainer::with_collective(cfg.clone(), opts.resume, comm)?;
     let mc = trainer.policy().config().clone();
     let limits = Limits {

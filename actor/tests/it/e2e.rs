@@ -63,3 +63,39 @@ fn asynchronous_training_bounds_staleness() {
     // The bounded buffer never held more than its capacity.
     assert!(status.buffered_groups <= status.buffer_capacity);
 }
+
+#[test]
+fn two_learner_ranks_with_an_actor_each_train_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{TINY}[sampling]\nmax_new_tokens = 6\n[grpo]\ngroup_size = 4\n\
+         [train]\nsteps = 4\nprompts_per_step = 8\nlr = 0.001\neval_prompts = 4\n[rollout]\nmax_staleness = 1\n"
+    );
+    let job = write_job(dir.path(), "dp2", &body);
+    let out = dir.path().join("out");
+    let rdv = format!("127.0.0.1:{}", free_port());
+    let start = |rank: usize| {
+        let r = rank.to_string();
+        Learner::start(&job, &["--out", out.to_str().unwrap(), "--rank", &r, "--world-size", "2", "--rendezvous", &rdv, "--linger-s", "60"])
+    };
+    let (mut r0, mut r1) = std::thread::scope(|s| {
+        let a = s.spawn(|| start(0));
+        let b = s.spawn(|| start(1));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let learners = format!("{},{}", r0.endpoint, r1.endpoint);
+    let mut actors: Vec<Proc> = (0..2).map(|i| actor(&job, &learners, i, 2, &[])).collect();
+    r0.wait_finished(Duration::from_secs(240));
+    r1.wait_finished(Duration::from_secs(240));
+    let (s0, s1) = (status(&r0.endpoint), status(&r1.endpoint));
+    assert_eq!((s0.version, s1.version), (4, 4));
+    assert_eq!((s0.world_size, s1.rank), (2, 1));
+    // Each rank trained 4 groups per step from its own actor.
+    assert_eq!(s0.staleness_histogram.iter().sum::<u64>(), 16);
+    assert_eq!(s1.staleness_histogram.iter().sum::<u64>(), 16);
+    let steps: Vec<_> = metrics(&out).into_iter().filter(|e| e["event"] == "step").collect();
+    assert!(steps.iter().all(|e| e["groups_trained"] == 8), "global groups per step: {steps:?}");
+    for a in &mut actors {
+        a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
+    }
+}
