@@ -7,7 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["."])?;
-    // Weight chunks are slices of one shared buffer: `bytes::Bytes`, no copies.
-    tonic_prost_build::configure().bytes(".sluice.v1.WeightsChunk.data").compile_fds(fds)?;
+    // Every `bytes` field is `bytes::Bytes`: weight chunks are slices of one shared
+    // buffer, and rollout arrays decode as slices of the receive buffer (no copies).
+    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 //!   (through the actor's resumable client), against a raw loopback copy of the
 //!   same bytes.
 //! * `staleness`: wall-clock per training step of a real learner process with
-//!   2 real actor processes, max_staleness 4 against 0 (binaries from
+//!   2 (and 1) real actor processes, max_staleness 4 against 0 (binaries from
 //!   `--bin-dir`, default: next to this bench's `sluice-actor`).
 //!
 //! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|staleness]...`
@@ -25,7 +25,7 @@ use prost::Message;
 use sluice_actor::sync::WeightSync;
 use sluice_learner::ingest::Limits;
 use sluice_learner::service::Shared;
-use sluice_proto::v1;
+use sluice_proto::{packed, v1};
 use tokio_stream::wrappers::ReceiverStream;
 
 const JOB: &str = "bench";
@@ -38,9 +38,9 @@ fn rollout(group: u64, index: u32, prompt: usize, response: usize) -> v1::Rollou
         group_size: 8,
         index,
         prompt_id: group,
-        prompt_tokens: (0..prompt as u32).map(|i| (i * 7919) % 32000).collect(),
-        response_tokens: (0..response as u32).map(|i| (i * 104729 + index) % 32000).collect(),
-        logprobs: (0..response).map(|i| -((i % 97) as f32) / 10.0).collect(),
+        prompt_tokens: packed::tokens(&(0..prompt as i64).map(|i| (i * 7919) % 32000).collect::<Vec<_>>()),
+        response_tokens: packed::tokens(&(0..response as i64).map(|i| (i * 104729 + index as i64) % 32000).collect::<Vec<_>>()),
+        logprobs: packed::floats(&(0..response).map(|i| -((i % 97) as f32) / 10.0).collect::<Vec<_>>()),
         rewards: Some(v1::Rewards { extrinsic: 1.0, intrinsic: 0.0, total: 1.0 }),
         policy_version: 0,
         finish: v1::FinishReason::Stop as i32,
@@ -109,7 +109,7 @@ fn raw_tcp(streams: usize, per_stream: &[u8]) -> f64 {
 }
 
 fn ingest() {
-    let (groups, g, prompt, response) = (400u64, 8u32, 128, 512);
+    let (groups, g, prompt, response) = (2000u64, 8u32, 128, std::env::var("RESP").ok().and_then(|v| v.parse().ok()).unwrap_or(512));
     let msgs: Vec<v1::Rollout> =
         (0..groups).flat_map(|k| (0..g).map(move |i| rollout(k + 1, i, prompt, response))).collect();
     let per_stream_bytes: usize = msgs.iter().map(|m| m.encoded_len() + 5).sum(); // + gRPC frame header
@@ -214,8 +214,8 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-/// Seconds per step of a learner with 2 actors (steps after the first, which includes warm-up).
-fn run_job(bins: &PathBuf, dir: &std::path::Path, staleness: u64, steps: u64) -> f64 {
+/// Seconds per step of a learner with `n_actors` actors (steps after the first, which includes warm-up).
+fn run_job(bins: &PathBuf, dir: &std::path::Path, staleness: u64, steps: u64, n_actors: usize) -> f64 {
     let job = dir.join(format!("job-{staleness}.toml"));
     std::fs::write(
         &job,
@@ -247,10 +247,10 @@ fn run_job(bins: &PathBuf, dir: &std::path::Path, staleness: u64, steps: u64) ->
     });
     let listening = rx.iter().find(|v| v["event"] == "listening").unwrap();
     let endpoint = format!("http://{}", listening["addr"].as_str().unwrap());
-    let mut actors: Vec<_> = (0..2)
+    let mut actors: Vec<_> = (0..n_actors)
         .map(|i| {
             Command::new(bins.join("sluice-actor"))
-                .args([job.to_str().unwrap(), "--learner", &endpoint, "--index", &i.to_string(), "--actors", "2"])
+                .args([job.to_str().unwrap(), "--learner", &endpoint, "--index", &i.to_string(), "--actors", &n_actors.to_string()])
                 .env("OMP_NUM_THREADS", "1")
                 .env("RUST_LOG", "error")
                 .stdout(Stdio::null())
@@ -282,14 +282,14 @@ fn staleness() {
     let bins = bin_dir();
     let dir = tempfile::tempdir().unwrap();
     let steps = 21;
-    let sync_s = run_job(&bins, dir.path(), 0, steps);
-    let async_s = run_job(&bins, dir.path(), 4, steps);
-    println!("## staleness: learner + 2 actors, preset small, 8 prompts x 8 rollouts per step, {steps} steps");
-    println!("| max_staleness | s/step |");
-    println!("|---|---|");
-    println!("| 0 (synchronous) | {sync_s:.3} |");
-    println!("| 4 (asynchronous) | {async_s:.3} |");
-    println!("async / sync time per step: {:.2}", async_s / sync_s);
+    println!("## staleness: learner + actors, preset small, 8 prompts x 8 rollouts per step, {steps} steps");
+    println!("| actors | max_staleness 0 (sync) s/step | max_staleness 4 (async) s/step | async / sync |");
+    println!("|---|---|---|---|");
+    for n in [2usize, 1] {
+        let sync_s = run_job(&bins, dir.path(), 0, steps, n);
+        let async_s = run_job(&bins, dir.path(), 4, steps, n);
+        println!("| {n} | {sync_s:.3} | {async_s:.3} | {:.2} |", async_s / sync_s);
+    }
 }
 
 fn main() {

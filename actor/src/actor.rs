@@ -99,8 +99,9 @@ pub async fn connect(endpoint: &str) -> Result<LearnerClient<Channel>> {
         .map_err(|e| transport(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(8 << 20)
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(1 << 20)
         .connect()
         .await
         .map_err(|e| transport(e.to_string()))?;

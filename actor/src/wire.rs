@@ -2,7 +2,7 @@
 
 use sluice_core::generate::FinishReason;
 use sluice_core::rollout::Rollout;
-use sluice_proto::v1;
+use sluice_proto::{packed, v1};
 
 /// Where a rollout sits: its job, actor and group.
 #[derive(Debug, Clone, Copy)]
@@ -22,10 +22,10 @@ pub fn to_wire(r: &Rollout, at: Placement<'_>, index: usize, timings: Option<v1:
         group_size: at.group_size as u32,
         index: index as u32,
         prompt_id: r.prompt_id,
-        prompt_tokens: r.prompt_tokens.iter().map(|&t| t as u32).collect(),
-        response_tokens: r.response_tokens.iter().map(|&t| t as u32).collect(),
-        logprobs: r.logprobs.clone(),
-        loss_mask: r.loss_mask.clone(),
+        prompt_tokens: packed::tokens(&r.prompt_tokens),
+        response_tokens: packed::tokens(&r.response_tokens),
+        logprobs: packed::floats(&r.logprobs),
+        loss_mask: packed::mask(&r.loss_mask),
         rewards: Some(v1::Rewards { extrinsic: r.reward, intrinsic: 0.0, total: r.reward }),
         policy_version: r.version,
         finish: match r.finish {

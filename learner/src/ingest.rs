@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use prost::Message;
 use sluice_core::generate::FinishReason;
 use sluice_core::rollout::{Group, Rollout};
-use sluice_proto::v1;
+use sluice_proto::{packed, v1};
 
 /// Limits a learner enforces on every rollout.
 #[derive(Debug, Clone)]
@@ -34,7 +34,7 @@ fn refuse(kind: &'static str, reason: impl Into<String>) -> Refusal {
     Refusal { kind, reason: reason.into() }
 }
 
-fn check_tokens(what: &str, tokens: &[u32], vocab: usize) -> Result<(), Refusal> {
+fn check_tokens(what: &str, tokens: &[i64], vocab: usize) -> Result<(), Refusal> {
     match tokens.iter().position(|&t| t as usize >= vocab) {
         Some(i) => Err(refuse(
             "token_out_of_vocab",
@@ -42,6 +42,10 @@ fn check_tokens(what: &str, tokens: &[u32], vocab: usize) -> Result<(), Refusal>
         )),
         None => Ok(()),
     }
+}
+
+fn ragged(field: &str) -> Refusal {
+    refuse("shape", format!("{field} is not a whole number of 4-byte little-endian values"))
 }
 
 /// Validates one rollout message against the limits.
@@ -65,32 +69,34 @@ pub fn check(r: &v1::Rollout, limits: &Limits) -> Result<Rollout, Refusal> {
     if r.index >= r.group_size {
         return Err(refuse("group_size", format!("index {} is not below group_size {}", r.index, r.group_size)));
     }
-    if r.prompt_tokens.is_empty() {
+    let prompt = packed::tokens_from(&r.prompt_tokens).ok_or_else(|| ragged("prompt_tokens"))?;
+    let response = packed::tokens_from(&r.response_tokens).ok_or_else(|| ragged("response_tokens"))?;
+    let logprobs = packed::floats_from(&r.logprobs).ok_or_else(|| ragged("logprobs"))?;
+    let loss_mask = packed::mask_from(&r.loss_mask)
+        .ok_or_else(|| refuse("shape", "loss_mask bytes must be 0 or 1"))?;
+    if prompt.is_empty() {
         return Err(refuse("empty_prompt", "prompt_tokens is empty"));
     }
-    let len = r.prompt_tokens.len() + r.response_tokens.len();
+    let len = prompt.len() + response.len();
     if len > limits.max_tokens {
         return Err(refuse("too_long", format!("{len} tokens exceed the model's {} positions", limits.max_tokens)));
     }
-    check_tokens("prompt", &r.prompt_tokens, limits.vocab_size)?;
-    check_tokens("response", &r.response_tokens, limits.vocab_size)?;
-    if r.logprobs.len() != r.response_tokens.len() {
+    check_tokens("prompt", &prompt, limits.vocab_size)?;
+    check_tokens("response", &response, limits.vocab_size)?;
+    if logprobs.len() != response.len() {
+        return Err(refuse("shape", format!("{} logprobs for {} response tokens", logprobs.len(), response.len())));
+    }
+    if !loss_mask.is_empty() && loss_mask.len() != response.len() {
         return Err(refuse(
             "shape",
-            format!("{} logprobs for {} response tokens", r.logprobs.len(), r.response_tokens.len()),
+            format!("loss_mask has {} entries for {} response tokens", loss_mask.len(), response.len()),
         ));
     }
-    if !r.loss_mask.is_empty() && r.loss_mask.len() != r.response_tokens.len() {
-        return Err(refuse(
-            "shape",
-            format!("loss_mask has {} entries for {} response tokens", r.loss_mask.len(), r.response_tokens.len()),
-        ));
+    if let Some(i) = logprobs.iter().position(|l| !l.is_finite()) {
+        return Err(refuse("non_finite", format!("logprob {} at position {i} is not finite", logprobs[i])));
     }
-    if let Some(i) = r.logprobs.iter().position(|l| !l.is_finite()) {
-        return Err(refuse("non_finite", format!("logprob {} at position {i} is not finite", r.logprobs[i])));
-    }
-    if let Some(i) = r.logprobs.iter().position(|&l| l > 1e-3) {
-        return Err(refuse("bad_logprob", format!("logprob {} at position {i} is positive", r.logprobs[i])));
+    if let Some(i) = logprobs.iter().position(|&l| l > 1e-3) {
+        return Err(refuse("bad_logprob", format!("logprob {} at position {i} is positive", logprobs[i])));
     }
     let Some(rewards) = r.rewards.as_ref() else {
         return Err(refuse("bad_reward", "rewards are missing"));
@@ -105,10 +111,10 @@ pub fn check(r: &v1::Rollout, limits: &Limits) -> Result<Rollout, Refusal> {
     };
     Ok(Rollout {
         prompt_id: r.prompt_id,
-        prompt_tokens: r.prompt_tokens.iter().map(|&t| t as i64).collect(),
-        response_tokens: r.response_tokens.iter().map(|&t| t as i64).collect(),
-        logprobs: r.logprobs.clone(),
-        loss_mask: r.loss_mask.clone(),
+        prompt_tokens: prompt,
+        response_tokens: response,
+        logprobs,
+        loss_mask,
         reward: rewards.total,
         version: r.policy_version,
         finish,
@@ -184,9 +190,9 @@ mod tests {
             group_size: 2,
             index,
             prompt_id: 3,
-            prompt_tokens: vec![4, 5],
-            response_tokens: vec![6, 1],
-            logprobs: vec![-0.5, -0.1],
+            prompt_tokens: packed::tokens(&[4, 5]),
+            response_tokens: packed::tokens(&[6, 1]),
+            logprobs: packed::floats(&[-0.5, -0.1]),
             rewards: Some(v1::Rewards { extrinsic: 1.0, intrinsic: 0.0, total: 1.0 }),
             policy_version: 2,
             finish: v1::FinishReason::Stop as i32,
@@ -215,15 +221,17 @@ mod tests {
     fn bad_rollouts_are_refused_with_a_reason() {
         let cases: Vec<(&str, Box<dyn Fn(&mut v1::Rollout)>)> = vec![
             ("unknown_job", Box::new(|r| r.job_id = "other".into())),
-            ("token_out_of_vocab", Box::new(|r| r.response_tokens[0] = 50)),
-            ("non_finite", Box::new(|r| r.logprobs[1] = f32::NAN)),
+            ("token_out_of_vocab", Box::new(|r| r.response_tokens = packed::tokens(&[50, 1]))),
+            ("non_finite", Box::new(|r| r.logprobs = packed::floats(&[-0.5, f32::NAN]))),
             ("non_finite", Box::new(|r| r.rewards.as_mut().unwrap().total = f64::INFINITY)),
-            ("shape", Box::new(|r| r.logprobs.push(-1.0))),
+            ("shape", Box::new(|r| r.logprobs = packed::floats(&[-0.5, -0.1, -1.0]))),
+            ("shape", Box::new(|r| r.response_tokens = [&r.response_tokens[..], &[0]].concat().into())),
+            ("shape", Box::new(|r| r.loss_mask = vec![1, 2].into())),
             ("group_size", Box::new(|r| r.index = 2)),
             ("group_size", Box::new(|r| r.group_size = 9)),
-            ("too_large", Box::new(|r| r.prompt_tokens = vec![1; 5000])),
-            ("too_long", Box::new(|r| r.prompt_tokens = vec![1; 100])),
-            ("bad_logprob", Box::new(|r| r.logprobs[0] = 0.5)),
+            ("too_large", Box::new(|r| r.prompt_tokens = packed::tokens(&[1; 1500]))),
+            ("too_long", Box::new(|r| r.prompt_tokens = packed::tokens(&[1; 100]))),
+            ("bad_logprob", Box::new(|r| r.logprobs = packed::floats(&[0.5, -0.1]))),
         ];
         for (kind, edit) in cases {
             let mut r = rollout(0);

@@ -11,3 +11,51 @@ pub mod v1 {
 /// Largest gRPC message any sluice server or client decodes (a backstop; the
 /// servers apply their own, smaller, per-message limits with clear errors).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Packed little-endian arrays, the encoding of `Rollout`'s token, log-prob and
+/// mask fields.
+pub mod packed {
+    use prost::bytes::Bytes;
+
+    /// Token ids (each must fit in u32) as 4-byte little-endian bytes.
+    pub fn tokens(ids: &[i64]) -> Bytes {
+        ids.iter().flat_map(|&t| (t as u32).to_le_bytes()).collect::<Vec<u8>>().into()
+    }
+
+    /// Token ids from 4-byte little-endian bytes; None when the length is not a multiple of 4.
+    pub fn tokens_from(bytes: &[u8]) -> Option<Vec<i64>> {
+        (bytes.len() % 4 == 0).then(|| {
+            bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()
+        })
+    }
+
+    pub fn floats(values: &[f32]) -> Bytes {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+    }
+
+    /// Floats from 4-byte little-endian bytes; None when the length is not a multiple of 4.
+    pub fn floats_from(bytes: &[u8]) -> Option<Vec<f32>> {
+        (bytes.len() % 4 == 0).then(|| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    pub fn mask(values: &[bool]) -> Bytes {
+        values.iter().map(|&m| u8::from(m)).collect::<Vec<u8>>().into()
+    }
+
+    /// Mask from one byte per token; None when a byte is not 0 or 1.
+    pub fn mask_from(bytes: &[u8]) -> Option<Vec<bool>> {
+        bytes.iter().map(|&b| matches!(b, 0 | 1).then_some(b == 1)).collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn round_trips_and_refuses_ragged_input() {
+            assert_eq!(super::tokens_from(&super::tokens(&[0, 7, 151_935])), Some(vec![0, 7, 151_935]));
+            assert_eq!(super::floats_from(&super::floats(&[-0.5, f32::MIN])), Some(vec![-0.5, f32::MIN]));
+            assert_eq!(super::mask_from(&super::mask(&[true, false])), Some(vec![true, false]));
+            assert_eq!(super::tokens_from(&[1, 2, 3]), None);
+            assert_eq!(super::mask_from(&[2]), None);
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sluice_proto::v1;
+use sluice_proto::{packed, v1};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -16,9 +16,9 @@ fn good(job: &str, group_id: u64, group_size: u32, index: u32) -> v1::Rollout {
         group_size,
         index,
         prompt_id: 1,
-        prompt_tokens: vec![5, 6, 7],
-        response_tokens: vec![8, 1],
-        logprobs: vec![-1.0, -0.5],
+        prompt_tokens: packed::tokens(&[5, 6, 7]),
+        response_tokens: packed::tokens(&[8, 1]),
+        logprobs: packed::floats(&[-1.0, -0.5]),
         rewards: Some(v1::Rewards { extrinsic: 1.0, intrinsic: 0.0, total: 1.0 }),
         policy_version: 0,
         finish: v1::FinishReason::Stop as i32,
@@ -63,11 +63,11 @@ fn malformed_rollouts_get_invalid_argument_and_the_learner_keeps_serving() {
     let ep = &learner.endpoint;
 
     let mut nan = good("bad", 1, 1, 0);
-    nan.logprobs[0] = f32::NAN;
+    nan.logprobs = packed::floats(&[f32::NAN, -0.5]);
     let mut vocab = good("bad", 1, 1, 0);
-    vocab.response_tokens[0] = 1_000_000;
+    vocab.response_tokens = packed::tokens(&[1_000_000, 1]);
     let mut big = good("bad", 1, 1, 0);
-    big.prompt_tokens = vec![5; 3000];
+    big.prompt_tokens = packed::tokens(&[5; 3000]);
     let cases: Vec<(&str, Vec<v1::Rollout>, &str)> = vec![
         ("unknown_job", vec![good("someone-else", 1, 1, 0)], "unknown job"),
         ("non_finite", vec![nan], "not finite"),
@@ -200,7 +200,7 @@ fn a_fast_sender_is_slowed_down_not_buffered_without_bound() {
     assert_eq!(st.buffered_groups, 4, "the buffer should be full");
     assert_eq!(st.accepted_groups, 4, "nothing beyond the buffer is accepted");
     assert!(n < total, "the sender was never slowed down");
-    // What is in flight is bounded by the HTTP/2 windows (4 MiB stream, 8 MiB connection).
+    // What is in flight is bounded by the HTTP/2 stream window (8 MiB) plus socket buffers.
     assert!(bytes < 16 << 20, "{bytes} bytes in flight");
     // Still blocked a second later.
     std::thread::sleep(Duration::from_secs(1));
