@@ -215,7 +215,7 @@ fn bin_dir() -> PathBuf {
 }
 
 /// Seconds per step of a learner with `n_actors` actors (steps after the first, which includes warm-up).
-fn run_job(bins: &PathBuf, dir: &std::path::Path, staleness: u64, steps: u64, n_actors: usize) -> f64 {
+fn run_job(bins: &std::path::Path, dir: &std::path::Path, staleness: u64, steps: u64, n_actors: usize) -> f64 {
     let job = dir.join(format!("job-{staleness}.toml"));
     std::fs::write(
         &job,

@@ -214,7 +214,7 @@ impl Collective for TcpCollective {
             for peer in &mut self.peers {
                 let bytes = recv(peer, OP_ALL_REDUCE, len)?;
                 let other = Tensor::from_data_size(&bytes, &[n as i64], kind);
-                acc = acc + other;
+                acc += other;
             }
             let out = bytes_of(&acc);
             for peer in &mut self.peers {
@@ -257,7 +257,7 @@ pub fn all_reduce_f64(comm: &mut dyn Collective, values: &mut [f64]) -> Result<(
     }
     let mut t = [Tensor::from_slice(values)];
     comm.all_reduce_sum(&mut t)?;
-    values.copy_from_slice(&Vec::<f64>::try_from(&t[0]).map_err(|e| comm_err(e))?);
+    values.copy_from_slice(&Vec::<f64>::try_from(&t[0]).map_err(comm_err)?);
     Ok(())
 }
 

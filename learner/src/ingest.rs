@@ -219,7 +219,8 @@ mod tests {
 
     #[test]
     fn bad_rollouts_are_refused_with_a_reason() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut v1::Rollout)>)> = vec![
+        type Edit = Box<dyn Fn(&mut v1::Rollout)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("unknown_job", Box::new(|r| r.job_id = "other".into())),
             ("token_out_of_vocab", Box::new(|r| r.response_tokens = packed::tokens(&[50, 1]))),
             ("non_finite", Box::new(|r| r.logprobs = packed::floats(&[-0.5, f32::NAN]))),

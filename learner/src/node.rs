@@ -137,7 +137,7 @@ pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Nod
     let cfg = opts.job.clone();
     cfg.validate()?;
     let world = opts.world_size.max(1);
-    if cfg.train.prompts_per_step % world != 0 {
+    if !cfg.train.prompts_per_step.is_multiple_of(world) {
         return Err(sluice_core::Error::config(
             "train.prompts_per_step",
             format!("{} is not divisible by the {world} learner ranks", cfg.train.prompts_per_step),

@@ -24,7 +24,7 @@ pub mod packed {
 
     /// Token ids from 4-byte little-endian bytes; None when the length is not a multiple of 4.
     pub fn tokens_from(bytes: &[u8]) -> Option<Vec<i64>> {
-        (bytes.len() % 4 == 0).then(|| {
+        bytes.len().is_multiple_of(4).then(|| {
             bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()
         })
     }
@@ -35,7 +35,7 @@ pub mod packed {
 
     /// Floats from 4-byte little-endian bytes; None when the length is not a multiple of 4.
     pub fn floats_from(bytes: &[u8]) -> Option<Vec<f32>> {
-        (bytes.len() % 4 == 0).then(|| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        bytes.len().is_multiple_of(4).then(|| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     pub fn mask(values: &[bool]) -> Bytes {
