@@ -45,12 +45,14 @@ fn read(path: &Path) -> Result<Vec<Problem>> {
         let at = || format!("{}:{}", path.display(), n + 1);
         let row: Row = serde_json::from_str(line).map_err(|e| Error::Task(format!("{}: {e}", at())))?;
         let name = row.verifier.as_deref().unwrap_or("exact");
-        let verifier = Verifier::parse(name)
-            .ok_or_else(|| Error::Task(format!("{}: unknown verifier `{name}` (exact, numeric, countdown)", at())))?;
+        let verifier = Verifier::parse(name).ok_or_else(|| {
+            Error::Task(format!("{}: unknown verifier `{name}` ({})", at(), super::VERIFIER_NAMES.join(", ")))
+        })?;
         let answer = match row.answer {
             serde_json::Value::String(s) => s,
             other => other.to_string(),
         };
+        verifier.check_answer(&answer).map_err(|why| Error::Task(format!("{}: answer: {why}", at())))?;
         out.push(Problem { id: n as u64, prompt: row.prompt, answer, verifier });
     }
     if out.is_empty() {

@@ -11,11 +11,13 @@ mod arithmetic;
 mod countdown;
 mod expr;
 mod jsonl;
+mod verify;
 
 pub use arithmetic::Arithmetic;
 pub use countdown::Countdown;
 pub use expr::{parse_expression, Expr, Rational};
 pub use jsonl::JsonlTask;
+pub use verify::{extract_answer, parse_number, Number, Verifier, VERIFIER_NAMES};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -46,48 +48,6 @@ impl Problem {
     /// Scores a response in [0, 1].
     pub fn score(&self, response: &str) -> f64 {
         self.verifier.score(&self.answer, response)
-    }
-}
-
-/// Named answer checkers. None of them evaluates code: Countdown parses the
-/// expression with its own grammar of integers, `+ - * /` and parentheses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verifier {
-    /// Trimmed response equals the trimmed answer.
-    Exact,
-    /// The response (trimmed) is a number equal to the answer (|diff| <= 1e-6).
-    Numeric,
-    /// Answer is `TARGET:N1,N2,..`; the response is an expression that uses each
-    /// number exactly once and evaluates (exactly, in rationals) to TARGET. A
-    /// trailing `= TARGET` is allowed.
-    Countdown,
-}
-
-impl Verifier {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "exact" => Some(Verifier::Exact),
-            "numeric" => Some(Verifier::Numeric),
-            "countdown" => Some(Verifier::Countdown),
-            _ => None,
-        }
-    }
-
-    pub fn score(self, answer: &str, response: &str) -> f64 {
-        let ok = match self {
-            Verifier::Exact => response.trim() == answer.trim(),
-            Verifier::Numeric => match (response.trim().parse::<f64>(), answer.trim().parse::<f64>()) {
-                (Ok(a), Ok(b)) => (a - b).abs() <= 1e-6,
-                _ => false,
-            },
-            Verifier::Countdown => countdown::check(answer, response),
-        };
-        if ok {
-            1.0
-        } else {
-            0.0
-        }
     }
 }
 
