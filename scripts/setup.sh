@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a project-local Python venv with torch 2.11.0 (+ transformers for
-# the parity tests), then one debug build of the whole workspace. Safe to re-run.
+# the parity tests), redis-server, then one debug build of the whole workspace.
+# Safe to re-run.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$SLUICE_ROOT"
@@ -27,6 +28,17 @@ if ! need_python; then
   fi
   "$SLUICE_PYTHON" -m pip install --quiet --upgrade pip
   "$SLUICE_PYTHON" -m pip install --quiet "torch==$TORCH" "transformers==$TRANSFORMERS" safetensors numpy
+fi
+# redis-server: the reward server's label store (and the orchestrator's) in tests.
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing redis-server (Debian package)"
+    apt-get install -y -qq redis-server >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+    # Tests start their own servers on free ports; the package's service is not needed.
+    (service redis-server stop || true) >/dev/null 2>&1
+  else
+    echo "setup: redis-server is missing; install Debian's redis-server (or run as root)" >&2; exit 1
+  fi
 fi
 # The venv's python may be a different minor version than the one env.sh assumes.
 TORCH_LIB="$("$SLUICE_PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"

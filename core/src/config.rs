@@ -34,6 +34,77 @@ pub struct JobConfig {
     /// The distributed data plane: staleness, buffers, weight sync.
     #[serde(default)]
     pub rollout: RolloutConfig,
+    /// Reward server: verifier and intrinsic (ONI) rewards.
+    #[serde(default)]
+    pub reward: RewardConfig,
+}
+
+/// The intrinsic reward model (DESIGN.md, "ONI intrinsic reward").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntrinsicModel {
+    /// No intrinsic reward.
+    None,
+    /// Label lookup: 1 for captions labelled helpful, 0 otherwise (and until labelled).
+    Retrieval,
+}
+
+/// Which response segments become captions when an episode has no environment messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseCaptions {
+    None,
+    /// Each non-empty line of the response.
+    Lines,
+}
+
+/// One rubric rule: captions matching `pattern` (a regex) get `label`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RubricRule {
+    pub pattern: String,
+    /// `helpful` or `unhelpful`.
+    pub label: String,
+}
+
+/// Reward shaping and the ONI annotation pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    /// Weight of the verifier reward.
+    pub ext_coef: f64,
+    /// Weight of the intrinsic reward (0 turns it off).
+    pub int_coef: f64,
+    /// A caption's k-th occurrence in an episode adds label / k^beta.
+    pub beta: f64,
+    pub model: IntrinsicModel,
+    /// Captions from responses when the task emits none.
+    pub response_captions: ResponseCaptions,
+    /// Label store: `memory` (this process only) or a `redis://host:port[/db]` URL.
+    pub store: String,
+    /// Unlabelled captions waiting for the annotator (newest first; the oldest are dropped).
+    pub queue_capacity: usize,
+    /// Captions per annotator batch.
+    pub batch_size: usize,
+    /// Rules of the rubric annotator (used when no LLM endpoint is configured):
+    /// first match wins, no match is unhelpful.
+    pub rubric: Vec<RubricRule>,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        RewardConfig {
+            ext_coef: 1.0,
+            int_coef: 0.0,
+            beta: 3.0,
+            model: IntrinsicModel::None,
+            response_captions: ResponseCaptions::None,
+            store: "memory".into(),
+            queue_capacity: 10_000,
+            batch_size: 32,
+            rubric: Vec::new(),
+        }
+    }
 }
 
 fn default_name() -> String {
@@ -385,6 +456,32 @@ impl JobConfig {
         check(r.max_rollout_bytes >= 1024, "rollout.max_rollout_bytes", "must be >= 1024")?;
         check(r.max_rollout_bytes <= 32 << 20, "rollout.max_rollout_bytes", "must be <= 33554432 (32 MiB)")?;
         check(r.max_group_size >= g.group_size, "rollout.max_group_size", "must be >= grpo.group_size")?;
+        let w = &self.reward;
+        check(w.ext_coef.is_finite(), "reward.ext_coef", "must be a finite number")?;
+        check(w.int_coef.is_finite() && w.int_coef >= 0.0, "reward.int_coef", "must be >= 0")?;
+        check(w.beta.is_finite() && w.beta >= 0.0, "reward.beta", "must be >= 0")?;
+        check(
+            w.int_coef == 0.0 || w.model != IntrinsicModel::None,
+            "reward.model",
+            "int_coef > 0 needs an intrinsic model (retrieval)",
+        )?;
+        check(
+            w.store == "memory" || w.store.starts_with("redis://") || w.store.starts_with("rediss://"),
+            "reward.store",
+            "must be `memory` or a redis:// URL",
+        )?;
+        check(w.queue_capacity >= 1, "reward.queue_capacity", "must be >= 1")?;
+        check(w.batch_size >= 1, "reward.batch_size", "must be >= 1")?;
+        for (i, rule) in w.rubric.iter().enumerate() {
+            check(
+                matches!(rule.label.as_str(), "helpful" | "unhelpful"),
+                &format!("reward.rubric[{i}].label"),
+                "must be `helpful` or `unhelpful`",
+            )?;
+            if let Err(e) = regex::Regex::new(&rule.pattern) {
+                return Err(Error::config(format!("reward.rubric[{i}].pattern"), format!("invalid regex: {e}")));
+            }
+        }
         Ok(())
     }
 
@@ -421,6 +518,10 @@ mod tests {
             (format!("{MIN}[sampling]\ntop_p = 0\n"), "sampling.top_p"),
             (format!("{MIN}[rollout]\nweights_dtype = \"f16\"\n"), "rollout.weights_dtype"),
             (format!("{MIN}[rollout]\nmax_staleness = -1\n"), "rollout.max_staleness"),
+            (format!("{MIN}[reward]\nint_coef = 0.5\n"), "reward.model"),
+            (format!("{MIN}[reward]\nstore = \"mysql://x\"\n"), "reward.store"),
+            (format!("{MIN}[reward]\nmodel = \"oracle\"\n"), "reward.model"),
+            (format!("{MIN}[[reward.rubric]]\npattern = \"(\"\nlabel = \"helpful\"\n"), "reward.rubric[0].pattern"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"chess\"\n".to_string(), "task"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ndigit = 3\n".to_string(), "task"),
             ("[model]\ndtype = \"f32\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model"),

@@ -1,0 +1,26 @@
+//! The one error type of `sluice-reward-server`.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Core(#[from] sluice_core::Error),
+
+    /// The label store (Redis) failed.
+    #[error("label store: {0}")]
+    Store(String),
+
+    /// An annotator batch failed (it is retried later).
+    #[error("annotator: {0}")]
+    Annotator(String),
+
+    #[error("io error on {what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Store(e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

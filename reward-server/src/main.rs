@@ -1,0 +1,39 @@
+//! `sluice-reward-server`: verifier and intrinsic rewards over gRPC (see `sluice_reward_server`).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use sluice_core::config::JobConfig;
+
+/// Scores rollouts: task verifiers (extrinsic) and ONI intrinsic rewards from
+/// annotated captions. Prints a `listening` JSON line on stdout; logs go to
+/// stderr (RUST_LOG). Every flag can also be set through the variable shown.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Job file (TOML); its [reward] section configures the server.
+    #[arg(env = "SLUICE_JOB")]
+    job: PathBuf,
+    /// gRPC listen address; port 0 picks a free port.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:50061")]
+    listen: String,
+    /// Override reward.store (`memory` or a redis:// URL).
+    #[arg(long, env = "SLUICE_REWARD_STORE")]
+    store: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let mut job = JobConfig::from_file(&args.job)?;
+    if let Some(store) = args.store {
+        job.reward.store = store;
+    }
+    sluice_reward_server::server::run(job, &args.listen, |e| {
+        println!("{}", serde_json::to_string(e).expect("events serialise"));
+    })?;
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! The reward-server process: open the label store, start the annotator loop,
+//! serve `sluice.v1.Reward` and gRPC health.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use serde::Serialize;
+use sluice_core::config::JobConfig;
+use sluice_proto::v1::reward_server::RewardServer;
+
+use crate::annotator::{self, Annotator, Counters};
+use crate::error::{Error, Result};
+use crate::labels::LabelStore;
+use crate::queue::CaptionQueue;
+use crate::service::{RewardService, State};
+
+/// What the server prints as JSON lines.
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ServerEvent {
+    Listening { addr: String, store: String, annotator: String },
+}
+
+/// Builds the shared state and starts the annotator loop on the current runtime.
+pub async fn start(job: &JobConfig) -> Result<Arc<State>> {
+    let cfg = job.reward.clone();
+    let store = Arc::new(LabelStore::open(&cfg.store, &job.name).await?);
+    let queue = Arc::new(CaptionQueue::new(cfg.queue_capacity));
+    let annotator = Arc::new(Annotator::rubric(&cfg.rubric)?);
+    let counters = Arc::new(Counters::default());
+    let state = Arc::new(State {
+        job: job.name.clone(),
+        annotator_name: annotator.name(),
+        store: store.clone(),
+        queue: queue.clone(),
+        counters: counters.clone(),
+        cfg: cfg.clone(),
+        lookups: AtomicU64::new(0),
+        hits: AtomicU64::new(0),
+        store_errors: AtomicU64::new(0),
+    });
+    tokio::spawn(annotator::run(queue, store, annotator, cfg.batch_size, counters));
+    Ok(state)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    state: Arc<State>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::result::Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<RewardServer<RewardService>>().await;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(
+            RewardServer::new(RewardService::new(state))
+                .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Runs the reward server for `job` on `listen` until Ctrl-C / SIGTERM.
+pub fn run(job: JobConfig, listen: &str, report: impl Fn(&ServerEvent)) -> Result<()> {
+    job.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Io { what: "async runtime".into(), source: e })?;
+    rt.block_on(async {
+        let state = start(&job).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| Error::Io { what: format!("listen address {listen}"), source: e })?;
+        let addr = listener.local_addr().map_err(|e| Error::Io { what: "listener".into(), source: e })?;
+        report(&ServerEvent::Listening {
+            addr: addr.to_string(),
+            store: job.reward.store.clone(),
+            annotator: state.annotator_name.clone(),
+        });
+        tracing::info!(%addr, "reward server serving");
+        serve(state, listener, shutdown_signal())
+            .await
+            .map_err(|e| Error::Io { what: "gRPC server".into(), source: std::io::Error::other(e) })
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,196 @@
+//! The `sluice.v1.Reward` gRPC service.
+//!
+//! `Score` takes a batch: each item gets its verifier reward and, with an
+//! intrinsic model, the sum over its captions of label / N^beta (N: the
+//! caption's occurrences so far in the item's episode). Captions without a
+//! label count 0 and are queued for the annotator; nothing here waits for it.
+//! A bad item (unknown verifier, malformed caption) gets an `error` and no
+//! score; the rest of the batch is scored as usual.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sluice_core::config::{IntrinsicModel, RewardConfig};
+use sluice_core::tasks::{Verifier, VERIFIER_NAMES};
+use sluice_proto::v1::reward_server::Reward;
+use sluice_proto::v1::{AnnotationStats, AnnotationStatsRequest, ItemScore, ScoreItem, ScoreRequest, ScoreResponse};
+use tonic::{Request, Response, Status};
+
+use crate::annotator::Counters;
+use crate::captions;
+use crate::labels::LabelStore;
+use crate::queue::CaptionQueue;
+
+/// Most items one `Score` call may carry.
+pub const MAX_ITEMS: usize = 4096;
+/// Longest response text accepted, in bytes.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// Everything the service shares with the annotator loop.
+#[derive(Debug)]
+pub struct State {
+    pub job: String,
+    pub cfg: RewardConfig,
+    pub store: Arc<LabelStore>,
+    pub queue: Arc<CaptionQueue>,
+    pub counters: Arc<Counters>,
+    pub annotator_name: String,
+    pub lookups: AtomicU64,
+    pub hits: AtomicU64,
+    pub store_errors: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RewardService {
+    state: Arc<State>,
+}
+
+impl RewardService {
+    pub fn new(state: Arc<State>) -> Self {
+        RewardService { state }
+    }
+}
+
+/// An item that passed its checks: extrinsic reward and caption hashes.
+struct Checked {
+    extrinsic: f64,
+    captions: Vec<(String, u64)>,
+}
+
+fn check_item(item: &ScoreItem) -> Result<Checked, String> {
+    if item.response.len() > MAX_RESPONSE_BYTES {
+        return Err(format!("response is {} bytes, over the limit of {MAX_RESPONSE_BYTES}", item.response.len()));
+    }
+    let extrinsic = if item.verifier.is_empty() {
+        0.0
+    } else {
+        let v = Verifier::parse(&item.verifier).ok_or_else(|| {
+            format!("unknown verifier `{}` (one of {})", item.verifier, VERIFIER_NAMES.join(", "))
+        })?;
+        v.check_answer(&item.answer).map_err(|why| format!("answer: {why}"))?;
+        v.score(&item.answer, &item.response)
+    };
+    let captions = item
+        .captions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| captions::check(c).map_err(|why| format!("caption {i}: {why}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Checked { extrinsic, captions })
+}
+
+impl State {
+    /// Scores a batch (the work behind `Score`).
+    pub async fn score(&self, items: &[ScoreItem]) -> Vec<ItemScore> {
+        let checked: Vec<Result<Checked, String>> = items.iter().map(check_item).collect();
+        let intrinsic_on = self.cfg.model != IntrinsicModel::None;
+        // One store round trip for every distinct caption of the batch.
+        let mut labels: HashMap<u64, Option<bool>> = HashMap::new();
+        if intrinsic_on {
+            let mut texts: HashMap<u64, &str> = HashMap::new();
+            for c in checked.iter().flatten() {
+                for (text, h) in &c.captions {
+                    texts.entry(*h).or_insert(text);
+                }
+            }
+            let hashes: Vec<u64> = texts.keys().copied().collect();
+            self.lookups.fetch_add(hashes.len() as u64, Ordering::Relaxed);
+            let found = match self.store.get_many(&hashes).await {
+                Ok(found) => found,
+                Err(e) => {
+                    // Never make training wait: score as unlabelled and say so.
+                    self.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "label store unavailable; intrinsic rewards are 0 for this batch");
+                    vec![None; hashes.len()]
+                }
+            };
+            for (h, label) in hashes.iter().zip(found) {
+                if label.is_some() {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.queue.push(*h, texts[h].to_string());
+                }
+                labels.insert(*h, label);
+            }
+        }
+        let (ext_coef, int_coef, beta) = (self.cfg.ext_coef, self.cfg.int_coef, self.cfg.beta);
+        items
+            .iter()
+            .zip(checked)
+            .map(|(item, c)| match c {
+                Err(error) => ItemScore { id: item.id.clone(), error, ..Default::default() },
+                Ok(c) => {
+                    let mut seen: HashMap<u64, u32> = HashMap::new();
+                    let mut intrinsic = 0.0;
+                    if intrinsic_on {
+                        for (_, h) in &c.captions {
+                            let n = seen.entry(*h).or_insert(0);
+                            *n += 1;
+                            if labels.get(h).copied().flatten() == Some(true) {
+                                intrinsic += 1.0 / (*n as f64).powf(beta);
+                            }
+                        }
+                    }
+                    ItemScore {
+                        id: item.id.clone(),
+                        extrinsic: c.extrinsic,
+                        intrinsic,
+                        total: ext_coef * c.extrinsic + int_coef * intrinsic,
+                        error: String::new(),
+                    }
+                }
+            })
+            .collect()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.counters.version.load(Ordering::SeqCst)
+    }
+
+    fn check_job(&self, job: &str) -> Result<(), Status> {
+        if job != self.job {
+            return Err(Status::invalid_argument(format!("unknown job `{job}`: this reward server serves `{}`", self.job)));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Reward for RewardService {
+    async fn score(&self, request: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
+        let req = request.into_inner();
+        self.state.check_job(&req.job_id)?;
+        if req.items.len() > MAX_ITEMS {
+            return Err(Status::invalid_argument(format!("{} items, over the limit of {MAX_ITEMS}", req.items.len())));
+        }
+        let scores = self.state.score(&req.items).await;
+        Ok(Response::new(ScoreResponse { scores, reward_model_version: self.state.version() }))
+    }
+
+    async fn annotation_statistics(
+        &self,
+        request: Request<AnnotationStatsRequest>,
+    ) -> Result<Response<AnnotationStats>, Status> {
+        let s = &self.state;
+        s.check_job(&request.into_inner().job_id)?;
+        let labelled = s.store.count().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(AnnotationStats {
+            annotator: s.annotator_name.clone(),
+            labelled,
+            queued: s.queue.len() as u64,
+            queue_capacity: s.queue.capacity() as u64,
+            dropped: s.queue.dropped(),
+            annotated: s.counters.annotated.load(Ordering::SeqCst),
+            failures: s.counters.failures.load(Ordering::SeqCst),
+            lookups: s.lookups.load(Ordering::Relaxed),
+            hits: s.hits.load(Ordering::Relaxed),
+            reward_model_version: s.version(),
+            model: match s.cfg.model {
+                IntrinsicModel::None => "none",
+                IntrinsicModel::Retrieval => "retrieval",
+            }
+            .into(),
+        }))
+    }
+}

@@ -1,0 +1,183 @@
+//! The reward server as a real process, with a real `redis-server`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice_proto::v1::reward_client::RewardClient;
+use sluice_proto::v1::{AnnotationStats, AnnotationStatsRequest, ItemScore, ScoreItem, ScoreRequest};
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A private redis-server on a free port (no persistence: it lives as long as the test).
+fn redis() -> (Killed, String) {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is not installed: run scripts/setup.sh (it installs Debian's redis-server)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Killed(child), format!("redis://127.0.0.1:{port}"))
+}
+
+fn server(job: &Path, store: &str) -> (Killed, String) {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_sluice-reward-server"));
+    let mut child = Command::new(bin)
+        .args([job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--store", store])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    assert_eq!(v["event"], "listening");
+    (Killed(child), format!("http://{}", v["addr"].as_str().unwrap()))
+}
+
+fn job(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!("name = \"rw\"\n[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\n{extra}"),
+    )
+    .unwrap();
+    path
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn score(endpoint: &str, items: Vec<ScoreItem>) -> (Vec<ItemScore>, u64) {
+    rt().block_on(async {
+        let mut c = RewardClient::connect(endpoint.to_string()).await.unwrap();
+        let r = c.score(ScoreRequest { job_id: "rw".into(), items }).await.unwrap().into_inner();
+        (r.scores, r.reward_model_version)
+    })
+}
+
+fn stats(endpoint: &str) -> AnnotationStats {
+    rt().block_on(async {
+        let mut c = RewardClient::connect(endpoint.to_string()).await.unwrap();
+        c.annotation_statistics(AnnotationStatsRequest { job_id: "rw".into() }).await.unwrap().into_inner()
+    })
+}
+
+fn item(id: &str, verifier: &str, answer: &str, response: &str, captions: &[&str]) -> ScoreItem {
+    ScoreItem {
+        id: id.into(),
+        verifier: verifier.into(),
+        answer: answer.into(),
+        response: response.into(),
+        captions: captions.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
+const ONI: &str = "[reward]\nint_coef = 0.5\nmodel = \"retrieval\"\n\
+                   [[reward.rubric]]\npattern = \"key\"\nlabel = \"helpful\"\n\
+                   [[reward.rubric]]\npattern = \".\"\nlabel = \"unhelpful\"\n";
+
+#[test]
+fn a_bad_item_gets_an_error_and_the_rest_of_the_batch_is_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_s, ep) = server(&job(dir.path(), ONI), "memory");
+    let (scores, _) = score(
+        &ep,
+        vec![
+            item("ok", "numeric", "42", "so \\boxed{42}", &["you see a key"]),
+            item("unknown", "python", "1", "1", &[]),
+            item("empty-caption", "exact", "a", "a", &["   "]),
+            item("countdown", "countdown", "10:2,5", "2*5", &[]),
+            item("wrong", "numeric", "42", "41", &[]),
+        ],
+    );
+    let by_id = |id: &str| scores.iter().find(|s| s.id == id).unwrap().clone();
+    assert_eq!(scores.len(), 5);
+    assert!(by_id("unknown").error.contains("unknown verifier `python`"), "{:?}", by_id("unknown"));
+    assert!(by_id("empty-caption").error.contains("caption 0"), "{:?}", by_id("empty-caption"));
+    let ok = by_id("ok");
+    assert!(ok.error.is_empty() && ok.extrinsic == 1.0 && ok.total == 1.0, "{ok:?}");
+    assert_eq!(by_id("countdown").extrinsic, 1.0);
+    assert_eq!(by_id("wrong").total, 0.0);
+    let refused = rt().block_on(async {
+        let mut c = RewardClient::connect(ep.clone()).await.unwrap();
+        c.score(ScoreRequest { job_id: "other".into(), items: vec![] }).await.unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}
+
+fn wait_labelled(ep: &str, n: u64) -> AnnotationStats {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = stats(ep);
+        if s.labelled >= n {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "only {} of {n} captions labelled: {s:?}", s.labelled);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn labels_are_learned_in_the_background_and_survive_a_restart_in_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_redis, url) = redis();
+    let job = job(dir.path(), ONI);
+    let (mut s1, ep) = server(&job, &url);
+    let episode = || vec![item("e", "", "", "", &["You found a KEY.", "a wall", "you found a key."])];
+    // Unlabelled: intrinsic 0 now, nothing waits.
+    let (first, v0) = score(&ep, episode());
+    assert_eq!(first[0].intrinsic, 0.0);
+    let st = wait_labelled(&ep, 2);
+    assert!(st.annotator.contains("rubric"), "{}", st.annotator);
+    // "key" helpful (twice in the episode: 1 + 1/2^3), "wall" unhelpful.
+    let (second, v1) = score(&ep, episode());
+    assert!((second[0].intrinsic - 1.125).abs() < 1e-12, "{:?}", second[0]);
+    assert!((second[0].total - 0.5 * 1.125).abs() < 1e-12);
+    assert!(v1 >= 1 && v1 >= v0, "the reward model version moves when labels arrive ({v0} -> {v1})");
+    // A new reward-server process answers from the labels in Redis at once.
+    drop(std::mem::replace(&mut s1, Killed(Command::new("true").spawn().unwrap())));
+    let (_s2, ep2) = server(&job, &url);
+    let (third, _) = score(&ep2, episode());
+    assert!((third[0].intrinsic - 1.125).abs() < 1e-12, "{:?}", third[0]);
+    let st2 = stats(&ep2);
+    assert_eq!((st2.labelled, st2.annotated), (2, 0), "{st2:?}");
+}
+
+#[test]
+fn queue_overflow_is_counted_and_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    // A queue of 4 captions, drained one at a time.
+    let small = ONI.replacen("model = \"retrieval\"\n", "model = \"retrieval\"\nqueue_capacity = 4\nbatch_size = 1\n", 1);
+    let (_s, ep) = server(&job(dir.path(), &small), "memory");
+    let captions: Vec<String> = (0..200).map(|i| format!("caption number {i}")).collect();
+    let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let (scores, _) = score(&ep, vec![item("many", "", "", "", &refs)]);
+    assert!(scores[0].error.is_empty());
+    let st = stats(&ep);
+    assert!(st.dropped > 0, "{st:?}");
+    assert_eq!(st.queue_capacity, 4);
+    assert!(st.labelled + st.dropped + st.queued <= 200, "{st:?}");
+    // Still serving, and the survivors get labelled.
+    let (again, _) = score(&ep, vec![item("x", "exact", "a", "a", &["one more"])]);
+    assert_eq!(again[0].total, 1.0);
+}
