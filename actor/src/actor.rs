@@ -15,11 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use sluice_core::config::JobConfig;
+use sluice_core::config::{JobConfig, ResponseCaptions};
 use sluice_core::hf::load_policy;
 use sluice_core::rollout::collect_groups;
 use sluice_core::tasks::{self, Split};
 use sluice_proto::v1::learner_client::LearnerClient;
+use sluice_proto::v1::reward_client::RewardClient;
 use sluice_proto::v1::{self, PushAck};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,6 +43,8 @@ pub struct ActorOptions {
     pub seed: u64,
     /// Stop after sending this many groups (None: until the learner finishes).
     pub max_groups: Option<u64>,
+    /// Reward server endpoint; without one the actor scores with the task verifier itself.
+    pub reward: Option<String>,
 }
 
 /// What the actor reports (printed as JSON lines by the binary).
@@ -239,10 +242,17 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 .map(|k| task.problem(Split::Train, (cursor + k as u64) * opts.actors as u64 + opts.index as u64))
                 .collect();
             cursor += per_batch as u64;
-            let collected = collect_groups(policy.model(), &tokenizer, &problems, g, &sampling, version, &mut rng)?;
+            let mut collected = collect_groups(policy.model(), &tokenizer, &problems, g, &sampling, version, &mut rng)?;
+            let t_score = Instant::now();
+            if let Some(endpoint) = &opts.reward {
+                if !rescore(&rt, endpoint, cfg, &problems, &mut collected.groups, &tokenizer, &stop)? {
+                    break 'connection;
+                }
+            }
+            let score_s = t_score.elapsed().as_secs_f64();
             let t_send = Instant::now();
             let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-            let timings = v1::Timings { generate_s: collected.generate_s, score_s: 0.0, created_unix_ms: created };
+            let timings = v1::Timings { generate_s: collected.generate_s, score_s, created_unix_ms: created };
             let (mut rollouts, mut reward) = (0usize, 0.0);
             for group in &collected.groups {
                 let at = Placement { job: &cfg.name, actor: &opts.actor_id, group_id: next_group_id, group_size: group.rollouts.len() };
@@ -284,6 +294,68 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
         version: mine.map_or(0, |m| m.0),
     });
     Ok(())
+}
+
+/// Replaces each rollout's reward with the reward server's total (verifier
+/// plus intrinsic reward). Retries with backoff while the server is
+/// unreachable; false when stopped first.
+fn rescore(
+    rt: &tokio::runtime::Runtime,
+    endpoint: &str,
+    cfg: &JobConfig,
+    problems: &[sluice_core::tasks::Problem],
+    groups: &mut [sluice_core::rollout::Group],
+    tokenizer: &sluice_core::tokenizer::Tokenizer,
+    stop: &AtomicBool,
+) -> Result<bool> {
+    let mut items = Vec::new();
+    for (gi, (p, group)) in problems.iter().zip(groups.iter()).enumerate() {
+        for (ri, r) in group.rollouts.iter().enumerate() {
+            let response = tokenizer.decode(&r.response_tokens)?;
+            let captions = match cfg.reward.response_captions {
+                ResponseCaptions::None => Vec::new(),
+                ResponseCaptions::Lines => {
+                    response.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+                }
+            };
+            items.push(v1::ScoreItem {
+                id: format!("{gi}:{ri}"),
+                verifier: p.verifier.name().to_string(),
+                answer: p.answer.clone(),
+                response,
+                captions,
+            });
+        }
+    }
+    let request = v1::ScoreRequest { job_id: cfg.name.clone(), items };
+    let mut backoff = Backoff::new();
+    let scores = loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let attempt = rt.block_on(async {
+            let mut c = RewardClient::connect(endpoint.to_string()).await.map_err(|e| e.to_string())?;
+            c.score(request.clone()).await.map_err(|s| s.to_string())
+        });
+        match attempt {
+            Ok(r) => break r.into_inner().scores,
+            Err(e) => {
+                tracing::warn!(error = %e, "reward server unavailable; retrying");
+                backoff.wait(stop);
+            }
+        }
+    };
+    let mut it = scores.into_iter();
+    for group in groups.iter_mut() {
+        for r in &mut group.rollouts {
+            let s = it.next().ok_or_else(|| Error::Reward("it returned too few scores".into()))?;
+            if !s.error.is_empty() {
+                return Err(Error::Reward(format!("rollout {} refused: {}", s.id, s.error)));
+            }
+            r.reward = s.total;
+        }
+    }
+    Ok(true)
 }
 
 /// Blocks until `done(view)` holds or `stop` is set; false when stopped.

@@ -16,6 +16,10 @@ pub enum Error {
     #[error("learner refused: {0}")]
     Status(#[from] tonic::Status),
 
+    /// The reward server's answer did not fit the request.
+    #[error("reward server: {0}")]
+    Reward(String),
+
     /// A weight download did not add up (wrong offsets, sizes or versions).
     #[error("weight sync: {0}")]
     Sync(String),

@@ -37,6 +37,9 @@ struct Args {
     /// Sampling seed.
     #[arg(long, env = "SLUICE_SEED", default_value_t = 0)]
     seed: u64,
+    /// Reward server endpoint (`http://host:port`); without it the actor runs the task verifier itself.
+    #[arg(long, env = "SLUICE_REWARD")]
+    reward: Option<String>,
     /// Stop after sending this many groups.
     #[arg(long)]
     max_groups: Option<u64>,
@@ -65,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         actors: args.actors.max(1),
         seed: args.seed,
         max_groups: args.max_groups,
+        reward: args.reward,
     };
     actor::run(opts, stop, |e| println!("{}", serde_json::to_string(e).expect("events serialise")))?;
     Ok(())

@@ -99,3 +99,31 @@ fn two_learner_ranks_with_an_actor_each_train_in_step() {
         a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
     }
 }
+
+#[test]
+fn actors_score_through_the_reward_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{TINY}[sampling]\nmax_new_tokens = 6\n[grpo]\ngroup_size = 4\n\
+         [train]\nsteps = 3\nprompts_per_step = 4\neval_prompts = 4\n[rollout]\nmax_staleness = 1\n\
+         [reward]\nint_coef = 0.1\nmodel = \"retrieval\"\nresponse_captions = \"lines\"\n\
+         [[reward.rubric]]\npattern = \"[0-9]\"\nlabel = \"helpful\"\n"
+    );
+    let job = write_job(dir.path(), "rw", &body);
+    let mut reward = Proc::spawn("reward-server", "sluice-reward-server", &[job.display().to_string(), "--listen".into(), "127.0.0.1:0".into()]);
+    let listening = reward.wait_event("listening", Duration::from_secs(30), |v| v["event"] == "listening");
+    let reward_ep = format!("http://{}", listening["addr"].as_str().unwrap());
+    let out = dir.path().join("out");
+    let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--linger-s", "30"]);
+    let mut a = actor(&job, &learner.endpoint, 0, 1, &["--reward", &reward_ep]);
+    learner.wait_finished(Duration::from_secs(180));
+    a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
+    let stats = runtime().block_on(async {
+        let mut c = sluice_proto::v1::reward_client::RewardClient::connect(reward_ep.clone()).await.unwrap();
+        c.annotation_statistics(sluice_proto::v1::AnnotationStatsRequest { job_id: "rw".into() }).await.unwrap().into_inner()
+    });
+    assert!(stats.lookups > 0, "the actor never asked the reward server: {stats:?}");
+    let sent: Vec<_> = a.events.lock().unwrap().iter().filter(|v| v["event"] == "sent").cloned().collect();
+    assert!(!sent.is_empty());
+    assert_eq!(status(&learner.endpoint).version, 3);
+}

@@ -45,6 +45,17 @@ impl Verifier {
         })
     }
 
+    /// The name configs, JSONL rows and the reward protocol use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verifier::Exact => "exact",
+            Verifier::Numeric => "numeric",
+            Verifier::Countdown => "countdown",
+            Verifier::Regex => "regex",
+            Verifier::MultipleChoice => "multiple_choice",
+        }
+    }
+
     /// Checks that `answer` is usable by this verifier (a regex compiles, a
     /// choice is one letter, a numeric answer parses); the reason otherwise.
     pub fn check_answer(self, answer: &str) -> Result<(), String> {
@@ -290,6 +301,7 @@ mod tests {
         for n in VERIFIER_NAMES {
             let v = Verifier::parse(n).unwrap();
             assert_eq!(serde_json::to_value(v).unwrap(), serde_json::json!(n));
+            assert_eq!(v.name(), *n);
         }
         assert!(Verifier::parse("python").is_none());
     }
