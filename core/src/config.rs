@@ -89,6 +89,46 @@ pub struct RewardConfig {
     /// Rules of the rubric annotator (used when no LLM endpoint is configured):
     /// first match wins, no match is unhelpful.
     pub rubric: Vec<RubricRule>,
+    /// An OpenAI-compatible chat-completions endpoint that labels captions; when
+    /// absent the rubric annotator labels them.
+    pub llm: Option<LlmConfig>,
+}
+
+/// The LLM annotator's endpoint and limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Base URL; requests go to `<base_url>/chat/completions` (e.g. `https://api.openai.com/v1`).
+    pub base_url: String,
+    pub model: String,
+    /// Environment variable holding the API key (sent as a bearer token when set).
+    #[serde(default = "default_api_key_env")]
+    pub api_key_env: String,
+    /// Seconds before one request is abandoned.
+    #[serde(default = "default_llm_timeout")]
+    pub timeout_s: f64,
+    /// Retries of a failed request (5xx, timeout, connection error), with doubling backoff.
+    #[serde(default = "default_llm_retries")]
+    pub retries: u32,
+    /// Requests in flight at once.
+    #[serde(default = "default_llm_concurrency")]
+    pub concurrency: usize,
+    /// Judge prompt file; the built-in classification prompt when absent.
+    #[serde(default)]
+    pub prompt_file: Option<PathBuf>,
+}
+
+fn default_api_key_env() -> String {
+    "OPENAI_API_KEY".into()
+}
+fn default_llm_timeout() -> f64 {
+    30.0
+}
+fn default_llm_retries() -> u32 {
+    3
+}
+fn default_llm_concurrency() -> usize {
+    4
 }
 
 impl Default for RewardConfig {
@@ -103,6 +143,7 @@ impl Default for RewardConfig {
             queue_capacity: 10_000,
             batch_size: 32,
             rubric: Vec::new(),
+            llm: None,
         }
     }
 }
@@ -472,6 +513,16 @@ impl JobConfig {
         )?;
         check(w.queue_capacity >= 1, "reward.queue_capacity", "must be >= 1")?;
         check(w.batch_size >= 1, "reward.batch_size", "must be >= 1")?;
+        if let Some(l) = &w.llm {
+            check(
+                l.base_url.starts_with("http://") || l.base_url.starts_with("https://"),
+                "reward.llm.base_url",
+                "must be an http:// or https:// URL",
+            )?;
+            check(!l.model.is_empty(), "reward.llm.model", "must not be empty")?;
+            check(l.timeout_s > 0.0 && l.timeout_s.is_finite(), "reward.llm.timeout_s", "must be > 0")?;
+            check(l.concurrency >= 1, "reward.llm.concurrency", "must be >= 1")?;
+        }
         for (i, rule) in w.rubric.iter().enumerate() {
             check(
                 matches!(rule.label.as_str(), "helpful" | "unhelpful"),

@@ -1,5 +1,6 @@
 //! Annotators turn captions into helpful / unhelpful labels.
 //!
+//! [`Annotator::Llm`] asks an OpenAI-compatible endpoint ([`crate::llm`]);
 //! [`Annotator::Rubric`] is the embedded annotator for dev mode and tests
 //! without an LLM: the job's regex rules, first match wins, no match is
 //! unhelpful. [`run`] is the background loop that drains the queue.
@@ -9,17 +10,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use regex::Regex;
-use sluice_core::config::RubricRule;
+use sluice_core::config::{RewardConfig, RubricRule};
 
 use crate::error::{Error, Result};
 use crate::labels::LabelStore;
+use crate::llm::LlmAnnotator;
 use crate::queue::CaptionQueue;
 
 pub enum Annotator {
     Rubric(Vec<(Regex, bool)>),
+    Llm(LlmAnnotator),
 }
 
 impl Annotator {
+    /// The LLM annotator when the job names an endpoint, else the rubric.
+    pub fn from_config(cfg: &RewardConfig) -> Result<Self> {
+        match &cfg.llm {
+            Some(llm) => Ok(Annotator::Llm(LlmAnnotator::new(llm)?)),
+            None => Self::rubric(&cfg.rubric),
+        }
+    }
+
     pub fn rubric(rules: &[RubricRule]) -> Result<Self> {
         let rules = rules
             .iter()
@@ -35,6 +46,7 @@ impl Annotator {
     pub fn name(&self) -> String {
         match self {
             Annotator::Rubric(rules) => format!("rubric ({} keyword/regex rules, no LLM)", rules.len()),
+            Annotator::Llm(llm) => llm.name(),
         }
     }
 
@@ -45,6 +57,7 @@ impl Annotator {
                 .iter()
                 .map(|c| rules.iter().find(|(re, _)| re.is_match(c)).is_some_and(|(_, helpful)| *helpful))
                 .collect()),
+            Annotator::Llm(llm) => llm.label(captions).await,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod annotator;
 pub mod captions;
 pub mod error;
 pub mod labels;
+pub mod llm;
 pub mod queue;
 pub mod server;
 pub mod service;

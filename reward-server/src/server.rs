@@ -26,7 +26,7 @@ pub async fn start(job: &JobConfig) -> Result<Arc<State>> {
     let cfg = job.reward.clone();
     let store = Arc::new(LabelStore::open(&cfg.store, &job.name).await?);
     let queue = Arc::new(CaptionQueue::new(cfg.queue_capacity));
-    let annotator = Arc::new(Annotator::rubric(&cfg.rubric)?);
+    let annotator = Arc::new(Annotator::from_config(&cfg)?);
     let counters = Arc::new(Counters::default());
     let state = Arc::new(State {
         job: job.name.clone(),

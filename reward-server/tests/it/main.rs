@@ -181,3 +181,140 @@ fn queue_overflow_is_counted_and_not_fatal() {
     let (again, _) = score(&ep, vec![item("x", "exact", "a", "a", &["one more"])]);
     assert_eq!(again[0].total, 1.0);
 }
+
+/// A fake OpenAI-compatible endpoint: `mode` 0 answers (helpful when the
+/// caption mentions a key), 1 answers after 2 s, 2 fails with 500, 3 returns garbage.
+struct FakeLlm {
+    base_url: String,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn fake_llm(mode: u8) -> FakeLlm {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let mode = Arc::new(AtomicU8::new(mode));
+    let requests = Arc::new(AtomicU64::new(0));
+    let (m, n) = (mode.clone(), requests.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let (m, n) = (m.clone(), n.clone());
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body = loop {
+                    let k = match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => k,
+                    };
+                    buf.extend_from_slice(&chunk[..k]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| l.to_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break text[end + 4..].to_string();
+                        }
+                    }
+                };
+                n.fetch_add(1, Ordering::SeqCst);
+                let mode = m.load(Ordering::SeqCst);
+                if mode == 1 {
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                let verdict = if body.contains("key") { "helpful" } else { "unhelpful" };
+                let (status, payload) = match mode {
+                    2 => ("500 Internal Server Error", "{\"error\":\"overloaded\"}".to_string()),
+                    3 => ("200 OK", "<html>this is not json".to_string()),
+                    _ => (
+                        "200 OK",
+                        serde_json::json!({"choices": [{"message": {"role": "assistant", "content": format!("Thinking.\nLABEL: {verdict}")}}]})
+                            .to_string(),
+                    ),
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+                    payload.len()
+                );
+            });
+        }
+    });
+    FakeLlm { base_url, mode, requests }
+}
+
+fn llm_job(dir: &Path, llm: &FakeLlm) -> PathBuf {
+    job(
+        dir,
+        &format!(
+            "[reward]\nint_coef = 1.0\nmodel = \"retrieval\"\nbatch_size = 8\n\
+             [reward.llm]\nbase_url = \"{}\"\nmodel = \"judge\"\ntimeout_s = 5\nretries = 1\nconcurrency = 2\n",
+            llm.base_url
+        ),
+    )
+}
+
+#[test]
+fn score_latency_stays_bounded_while_the_llm_stalls() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let llm = fake_llm(1);
+    let (_s, ep) = server(&llm_job(dir.path(), &llm), "memory");
+    let mut latencies = rt().block_on(async {
+        let mut c = RewardClient::connect(ep.clone()).await.unwrap();
+        let mut out = Vec::new();
+        for i in 0..200 {
+            let items = vec![item(&i.to_string(), "numeric", "3", "3", &[&format!("room {i} has a key"), &format!("wall {i}")])];
+            let t0 = Instant::now();
+            let r = c.score(ScoreRequest { job_id: "rw".into(), items }).await.unwrap().into_inner();
+            out.push(t0.elapsed().as_secs_f64());
+            assert_eq!(r.scores[0].extrinsic, 1.0);
+        }
+        out
+    });
+    latencies.sort_by(f64::total_cmp);
+    let (p50, p99) = (latencies[100], latencies[197]);
+    {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "Score latency while the LLM stalls 2 s per request: p50 {:.2} ms, p99 {:.2} ms", p50 * 1e3, p99 * 1e3);
+    }
+    assert!(p99 < 0.25, "p99 {p99} s: scoring waited for the annotator");
+    let st = stats(&ep);
+    assert!(st.queued > 0 && st.annotator.contains("llm"), "{st:?}");
+    // The endpoint recovers: labels arrive and intrinsic rewards follow.
+    llm.mode.store(0, Ordering::SeqCst);
+    wait_labelled(&ep, 4);
+    assert!(llm.requests.load(Ordering::SeqCst) >= 4);
+}
+
+#[test]
+fn failing_and_garbage_answers_are_survived() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let llm = fake_llm(2);
+    let (_s, ep) = server(&llm_job(dir.path(), &llm), "memory");
+    score(&ep, vec![item("a", "", "", "", &["a key on the floor"])]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats(&ep).failures == 0 {
+        assert!(Instant::now() < deadline, "500s were never counted as failures");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(stats(&ep).labelled, 0, "a failed request stores no label");
+    // Garbage bodies: unparseable answers count as unhelpful.
+    llm.mode.store(3, Ordering::SeqCst);
+    wait_labelled(&ep, 1);
+    let (s, _) = score(&ep, vec![item("a", "", "", "", &["a key on the floor"])]);
+    assert_eq!(s[0].intrinsic, 0.0, "garbage must not label a caption helpful");
+    // A healthy endpoint labels a new caption helpful.
+    llm.mode.store(0, Ordering::SeqCst);
+    score(&ep, vec![item("b", "", "", "", &["the key opens the door"])]);
+    wait_labelled(&ep, 2);
+    let (s, _) = score(&ep, vec![item("b", "", "", "", &["the key opens the door"])]);
+    assert_eq!(s[0].intrinsic, 1.0);
+}
