@@ -20,6 +20,7 @@ use sluice_core::rollout::Group;
 use sluice_proto::v1::learner_server::LearnerServer;
 use tch::Device;
 use tokio::sync::mpsc;
+use tonic::transport::server::TcpIncoming;
 
 use crate::algo::grpo;
 use crate::collective::{Collective, Single, TcpCollective};
@@ -119,7 +120,8 @@ pub async fn serve(
         .max_frame_size(1 << 20)
         .add_service(health)
         .add_service(svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        // Small replies (acks, scores) must not wait for Nagle's algorithm.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
 }
 

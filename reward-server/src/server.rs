@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use sluice_core::config::JobConfig;
 use sluice_proto::v1::reward_server::RewardServer;
+use tonic::transport::server::TcpIncoming;
 
 use crate::annotator::{self, Annotator, Counters};
 use crate::error::{Error, Result};
@@ -58,7 +59,8 @@ pub async fn serve(
                 .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        // Small replies (acks, scores) must not wait for Nagle's algorithm.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
 }
 
