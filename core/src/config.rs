@@ -47,6 +47,9 @@ pub enum IntrinsicModel {
     None,
     /// Label lookup: 1 for captions labelled helpful, 0 otherwise (and until labelled).
     Retrieval,
+    /// A classifier trained on the labels in the background predicts for
+    /// captions without a label: 1 when P(helpful) > `threshold`.
+    Classification,
 }
 
 /// Which response segments become captions when an episode has no environment messages.
@@ -80,6 +83,10 @@ pub struct RewardConfig {
     pub model: IntrinsicModel,
     /// Captions from responses when the task emits none.
     pub response_captions: ResponseCaptions,
+    /// Classification: a caption is helpful when P(helpful) exceeds this.
+    pub threshold: f64,
+    /// Classification: labels needed before the first training run.
+    pub train_min_labels: usize,
     /// Label store: `memory` (this process only) or a `redis://host:port[/db]` URL.
     pub store: String,
     /// Unlabelled captions waiting for the annotator (newest first; the oldest are dropped).
@@ -139,6 +146,8 @@ impl Default for RewardConfig {
             beta: 3.0,
             model: IntrinsicModel::None,
             response_captions: ResponseCaptions::None,
+            threshold: 0.5,
+            train_min_labels: 16,
             store: "memory".into(),
             queue_capacity: 10_000,
             batch_size: 32,
@@ -504,7 +513,7 @@ impl JobConfig {
         check(
             w.int_coef == 0.0 || w.model != IntrinsicModel::None,
             "reward.model",
-            "int_coef > 0 needs an intrinsic model (retrieval)",
+            "int_coef > 0 needs an intrinsic model (retrieval, classification)",
         )?;
         check(
             w.store == "memory" || w.store.starts_with("redis://") || w.store.starts_with("rediss://"),
@@ -512,6 +521,8 @@ impl JobConfig {
             "must be `memory` or a redis:// URL",
         )?;
         check(w.queue_capacity >= 1, "reward.queue_capacity", "must be >= 1")?;
+        check((0.0..1.0).contains(&w.threshold), "reward.threshold", "must be in [0, 1)")?;
+        check(w.train_min_labels >= 2, "reward.train_min_labels", "must be >= 2")?;
         check(w.batch_size >= 1, "reward.batch_size", "must be >= 1")?;
         if let Some(l) = &w.llm {
             check(

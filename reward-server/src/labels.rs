@@ -100,11 +100,48 @@ impl LabelStore {
                     pipe.cmd("SET").arg(Self::key(prefix, *h)).arg(value).arg("NX");
                 }
                 let set: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
-                let added = set.iter().filter(|r| r.is_some()).count() as u64;
-                if added > 0 {
-                    let _: i64 = redis::cmd("INCRBY").arg(format!("{prefix}:labels")).arg(added).query_async(&mut conn).await?;
+                let new: Vec<String> =
+                    labels.iter().zip(&set).filter(|(_, r)| r.is_some()).map(|((h, _, _), _)| format!("{h:016x}")).collect();
+                if !new.is_empty() {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("INCRBY").arg(format!("{prefix}:labels")).arg(new.len()).ignore();
+                    pipe.cmd("RPUSH").arg(format!("{prefix}:order")).arg(&new).ignore();
+                    let _: () = pipe.query_async(&mut conn).await?;
                 }
-                Ok(added)
+                Ok(new.len() as u64)
+            }
+        }
+    }
+
+    /// The newest `limit` labels as (caption, helpful), oldest first: training data.
+    pub async fn recent(&self, limit: usize) -> Result<Vec<(String, bool)>> {
+        match self {
+            LabelStore::Memory(m) => {
+                let m = m.lock().expect("label map");
+                let mut all: Vec<(u64, &Stored)> = m.iter().map(|(h, s)| (*h, s)).collect();
+                all.sort_by_key(|(h, _)| *h);
+                let skip = all.len().saturating_sub(limit);
+                Ok(all.into_iter().skip(skip).map(|(_, s)| (s.caption.clone(), s.helpful)).collect())
+            }
+            LabelStore::Redis { conn, prefix } => {
+                let mut conn = conn.clone();
+                let hashes: Vec<String> = redis::cmd("LRANGE")
+                    .arg(format!("{prefix}:order"))
+                    .arg(-(limit as i64))
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await?;
+                if hashes.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let keys: Vec<String> = hashes.iter().map(|h| format!("{prefix}:label:{h}")).collect();
+                let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+                Ok(values
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| serde_json::from_str::<Stored>(&v).ok())
+                    .map(|s| (s.caption, s.helpful))
+                    .collect())
             }
         }
     }
@@ -133,5 +170,7 @@ mod tests {
         assert_eq!(s.put_many(&[(1, "a".into(), false)]).await.unwrap(), 0);
         assert_eq!(s.get_many(&[1, 2, 3]).await.unwrap(), vec![Some(true), Some(false), None]);
         assert_eq!(s.count().await.unwrap(), 2);
+        assert_eq!(s.recent(10).await.unwrap(), vec![("a".to_string(), true), ("b".to_string(), false)]);
+        assert_eq!(s.recent(1).await.unwrap().len(), 1);
     }
 }

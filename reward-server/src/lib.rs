@@ -9,6 +9,7 @@
 
 pub mod annotator;
 pub mod captions;
+pub mod classifier;
 pub mod error;
 pub mod labels;
 pub mod llm;

@@ -1,15 +1,17 @@
 //! The reward-server process: open the label store, start the annotator loop,
 //! serve `sluice.v1.Reward` and gRPC health.
 
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde::Serialize;
-use sluice_core::config::JobConfig;
+use sluice_core::config::{IntrinsicModel, JobConfig};
 use sluice_proto::v1::reward_server::RewardServer;
 use tonic::transport::server::TcpIncoming;
 
 use crate::annotator::{self, Annotator, Counters};
+use crate::classifier::Classifier;
 use crate::error::{Error, Result};
 use crate::labels::LabelStore;
 use crate::queue::CaptionQueue;
@@ -36,12 +38,54 @@ pub async fn start(job: &JobConfig) -> Result<Arc<State>> {
         queue: queue.clone(),
         counters: counters.clone(),
         cfg: cfg.clone(),
+        classifier: RwLock::new(None),
         lookups: AtomicU64::new(0),
         hits: AtomicU64::new(0),
         store_errors: AtomicU64::new(0),
     });
     tokio::spawn(annotator::run(queue, store, annotator, cfg.batch_size, counters));
+    if cfg.model == IntrinsicModel::Classification {
+        tokio::spawn(train_classifier(state.clone()));
+    }
     Ok(state)
+}
+
+/// Labels the classifier learns from at most (the newest).
+const TRAIN_LABELS: usize = 5000;
+
+/// Retrains the classifier whenever the number of labels changed (checked
+/// twice a second, once `train_min_labels` exist), then swaps it in.
+async fn train_classifier(state: Arc<State>) {
+    let mut trained = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let n = match state.store.count().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count labels");
+                continue;
+            }
+        };
+        if n < state.cfg.train_min_labels as u64 || n == trained {
+            continue;
+        }
+        let data = match state.store.recent(TRAIN_LABELS).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read labels");
+                continue;
+            }
+        };
+        match tokio::task::spawn_blocking(move || Classifier::train(&data, 200)).await {
+            Ok(clf) => {
+                tracing::info!(labels = clf.trained_on, "classifier retrained");
+                *state.classifier.write().expect("classifier lock") = Some(Arc::new(clf));
+                state.counters.version.fetch_add(1, Ordering::SeqCst);
+                trained = n;
+            }
+            Err(e) => tracing::warn!(error = %e, "classifier training failed"),
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves.

@@ -4,12 +4,14 @@
 //! intrinsic model, the sum over its captions of label / N^beta (N: the
 //! caption's occurrences so far in the item's episode). Captions without a
 //! label count 0 and are queued for the annotator; nothing here waits for it.
+//! With the classification model, captions without a label are answered by
+//! the latest classifier (trained in the background) until labelled.
 //! A bad item (unknown verifier, malformed caption) gets an `error` and no
 //! score; the rest of the batch is scored as usual.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use sluice_core::config::{IntrinsicModel, RewardConfig};
 use sluice_core::tasks::{Verifier, VERIFIER_NAMES};
@@ -19,6 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::annotator::Counters;
 use crate::captions;
+use crate::classifier::Classifier;
 use crate::labels::LabelStore;
 use crate::queue::CaptionQueue;
 
@@ -36,6 +39,8 @@ pub struct State {
     pub queue: Arc<CaptionQueue>,
     pub counters: Arc<Counters>,
     pub annotator_name: String,
+    /// The classification model, once trained.
+    pub classifier: RwLock<Option<Arc<Classifier>>>,
     pub lookups: AtomicU64,
     pub hits: AtomicU64,
     pub store_errors: AtomicU64,
@@ -105,13 +110,19 @@ impl State {
                     vec![None; hashes.len()]
                 }
             };
+            let classifier = match self.cfg.model {
+                IntrinsicModel::Classification => self.classifier.read().expect("classifier lock").clone(),
+                _ => None,
+            };
             for (h, label) in hashes.iter().zip(found) {
                 if label.is_some() {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                 } else {
                     self.queue.push(*h, texts[h].to_string());
                 }
-                labels.insert(*h, label);
+                // Classification answers for captions the annotator has not labelled yet.
+                let predicted = || classifier.as_ref().map(|c| c.probability(texts[h]) > self.cfg.threshold);
+                labels.insert(*h, label.or_else(predicted));
             }
         }
         let (ext_coef, int_coef, beta) = (self.cfg.ext_coef, self.cfg.int_coef, self.cfg.beta);
@@ -189,8 +200,15 @@ impl Reward for RewardService {
             model: match s.cfg.model {
                 IntrinsicModel::None => "none",
                 IntrinsicModel::Retrieval => "retrieval",
+                IntrinsicModel::Classification => "classification",
             }
             .into(),
+            classifier_labels: s
+                .classifier
+                .read()
+                .expect("classifier lock")
+                .as_ref()
+                .map_or(0, |c| c.trained_on as u64),
         }))
     }
 }

@@ -318,3 +318,38 @@ fn failing_and_garbage_answers_are_survived() {
     let (s, _) = score(&ep, vec![item("b", "", "", "", &["the key opens the door"])]);
     assert_eq!(s[0].intrinsic, 1.0);
 }
+
+#[test]
+fn the_classifier_answers_for_captions_not_labelled_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_redis, url) = redis();
+    // Labels come from a rubric; the classifier generalises to unseen captions.
+    let body = "[reward]\nint_coef = 1.0\nmodel = \"classification\"\ntrain_min_labels = 20\n\
+                [[reward.rubric]]\npattern = \"opens|pick up\"\nlabel = \"helpful\"\n";
+    let (_s, ep) = server(&job(dir.path(), body), &url);
+    let places = ["kitchen", "cellar", "tower", "garden", "hall", "vault", "attic", "crypt"];
+    let mut train = Vec::new();
+    for (i, p) in places.iter().enumerate() {
+        train.push(format!("the door to the {p} opens"));
+        train.push(format!("you pick up the lamp in the {p}"));
+        train.push(format!("you bump into the wall of the {p}"));
+        train.push(format!("nothing happens in the {p} number {i}"));
+    }
+    let refs: Vec<&str> = train.iter().map(String::as_str).collect();
+    score(&ep, vec![item("train", "", "", "", &refs)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats(&ep).classifier_labels < 20 {
+        assert!(Instant::now() < deadline, "the classifier was never trained: {:?}", stats(&ep));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Unseen places: the first score comes from the classifier, before any label exists.
+    let (s, _) = score(
+        &ep,
+        vec![
+            item("good", "", "", "", &["the door to the library opens"]),
+            item("bad", "", "", "", &["you bump into the wall of the library"]),
+        ],
+    );
+    assert_eq!((s[0].intrinsic, s[1].intrinsic), (1.0, 0.0), "{s:?}");
+    assert_eq!(stats(&ep).model, "classification");
+}
