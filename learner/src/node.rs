@@ -209,7 +209,6 @@ pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Nod
             let mut m: StepMetrics = t.step_on(&groups)?;
             m.wait_seconds = wait_seconds;
             m.staleness_mean = lags.iter().sum::<u64>() as f64 / lags.len().max(1) as f64;
-            shared.set_version(t.state().step);
             publish(t, &mut *report.borrow_mut())?;
             Ok(Some(m))
         },

@@ -102,11 +102,6 @@ impl Shared {
         *self.version.borrow()
     }
 
-    /// Moves the learner to `version`: from now on groups are judged against it.
-    pub fn set_version(&self, version: u64) {
-        self.version.send_replace(version);
-    }
-
     /// Marks the job finished and tells every connected actor.
     pub fn finish(&self) {
         self.finished.store(true, Ordering::SeqCst);
