@@ -149,6 +149,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
     let view = Arc::new(Mutex::new(LearnerView::default()));
     let notify = Arc::new(Notify::new());
     let mut totals = (0u64, 0u64);
+    let mut reward_client = None;
 
     'connection: while !stop.load(Ordering::SeqCst) {
         let mut client = match rt.block_on(connect(&endpoint)) {
@@ -245,7 +246,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
             let mut collected = collect_groups(policy.model(), &tokenizer, &problems, g, &sampling, version, &mut rng)?;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
-                if !rescore(&rt, endpoint, cfg, &problems, &mut collected.groups, &tokenizer, &stop)? {
+                if !rescore(&rt, endpoint, &mut reward_client, cfg, &problems, &mut collected.groups, &tokenizer, &stop)? {
                     break 'connection;
                 }
             }
@@ -297,11 +298,13 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
 }
 
 /// Replaces each rollout's reward with the reward server's total (verifier
-/// plus intrinsic reward). Retries with backoff while the server is
-/// unreachable; false when stopped first.
+/// plus intrinsic reward). Keeps one connection in `client`; reconnects and
+/// retries with backoff while the server is unreachable; false when stopped first.
+#[allow(clippy::too_many_arguments)]
 fn rescore(
     rt: &tokio::runtime::Runtime,
     endpoint: &str,
+    client: &mut Option<RewardClient<Channel>>,
     cfg: &JobConfig,
     problems: &[sluice_core::tasks::Problem],
     groups: &mut [sluice_core::rollout::Group],
@@ -334,13 +337,17 @@ fn rescore(
             return Ok(false);
         }
         let attempt = rt.block_on(async {
-            let mut c = RewardClient::connect(endpoint.to_string()).await.map_err(|e| e.to_string())?;
+            if client.is_none() {
+                *client = Some(RewardClient::connect(endpoint.to_string()).await.map_err(|e| e.to_string())?);
+            }
+            let c = client.as_mut().expect("connected above");
             c.score(request.clone()).await.map_err(|s| s.to_string())
         });
         match attempt {
             Ok(r) => break r.into_inner().scores,
             Err(e) => {
                 tracing::warn!(error = %e, "reward server unavailable; retrying");
+                *client = None;
                 backoff.wait(stop);
             }
         }
