@@ -66,10 +66,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    sluice_core::logging::init("warn");
     match Cli::parse().command {
         Command::Train { job, out, steps, fresh, json } => train(job, out, steps, fresh, json),
         Command::InitModel { preset, out, dtype, seed } => init_model(&preset, &out, &dtype, seed),

@@ -8,6 +8,7 @@
 //! * [`rollout`] — rollouts and groups, the unit of training data, and how they are sampled.
 //! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL).
 //! * [`config`] — the typed job configuration.
+//! * [`logging`] — the binaries' shared `tracing` set-up.
 //! * [`weights`] — parameters as an in-memory safetensors blob (weight sync).
 //!
 //! No networking and no training here: losses, optimizers and the trainer live
@@ -18,6 +19,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod hf;
+pub mod logging;
 pub mod model;
 pub mod rollout;
 pub mod tasks;

@@ -23,10 +23,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    sluice_core::logging::init("info");
     let args = Args::parse();
     let mut job = JobConfig::from_file(&args.job)?;
     if let Some(store) = args.store {
