@@ -50,6 +50,9 @@ pub enum IntrinsicModel {
     /// A classifier trained on the labels in the background predicts for
     /// captions without a label: 1 when P(helpful) > `threshold`.
     Classification,
+    /// A Bradley-Terry scorer trained on the annotator's pairwise preferences;
+    /// the reward is its score, normalised by a running mean and std.
+    Ranking,
 }
 
 /// Which response segments become captions when an episode has no environment messages.
@@ -85,7 +88,7 @@ pub struct RewardConfig {
     pub response_captions: ResponseCaptions,
     /// Classification: a caption is helpful when P(helpful) exceeds this.
     pub threshold: f64,
-    /// Classification: labels needed before the first training run.
+    /// Classification / ranking: labels (preference pairs) needed before the first training run.
     pub train_min_labels: usize,
     /// Label store: `memory` (this process only) or a `redis://host:port[/db]` URL.
     pub store: String,
@@ -120,7 +123,8 @@ pub struct LlmConfig {
     /// Requests in flight at once.
     #[serde(default = "default_llm_concurrency")]
     pub concurrency: usize,
-    /// Judge prompt file; the built-in classification prompt when absent.
+    /// Judge prompt file; when absent, the built-in prompt for the job's model
+    /// (`prompts/classify.txt`, or `prompts/rank.txt` for `ranking`).
     #[serde(default)]
     pub prompt_file: Option<PathBuf>,
 }
@@ -513,7 +517,7 @@ impl JobConfig {
         check(
             w.int_coef == 0.0 || w.model != IntrinsicModel::None,
             "reward.model",
-            "int_coef > 0 needs an intrinsic model (retrieval, classification)",
+            "int_coef > 0 needs an intrinsic model (retrieval, classification, ranking)",
         )?;
         check(
             w.store == "memory" || w.store.starts_with("redis://") || w.store.starts_with("rediss://"),

@@ -3,17 +3,18 @@
 //! [`Annotator::Llm`] asks an OpenAI-compatible endpoint ([`crate::llm`]);
 //! [`Annotator::Rubric`] is the embedded annotator for dev mode and tests
 //! without an LLM: the job's regex rules, first match wins, no match is
-//! unhelpful. [`run`] is the background loop that drains the queue.
+//! unhelpful. [`run`] is the background loop that drains the queue: it labels
+//! captions one by one, or for the ranking model judges them in pairs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use regex::Regex;
-use sluice_core::config::{RewardConfig, RubricRule};
+use sluice_core::config::{IntrinsicModel, RewardConfig, RubricRule};
 
 use crate::error::{Error, Result};
-use crate::labels::LabelStore;
+use crate::labels::{LabelStore, Preference};
 use crate::llm::LlmAnnotator;
 use crate::queue::CaptionQueue;
 
@@ -26,7 +27,7 @@ impl Annotator {
     /// The LLM annotator when the job names an endpoint, else the rubric.
     pub fn from_config(cfg: &RewardConfig) -> Result<Self> {
         match &cfg.llm {
-            Some(llm) => Ok(Annotator::Llm(LlmAnnotator::new(llm)?)),
+            Some(llm) => Ok(Annotator::Llm(LlmAnnotator::new(llm, cfg.model == IntrinsicModel::Ranking)?)),
             None => Self::rubric(&cfg.rubric),
         }
     }
@@ -60,6 +61,26 @@ impl Annotator {
             Annotator::Llm(llm) => llm.label(captions).await,
         }
     }
+
+    /// P(first better) for each pair. The rubric prefers a helpful caption over
+    /// an unhelpful one and calls everything else a tie.
+    pub async fn compare(&self, pairs: &[(String, String)]) -> Result<Vec<f64>> {
+        match self {
+            Annotator::Rubric(_) => {
+                let mut out = Vec::with_capacity(pairs.len());
+                for (a, b) in pairs {
+                    let l = self.label(&[a.clone(), b.clone()]).await?;
+                    out.push(match (l[0], l[1]) {
+                        (true, false) => 1.0,
+                        (false, true) => 0.0,
+                        _ => 0.5,
+                    });
+                }
+                Ok(out)
+            }
+            Annotator::Llm(llm) => llm.compare(pairs).await,
+        }
+    }
 }
 
 /// Counters of the annotation pipeline.
@@ -71,31 +92,65 @@ pub struct Counters {
     pub version: AtomicU64,
 }
 
-/// Drains the queue in batches forever: label, store, mark done. A failed
+/// Judges one batch: labels (or, with `ranking`, preferences between
+/// consecutive captions; an odd one out is paired with `partner`, the last
+/// caption judged before). Returns how many new judgements reached the store.
+async fn judge(
+    batch: &[(u64, String)],
+    ranking: bool,
+    partner: &mut Option<(u64, String)>,
+    store: &LabelStore,
+    annotator: &Annotator,
+) -> Result<u64> {
+    if !ranking {
+        let texts: Vec<String> = batch.iter().map(|(_, t)| t.clone()).collect();
+        let labels = annotator.label(&texts).await?;
+        let rows: Vec<(u64, String, bool)> = batch.iter().zip(labels).map(|((h, t), l)| (*h, t.clone(), l)).collect();
+        return store.put_many(&rows).await;
+    }
+    let mut items: Vec<&(u64, String)> = batch.iter().collect();
+    if items.len() % 2 == 1 {
+        match partner.as_ref() {
+            Some(p) if p.0 != items[0].0 => items.push(p),
+            // Nothing to compare with yet: the caption stays unranked and is queued again when seen.
+            _ => {
+                items.pop();
+            }
+        }
+    }
+    let pairs: Vec<(String, String)> = items.chunks(2).map(|p| (p[0].1.clone(), p[1].1.clone())).collect();
+    let outcomes = annotator.compare(&pairs).await?;
+    let rows: Vec<(u64, u64, Preference)> = items
+        .chunks(2)
+        .zip(outcomes)
+        .map(|(p, outcome)| (p[0].0, p[1].0, Preference { a: p[0].1.clone(), b: p[1].1.clone(), outcome }))
+        .collect();
+    store.put_preferences(&rows).await?;
+    if let Some(last) = batch.last() {
+        *partner = Some(last.clone());
+    }
+    Ok(rows.len() as u64)
+}
+
+/// Drains the queue in batches forever: judge, store, mark done. A failed
 /// batch is counted, put back, and retried after a backoff.
 pub async fn run(
     queue: Arc<CaptionQueue>,
     store: Arc<LabelStore>,
     annotator: Arc<Annotator>,
     batch_size: usize,
+    ranking: bool,
     counters: Arc<Counters>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut partner = None;
     loop {
         let batch = queue.pop_batch(batch_size);
         if batch.is_empty() {
             let _ = tokio::time::timeout(Duration::from_millis(200), queue.notify.notified()).await;
             continue;
         }
-        let texts: Vec<String> = batch.iter().map(|(_, t)| t.clone()).collect();
-        let outcome = match annotator.label(&texts).await {
-            Ok(labels) => {
-                let rows: Vec<(u64, String, bool)> =
-                    batch.iter().zip(labels).map(|((h, t), l)| (*h, t.clone(), l)).collect();
-                store.put_many(&rows).await
-            }
-            Err(e) => Err(e),
-        };
+        let outcome = judge(&batch, ranking, &mut partner, &store, &annotator).await;
         match outcome {
             Ok(added) => {
                 counters.annotated.fetch_add(batch.len() as u64, Ordering::SeqCst);

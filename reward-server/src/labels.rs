@@ -5,8 +5,12 @@
 //! across reward-server restarts under `sluice:<job>:label:<hash>` (JSON
 //! `{"helpful": bool, "caption": text}`), with `sluice:<job>:labels` counting them.
 //! A label, once written, is never overwritten (`SET NX`).
+//!
+//! The ranking model learns from pairwise [`Preference`]s instead: Redis keeps
+//! them in the list `sluice:<job>:prefs` (JSON, oldest first) and the hashes of
+//! captions already compared in the set `sluice:<job>:ranked`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -20,8 +24,26 @@ pub struct Stored {
     pub caption: String,
 }
 
+/// A judged pair: `outcome` is the probability that `a` is better than `b`
+/// (1: a, 0: b, 0.5: tie or no parseable answer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preference {
+    pub a: String,
+    pub b: String,
+    pub outcome: f64,
+}
+
+/// The in-process store.
+#[derive(Debug, Default)]
+pub struct Memory {
+    labels: HashMap<u64, Stored>,
+    order: Vec<u64>,
+    prefs: Vec<Preference>,
+    ranked: HashSet<u64>,
+}
+
 pub enum LabelStore {
-    Memory(Mutex<HashMap<u64, Stored>>),
+    Memory(Mutex<Memory>),
     Redis { conn: redis::aio::MultiplexedConnection, prefix: String },
 }
 
@@ -38,7 +60,7 @@ impl LabelStore {
     /// Opens `memory` or a `redis://` URL for `job`.
     pub async fn open(spec: &str, job: &str) -> Result<Self> {
         if spec == "memory" {
-            return Ok(LabelStore::Memory(Mutex::new(HashMap::new())));
+            return Ok(LabelStore::Memory(Mutex::new(Memory::default())));
         }
         let client = redis::Client::open(spec).map_err(|e| Error::Store(format!("{spec}: {e}")))?;
         let conn = client
@@ -60,7 +82,7 @@ impl LabelStore {
         match self {
             LabelStore::Memory(m) => {
                 let m = m.lock().expect("label map");
-                Ok(hashes.iter().map(|h| m.get(h).map(|s| s.helpful)).collect())
+                Ok(hashes.iter().map(|h| m.labels.get(h).map(|s| s.helpful)).collect())
             }
             LabelStore::Redis { conn, prefix } => {
                 let keys: Vec<String> = hashes.iter().map(|&h| Self::key(prefix, h)).collect();
@@ -84,8 +106,9 @@ impl LabelStore {
                 let mut m = m.lock().expect("label map");
                 let mut added = 0;
                 for (h, caption, helpful) in labels {
-                    if !m.contains_key(h) {
-                        m.insert(*h, Stored { helpful: *helpful, caption: caption.clone() });
+                    if !m.labels.contains_key(h) {
+                        m.labels.insert(*h, Stored { helpful: *helpful, caption: caption.clone() });
+                        m.order.push(*h);
                         added += 1;
                     }
                 }
@@ -118,10 +141,8 @@ impl LabelStore {
         match self {
             LabelStore::Memory(m) => {
                 let m = m.lock().expect("label map");
-                let mut all: Vec<(u64, &Stored)> = m.iter().map(|(h, s)| (*h, s)).collect();
-                all.sort_by_key(|(h, _)| *h);
-                let skip = all.len().saturating_sub(limit);
-                Ok(all.into_iter().skip(skip).map(|(_, s)| (s.caption.clone(), s.helpful)).collect())
+                let skip = m.order.len().saturating_sub(limit);
+                Ok(m.order[skip..].iter().map(|h| &m.labels[h]).map(|s| (s.caption.clone(), s.helpful)).collect())
             }
             LabelStore::Redis { conn, prefix } => {
                 let mut conn = conn.clone();
@@ -149,11 +170,93 @@ impl LabelStore {
     /// Labels in the store.
     pub async fn count(&self) -> Result<u64> {
         match self {
-            LabelStore::Memory(m) => Ok(m.lock().expect("label map").len() as u64),
+            LabelStore::Memory(m) => Ok(m.lock().expect("label map").labels.len() as u64),
             LabelStore::Redis { conn, prefix } => {
                 let mut conn = conn.clone();
                 let n: Option<u64> = redis::cmd("GET").arg(format!("{prefix}:labels")).query_async(&mut conn).await?;
                 Ok(n.unwrap_or(0))
+            }
+        }
+    }
+}
+
+impl LabelStore {
+    /// Stores judged pairs `(hash_a, hash_b, preference)` and marks both captions as compared.
+    pub async fn put_preferences(&self, rows: &[(u64, u64, Preference)]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match self {
+            LabelStore::Memory(m) => {
+                let mut m = m.lock().expect("label map");
+                for (a, b, p) in rows {
+                    m.ranked.insert(*a);
+                    m.ranked.insert(*b);
+                    m.prefs.push(p.clone());
+                }
+                Ok(())
+            }
+            LabelStore::Redis { conn, prefix } => {
+                let mut conn = conn.clone();
+                let json: Vec<String> =
+                    rows.iter().map(|(_, _, p)| serde_json::to_string(p).expect("preferences serialise")).collect();
+                let hashes: Vec<String> = rows.iter().flat_map(|(a, b, _)| [format!("{a:016x}"), format!("{b:016x}")]).collect();
+                let mut pipe = redis::pipe();
+                pipe.cmd("RPUSH").arg(format!("{prefix}:prefs")).arg(&json).ignore();
+                pipe.cmd("SADD").arg(format!("{prefix}:ranked")).arg(&hashes).ignore();
+                let _: () = pipe.query_async(&mut conn).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether each caption has been compared already.
+    pub async fn ranked_many(&self, hashes: &[u64]) -> Result<Vec<bool>> {
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            LabelStore::Memory(m) => {
+                let m = m.lock().expect("label map");
+                Ok(hashes.iter().map(|h| m.ranked.contains(h)).collect())
+            }
+            LabelStore::Redis { conn, prefix } => {
+                let mut conn = conn.clone();
+                let members: Vec<String> = hashes.iter().map(|h| format!("{h:016x}")).collect();
+                let found: Vec<bool> =
+                    redis::cmd("SMISMEMBER").arg(format!("{prefix}:ranked")).arg(&members).query_async(&mut conn).await?;
+                Ok(found)
+            }
+        }
+    }
+
+    /// The newest `limit` preferences, oldest first.
+    pub async fn preferences(&self, limit: usize) -> Result<Vec<Preference>> {
+        match self {
+            LabelStore::Memory(m) => {
+                let m = m.lock().expect("label map");
+                Ok(m.prefs[m.prefs.len().saturating_sub(limit)..].to_vec())
+            }
+            LabelStore::Redis { conn, prefix } => {
+                let mut conn = conn.clone();
+                let rows: Vec<String> = redis::cmd("LRANGE")
+                    .arg(format!("{prefix}:prefs"))
+                    .arg(-(limit as i64))
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(rows.iter().filter_map(|r| serde_json::from_str(r).ok()).collect())
+            }
+        }
+    }
+
+    /// Preferences in the store.
+    pub async fn preference_count(&self) -> Result<u64> {
+        match self {
+            LabelStore::Memory(m) => Ok(m.lock().expect("label map").prefs.len() as u64),
+            LabelStore::Redis { conn, prefix } => {
+                let mut conn = conn.clone();
+                Ok(redis::cmd("LLEN").arg(format!("{prefix}:prefs")).query_async(&mut conn).await?)
             }
         }
     }
@@ -171,6 +274,16 @@ mod tests {
         assert_eq!(s.get_many(&[1, 2, 3]).await.unwrap(), vec![Some(true), Some(false), None]);
         assert_eq!(s.count().await.unwrap(), 2);
         assert_eq!(s.recent(10).await.unwrap(), vec![("a".to_string(), true), ("b".to_string(), false)]);
-        assert_eq!(s.recent(1).await.unwrap().len(), 1);
+        assert_eq!(s.recent(1).await.unwrap(), vec![("b".to_string(), false)]);
+    }
+
+    #[tokio::test]
+    async fn memory_store_keeps_preferences_and_marks_compared_captions() {
+        let s = LabelStore::open("memory", "j").await.unwrap();
+        let p = |a: &str, b: &str, o: f64| Preference { a: a.into(), b: b.into(), outcome: o };
+        s.put_preferences(&[(1, 2, p("a", "b", 1.0)), (3, 4, p("c", "d", 0.5))]).await.unwrap();
+        assert_eq!(s.ranked_many(&[1, 4, 5]).await.unwrap(), vec![true, true, false]);
+        assert_eq!(s.preference_count().await.unwrap(), 2);
+        assert_eq!(s.preferences(1).await.unwrap(), vec![p("c", "d", 0.5)]);
     }
 }

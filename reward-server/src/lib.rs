@@ -5,6 +5,8 @@
 //!   are answered from the [`labels`] store, unlabelled ones go on the bounded
 //!   newest-first [`queue`], which an [`annotator`] drains in the background.
 //!   Scoring never waits for the annotator.
+//! * reward models: retrieval (label lookup), [`classifier`] (predicts labels),
+//!   [`ranker`] (Bradley-Terry on pairwise preferences).
 //! * [`service`]: the `sluice.v1.Reward` gRPC service; [`server`]: the process.
 
 pub mod annotator;
@@ -14,6 +16,7 @@ pub mod error;
 pub mod labels;
 pub mod llm;
 pub mod queue;
+pub mod ranker;
 pub mod server;
 pub mod service;
 

@@ -4,6 +4,8 @@
 //! backoff on 5xx, 429, timeouts and connection errors. The answer's last
 //! `LABEL: helpful|unhelpful` line is the label; an answer without one (or a
 //! body that is not a chat completion) counts as unhelpful, as ONI does.
+//! For the ranking model a request carries two captions and the last
+//! `ANSWER: 1|2|tie` line is the preference; anything else is a tie.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,8 @@ use crate::error::{Error, Result};
 
 /// The built-in judge prompt for classification (`prompts/classify.txt`).
 pub const CLASSIFY_PROMPT: &str = include_str!("../prompts/classify.txt");
+/// The built-in judge prompt for ranking (`prompts/rank.txt`).
+pub const RANK_PROMPT: &str = include_str!("../prompts/rank.txt");
 
 pub struct LlmAnnotator {
     client: reqwest::Client,
@@ -40,11 +44,27 @@ pub fn parse_label(answer: &str) -> bool {
     }
 }
 
+/// The preference in a judge's answer: P(message 1 is better) from the last
+/// `answer:` followed by `1`, `2` or `tie`; anything else is a tie (0.5).
+pub fn parse_preference(answer: &str) -> f64 {
+    let lower = answer.to_lowercase();
+    let word = lower.rfind("answer:").and_then(|i| {
+        lower[i + "answer:".len()..].split(|c: char| !c.is_alphanumeric()).find(|w| !w.is_empty()).map(String::from)
+    });
+    match word.as_deref() {
+        Some("1") => 1.0,
+        Some("2") => 0.0,
+        _ => 0.5,
+    }
+}
+
 impl LlmAnnotator {
-    pub fn new(cfg: &LlmConfig) -> Result<Self> {
+    /// `ranking` picks the built-in ranking prompt when the config names no prompt file.
+    pub fn new(cfg: &LlmConfig, ranking: bool) -> Result<Self> {
         let prompt = match &cfg.prompt_file {
             Some(path) => std::fs::read_to_string(path)
                 .map_err(|e| Error::Io { what: format!("judge prompt {}", path.display()), source: e })?,
+            None if ranking => RANK_PROMPT.to_string(),
             None => CLASSIFY_PROMPT.to_string(),
         };
         let client = reqwest::Client::builder()
@@ -73,13 +93,29 @@ impl LlmAnnotator {
     }
 
     async fn label_one(&self, caption: &str) -> Result<bool> {
+        Ok(self.ask(caption).await?.is_some_and(|c| parse_label(&c)))
+    }
+
+    /// P(first better) for each pair, requested concurrently.
+    pub async fn compare(&self, pairs: &[(String, String)]) -> Result<Vec<f64>> {
+        let all = futures::future::join_all(pairs.iter().map(|(a, b)| async move {
+            let answer = self.ask(&format!("Message 1: {a}\nMessage 2: {b}")).await?;
+            Ok(answer.map_or(0.5, |c| parse_preference(&c)))
+        }))
+        .await;
+        all.into_iter().collect()
+    }
+
+    /// One chat completion for `user` under the judge prompt: the answer's text,
+    /// or None when the body is not a chat completion.
+    async fn ask(&self, user: &str) -> Result<Option<String>> {
         let _permit = self.permits.acquire().await.map_err(|e| Error::Annotator(e.to_string()))?;
         let body = json!({
             "model": self.model,
             "temperature": 0,
             "messages": [
                 {"role": "system", "content": self.prompt},
-                {"role": "user", "content": caption},
+                {"role": "user", "content": user},
             ],
         });
         let mut backoff = Duration::from_millis(200);
@@ -95,12 +131,11 @@ impl LlmAnnotator {
             }
             match req.send().await {
                 Ok(resp) if resp.status().is_success() => {
-                    let content = resp
+                    return Ok(resp
                         .json::<Value>()
                         .await
                         .ok()
-                        .and_then(|v| v["choices"][0]["message"]["content"].as_str().map(String::from));
-                    return Ok(content.is_some_and(|c| parse_label(&c)));
+                        .and_then(|v| v["choices"][0]["message"]["content"].as_str().map(String::from)));
                 }
                 Ok(resp) if resp.status().is_server_error() || resp.status().as_u16() == 429 => {
                     last = format!("HTTP {}", resp.status());
@@ -115,7 +150,16 @@ impl LlmAnnotator {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_label;
+    use super::{parse_label, parse_preference};
+
+    #[test]
+    fn preferences_parse_from_the_last_answer_line_and_default_to_a_tie() {
+        assert_eq!(parse_preference("Message 1 finds the key.\nANSWER: 1"), 1.0);
+        assert_eq!(parse_preference("answer: 2."), 0.0);
+        assert_eq!(parse_preference("ANSWER: 1\nOn reflection, ANSWER: tie"), 0.5);
+        assert_eq!(parse_preference("Message 2 is better"), 0.5, "no answer line is a tie");
+        assert_eq!(parse_preference("ANSWER: 3"), 0.5);
+    }
 
     #[test]
     fn labels_parse_from_the_last_label_line() {

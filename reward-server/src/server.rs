@@ -15,6 +15,7 @@ use crate::classifier::Classifier;
 use crate::error::{Error, Result};
 use crate::labels::LabelStore;
 use crate::queue::CaptionQueue;
+use crate::ranker::{Normaliser, Ranker};
 use crate::service::{RewardService, State};
 
 /// What the server prints as JSON lines.
@@ -39,27 +40,33 @@ pub async fn start(job: &JobConfig) -> Result<Arc<State>> {
         counters: counters.clone(),
         cfg: cfg.clone(),
         classifier: RwLock::new(None),
+        ranker: RwLock::new(None),
+        normaliser: Normaliser::default(),
         lookups: AtomicU64::new(0),
         hits: AtomicU64::new(0),
         store_errors: AtomicU64::new(0),
     });
-    tokio::spawn(annotator::run(queue, store, annotator, cfg.batch_size, counters));
-    if cfg.model == IntrinsicModel::Classification {
-        tokio::spawn(train_classifier(state.clone()));
+    let ranking = cfg.model == IntrinsicModel::Ranking;
+    tokio::spawn(annotator::run(queue, store, annotator, cfg.batch_size, ranking, counters));
+    if matches!(cfg.model, IntrinsicModel::Classification | IntrinsicModel::Ranking) {
+        tokio::spawn(train_model(state.clone()));
     }
     Ok(state)
 }
 
-/// Labels the classifier learns from at most (the newest).
+/// Labels (or preferences) a learnt reward model trains on at most (the newest).
 const TRAIN_LABELS: usize = 5000;
 
-/// Retrains the classifier whenever the number of labels changed (checked
-/// twice a second, once `train_min_labels` exist), then swaps it in.
-async fn train_classifier(state: Arc<State>) {
+/// Retrains the classifier (or the ranker) whenever the number of labels
+/// (preferences) changed — checked twice a second, once `train_min_labels`
+/// exist — then swaps it in and bumps the reward model's version.
+async fn train_model(state: Arc<State>) {
+    let ranking = state.cfg.model == IntrinsicModel::Ranking;
     let mut trained = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let n = match state.store.count().await {
+        let n = if ranking { state.store.preference_count().await } else { state.store.count().await };
+        let n = match n {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot count labels");
@@ -69,21 +76,44 @@ async fn train_classifier(state: Arc<State>) {
         if n < state.cfg.train_min_labels as u64 || n == trained {
             continue;
         }
-        let data = match state.store.recent(TRAIN_LABELS).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read labels");
-                continue;
-            }
+        let fitted = if ranking {
+            let data = match state.store.preferences(TRAIN_LABELS).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read preferences");
+                    continue;
+                }
+            };
+            let st = state.clone();
+            tokio::task::spawn_blocking(move || {
+                let r = Ranker::train(&data, 200);
+                tracing::info!(preferences = r.trained_on, "ranker retrained");
+                *st.ranker.write().expect("ranker lock") = Some(Arc::new(r));
+            })
+        } else {
+            let data = match state.store.recent(TRAIN_LABELS).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read labels");
+                    continue;
+                }
+            };
+            let st = state.clone();
+            tokio::task::spawn_blocking(move || {
+                let c = Classifier::train(&data, 200);
+                tracing::info!(labels = c.trained_on, "classifier retrained");
+                *st.classifier.write().expect("classifier lock") = Some(Arc::new(c));
+            })
         };
-        match tokio::task::spawn_blocking(move || Classifier::train(&data, 200)).await {
-            Ok(clf) => {
-                tracing::info!(labels = clf.trained_on, "classifier retrained");
-                *state.classifier.write().expect("classifier lock") = Some(Arc::new(clf));
+        match fitted.await {
+            Ok(()) => {
+                if ranking {
+                    state.normaliser.reset();
+                }
                 state.counters.version.fetch_add(1, Ordering::SeqCst);
                 trained = n;
             }
-            Err(e) => tracing::warn!(error = %e, "classifier training failed"),
+            Err(e) => tracing::warn!(error = %e, "reward model training failed"),
         }
     }
 }

@@ -5,7 +5,10 @@
 //! caption's occurrences so far in the item's episode). Captions without a
 //! label count 0 and are queued for the annotator; nothing here waits for it.
 //! With the classification model, captions without a label are answered by
-//! the latest classifier (trained in the background) until labelled.
+//! the latest classifier (trained in the background) until labelled. With the
+//! ranking model every caption is worth its Bradley-Terry score, normalised by
+//! the running mean and std; captions not compared yet are queued for a pairwise
+//! judgement.
 //! A bad item (unknown verifier, malformed caption) gets an `error` and no
 //! score; the rest of the batch is scored as usual.
 
@@ -24,6 +27,7 @@ use crate::captions;
 use crate::classifier::Classifier;
 use crate::labels::LabelStore;
 use crate::queue::CaptionQueue;
+use crate::ranker::{Normaliser, Ranker};
 
 /// Most items one `Score` call may carry.
 pub const MAX_ITEMS: usize = 4096;
@@ -41,6 +45,9 @@ pub struct State {
     pub annotator_name: String,
     /// The classification model, once trained.
     pub classifier: RwLock<Option<Arc<Classifier>>>,
+    /// The ranking model, once trained, and the running statistics of its scores.
+    pub ranker: RwLock<Option<Arc<Ranker>>>,
+    pub normaliser: Normaliser,
     pub lookups: AtomicU64,
     pub hits: AtomicU64,
     pub store_errors: AtomicU64,
@@ -90,8 +97,9 @@ impl State {
     pub async fn score(&self, items: &[ScoreItem]) -> Vec<ItemScore> {
         let checked: Vec<Result<Checked, String>> = items.iter().map(check_item).collect();
         let intrinsic_on = self.cfg.model != IntrinsicModel::None;
-        // One store round trip for every distinct caption of the batch.
-        let mut labels: HashMap<u64, Option<bool>> = HashMap::new();
+        // One store round trip for every distinct caption of the batch; then
+        // each caption's value r_int(c) before the count decay.
+        let mut values: HashMap<u64, f64> = HashMap::new();
         if intrinsic_on {
             let mut texts: HashMap<u64, &str> = HashMap::new();
             for c in checked.iter().flatten() {
@@ -101,28 +109,46 @@ impl State {
             }
             let hashes: Vec<u64> = texts.keys().copied().collect();
             self.lookups.fetch_add(hashes.len() as u64, Ordering::Relaxed);
-            let found = match self.store.get_many(&hashes).await {
-                Ok(found) => found,
-                Err(e) => {
-                    // Never make training wait: score as unlabelled and say so.
-                    self.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "label store unavailable; intrinsic rewards are 0 for this batch");
-                    vec![None; hashes.len()]
-                }
+            let ranking = self.cfg.model == IntrinsicModel::Ranking;
+            let known = if ranking {
+                self.store.ranked_many(&hashes).await.map(|r| r.into_iter().map(|k| k.then_some(true)).collect())
+            } else {
+                self.store.get_many(&hashes).await
             };
-            let classifier = match self.cfg.model {
-                IntrinsicModel::Classification => self.classifier.read().expect("classifier lock").clone(),
-                _ => None,
-            };
-            for (h, label) in hashes.iter().zip(found) {
+            let found = known.unwrap_or_else(|e| {
+                // Never make training wait: score as unlabelled and say so.
+                self.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "label store unavailable; intrinsic rewards are 0 for this batch");
+                vec![None; hashes.len()]
+            });
+            for (h, label) in hashes.iter().zip(&found) {
                 if label.is_some() {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                 } else {
                     self.queue.push(*h, texts[h].to_string());
                 }
-                // Classification answers for captions the annotator has not labelled yet.
-                let predicted = || classifier.as_ref().map(|c| c.probability(texts[h]) > self.cfg.threshold);
-                labels.insert(*h, label.or_else(predicted));
+            }
+            match self.cfg.model {
+                IntrinsicModel::Ranking => {
+                    let ranker = self.ranker.read().expect("ranker lock").clone();
+                    if let Some(r) = ranker {
+                        let raw: Vec<f64> = hashes.iter().map(|h| r.score(texts[h])).collect();
+                        values.extend(hashes.iter().copied().zip(self.normaliser.normalise(&raw)));
+                    }
+                }
+                _ => {
+                    let classifier = match self.cfg.model {
+                        IntrinsicModel::Classification => self.classifier.read().expect("classifier lock").clone(),
+                        _ => None,
+                    };
+                    for (h, label) in hashes.iter().zip(found) {
+                        // Classification answers for captions the annotator has not labelled yet.
+                        let predicted = || classifier.as_ref().map(|c| c.probability(texts[h]) > self.cfg.threshold);
+                        if label.or_else(predicted) == Some(true) {
+                            values.insert(*h, 1.0);
+                        }
+                    }
+                }
             }
         }
         let (ext_coef, int_coef, beta) = (self.cfg.ext_coef, self.cfg.int_coef, self.cfg.beta);
@@ -138,8 +164,8 @@ impl State {
                         for (_, h) in &c.captions {
                             let n = seen.entry(*h).or_insert(0);
                             *n += 1;
-                            if labels.get(h).copied().flatten() == Some(true) {
-                                intrinsic += 1.0 / (*n as f64).powf(beta);
+                            if let Some(v) = values.get(h) {
+                                intrinsic += v / (*n as f64).powf(beta);
                             }
                         }
                     }
@@ -186,6 +212,7 @@ impl Reward for RewardService {
         let s = &self.state;
         s.check_job(&request.into_inner().job_id)?;
         let labelled = s.store.count().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let preferences = s.store.preference_count().await.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(AnnotationStats {
             annotator: s.annotator_name.clone(),
             labelled,
@@ -201,6 +228,7 @@ impl Reward for RewardService {
                 IntrinsicModel::None => "none",
                 IntrinsicModel::Retrieval => "retrieval",
                 IntrinsicModel::Classification => "classification",
+                IntrinsicModel::Ranking => "ranking",
             }
             .into(),
             classifier_labels: s
@@ -209,6 +237,8 @@ impl Reward for RewardService {
                 .expect("classifier lock")
                 .as_ref()
                 .map_or(0, |c| c.trained_on as u64),
+            preferences,
+            ranker_preferences: s.ranker.read().expect("ranker lock").as_ref().map_or(0, |r| r.trained_on as u64),
         }))
     }
 }

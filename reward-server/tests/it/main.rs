@@ -183,7 +183,8 @@ fn queue_overflow_is_counted_and_not_fatal() {
 }
 
 /// A fake OpenAI-compatible endpoint: `mode` 0 answers (helpful when the
-/// caption mentions a key), 1 answers after 2 s, 2 fails with 500, 3 returns garbage.
+/// caption mentions a key; for a pair, prefers the one that mentions a key),
+/// 1 answers after 2 s, 2 fails with 500, 3 returns garbage.
 struct FakeLlm {
     base_url: String,
     mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
@@ -228,13 +229,25 @@ fn fake_llm(mode: u8) -> FakeLlm {
                 if mode == 1 {
                     std::thread::sleep(Duration::from_secs(2));
                 }
-                let verdict = if body.contains("key") { "helpful" } else { "unhelpful" };
+                let user = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["messages"][1]["content"].as_str().map(String::from))
+                    .unwrap_or_default();
+                let verdict = match user.split_once("\nMessage 2: ") {
+                    Some((a, b)) => match (a.contains("key"), b.contains("key")) {
+                        (true, false) => "ANSWER: 1",
+                        (false, true) => "ANSWER: 2",
+                        _ => "ANSWER: tie",
+                    },
+                    None if user.contains("key") => "LABEL: helpful",
+                    None => "LABEL: unhelpful",
+                };
                 let (status, payload) = match mode {
                     2 => ("500 Internal Server Error", "{\"error\":\"overloaded\"}".to_string()),
                     3 => ("200 OK", "<html>this is not json".to_string()),
                     _ => (
                         "200 OK",
-                        serde_json::json!({"choices": [{"message": {"role": "assistant", "content": format!("Thinking.\nLABEL: {verdict}")}}]})
+                        serde_json::json!({"choices": [{"message": {"role": "assistant", "content": format!("Thinking.\n{verdict}")}}]})
                             .to_string(),
                     ),
                 };
@@ -352,4 +365,66 @@ fn the_classifier_answers_for_captions_not_labelled_yet() {
     );
     assert_eq!((s[0].intrinsic, s[1].intrinsic), (1.0, 0.0), "{s:?}");
     assert_eq!(stats(&ep).model, "classification");
+}
+
+#[test]
+fn the_ranker_learns_llm_preferences_and_they_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_redis, url) = redis();
+    let llm = fake_llm(0);
+    let body = format!(
+        "[reward]\nint_coef = 1.0\nmodel = \"ranking\"\ntrain_min_labels = 12\nbatch_size = 8\n\
+         [reward.llm]\nbase_url = \"{}\"\nmodel = \"judge\"\ntimeout_s = 5\nretries = 1\nconcurrency = 4\n",
+        llm.base_url
+    );
+    let path = job(dir.path(), &body);
+    let (s1, ep) = server(&path, &url);
+    let places = ["kitchen", "cellar", "tower", "garden", "hall", "vault", "attic", "crypt"];
+    let mut train = Vec::new();
+    for p in places {
+        train.push(format!("you find a key in the {p}"));
+        train.push(format!("you bump into the wall of the {p}"));
+        train.push(format!("you look around the {p}"));
+    }
+    let refs: Vec<&str> = train.iter().map(String::as_str).collect();
+    let (first, _) = score(&ep, vec![item("train", "", "", "", &refs)]);
+    assert_eq!(first[0].intrinsic, 0.0, "no ranker yet: no intrinsic reward");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats(&ep).ranker_preferences < 12 {
+        assert!(Instant::now() < deadline, "the ranker was never trained: {:?}", stats(&ep));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = stats(&ep);
+    assert_eq!((st.model.as_str(), st.preferences), ("ranking", 12), "{st:?}");
+    // Held-out place; normalised scores: the caption with a key ranks above the others.
+    let held_out = |ep: &str| {
+        let (s, _) = score(
+            ep,
+            vec![
+                item("key", "", "", "", &["you find a key in the library"]),
+                item("wall", "", "", "", &["you bump into the wall of the library"]),
+                item("look", "", "", "", &["you look around the library"]),
+            ],
+        );
+        (s[0].intrinsic, s[1].intrinsic, s[2].intrinsic)
+    };
+    let (key, wall, look) = held_out(&ep);
+    assert!(key > 0.5 && key > wall + 1.0 && key > look + 1.0, "key {key}, wall {wall}, look {look}");
+    // The three new captions are judged too (one pair, and the odd one against the last caption judged).
+    while stats(&ep).preferences < 14 {
+        assert!(Instant::now() < deadline, "held-out captions were not judged: {:?}", stats(&ep));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Preferences live in Redis: a new server retrains from them without asking the LLM again.
+    drop(s1);
+    let asked = llm.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let (_s2, ep2) = server(&path, &url);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats(&ep2).ranker_preferences < 12 {
+        assert!(Instant::now() < deadline, "the ranker was not retrained after a restart: {:?}", stats(&ep2));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (key2, wall2, _) = held_out(&ep2);
+    assert!(key2 > wall2 + 1.0, "after restart: key {key2}, wall {wall2}");
+    assert_eq!(llm.requests.load(std::sync::atomic::Ordering::SeqCst), asked, "nothing was judged twice");
 }
