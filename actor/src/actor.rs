@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use sluice_core::config::{JobConfig, ResponseCaptions};
 use sluice_core::hf::load_policy;
-use sluice_core::rollout::collect_groups;
+use sluice_core::rollout::collect;
 use sluice_core::tasks::{self, Split};
 use sluice_proto::v1::learner_client::LearnerClient;
 use sluice_proto::v1::reward_client::RewardClient;
@@ -243,10 +243,10 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 .map(|k| task.problem(Split::Train, (cursor + k as u64) * opts.actors as u64 + opts.index as u64))
                 .collect();
             cursor += per_batch as u64;
-            let mut collected = collect_groups(policy.model(), &tokenizer, &problems, g, &sampling, version, &mut rng)?;
+            let mut collected = collect(policy.model(), &tokenizer, task.as_ref(), &problems, g, &sampling, version, &mut rng)?;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
-                if !rescore(&rt, endpoint, &mut reward_client, cfg, &problems, &mut collected.groups, &tokenizer, &stop)? {
+                if !rescore(&rt, endpoint, &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
                     break 'connection;
                 }
             }
@@ -297,8 +297,8 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
     Ok(())
 }
 
-/// Replaces each rollout's reward with the reward server's total (verifier
-/// plus intrinsic reward). Keeps one connection in `client`; reconnects and
+/// Replaces each rollout's reward with the reward server's total (verifier —
+/// or, for an episode, the environment's reward — plus intrinsic reward). Keeps one connection in `client`; reconnects and
 /// retries with backoff while the server is unreachable; false when stopped first.
 #[allow(clippy::too_many_arguments)]
 fn rescore(
@@ -306,14 +306,22 @@ fn rescore(
     endpoint: &str,
     client: &mut Option<RewardClient<Channel>>,
     cfg: &JobConfig,
+    task: &dyn sluice_core::tasks::Task,
     problems: &[sluice_core::tasks::Problem],
     groups: &mut [sluice_core::rollout::Group],
     tokenizer: &sluice_core::tokenizer::Tokenizer,
     stop: &AtomicBool,
 ) -> Result<bool> {
     let mut items = Vec::new();
+    let episodes = problems.first().is_some_and(|p| task.episode(p).is_some());
     for (gi, (p, group)) in problems.iter().zip(groups.iter()).enumerate() {
         for (ri, r) in group.rollouts.iter().enumerate() {
+            let id = format!("{gi}:{ri}");
+            if episodes {
+                // The environment scored the episode and named its captions.
+                items.push(v1::ScoreItem { id, env_reward: Some(r.reward), captions: r.captions.clone(), ..Default::default() });
+                continue;
+            }
             let response = tokenizer.decode(&r.response_tokens)?;
             let captions = match cfg.reward.response_captions {
                 ResponseCaptions::None => Vec::new(),
@@ -322,11 +330,12 @@ fn rescore(
                 }
             };
             items.push(v1::ScoreItem {
-                id: format!("{gi}:{ri}"),
+                id,
                 verifier: p.verifier.name().to_string(),
                 answer: p.answer.clone(),
                 response,
                 captions,
+                env_reward: None,
             });
         }
     }

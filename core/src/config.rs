@@ -236,6 +236,24 @@ pub enum TaskConfig {
     Arithmetic(ArithmeticConfig),
     Countdown(CountdownConfig),
     Jsonl(JsonlConfig),
+    Adventure(AdventureConfig),
+}
+
+/// The multi-turn text adventure (the ONI testbed; see `tasks::Adventure`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdventureConfig {
+    /// Rooms in a world (2..=12); the last holds the treasure behind a locked door.
+    #[serde(default = "four")]
+    pub rooms: usize,
+    /// Actions per episode (1..=64).
+    #[serde(default = "eight")]
+    pub max_turns: usize,
+    /// Distinct worlds (problem i is world i mod layouts); 0: a new world per problem.
+    #[serde(default)]
+    pub layouts: u64,
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// `a op b op ... =` with integer operands.
@@ -289,6 +307,12 @@ fn two() -> u32 {
 }
 fn three() -> usize {
     3
+}
+fn four() -> usize {
+    4
+}
+fn eight() -> usize {
+    8
 }
 fn twenty() -> i64 {
     20

@@ -115,6 +115,7 @@ pub fn check(r: &v1::Rollout, limits: &Limits) -> Result<Rollout, Refusal> {
         response_tokens: response,
         logprobs,
         loss_mask,
+        captions: Vec::new(),
         reward: rewards.total,
         version: r.policy_version,
         finish,

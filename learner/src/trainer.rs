@@ -26,7 +26,7 @@ use sluice_core::config::JobConfig;
 use sluice_core::generate::{generate, SamplingParams};
 use sluice_core::hf::{load_policy, Policy};
 use sluice_core::model::token_logprobs;
-use sluice_core::rollout::{collect_groups, Group};
+use sluice_core::rollout::{collect, Group};
 use sluice_core::tasks::{self, Problem, Split, Task};
 use sluice_core::tokenizer::Tokenizer;
 use tch::{Device, Tensor};
@@ -271,9 +271,10 @@ impl Trainer {
 
     /// Samples `group_size` completions for each problem and scores them.
     pub fn collect(&self, problems: &[Problem], rng: &mut ChaCha8Rng) -> Result<(Vec<Group>, f64)> {
-        let c = collect_groups(
+        let c = collect(
             self.policy.model(),
             &self.tokenizer,
+            self.task.as_ref(),
             problems,
             self.cfg.grpo.group_size,
             &self.sampling,
@@ -546,9 +547,17 @@ impl Trainer {
         Ok(SftMetrics { sft_step: self.state.sft_step, loss: loss[0], grad_norm: report.grad_norm, skipped: report.skipped })
     }
 
-    /// Mean reward of greedy answers to the first `n` held-out problems.
+    /// Mean reward of greedy answers to the first `n` held-out problems (for a
+    /// multi-turn task: of one greedy episode each, i.e. the success rate).
     pub fn evaluate(&self, n: usize) -> Result<f64> {
         let problems: Vec<Problem> = (0..n as u64).map(|i| self.task.problem(Split::Eval, i)).collect();
+        if problems.first().is_some_and(|p| self.task.episode(p).is_some()) {
+            let params = SamplingParams { temperature: 0.0, ..self.sampling.clone() };
+            let mut rng = rng_for(0, 0, 0);
+            let c = collect(self.policy.model(), &self.tokenizer, self.task.as_ref(), &problems, 1, &params, 0, &mut rng)?;
+            let total: f64 = c.groups.iter().flat_map(Group::rewards).sum();
+            return Ok(total / n.max(1) as f64);
+        }
         let prompts = problems.iter().map(|p| self.tokenizer.encode(&p.prompt)).collect::<Result<Vec<_>, _>>()?;
         let params = SamplingParams { temperature: 0.0, ..self.sampling.clone() };
         let mut rng = rng_for(0, 0, 0);
@@ -697,6 +706,7 @@ mod tests {
             response_tokens: vec![8, 1],
             logprobs: vec![logprob, logprob],
             loss_mask: vec![],
+            captions: vec![],
             reward,
             version: 0,
             finish: FinishReason::Stop,

@@ -30,6 +30,7 @@ fn items(n: usize, captions: usize, salt: usize) -> Vec<ScoreItem> {
             answer: format!("{}", i * 7),
             response: format!("Let me add the numbers step by step. First {i}, then {}. So the answer is \\boxed{{{}}}", i * 6, i * 7),
             captions: (0..captions).map(|c| format!("you open door {} of room {}", c, (i + salt) % 512)).collect(),
+            env_reward: None,
         })
         .collect()
 }

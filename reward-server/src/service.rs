@@ -75,7 +75,13 @@ fn check_item(item: &ScoreItem) -> Result<Checked, String> {
         return Err(format!("response is {} bytes, over the limit of {MAX_RESPONSE_BYTES}", item.response.len()));
     }
     let extrinsic = if item.verifier.is_empty() {
-        0.0
+        match item.env_reward {
+            Some(r) if !r.is_finite() => return Err(format!("env_reward {r} is not a finite number")),
+            Some(r) => r,
+            None => 0.0,
+        }
+    } else if item.env_reward.is_some() {
+        return Err("give a verifier or an env_reward, not both".into());
     } else {
         let v = Verifier::parse(&item.verifier).ok_or_else(|| {
             format!("unknown verifier `{}` (one of {})", item.verifier, VERIFIER_NAMES.join(", "))

@@ -1,18 +1,23 @@
 //! Environments that turn a seed into a prompt and score the policy's answer.
 //!
-//! Every task here is single-turn and verifiable: `problem(split, index)` is a
+//! Most tasks are single-turn and verifiable; the text [`Adventure`] is
+//! multi-turn ([`Task::episode`]): the policy's actions and the environment's
+//! observations alternate, and the reward comes from the environment.
+//! `problem(split, index)` is a
 //! pure function of the task's seed, the split and the index (so a data cursor is
 //! just an integer), and `score` runs the task's [`Verifier`] on the response text.
 //! The `eval` split draws from a different stream than `train`, so held-out
 //! problems are (with overwhelming probability, or by construction for JSONL files
 //! with an `eval_path`) not the training ones.
 
+mod adventure;
 mod arithmetic;
 mod countdown;
 mod expr;
 mod jsonl;
 mod verify;
 
+pub use adventure::{Adventure, World};
 pub use arithmetic::Arithmetic;
 pub use countdown::Countdown;
 pub use expr::{parse_expression, Expr, Rational};
@@ -60,6 +65,31 @@ pub trait Task: Send + Sync {
     fn demonstration(&self, problem: &Problem) -> String {
         problem.answer.clone()
     }
+    /// Multi-turn tasks: the environment behind `problem`, at its start
+    /// (`problem.prompt` is its first observation). None for single-turn tasks.
+    fn episode(&self, _problem: &Problem) -> Option<Box<dyn Episode>> {
+        None
+    }
+    /// Multi-turn tasks: actions per episode at most.
+    fn max_turns(&self) -> usize {
+        1
+    }
+}
+
+/// What a multi-turn environment answers to one action.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    /// Text appended to the context after the action (environment tokens: never trained on).
+    pub observation: String,
+    pub reward: f64,
+    pub done: bool,
+    /// Messages for the intrinsic reward (ONI captions).
+    pub captions: Vec<String>,
+}
+
+/// A running multi-turn environment.
+pub trait Episode: Send {
+    fn step(&mut self, action: &str) -> Turn;
 }
 
 /// The RNG for one problem: a pure function of (seed, split, index).
@@ -79,5 +109,6 @@ pub fn build(cfg: &TaskConfig) -> Result<Box<dyn Task>> {
         TaskConfig::Arithmetic(c) => Box::new(Arithmetic::new(c.clone())?),
         TaskConfig::Countdown(c) => Box::new(Countdown::new(c.clone())?),
         TaskConfig::Jsonl(c) => Box::new(JsonlTask::open(c)?),
+        TaskConfig::Adventure(c) => Box::new(Adventure::new(c.clone())?),
     })
 }

@@ -89,6 +89,7 @@ fn item(id: &str, verifier: &str, answer: &str, response: &str, captions: &[&str
         answer: answer.into(),
         response: response.into(),
         captions: captions.iter().map(|c| c.to_string()).collect(),
+        env_reward: None,
     }
 }
 
