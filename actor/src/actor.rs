@@ -53,7 +53,17 @@ pub struct ActorOptions {
 pub enum ActorEvent {
     Connected { endpoint: String, learner_version: u64 },
     Synced { version: u64, bytes: usize, resumed_from: u64, seconds: f64 },
-    Sent { version: u64, groups: usize, rollouts: usize, reward_mean: f64, generate_s: f64, send_s: f64 },
+    /// `extrinsic_mean`: the task's own reward (verifier, or environment for
+    /// episodes); `reward_mean`: what the learner trains on (with intrinsic reward).
+    Sent {
+        version: u64,
+        groups: usize,
+        rollouts: usize,
+        extrinsic_mean: f64,
+        reward_mean: f64,
+        generate_s: f64,
+        send_s: f64,
+    },
     Disconnected { reason: String },
     Done { groups_sent: u64, groups_accepted: u64, groups_dropped: u64, version: u64 },
 }
@@ -244,6 +254,8 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 .collect();
             cursor += per_batch as u64;
             let mut collected = collect(policy.model(), &tokenizer, task.as_ref(), &problems, g, &sampling, version, &mut rng)?;
+            let extrinsic: Vec<f64> = collected.groups.iter().flat_map(|g| g.rewards()).collect();
+            let extrinsic_mean = extrinsic.iter().sum::<f64>() / extrinsic.len().max(1) as f64;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
                 if !rescore(&rt, endpoint, &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
@@ -272,6 +284,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 version,
                 groups: collected.groups.len(),
                 rollouts,
+                extrinsic_mean,
                 reward_mean: reward / rollouts.max(1) as f64,
                 generate_s: collected.generate_s,
                 send_s: t_send.elapsed().as_secs_f64(),
