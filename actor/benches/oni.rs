@@ -14,7 +14,7 @@
 //!   (`model = "none"`).
 //!
 //! `cargo bench -p sluice-actor --bench oni -- [claim] [stalled] [--seeds 3]
-//! [--steps 100] [--bin-dir target/release] [--out docs]`
+//! [--steps 100] [--rooms 3] [--only oni|extrinsic] [--bin-dir target/release] [--out docs]`
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -35,14 +35,20 @@ fn bin_dir() -> PathBuf {
     })
 }
 
-/// The adventure job: 3 rooms, 6 turns, 8 layouts, tiny policy, sync RL.
+/// Rooms of the adventure (`--rooms`, default 3).
+fn rooms() -> usize {
+    flag("--rooms").map_or(3, |r| r.parse().unwrap())
+}
+
+/// The adventure job: `rooms()` rooms, 6 turns, 8 layouts, tiny policy, sync RL.
 fn job(dir: &Path, name: &str, seed: u64, steps: u64, reward: &str) -> PathBuf {
+    let rooms = rooms();
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(
         &path,
         format!(
             "name = \"{name}\"\n[model]\npreset = \"tiny\"\ndevice = \"cpu\"\ninit_seed = {seed}\n\
-             [task]\nkind = \"adventure\"\nrooms = 3\nmax_turns = 6\nlayouts = 8\nseed = {seed}\n\
+             [task]\nkind = \"adventure\"\nrooms = {rooms}\nmax_turns = 6\nlayouts = 8\nseed = {seed}\n\
              [sampling]\ntemperature = 1.0\nmax_new_tokens = 1\n\
              [grpo]\ngroup_size = 8\nclip_high = 0.28\nloss_agg = \"token-mean\"\n\
              [rollout]\nmax_staleness = 0\n\
@@ -100,6 +106,8 @@ fn listening(p: &Proc) -> String {
 struct Run {
     /// Per policy version: share of training episodes that reached the goal.
     success: Vec<f64>,
+    /// Per policy version: mean reward trained on (extrinsic + intrinsic).
+    reward: Vec<f64>,
     /// The learner's final greedy evaluation (success rate on the 8 layouts).
     eval: f64,
     /// Seconds per learner step, after the first.
@@ -128,17 +136,21 @@ fn run(bins: &Path, job: &Path, out: &Path) -> Run {
             _ => {}
         }
     }
-    let mut success = Vec::new();
+    let (mut success, mut reward) = (Vec::new(), Vec::new());
     while let Ok(v) = actor.events.recv_timeout(Duration::from_secs(5)) {
         if v["event"] == "sent" {
             success.push(v["extrinsic_mean"].as_f64().unwrap());
+            reward.push(v["reward_mean"].as_f64().unwrap());
         }
         if v["event"] == "done" {
             break;
         }
     }
+    // Batch k was sampled by version k and trained at step k + 1; a batch sent after the last step is unused.
+    success.truncate(steps as usize);
+    reward.truncate(steps as usize);
     let step_s = (last - first.unwrap_or(last)).as_secs_f64() / steps.saturating_sub(1).max(1) as f64;
-    Run { success, eval, step_s }
+    Run { success, reward, eval, step_s }
 }
 
 fn mean(xs: &[f64]) -> f64 {
@@ -149,24 +161,31 @@ fn claim(bins: &Path, seeds: u64, steps: u64, out_dir: &Path) {
     let dir = tempfile::tempdir().unwrap();
     let windows = 4usize;
     let w = (steps as usize).div_ceil(windows);
-    println!("## ONI claim: text adventure (3 rooms, 6 turns, 8 layouts), tiny policy, 4 prompts x 8 episodes per step, {steps} steps");
-    println!("Share of training episodes reaching the treasure, by window of steps; final greedy success on the 8 layouts.\n");
+    let rooms = rooms();
+    println!("## ONI claim: text adventure ({rooms} rooms, 6 turns, 8 layouts), tiny policy, 4 prompts x 8 episodes per step, {steps} steps");
+    println!("Share of training episodes reaching the treasure, by window of steps; final greedy success on the 8 layouts;");
+    println!("mean reward trained on (extrinsic + intrinsic) in the last window.\n");
     let header: String = (0..windows).map(|k| format!(" steps {}-{} |", k * w + 1, ((k + 1) * w).min(steps as usize))).collect();
-    println!("| reward | seed |{header} final greedy | s/step |");
-    println!("|---|---|{}---|---|", "---|".repeat(windows));
+    println!("| reward | seed |{header} final greedy | trained reward, last window | s/step |");
+    println!("|---|---|{}---|---|---|", "---|".repeat(windows));
     let mut csv = String::from("reward,seed,step,success\n");
     let mut curves: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
+    let only = flag("--only");
     for (label, reward) in [
         ("extrinsic only", "[reward]\nint_coef = 0.0\nmodel = \"none\"\n".to_string()),
         ("ONI (rubric, retrieval)", format!("[reward]\nint_coef = 0.5\nbeta = 3.0\nmodel = \"retrieval\"\n{RUBRIC}")),
     ] {
+        if only.as_deref().is_some_and(|o| !label.to_lowercase().starts_with(o)) {
+            continue;
+        }
         let mut per_seed = Vec::new();
         for seed in 0..seeds {
             let name = format!("oni-{}-{seed}", if label.starts_with("ONI") { "int" } else { "ext" });
             let path = job(dir.path(), &name, seed, steps, &reward);
             let r = run(bins, &path, &dir.path().join(&name));
             let cells: String = r.success.chunks(w).map(|c| format!(" {:.3} |", mean(c))).collect();
-            println!("| {label} | {seed} |{cells} {:.3} | {:.2} |", r.eval, r.step_s);
+            let last = r.reward.chunks(w).last().map_or(0.0, mean);
+            println!("| {label} | {seed} |{cells} {:.3} | {last:.3} | {:.2} |", r.eval, r.step_s);
             for (i, s) in r.success.iter().enumerate() {
                 csv.push_str(&format!("{label},{seed},{},{s}\n", i + 1));
             }

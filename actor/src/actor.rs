@@ -253,7 +253,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 .map(|k| task.problem(Split::Train, (cursor + k as u64) * opts.actors as u64 + opts.index as u64))
                 .collect();
             cursor += per_batch as u64;
-            let mut collected = collect(policy.model(), &tokenizer, task.as_ref(), &problems, g, &sampling, version, &mut rng)?;
+            let mut collected = collect(policy.model(), &tokenizer, task.as_ref(), &problems, &vec![g; problems.len()], &sampling, version, &mut rng)?;
             let extrinsic: Vec<f64> = collected.groups.iter().flat_map(|g| g.rewards()).collect();
             let extrinsic_mean = extrinsic.iter().sum::<f64>() / extrinsic.len().max(1) as f64;
             let t_score = Instant::now();

@@ -37,6 +37,44 @@ pub struct JobConfig {
     /// Reward server: verifier and intrinsic (ONI) rewards.
     #[serde(default)]
     pub reward: RewardConfig,
+    /// Rollouts per prompt: uniform, or knapsack allocation.
+    #[serde(default)]
+    pub budget: BudgetConfig,
+}
+
+/// How many rollouts each prompt gets (see `budget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetStrategy {
+    /// Every prompt gets `grpo.group_size`.
+    Uniform,
+    /// Knapsack RL: the same total, moved toward prompts whose groups are
+    /// likely to have a non-zero gradient.
+    Knapsack,
+}
+
+/// Rollout budget allocation (DESIGN.md, "Knapsack budget allocation").
+/// The default N is `grpo.group_size`; the total per batch is always prompts × N.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    pub strategy: BudgetStrategy,
+    /// N_low: rollouts of solved (p = 1) and unsolved (p = 0) prompts, and the least any other prompt gets.
+    pub n_low: usize,
+    /// N_up: most rollouts the optimiser gives one prompt.
+    pub n_up: usize,
+    /// Confidence of the cost estimate ln(1 - alpha) / ln(max(p, 1 - p)).
+    pub alpha: f64,
+    /// Outcomes per prompt kept for its success rate p (across epochs).
+    pub history: usize,
+    /// Prompts with fewer outcomes get the default N.
+    pub min_outcomes: usize,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig { strategy: BudgetStrategy::Uniform, n_low: 2, n_up: 128, alpha: 0.9, history: 16, min_outcomes: 8 }
+    }
 }
 
 /// The intrinsic reward model (DESIGN.md, "ONI intrinsic reward").
@@ -272,6 +310,10 @@ pub struct ArithmeticConfig {
     /// Seed of the problem stream.
     #[serde(default)]
     pub seed: u64,
+    /// Training problems before the stream repeats (epochs; problem `i` is
+    /// `i mod train_size`); 0: an endless stream of new problems.
+    #[serde(default)]
+    pub train_size: u64,
 }
 
 /// Reach a target with the given numbers.
@@ -534,6 +576,14 @@ impl JobConfig {
         check(r.max_rollout_bytes >= 1024, "rollout.max_rollout_bytes", "must be >= 1024")?;
         check(r.max_rollout_bytes <= 32 << 20, "rollout.max_rollout_bytes", "must be <= 33554432 (32 MiB)")?;
         check(r.max_group_size >= g.group_size, "rollout.max_group_size", "must be >= grpo.group_size")?;
+        let b = &self.budget;
+        check(b.n_low >= 2, "budget.n_low", "must be >= 2 (a group of one has no advantage)")?;
+        check(b.n_low <= g.group_size, "budget.n_low", "must be <= grpo.group_size (the default N)")?;
+        check(b.n_up >= g.group_size, "budget.n_up", "must be >= grpo.group_size (the default N)")?;
+        check(b.n_up <= r.max_group_size, "budget.n_up", "must be <= rollout.max_group_size")?;
+        check(b.alpha > 0.0 && b.alpha < 1.0, "budget.alpha", "must be in (0, 1)")?;
+        check(b.min_outcomes >= 1, "budget.min_outcomes", "must be >= 1")?;
+        check(b.history >= b.min_outcomes, "budget.history", "must be >= budget.min_outcomes")?;
         let w = &self.reward;
         check(w.ext_coef.is_finite(), "reward.ext_coef", "must be a finite number")?;
         check(w.int_coef.is_finite() && w.int_coef >= 0.0, "reward.int_coef", "must be >= 0")?;
@@ -595,7 +645,7 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let c = JobConfig::from_toml(MIN).unwrap();
         assert_eq!(c.grpo, GrpoConfig::default());
-        assert_eq!(c.task, TaskConfig::Arithmetic(ArithmeticConfig { digits: 1, operands: 2, operators: vec!['+'], seed: 0 }));
+        assert_eq!(c.task, TaskConfig::Arithmetic(ArithmeticConfig { digits: 1, operands: 2, operators: vec!['+'], seed: 0, train_size: 0 }));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! * [`generate`] — batched sampling returning behaviour log-probs.
 //! * [`rollout`] — rollouts and groups, the unit of training data, and how they are sampled.
 //! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL).
+//! * [`budget`] — rollouts per prompt: uniform or knapsack allocation.
 //! * [`config`] — the typed job configuration.
 //! * [`logging`] — the binaries' shared `tracing` set-up.
 //! * [`weights`] — parameters as an in-memory safetensors blob (weight sync).
@@ -14,6 +15,7 @@
 //! No networking and no training here: losses, optimizers and the trainer live
 //! in `sluice-learner`.
 
+pub mod budget;
 pub mod config;
 pub mod device;
 pub mod error;

@@ -57,27 +57,29 @@ pub struct Collected {
     pub generate_s: f64,
 }
 
-/// Samples `group_size` completions for each problem in one batch and scores
+/// Samples `sizes[i]` completions of problem `i` (all in one batch) and scores
 /// each with the problem's verifier. Every rollout is stamped with `version`.
 pub fn collect_groups(
     model: &Model,
     tokenizer: &Tokenizer,
     problems: &[Problem],
-    group_size: usize,
+    sizes: &[usize],
     sampling: &SamplingParams,
     version: u64,
     rng: &mut ChaCha8Rng,
 ) -> Result<Collected> {
     let encoded = problems.iter().map(|p| tokenizer.encode(&p.prompt)).collect::<Result<Vec<_>, _>>()?;
-    let prompts: Vec<Vec<i64>> = encoded.iter().flat_map(|p| std::iter::repeat_n(p.clone(), group_size)).collect();
+    check_sizes(problems, sizes)?;
+    let prompts: Vec<Vec<i64>> =
+        encoded.iter().zip(sizes).flat_map(|(p, &n)| std::iter::repeat_n(p.clone(), n)).collect();
     let t0 = Instant::now();
     let completions = generate(model, &prompts, sampling, tokenizer.pad_id(), rng)?;
     let generate_s = t0.elapsed().as_secs_f64();
     let mut groups = Vec::with_capacity(problems.len());
     let mut it = completions.into_iter();
-    for (p, prompt) in problems.iter().zip(encoded) {
-        let mut rollouts = Vec::with_capacity(group_size);
-        for c in it.by_ref().take(group_size) {
+    for ((p, prompt), &n) in problems.iter().zip(encoded).zip(sizes) {
+        let mut rollouts = Vec::with_capacity(n);
+        for c in it.by_ref().take(n) {
             let text = tokenizer.decode(&c.tokens)?;
             rollouts.push(Rollout {
                 prompt_id: p.id,
@@ -96,28 +98,35 @@ pub fn collect_groups(
     Ok(Collected { groups, generate_s })
 }
 
-/// Samples `group_size` rollouts of each problem of `task`: one completion per
-/// problem for single-turn tasks ([`collect_groups`]), whole episodes for
-/// multi-turn ones ([`collect_episodes`]).
+/// Samples `sizes[i]` rollouts of problem `i` of `task` (the group sizes:
+/// uniform, or from a budget allocation): one completion each for single-turn
+/// tasks ([`collect_groups`]), whole episodes for multi-turn ones ([`collect_episodes`]).
 #[allow(clippy::too_many_arguments)]
 pub fn collect(
     model: &Model,
     tokenizer: &Tokenizer,
     task: &dyn Task,
     problems: &[Problem],
-    group_size: usize,
+    sizes: &[usize],
     sampling: &SamplingParams,
     version: u64,
     rng: &mut ChaCha8Rng,
 ) -> Result<Collected> {
     if problems.first().is_some_and(|p| task.episode(p).is_some()) {
-        collect_episodes(model, tokenizer, task, problems, group_size, sampling, version, rng)
+        collect_episodes(model, tokenizer, task, problems, sizes, sampling, version, rng)
     } else {
-        collect_groups(model, tokenizer, problems, group_size, sampling, version, rng)
+        collect_groups(model, tokenizer, problems, sizes, sampling, version, rng)
     }
 }
 
-/// Plays `group_size` episodes of each problem's environment, all episodes in
+fn check_sizes(problems: &[Problem], sizes: &[usize]) -> Result<()> {
+    if sizes.len() != problems.len() || sizes.contains(&0) {
+        return Err(Error::Task(format!("{} group sizes for {} problems (each >= 1)", sizes.len(), problems.len())));
+    }
+    Ok(())
+}
+
+/// Plays `sizes[i]` episodes of problem `i`'s environment, all episodes in
 /// one batch: each turn samples an action (up to `sampling.max_new_tokens`
 /// tokens) for every episode still running, steps its environment and appends
 /// the observation. The response interleaves action tokens (trained on, with
@@ -130,21 +139,22 @@ pub fn collect_episodes(
     tokenizer: &Tokenizer,
     task: &dyn Task,
     problems: &[Problem],
-    group_size: usize,
+    sizes: &[usize],
     sampling: &SamplingParams,
     version: u64,
     rng: &mut ChaCha8Rng,
 ) -> Result<Collected> {
+    check_sizes(problems, sizes)?;
     struct Live {
         env: Box<dyn Episode>,
         context: Vec<i64>,
         rollout: Rollout,
         done: bool,
     }
-    let mut live = Vec::with_capacity(problems.len() * group_size);
-    for p in problems {
+    let mut live = Vec::with_capacity(sizes.iter().sum());
+    for (p, &n) in problems.iter().zip(sizes) {
         let prompt = tokenizer.encode(&p.prompt)?;
-        for _ in 0..group_size {
+        for _ in 0..n {
             let env = task.episode(p).ok_or_else(|| Error::Task(format!("{} is not a multi-turn task", task.name())))?;
             live.push(Live {
                 env,
@@ -197,8 +207,8 @@ pub fn collect_episodes(
     }
     let mut groups: Vec<Group> = Vec::with_capacity(problems.len());
     let mut it = live.into_iter();
-    for p in problems {
-        groups.push(Group { prompt_id: p.id, rollouts: it.by_ref().take(group_size).map(|l| l.rollout).collect() });
+    for (p, &n) in problems.iter().zip(sizes) {
+        groups.push(Group { prompt_id: p.id, rollouts: it.by_ref().take(n).map(|l| l.rollout).collect() });
     }
     Ok(Collected { groups, generate_s })
 }
@@ -221,8 +231,8 @@ mod tests {
         let problems: Vec<Problem> = (0..2).map(|i| task.problem(Split::Train, i)).collect();
         let sampling = SamplingParams { max_new_tokens: 1, ..Default::default() };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let c = collect(policy.model(), &tok, &task, &problems, 3, &sampling, 4, &mut rng).unwrap();
-        assert_eq!(c.groups.len(), 2);
+        let c = collect(policy.model(), &tok, &task, &problems, &[3, 2], &sampling, 4, &mut rng).unwrap();
+        assert_eq!(c.groups.iter().map(|g| g.rollouts.len()).collect::<Vec<_>>(), vec![3, 2]);
         for r in c.groups.iter().flat_map(|g| &g.rollouts) {
             let n = r.response_tokens.len();
             assert_eq!((r.logprobs.len(), r.loss_mask.len()), (n, n));

@@ -22,7 +22,8 @@ use std::time::Instant;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use sluice_core::config::JobConfig;
+use sluice_core::budget::{History, Knapsack};
+use sluice_core::config::{BudgetStrategy, JobConfig};
 use sluice_core::generate::{generate, SamplingParams};
 use sluice_core::hf::{load_policy, Policy};
 use sluice_core::model::token_logprobs;
@@ -45,6 +46,8 @@ pub struct StepMetrics {
     pub reward_mean: f64,
     /// Share of sampled rollouts in groups with a non-zero advantage.
     pub effective_gradient_ratio: f64,
+    /// Rollouts sampled this step (refills included; 0 for the distributed learner, whose actors sample).
+    pub rollouts_sampled: usize,
     pub groups_trained: usize,
     pub rollouts_trained: usize,
     pub pg_loss: f64,
@@ -154,6 +157,9 @@ pub struct Trainer {
     reference: Option<Policy>,
     tokenizer: Tokenizer,
     task: Box<dyn Task>,
+    /// Recent rewards per prompt, for knapsack budgets (kept in memory: a
+    /// resumed run rebuilds it as prompts come round again).
+    history: History,
     opt: AdamW,
     state: TrainerState,
     sampling: SamplingParams,
@@ -205,7 +211,8 @@ impl Trainer {
         }
         let state = TrainerState { step: 0, sft_step: 0, cursor: 0, seed: t.seed, optimizer_t: 0 };
         let out_dir = t.out_dir.clone();
-        let mut trainer = Trainer { cfg, policy, reference, tokenizer, task, opt, state, sampling, out_dir, comm };
+        let history = History::new(cfg.budget.history);
+        let mut trainer = Trainer { cfg, policy, reference, tokenizer, task, opt, state, sampling, out_dir, comm, history };
         if resume && trainer.comm.rank() == 0 {
             if let Some(dir) = checkpoint::latest(&trainer.out_dir)? {
                 trainer.state = checkpoint::restore(&dir, &mut trainer.policy, &mut trainer.opt)?;
@@ -269,18 +276,36 @@ impl Trainer {
         (start..start + n as u64).map(|i| self.task.problem(Split::Train, i)).collect()
     }
 
-    /// Samples `group_size` completions for each problem and scores them.
-    pub fn collect(&self, problems: &[Problem], rng: &mut ChaCha8Rng) -> Result<(Vec<Group>, f64)> {
+    /// Rollouts per problem under the job's budget strategy (see `sluice_core::budget`).
+    pub fn budget(&self, problems: &[Problem]) -> Vec<usize> {
+        let (g, b) = (self.cfg.grpo.group_size, &self.cfg.budget);
+        match b.strategy {
+            BudgetStrategy::Uniform => vec![g; problems.len()],
+            BudgetStrategy::Knapsack => {
+                let k = Knapsack { default_n: g, n_low: b.n_low, n_up: b.n_up, alpha: b.alpha };
+                let rates: Vec<Option<f64>> = problems.iter().map(|p| self.history.rate(p.id, b.min_outcomes)).collect();
+                k.allocate(&rates)
+            }
+        }
+    }
+
+    /// Samples each problem's budget of completions (or episodes), scores them,
+    /// and adds the rewards to the problems' outcome history.
+    pub fn collect(&mut self, problems: &[Problem], rng: &mut ChaCha8Rng) -> Result<(Vec<Group>, f64)> {
+        let sizes = self.budget(problems);
         let c = collect(
             self.policy.model(),
             &self.tokenizer,
             self.task.as_ref(),
             problems,
-            self.cfg.grpo.group_size,
+            &sizes,
             &self.sampling,
             self.state.step,
             rng,
         )?;
+        for g in &c.groups {
+            self.history.record(g.prompt_id, g.rewards());
+        }
         Ok((c.groups, c.generate_s))
     }
 
@@ -323,6 +348,7 @@ impl Trainer {
         let reward_mean = sampled.iter().sum::<f64>() / sampled.len().max(1) as f64;
         let mut m = self.train_on(&groups)?;
         m.reward_mean = reward_mean;
+        m.rollouts_sampled = sampled.len();
         m.generation_tokens_per_s = gen_tokens as f64 / gen_s.max(1e-9);
         m.step_seconds = t0.elapsed().as_secs_f64();
         self.state.step += 1;
@@ -380,6 +406,7 @@ impl Trainer {
             step: self.state.step,
             reward_mean: 0.0,
             effective_gradient_ratio: effective / total.max(1.0),
+            rollouts_sampled: 0,
             groups_trained: n_groups as usize,
             rollouts_trained: n_rows as usize,
             pg_loss: 0.0,
@@ -554,7 +581,8 @@ impl Trainer {
         if problems.first().is_some_and(|p| self.task.episode(p).is_some()) {
             let params = SamplingParams { temperature: 0.0, ..self.sampling.clone() };
             let mut rng = rng_for(0, 0, 0);
-            let c = collect(self.policy.model(), &self.tokenizer, self.task.as_ref(), &problems, 1, &params, 0, &mut rng)?;
+            let ones = vec![1; problems.len()];
+            let c = collect(self.policy.model(), &self.tokenizer, self.task.as_ref(), &problems, &ones, &params, 0, &mut rng)?;
             let total: f64 = c.groups.iter().flat_map(Group::rewards).sum();
             return Ok(total / n.max(1) as f64);
         }

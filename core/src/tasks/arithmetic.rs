@@ -24,6 +24,10 @@ impl Task for Arithmetic {
     }
 
     fn problem(&self, split: Split, index: u64) -> Problem {
+        let index = match split {
+            Split::Train if self.cfg.train_size > 0 => index % self.cfg.train_size,
+            _ => index,
+        };
         let mut rng = problem_rng(self.cfg.seed, split, index);
         let max = 10i64.pow(self.cfg.digits) - 1;
         let mut prompt = rng.gen_range(0..=max).to_string();
@@ -62,7 +66,7 @@ mod tests {
 
     #[test]
     fn deterministic_and_correct() {
-        let t = Arithmetic::new(ArithmeticConfig { digits: 2, operands: 3, operators: vec!['+', '-', '*'], seed: 5 }).unwrap();
+        let t = Arithmetic::new(ArithmeticConfig { digits: 2, operands: 3, operators: vec!['+', '-', '*'], seed: 5, train_size: 0 }).unwrap();
         for i in 0..50 {
             let p = t.problem(Split::Train, i);
             assert_eq!(p, t.problem(Split::Train, i));
@@ -79,7 +83,7 @@ mod tests {
 
     #[test]
     fn bad_config_names_field() {
-        let e = Arithmetic::new(ArithmeticConfig { digits: 1, operands: 2, operators: vec!['/'], seed: 0 }).unwrap_err();
+        let e = Arithmetic::new(ArithmeticConfig { digits: 1, operands: 2, operators: vec!['/'], seed: 0, train_size: 0 }).unwrap_err();
         assert!(e.to_string().contains("task.operators"), "{e}");
     }
 }
