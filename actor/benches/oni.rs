@@ -14,7 +14,7 @@
 //!   (`model = "none"`).
 //!
 //! `cargo bench -p sluice-actor --bench oni -- [claim] [stalled] [--seeds 3]
-//! [--steps 100] [--rooms 3] [--only oni|extrinsic] [--bin-dir target/release] [--out docs]`
+//! [--steps 100] [--rooms 2] [--only oni|extrinsic] [--bin-dir target/release] [--out docs]`
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -35,9 +35,9 @@ fn bin_dir() -> PathBuf {
     })
 }
 
-/// Rooms of the adventure (`--rooms`, default 3).
+/// Rooms of the adventure (`--rooms`, default 2).
 fn rooms() -> usize {
-    flag("--rooms").map_or(3, |r| r.parse().unwrap())
+    flag("--rooms").map_or(2, |r| r.parse().unwrap())
 }
 
 /// The adventure job: `rooms()` rooms, 6 turns, 8 layouts, tiny policy, sync RL.
@@ -61,7 +61,7 @@ fn job(dir: &Path, name: &str, seed: u64, steps: u64, reward: &str) -> PathBuf {
     path
 }
 
-const RUBRIC: &str = "[[reward.rubric]]\npattern = \"take the key|unlock|treasure|you enter the\"\nlabel = \"helpful\"\n";
+const RUBRIC: &str = "[[reward.rubric]]\npattern = \"take the key|unlock|treasure|you enter the|door is locked\"\nlabel = \"helpful\"\n";
 
 /// A child process whose JSON-line stdout arrives on a channel; killed on drop.
 struct Proc {
@@ -164,34 +164,51 @@ fn claim(bins: &Path, seeds: u64, steps: u64, out_dir: &Path) {
     let rooms = rooms();
     println!("## ONI claim: text adventure ({rooms} rooms, 6 turns, 8 layouts), tiny policy, 4 prompts x 8 episodes per step, {steps} steps");
     println!("Share of training episodes reaching the treasure, by window of steps; final greedy success on the 8 layouts;");
-    println!("mean reward trained on (extrinsic + intrinsic) in the last window.\n");
+    println!("mean reward trained on (extrinsic + intrinsic) in the last window. The two runs of a seed ran");
+    println!("side by side on the machine, so s/step includes that contention.\n");
     let header: String = (0..windows).map(|k| format!(" steps {}-{} |", k * w + 1, ((k + 1) * w).min(steps as usize))).collect();
     println!("| reward | seed |{header} final greedy | trained reward, last window | s/step |");
     println!("|---|---|{}---|---|---|", "---|".repeat(windows));
     let mut csv = String::from("reward,seed,step,success\n");
     let mut curves: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
     let only = flag("--only");
-    for (label, reward) in [
-        ("extrinsic only", "[reward]\nint_coef = 0.0\nmodel = \"none\"\n".to_string()),
-        ("ONI (rubric, retrieval)", format!("[reward]\nint_coef = 0.5\nbeta = 3.0\nmodel = \"retrieval\"\n{RUBRIC}")),
-    ] {
-        if only.as_deref().is_some_and(|o| !label.to_lowercase().starts_with(o)) {
-            continue;
+    let conditions: Vec<(&str, &str, String)> = [
+        ("extrinsic only", "extrinsic", "[reward]\nint_coef = 0.0\nmodel = \"none\"\n".to_string()),
+        ("ONI (rubric, retrieval)", "oni", format!("[reward]\nint_coef = 0.5\nbeta = 3.0\nmodel = \"retrieval\"\n{RUBRIC}")),
+    ]
+    .into_iter()
+    .filter(|(_, short, _)| only.as_deref().is_none_or(|o| o == *short))
+    .collect();
+    // The two conditions of a seed run side by side (each job is a synchronous
+    // actor/learner pair that leaves a core idle half the time).
+    let mut results: Vec<Vec<Run>> = conditions.iter().map(|_| Vec::new()).collect();
+    for seed in 0..seeds {
+        let runs: Vec<Run> = std::thread::scope(|scope| {
+            let handles: Vec<_> = conditions
+                .iter()
+                .map(|(_, short, reward)| {
+                    let name = format!("oni-{short}-{seed}");
+                    let path = job(dir.path(), &name, seed, steps, reward);
+                    let out = dir.path().join(&name);
+                    scope.spawn(move || run(bins, &path, &out))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (k, r) in runs.into_iter().enumerate() {
+            results[k].push(r);
         }
-        let mut per_seed = Vec::new();
-        for seed in 0..seeds {
-            let name = format!("oni-{}-{seed}", if label.starts_with("ONI") { "int" } else { "ext" });
-            let path = job(dir.path(), &name, seed, steps, &reward);
-            let r = run(bins, &path, &dir.path().join(&name));
+    }
+    for ((label, short, _), runs) in conditions.iter().zip(&results) {
+        for (seed, r) in runs.iter().enumerate() {
             let cells: String = r.success.chunks(w).map(|c| format!(" {:.3} |", mean(c))).collect();
             let last = r.reward.chunks(w).last().map_or(0.0, mean);
             println!("| {label} | {seed} |{cells} {:.3} | {last:.3} | {:.2} |", r.eval, r.step_s);
             for (i, s) in r.success.iter().enumerate() {
-                csv.push_str(&format!("{label},{seed},{},{s}\n", i + 1));
+                csv.push_str(&format!("{short},{seed},{},{s}\n", i + 1));
             }
-            per_seed.push(r.success);
         }
-        curves.push((label.to_string(), per_seed));
+        curves.push((label.to_string(), runs.iter().map(|r| r.success.clone()).collect()));
     }
     std::fs::write(out_dir.join("oni-success.csv"), csv).unwrap();
     std::fs::write(out_dir.join("oni-success.svg"), svg(&curves, steps as usize)).unwrap();
