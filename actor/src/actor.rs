@@ -24,7 +24,9 @@ use sluice_proto::v1::reward_client::RewardClient;
 use sluice_proto::v1::{self, PushAck};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
+use sluice_proto::auth;
 use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
 
 use crate::error::{Error, Result};
 use crate::sync::{apply, WeightSync};
@@ -45,6 +47,8 @@ pub struct ActorOptions {
     pub max_groups: Option<u64>,
     /// Reward server endpoint; without one the actor scores with the task verifier itself.
     pub reward: Option<String>,
+    /// Bearer token for the learner and the reward server (`sluice_proto::auth`).
+    pub token: Option<String>,
 }
 
 /// What the actor reports (printed as JSON lines by the binary).
@@ -151,6 +155,8 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
         .map_err(|e| Error::Transport { endpoint: endpoint.clone(), reason: format!("runtime: {e}") })?;
 
     let mut sync = WeightSync::default();
+    sync.token = opts.token.clone();
+    let token = opts.token.as_deref();
     let mut mine: Option<(u64, u64)> = None; // (version, incarnation) the policy holds
     let mut sent_at: Option<(u64, u64)> = None;
     let mut cursor: u64 = 0;
@@ -171,8 +177,9 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
             }
         };
         let (tx, rx) = mpsc::channel::<v1::Rollout>(2 * g);
-        let acks = match rt.block_on(client.push_rollouts(ReceiverStream::new(rx))) {
+        let acks = match rt.block_on(client.push_rollouts(auth::request(ReceiverStream::new(rx), token))) {
             Ok(r) => r.into_inner(),
+            Err(status) if status.code() == Code::Unauthenticated => return Err(Error::Status(status)),
             Err(status) => {
                 report(&ActorEvent::Disconnected { reason: status.to_string() });
                 backoff.wait(&stop);
@@ -233,6 +240,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                             seconds: s.seconds,
                         });
                     }
+                    Err(Error::Status(s)) if s.code() == Code::Unauthenticated => return Err(Error::Status(s)),
                     Err(e) => {
                         report(&ActorEvent::Disconnected { reason: format!("weight sync: {e}") });
                         backoff.wait(&stop);
@@ -258,7 +266,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
             let extrinsic_mean = extrinsic.iter().sum::<f64>() / extrinsic.len().max(1) as f64;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
-                if !rescore(&rt, endpoint, &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
+                if !rescore(&rt, endpoint, token, &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
                     break 'connection;
                 }
             }
@@ -317,6 +325,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
 fn rescore(
     rt: &tokio::runtime::Runtime,
     endpoint: &str,
+    token: Option<&str>,
     client: &mut Option<RewardClient<Channel>>,
     cfg: &JobConfig,
     task: &dyn sluice_core::tasks::Task,
@@ -360,13 +369,15 @@ fn rescore(
         }
         let attempt = rt.block_on(async {
             if client.is_none() {
-                *client = Some(RewardClient::connect(endpoint.to_string()).await.map_err(|e| e.to_string())?);
+                let c = RewardClient::connect(endpoint.to_string()).await;
+                *client = Some(c.map_err(|e| tonic::Status::unavailable(e.to_string()))?);
             }
             let c = client.as_mut().expect("connected above");
-            c.score(request.clone()).await.map_err(|s| s.to_string())
+            c.score(auth::request(request.clone(), token)).await
         });
         match attempt {
             Ok(r) => break r.into_inner().scores,
+            Err(s) if s.code() == Code::Unauthenticated => return Err(Error::Status(s)),
             Err(e) => {
                 tracing::warn!(error = %e, "reward server unavailable; retrying");
                 *client = None;

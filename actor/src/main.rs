@@ -43,6 +43,9 @@ struct Args {
     /// Stop after sending this many groups.
     #[arg(long)]
     max_groups: Option<u64>,
+    /// Bearer token for the learner and the reward server, when they require one.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         seed: args.seed,
         max_groups: args.max_groups,
         reward: args.reward,
+        token: args.token,
     };
     actor::run(opts, stop, |e| println!("{}", serde_json::to_string(e).expect("events serialise")))?;
     Ok(())

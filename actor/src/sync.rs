@@ -38,6 +38,8 @@ pub struct Synced {
 #[derive(Default)]
 pub struct WeightSync {
     partial: Option<Partial>,
+    /// Bearer token for the learner (`sluice_proto::auth`).
+    pub token: Option<String>,
 }
 
 impl WeightSync {
@@ -70,7 +72,7 @@ impl WeightSync {
             None => WeightsRequest { job_id: job.into(), ..Default::default() },
         };
         let resumed_from = req.offset;
-        let mut stream = client.get_weights(req).await?.into_inner();
+        let mut stream = client.get_weights(sluice_proto::auth::request(req, self.token.as_deref())).await?.into_inner();
         loop {
             let chunk = match stream.message().await {
                 Ok(Some(c)) => c,

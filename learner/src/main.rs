@@ -45,6 +45,9 @@ struct Args {
     /// Seconds to keep answering after the last step, so actors see the job end.
     #[arg(long, default_value_t = 3.0)]
     linger_s: f64,
+    /// Bearer token every Learner call must carry (health stays open); none: no check.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         resume: !args.fresh,
         collective: args.collective,
         linger: Duration::from_secs_f64(args.linger_s.max(0.0)),
+        token: args.token,
     };
     node::run(opts, stop, |e| {
         println!("{}", serde_json::to_string(e).expect("events serialise"));

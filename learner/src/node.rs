@@ -17,9 +17,11 @@ use sluice_core::config::JobConfig;
 use sluice_core::device::parse_device;
 use sluice_core::hf::parse_kind;
 use sluice_core::rollout::Group;
+use sluice_proto::auth;
 use sluice_proto::v1::learner_server::LearnerServer;
 use tch::Device;
 use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::algo::grpo;
@@ -46,6 +48,8 @@ pub struct NodeOptions {
     pub collective: CollectiveKind,
     /// How long to keep answering after the last step (so actors learn the job finished).
     pub linger: Duration,
+    /// Bearer token every Learner call must carry (`sluice_proto::auth`); None: no check.
+    pub token: Option<String>,
 }
 
 /// Which collective backend data-parallel ranks use.
@@ -103,15 +107,18 @@ pub enum NodeEvent<'a> {
     Train(&'a Event),
 }
 
-/// Serves the Learner service and gRPC health on `listener` until `shutdown` resolves.
+/// Serves the Learner service and gRPC health on `listener` until `shutdown`
+/// resolves. With a `token`, Learner calls without it are refused (health stays open).
 pub async fn serve(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
+    token: Option<&str>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::result::Result<(), tonic::transport::Error> {
     let svc = LearnerServer::new(LearnerService::new(shared))
         .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES);
+    let svc = InterceptedService::new(svc, auth::Check::new(token));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<LearnerServer<LearnerService>>().await;
     tonic::transport::Server::builder()
@@ -174,9 +181,13 @@ pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Nod
         .map_err(|e| Error::io(format!("listen address {}", opts.listen), e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("listener", e))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(serve(shared.clone(), listener, async {
-        let _ = shutdown_rx.await;
-    }));
+    let (token, shared_for_server) = (opts.token.clone(), shared.clone());
+    let server = rt.spawn(async move {
+        serve(shared_for_server, listener, token.as_deref(), async {
+            let _ = shutdown_rx.await;
+        })
+        .await
+    });
     report(&NodeEvent::Listening { addr: addr.to_string(), rank: opts.rank, world_size: world, version: shared.version() });
     tracing::info!(%addr, rank = opts.rank, world, "learner serving");
 

@@ -59,3 +59,75 @@ pub mod packed {
         }
     }
 }
+
+/// Bearer-token authentication shared by every sluice server and client.
+///
+/// A server started with a token refuses each call of its sluice service that
+/// does not carry `authorization: Bearer <token>` with `UNAUTHENTICATED` (gRPC
+/// health stays open for probes). Clients add the header with [`auth::request`].
+/// Without a token nothing is checked: the default for one machine.
+pub mod auth {
+    use tonic::metadata::MetadataValue;
+    use tonic::{Request, Status};
+
+    /// The header value for `token`.
+    fn bearer(token: &str) -> Option<MetadataValue<tonic::metadata::Ascii>> {
+        format!("Bearer {token}").parse().ok()
+    }
+
+    /// `message` as a request that carries `token` (when there is one).
+    pub fn request<T>(message: T, token: Option<&str>) -> Request<T> {
+        let mut req = Request::new(message);
+        if let Some(value) = token.and_then(bearer) {
+            req.metadata_mut().insert("authorization", value);
+        }
+        req
+    }
+
+    /// Compares in time independent of where the strings differ.
+    fn same(a: &[u8], b: &[u8]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// A tonic interceptor that checks the bearer token (or nothing, without one).
+    #[derive(Clone, Debug)]
+    pub struct Check {
+        expected: Option<Vec<u8>>,
+    }
+
+    impl Check {
+        pub fn new(token: Option<&str>) -> Self {
+            Check { expected: token.map(|t| format!("Bearer {t}").into_bytes()) }
+        }
+    }
+
+    impl tonic::service::Interceptor for Check {
+        fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+            let Some(expected) = &self.expected else { return Ok(req) };
+            match req.metadata().get("authorization") {
+                Some(v) if same(v.as_bytes(), expected) => Ok(req),
+                Some(_) => Err(Status::unauthenticated("wrong bearer token")),
+                None => Err(Status::unauthenticated("this server needs `authorization: Bearer <token>` (SLUICE_TOKEN)")),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use tonic::service::Interceptor;
+
+        #[test]
+        fn tokens_are_checked_only_when_configured() {
+            let to_unit = |r: Request<u8>| r.map(|_| ());
+            let mut open = Check::new(None);
+            assert!(open.call(to_unit(request(1u8, None))).is_ok());
+            let mut closed = Check::new(Some("s3cret"));
+            assert!(closed.call(to_unit(request(1u8, Some("s3cret")))).is_ok());
+            let wrong = closed.call(to_unit(request(1u8, Some("guess")))).unwrap_err();
+            assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+            let missing = closed.call(to_unit(request(1u8, None))).unwrap_err();
+            assert!(missing.message().contains("SLUICE_TOKEN"), "{missing}");
+        }
+    }
+}

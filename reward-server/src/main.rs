@@ -20,6 +20,9 @@ struct Args {
     /// Override reward.store (`memory` or a redis:// URL).
     #[arg(long, env = "SLUICE_REWARD_STORE")]
     store: Option<String>,
+    /// Bearer token every Reward call must carry (health stays open); none: no check.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(store) = args.store {
         job.reward.store = store;
     }
-    sluice_reward_server::server::run(job, &args.listen, |e| {
+    sluice_reward_server::server::run(job, &args.listen, args.token.as_deref(), |e| {
         println!("{}", serde_json::to_string(e).expect("events serialise"));
     })?;
     Ok(())

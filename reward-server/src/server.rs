@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sluice_core::config::{IntrinsicModel, JobConfig};
 use sluice_proto::v1::reward_server::RewardServer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::annotator::{self, Annotator, Counters};
@@ -118,28 +119,31 @@ async fn train_model(state: Arc<State>) {
     }
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves. With a `token`, Reward calls without it
+/// are refused (health stays open).
 pub async fn serve(
     state: Arc<State>,
     listener: tokio::net::TcpListener,
+    token: Option<&str>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::result::Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<RewardServer<RewardService>>().await;
     tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(
+        .add_service(InterceptedService::new(
             RewardServer::new(RewardService::new(state))
                 .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES),
-        )
+            sluice_proto::auth::Check::new(token),
+        ))
         // Small replies (acks, scores) must not wait for Nagle's algorithm.
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
 }
 
 /// Runs the reward server for `job` on `listen` until Ctrl-C / SIGTERM.
-pub fn run(job: JobConfig, listen: &str, report: impl Fn(&ServerEvent)) -> Result<()> {
+pub fn run(job: JobConfig, listen: &str, token: Option<&str>, report: impl Fn(&ServerEvent)) -> Result<()> {
     job.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -158,7 +162,7 @@ pub fn run(job: JobConfig, listen: &str, report: impl Fn(&ServerEvent)) -> Resul
             annotator: state.annotator_name.clone(),
         });
         tracing::info!(%addr, "reward server serving");
-        serve(state, listener, shutdown_signal())
+        serve(state, listener, token, shutdown_signal())
             .await
             .map_err(|e| Error::Io { what: "gRPC server".into(), source: std::io::Error::other(e) })
     })

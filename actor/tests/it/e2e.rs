@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use sluice_proto::v1::StatusRequest;
+
 use crate::harness::*;
 
 fn run(max_staleness: u64, steps: u64) -> (Vec<serde_json::Value>, sluice_proto::v1::LearnerStatus, Vec<serde_json::Value>) {
@@ -98,7 +100,7 @@ fn two_learner_ranks_with_an_actor_each_train_in_step() {
 }
 
 #[test]
-fn actors_score_through_the_reward_server() {
+fn actors_score_through_the_reward_server_with_bearer_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let body = format!(
         "{TINY}[sampling]\nmax_new_tokens = 6\n[grpo]\ngroup_size = 4\n\
@@ -107,20 +109,37 @@ fn actors_score_through_the_reward_server() {
          [[reward.rubric]]\npattern = \"[0-9]\"\nlabel = \"helpful\"\n"
     );
     let job = write_job(dir.path(), "rw", &body);
-    let mut reward = Proc::spawn("reward-server", "sluice-reward-server", &[job.display().to_string(), "--listen".into(), "127.0.0.1:0".into()]);
+    // Both servers require a bearer token; the actor has it.
+    let token = ["--token".to_string(), "s3cret".to_string()];
+    let mut reward = Proc::spawn(
+        "reward-server",
+        "sluice-reward-server",
+        &[job.display().to_string(), "--listen".into(), "127.0.0.1:0".into(), token[0].clone(), token[1].clone()],
+    );
     let listening = reward.wait_event("listening", Duration::from_secs(30), |v| v["event"] == "listening");
     let reward_ep = format!("http://{}", listening["addr"].as_str().unwrap());
     let out = dir.path().join("out");
-    let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--linger-s", "30"]);
-    let mut a = actor(&job, &learner.endpoint, 0, 1, &["--reward", &reward_ep]);
+    let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--linger-s", "30", "--token", "s3cret"]);
+    // A wrong token is refused and the actor stops with a clear error instead of retrying forever.
+    let mut intruder = actor(&job, &learner.endpoint, 0, 1, &["--token", "guess"]);
+    assert_ne!(intruder.wait_exit(Duration::from_secs(60)), 0);
+    let mut a = actor(&job, &learner.endpoint, 0, 1, &["--reward", &reward_ep, "--token", "s3cret"]);
     learner.wait_finished(Duration::from_secs(180));
     a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
-    let stats = runtime().block_on(async {
+    let (stats, version, anonymous) = runtime().block_on(async {
+        let auth = |m| sluice_proto::auth::request(m, Some("s3cret"));
         let mut c = sluice_proto::v1::reward_client::RewardClient::connect(reward_ep.clone()).await.unwrap();
-        c.annotation_statistics(sluice_proto::v1::AnnotationStatsRequest { job_id: "rw".into() }).await.unwrap().into_inner()
+        let stats = c.annotation_statistics(auth(sluice_proto::v1::AnnotationStatsRequest { job_id: "rw".into() }));
+        let stats = stats.await.unwrap().into_inner();
+        let mut l = client(&learner.endpoint).await;
+        let version = l.status(sluice_proto::auth::request(StatusRequest { job_id: String::new() }, Some("s3cret")));
+        let version = version.await.unwrap().into_inner().version;
+        let anonymous = l.status(StatusRequest { job_id: String::new() }).await.unwrap_err();
+        (stats, version, anonymous)
     });
     assert!(stats.lookups > 0, "the actor never asked the reward server: {stats:?}");
     let sent: Vec<_> = a.events.lock().unwrap().iter().filter(|v| v["event"] == "sent").cloned().collect();
     assert!(!sent.is_empty());
-    assert_eq!(status(&learner.endpoint).version, 3);
+    assert_eq!(version, 3);
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated, "{anonymous}");
 }
