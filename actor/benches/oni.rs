@@ -13,7 +13,9 @@
 //!   connections and never answers, against the same job with no annotator
 //!   (`model = "none"`).
 //!
-//! `cargo bench -p sluice-actor --bench oni -- [claim] [stalled] [--seeds 3]
+//! `plot` (alone) redraws the SVG from the CSV in `--out`.
+//!
+//! `cargo bench -p sluice-actor --bench oni -- [claim] [stalled] [plot] [--seeds 3]
 //! [--steps 100] [--rooms 2] [--only oni|extrinsic] [--bin-dir target/release] [--out docs]`
 
 use std::io::BufRead;
@@ -218,8 +220,18 @@ fn claim(bins: &Path, seeds: u64, steps: u64, out_dir: &Path) {
 /// Success-rate curves (mean over seeds, smoothed over 10 steps) as an SVG line chart.
 fn svg(curves: &[(String, Vec<Vec<f64>>)], steps: usize) -> String {
     let (w, h, pad) = (640.0, 360.0, 48.0);
+    let smoothed: Vec<Vec<f64>> = curves
+        .iter()
+        .map(|(_, seeds)| {
+            let n = seeds.iter().map(Vec::len).min().unwrap_or(0);
+            let avg: Vec<f64> = (0..n).map(|i| mean(&seeds.iter().map(|c| c[i]).collect::<Vec<_>>())).collect();
+            (0..n).map(|i| mean(&avg[i.saturating_sub(9)..=i])).collect()
+        })
+        .collect();
+    let top = smoothed.iter().flatten().fold(0.0f64, |a, &b| a.max(b));
+    let y_max = [0.05, 0.1, 0.2, 0.25, 0.5, 1.0].into_iter().find(|&m| m >= top).unwrap_or(1.0);
     let x = |i: f64| pad + (w - 2.0 * pad) * i / steps.max(1) as f64;
-    let y = |v: f64| h - pad - (h - 2.0 * pad) * v;
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * v / y_max;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -228,7 +240,7 @@ fn svg(curves: &[(String, Vec<Vec<f64>>)], steps: usize) -> String {
         w - pad
     );
     for k in 0..=4 {
-        let v = k as f64 / 4.0;
+        let v = y_max * k as f64 / 4.0;
         s.push_str(&format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.2}</text>\n", pad - 4.0, y(v) + 4.0));
     }
     s.push_str(&format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">RL step ({steps})</text>\n", w / 2.0, h - 12.0));
@@ -237,16 +249,10 @@ fn svg(curves: &[(String, Vec<Vec<f64>>)], steps: usize) -> String {
         h / 2.0,
         h / 2.0
     ));
-    for (ci, (label, seeds)) in curves.iter().enumerate() {
+    for (ci, ((label, seeds), line)) in curves.iter().zip(&smoothed).enumerate() {
         let colour = ["#d62728", "#1f77b4"][ci % 2];
-        let n = seeds.iter().map(Vec::len).min().unwrap_or(0);
-        let avg: Vec<f64> = (0..n).map(|i| mean(&seeds.iter().map(|c| c[i]).collect::<Vec<_>>())).collect();
-        let pts: String = (0..n)
-            .map(|i| {
-                let lo = i.saturating_sub(9);
-                format!("{:.1},{:.1} ", x((i + 1) as f64), y(mean(&avg[lo..=i])))
-            })
-            .collect();
+        let pts: String =
+            line.iter().enumerate().map(|(i, &v)| format!("{:.1},{:.1} ", x((i + 1) as f64), y(v))).collect();
         s.push_str(&format!("<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{pts}\"/>\n"));
         s.push_str(&format!(
             "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{label} (mean of {} seeds)</text>\n",
@@ -257,6 +263,29 @@ fn svg(curves: &[(String, Vec<Vec<f64>>)], steps: usize) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// Redraws `oni-success.svg` from the `oni-success.csv` in `dir` (`plot`).
+fn replot(dir: &Path) {
+    let text = std::fs::read_to_string(dir.join("oni-success.csv")).expect("oni-success.csv");
+    let mut curves: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
+    let mut steps = 0;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let label = if f[0] == "oni" { "ONI (rubric, retrieval)" } else { "extrinsic only" };
+        let seed: usize = f[1].parse().unwrap();
+        steps = steps.max(f[2].parse().unwrap());
+        if curves.last().is_none_or(|c| c.0 != label) {
+            curves.push((label.to_string(), Vec::new()));
+        }
+        let seeds = &mut curves.last_mut().unwrap().1;
+        if seeds.len() <= seed {
+            seeds.resize(seed + 1, Vec::new());
+        }
+        seeds[seed].push(f[3].parse().unwrap());
+    }
+    std::fs::write(dir.join("oni-success.svg"), svg(&curves, steps)).unwrap();
+    println!("wrote {}/oni-success.svg", dir.display());
 }
 
 /// An "LLM endpoint" that accepts connections and never answers.
@@ -308,6 +337,9 @@ fn main() {
         i += 1;
     }
     let want = |n: &str| names.is_empty() || names.iter().any(|a| a == n);
+    if names == ["plot"] {
+        return replot(&PathBuf::from(flag("--out").unwrap_or_else(|| ".".into())));
+    }
     let bins = bin_dir();
     let steps: u64 = flag("--steps").map_or(100, |s| s.parse().unwrap());
     let seeds: u64 = flag("--seeds").map_or(3, |s| s.parse().unwrap());
@@ -318,4 +350,5 @@ fn main() {
     if want("stalled") {
         stalled(&bins, steps.min(30));
     }
+
 }
