@@ -759,6 +759,41 @@ mod tests {
         assert!(before.iter().zip(params(&t)).any(|(a, b)| !a.equal(&b)));
     }
 
+    /// An episode's response: action, two environment tokens, action.
+    fn episode(env_logprob: f32, mask: bool) -> Group {
+        let r = |reward| Rollout {
+            prompt_id: 0,
+            prompt_tokens: vec![5, 6, 7],
+            response_tokens: vec![8, 20, 21, 1],
+            logprobs: vec![-1.0, env_logprob, env_logprob, -1.5],
+            loss_mask: if mask { vec![true, false, false, true] } else { vec![] },
+            captions: vec![],
+            reward,
+            version: 0,
+            finish: FinishReason::Stop,
+        };
+        Group { prompt_id: 0, rollouts: vec![r(1.0), r(0.0)] }
+    }
+
+    #[test]
+    fn environment_tokens_are_masked_out_of_the_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let updated = |g: Group| {
+            let mut t = trainer(dir.path());
+            t.train_on(&[g]).unwrap();
+            params(&t)
+        };
+        // Whatever the (meaningless) log-probs of environment tokens, the update is the same...
+        let a = updated(episode(0.0, true));
+        let b = updated(episode(-9.0, true));
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.equal(y), "masked tokens changed the update");
+        }
+        // ...while training on them too (no mask) gives another update.
+        let c = updated(episode(-9.0, false));
+        assert!(a.iter().zip(&c).any(|(x, y)| !x.equal(y)), "the mask made no difference");
+    }
+
     #[test]
     fn equal_rewards_give_no_effective_gradient() {
         let dir = tempfile::tempdir().unwrap();

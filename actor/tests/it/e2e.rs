@@ -143,3 +143,40 @@ fn actors_score_through_the_reward_server_with_bearer_tokens() {
     assert_eq!(version, 3);
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated, "{anonymous}");
 }
+
+#[test]
+fn actors_play_text_adventure_episodes_scored_by_the_reward_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "[model]\npreset = \"tiny\"\ndevice = \"cpu\"\n\
+                [task]\nkind = \"adventure\"\nrooms = 2\nmax_turns = 4\nlayouts = 2\n\
+                [sampling]\nmax_new_tokens = 1\n[grpo]\ngroup_size = 4\n\
+                [train]\nsteps = 2\nprompts_per_step = 2\neval_prompts = 2\n[rollout]\nmax_staleness = 0\n\
+                [reward]\nint_coef = 0.5\nmodel = \"retrieval\"\n\
+                [[reward.rubric]]\npattern = \"nothing happens\"\nlabel = \"unhelpful\"\n\
+                [[reward.rubric]]\npattern = \".\"\nlabel = \"helpful\"\n";
+    let job = write_job(dir.path(), "adv", body);
+    let mut reward = Proc::spawn("reward-server", "sluice-reward-server", &[job.display().to_string(), "--listen".into(), "127.0.0.1:0".into()]);
+    let listening = reward.wait_event("listening", Duration::from_secs(30), |v| v["event"] == "listening");
+    let reward_ep = format!("http://{}", listening["addr"].as_str().unwrap());
+    let out = dir.path().join("out");
+    let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--linger-s", "30"]);
+    let mut a = actor(&job, &learner.endpoint, 0, 1, &["--reward", &reward_ep]);
+    learner.wait_finished(Duration::from_secs(180));
+    a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
+    // Every episode step produced a caption the reward server looked up (4 turns x 8 episodes per batch at most).
+    let stats = runtime().block_on(async {
+        let mut c = sluice_proto::v1::reward_client::RewardClient::connect(reward_ep.clone()).await.unwrap();
+        c.annotation_statistics(sluice_proto::v1::AnnotationStatsRequest { job_id: "adv".into() }).await.unwrap().into_inner()
+    });
+    assert!(stats.lookups > 0 && stats.annotated > 0, "{stats:?}");
+    let steps: Vec<_> = metrics(&out).into_iter().filter(|e| e["event"] == "step").collect();
+    assert_eq!(steps.len(), 2);
+    // Responses interleave actions and observations: far longer than the 4 one-token actions.
+    for s in &steps {
+        assert!(s["response_len_mean"].as_f64().unwrap() > 20.0, "{s}");
+        assert_eq!(s["rollouts_trained"], 8);
+    }
+    let sent: Vec<_> = a.events.lock().unwrap().iter().filter(|v| v["event"] == "sent").cloned().collect();
+    // The reward the learner trains on includes the intrinsic part; the environment's own is the goal only.
+    assert!(sent.iter().any(|v| v["reward_mean"].as_f64().unwrap() > v["extrinsic_mean"].as_f64().unwrap()), "{sent:?}");
+}
