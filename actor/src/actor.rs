@@ -262,8 +262,6 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 .collect();
             cursor += per_batch as u64;
             let mut collected = collect(policy.model(), &tokenizer, task.as_ref(), &problems, &vec![g; problems.len()], &sampling, version, &mut rng)?;
-            let extrinsic: Vec<f64> = collected.groups.iter().flat_map(|g| g.rewards()).collect();
-            let extrinsic_mean = extrinsic.iter().sum::<f64>() / extrinsic.len().max(1) as f64;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
                 if !rescore(&rt, endpoint, token, &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
@@ -274,7 +272,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
             let t_send = Instant::now();
             let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let timings = v1::Timings { generate_s: collected.generate_s, score_s, created_unix_ms: created };
-            let (mut rollouts, mut reward) = (0usize, 0.0);
+            let (mut rollouts, mut reward, mut extrinsic) = (0usize, 0.0, 0.0);
             for group in &collected.groups {
                 let at = Placement { job: &cfg.name, actor: &opts.actor_id, group_id: next_group_id, group_size: group.rollouts.len() };
                 next_group_id += 1;
@@ -284,6 +282,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                     }
                     rollouts += 1;
                     reward += r.reward;
+                    extrinsic += r.extrinsic;
                 }
                 groups_sent += 1;
             }
@@ -292,7 +291,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 version,
                 groups: collected.groups.len(),
                 rollouts,
-                extrinsic_mean,
+                extrinsic_mean: extrinsic / rollouts.max(1) as f64,
                 reward_mean: reward / rollouts.max(1) as f64,
                 generate_s: collected.generate_s,
                 send_s: t_send.elapsed().as_secs_f64(),
@@ -341,7 +340,7 @@ fn rescore(
             let id = format!("{gi}:{ri}");
             if episodes {
                 // The environment scored the episode and named its captions.
-                items.push(v1::ScoreItem { id, env_reward: Some(r.reward), captions: r.captions.clone(), ..Default::default() });
+                items.push(v1::ScoreItem { id, env_reward: Some(r.extrinsic), captions: r.captions.clone(), ..Default::default() });
                 continue;
             }
             let response = tokenizer.decode(&r.response_tokens)?;
@@ -393,6 +392,8 @@ fn rescore(
                 return Err(Error::Reward(format!("rollout {} refused: {}", s.id, s.error)));
             }
             r.reward = s.total;
+            r.extrinsic = s.extrinsic;
+            r.intrinsic = s.intrinsic;
         }
     }
     Ok(true)

@@ -26,7 +26,7 @@ pub fn to_wire(r: &Rollout, at: Placement<'_>, index: usize, timings: Option<v1:
         response_tokens: packed::tokens(&r.response_tokens),
         logprobs: packed::floats(&r.logprobs),
         loss_mask: packed::mask(&r.loss_mask),
-        rewards: Some(v1::Rewards { extrinsic: r.reward, intrinsic: 0.0, total: r.reward }),
+        rewards: Some(v1::Rewards { extrinsic: r.extrinsic, intrinsic: r.intrinsic, total: r.reward }),
         policy_version: r.version,
         finish: match r.finish {
             FinishReason::Stop => v1::FinishReason::Stop,

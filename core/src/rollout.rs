@@ -31,6 +31,10 @@ pub struct Rollout {
     pub captions: Vec<String>,
     /// Reward the loss uses (verifier reward, plus any intrinsic reward), before shaping.
     pub reward: f64,
+    /// The task's own reward (verifier, or the environment's for an episode).
+    pub extrinsic: f64,
+    /// Intrinsic (ONI) reward from the reward server; 0 without one.
+    pub intrinsic: f64,
     /// Policy version that produced it.
     pub version: u64,
     pub finish: FinishReason,
@@ -81,10 +85,13 @@ pub fn collect_groups(
         let mut rollouts = Vec::with_capacity(n);
         for c in it.by_ref().take(n) {
             let text = tokenizer.decode(&c.tokens)?;
+            let score = p.score(&text);
             rollouts.push(Rollout {
                 prompt_id: p.id,
                 prompt_tokens: prompt.clone(),
-                reward: p.score(&text),
+                reward: score,
+                extrinsic: score,
+                intrinsic: 0.0,
                 response_tokens: c.tokens,
                 logprobs: c.logprobs,
                 loss_mask: Vec::new(),
@@ -167,6 +174,8 @@ pub fn collect_episodes(
                     loss_mask: Vec::new(),
                     captions: Vec::new(),
                     reward: 0.0,
+                    extrinsic: 0.0,
+                    intrinsic: 0.0,
                     version,
                     finish: FinishReason::Length,
                 },
@@ -198,6 +207,7 @@ pub fn collect_episodes(
             l.context.extend(&action.tokens);
             l.context.extend(&observation);
             r.reward += turn.reward;
+            r.extrinsic += turn.reward;
             r.captions.extend(turn.captions);
             if turn.done {
                 l.done = true;

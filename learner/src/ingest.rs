@@ -117,6 +117,8 @@ pub fn check(r: &v1::Rollout, limits: &Limits) -> Result<Rollout, Refusal> {
         loss_mask,
         captions: Vec::new(),
         reward: rewards.total,
+        extrinsic: rewards.extrinsic,
+        intrinsic: rewards.intrinsic,
         version: r.policy_version,
         finish,
     })

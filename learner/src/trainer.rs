@@ -42,8 +42,10 @@ use crate::optim::{AdamW, AdamWConfig, StepReport};
 #[derive(Debug, Clone, Serialize)]
 pub struct StepMetrics {
     pub step: u64,
-    /// Mean verifier reward of all sampled rollouts (before shaping).
+    /// Mean reward the loss used (extrinsic plus intrinsic, before shaping) over all sampled rollouts.
     pub reward_mean: f64,
+    /// Mean of the task's own reward (verifier or environment) over the same rollouts.
+    pub extrinsic_mean: f64,
     /// Share of sampled rollouts in groups with a non-zero advantage.
     pub effective_gradient_ratio: f64,
     /// Rollouts sampled this step (refills included; 0 for the distributed learner, whose actors sample).
@@ -348,6 +350,8 @@ impl Trainer {
         let reward_mean = sampled.iter().sum::<f64>() / sampled.len().max(1) as f64;
         let mut m = self.train_on(&groups)?;
         m.reward_mean = reward_mean;
+        // In this process rewards come from the task alone.
+        m.extrinsic_mean = reward_mean;
         m.rollouts_sampled = sampled.len();
         m.generation_tokens_per_s = gen_tokens as f64 / gen_s.max(1e-9);
         m.step_seconds = t0.elapsed().as_secs_f64();
@@ -405,6 +409,7 @@ impl Trainer {
         let mut m = StepMetrics {
             step: self.state.step,
             reward_mean: 0.0,
+            extrinsic_mean: 0.0,
             effective_gradient_ratio: effective / total.max(1.0),
             rollouts_sampled: 0,
             groups_trained: n_groups as usize,
@@ -499,10 +504,12 @@ impl Trainer {
     /// learner's step): trains, then advances the step (= the policy version).
     pub fn step_on(&mut self, groups: &[Group]) -> Result<StepMetrics> {
         let t0 = Instant::now();
-        let mut sums = [groups.iter().flat_map(Group::rewards).sum::<f64>(), groups.iter().map(|g| g.rollouts.len() as f64).sum()];
+        let all = || groups.iter().flat_map(|g| &g.rollouts);
+        let mut sums = [all().map(|r| r.reward).sum::<f64>(), all().map(|r| r.extrinsic).sum(), all().count() as f64];
         all_reduce_f64(self.comm.as_mut(), &mut sums)?;
         let mut m = self.train_on(groups)?;
-        m.reward_mean = sums[0] / sums[1].max(1.0);
+        m.reward_mean = sums[0] / sums[2].max(1.0);
+        m.extrinsic_mean = sums[1] / sums[2].max(1.0);
         self.state.step += 1;
         m.step = self.state.step;
         m.step_seconds = t0.elapsed().as_secs_f64();
@@ -736,6 +743,8 @@ mod tests {
             loss_mask: vec![],
             captions: vec![],
             reward,
+            extrinsic: reward,
+            intrinsic: 0.0,
             version: 0,
             finish: FinishReason::Stop,
         };
@@ -769,6 +778,8 @@ mod tests {
             loss_mask: if mask { vec![true, false, false, true] } else { vec![] },
             captions: vec![],
             reward,
+            extrinsic: reward,
+            intrinsic: 0.0,
             version: 0,
             finish: FinishReason::Stop,
         };

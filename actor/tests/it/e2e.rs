@@ -176,6 +176,11 @@ fn actors_play_text_adventure_episodes_scored_by_the_reward_server() {
         assert!(s["response_len_mean"].as_f64().unwrap() > 20.0, "{s}");
         assert_eq!(s["rollouts_trained"], 8);
     }
+    // The learner sees the split on the wire: what it trains on vs the environment's own reward.
+    assert!(
+        steps.iter().any(|s| s["reward_mean"].as_f64().unwrap() > s["extrinsic_mean"].as_f64().unwrap()),
+        "{steps:?}"
+    );
     let sent: Vec<_> = a.events.lock().unwrap().iter().filter(|v| v["event"] == "sent").cloned().collect();
     // The reward the learner trains on includes the intrinsic part; the environment's own is the goal only.
     assert!(sent.iter().any(|v| v["reward_mean"].as_f64().unwrap() > v["extrinsic_mean"].as_f64().unwrap()), "{sent:?}");
