@@ -21,6 +21,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 /// Parameters of the knapsack allocation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Knapsack {
@@ -138,7 +140,7 @@ fn spread(n: &mut [usize], to: &[usize], amount: usize) {
 }
 
 /// Each prompt's last outcomes (rewards clamped to [0, 1]), across epochs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct History {
     window: usize,
     outcomes: HashMap<u64, VecDeque<f64>>,
@@ -165,10 +167,6 @@ impl History {
         (q.len() >= min_outcomes.max(1)).then(|| q.iter().sum::<f64>() / q.len() as f64)
     }
 
-    /// Every prompt's kept outcomes (for checkpoints).
-    pub fn entries(&self) -> impl Iterator<Item = (u64, &VecDeque<f64>)> {
-        self.outcomes.iter().map(|(k, v)| (*k, v))
-    }
 }
 
 /// Share of rollouts in groups whose rewards are not all equal (non-zero GRPO advantage).

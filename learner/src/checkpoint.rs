@@ -22,6 +22,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sluice_core::budget::History;
 use sluice_core::hf::Policy;
 use sluice_core::tokenizer::Tokenizer;
 use tch::Tensor;
@@ -43,6 +44,9 @@ pub struct TrainerState {
     /// Completed optimizer updates (AdamW t); also the policy version.
     pub optimizer_t: i64,
 }
+
+/// Per-prompt outcomes for knapsack budgets, in each checkpoint.
+const HISTORY: &str = "budget_history.json";
 
 pub fn checkpoints_dir(out_dir: &Path) -> PathBuf {
     out_dir.join("checkpoints")
@@ -73,6 +77,7 @@ pub fn save(
     tokenizer: &Tokenizer,
     opt: &AdamW,
     state: &TrainerState,
+    history: &History,
     keep: usize,
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(out_dir);
@@ -89,6 +94,9 @@ pub fn save(
     for f in ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors"] {
         fsync_file(&tmp.join(f))?;
     }
+    let history_json = serde_json::to_vec(history).expect("history serialises");
+    write_synced(&tmp.join(HISTORY), &history_json)?;
+    // Written last: its presence marks the directory complete.
     let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
     write_synced(&tmp.join("trainer_state.json"), &state_json)?;
     fsync_dir(&tmp)?;
@@ -158,6 +166,16 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join("trainer_state.json");
     let text = io(&path, fs::read_to_string(&path))?;
     serde_json::from_str(&text).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
+}
+
+/// The knapsack outcome history of a checkpoint (empty for checkpoints written before it was saved).
+pub fn read_history(dir: &Path) -> Result<History> {
+    let path = dir.join(HISTORY);
+    match fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(History::default()),
+        Err(e) => Err(Error::io(path, e)),
+    }
 }
 
 /// Restores weights and optimizer moments from a checkpoint directory.

@@ -159,8 +159,7 @@ pub struct Trainer {
     reference: Option<Policy>,
     tokenizer: Tokenizer,
     task: Box<dyn Task>,
-    /// Recent rewards per prompt, for knapsack budgets (kept in memory: a
-    /// resumed run rebuilds it as prompts come round again).
+    /// Recent rewards per prompt, for knapsack budgets (saved in checkpoints).
     history: History,
     opt: AdamW,
     state: TrainerState,
@@ -218,6 +217,7 @@ impl Trainer {
         if resume && trainer.comm.rank() == 0 {
             if let Some(dir) = checkpoint::latest(&trainer.out_dir)? {
                 trainer.state = checkpoint::restore(&dir, &mut trainer.policy, &mut trainer.opt)?;
+                trainer.history = checkpoint::read_history(&dir)?;
                 tracing::info!(checkpoint = %dir.display(), step = trainer.state.step, "resumed");
             }
         }
@@ -607,7 +607,8 @@ impl Trainer {
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        checkpoint::save(&self.out_dir, &self.policy, &self.tokenizer, &self.opt, &self.state, self.cfg.train.keep_checkpoints)
+        let (s, keep) = (&self.state, self.cfg.train.keep_checkpoints);
+        checkpoint::save(&self.out_dir, &self.policy, &self.tokenizer, &self.opt, s, &self.history, keep)
     }
 
     /// Runs the rest of the job: warm-up, GRPO steps, evaluations and checkpoints.
@@ -803,6 +804,30 @@ mod tests {
         // ...while training on them too (no mask) gives another update.
         let c = updated(episode(-9.0, false));
         assert!(a.iter().zip(&c).any(|(x, y)| !x.equal(y)), "the mask made no difference");
+    }
+
+    #[test]
+    fn knapsack_history_survives_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[model]\npreset = \"tiny\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\ntrain_size = 4\n\
+             [sampling]\nmax_new_tokens = 2\n[grpo]\ngroup_size = 4\n[train]\nprompts_per_step = 4\nout_dir = \"{}\"\n\
+             [budget]\nstrategy = \"knapsack\"\nmin_outcomes = 4\nn_up = 8\n",
+            dir.path().display()
+        );
+        let cfg = JobConfig::from_toml(&text).unwrap();
+        let mut t = Trainer::new(cfg.clone(), false).unwrap();
+        let problems: Vec<Problem> = (0..4).map(|i| t.task.problem(Split::Train, i)).collect();
+        assert_eq!(t.budget(&problems), vec![4; 4], "no history yet: the default N");
+        t.grpo_step().unwrap();
+        let rates: Vec<Option<f64>> = problems.iter().map(|p| t.history.rate(p.id, 4)).collect();
+        assert!(rates.iter().all(Option::is_some), "every prompt has 4 outcomes: {rates:?}");
+        let budget = t.budget(&problems);
+        assert_eq!(budget.iter().sum::<usize>(), 16);
+        t.save_checkpoint().unwrap();
+        let resumed = Trainer::new(cfg, true).unwrap();
+        assert_eq!(resumed.history, t.history);
+        assert_eq!(resumed.budget(&problems), budget);
     }
 
     #[test]
