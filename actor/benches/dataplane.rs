@@ -65,7 +65,7 @@ fn start_learner(rt: &tokio::runtime::Runtime, chunk: usize) -> (String, Arc<Sha
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     rt.spawn(async move { while rx.recv().await.is_some() {} });
-    rt.spawn(sluice_learner::node::serve(shared.clone(), listener, None, std::future::pending()));
+    rt.spawn(sluice_learner::node::serve(shared.clone(), listener, None, None, std::future::pending()));
     (format!("http://{addr}"), shared)
 }
 

@@ -25,7 +25,7 @@ use sluice_proto::v1::{self, PushAck};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use sluice_proto::auth;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
 
 use crate::error::{Error, Result};
@@ -49,6 +49,8 @@ pub struct ActorOptions {
     pub reward: Option<String>,
     /// Bearer token for the learner and the reward server (`sluice_proto::auth`).
     pub token: Option<String>,
+    /// CA certificate (PEM) to trust for `https://` learners and reward server.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// What the actor reports (printed as JSON lines by the binary).
@@ -109,22 +111,34 @@ impl Backoff {
     }
 }
 
-/// A gRPC channel to a learner with sluice's message limits and windows.
+/// A gRPC client of a learner (plain HTTP/2) with sluice's message limits and windows.
 pub async fn connect(endpoint: &str) -> Result<LearnerClient<Channel>> {
+    connect_with(endpoint, None).await
+}
+
+/// [`connect`], over TLS when `tls` is given (the endpoint is then `https://`).
+pub async fn connect_with(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<LearnerClient<Channel>> {
+    Ok(LearnerClient::new(channel(endpoint, tls).await?)
+        .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES))
+}
+
+/// The channel every client of the actor uses: short connect timeout, no Nagle,
+/// large HTTP/2 windows and frames, optional TLS.
+pub async fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel> {
     let transport = |reason: String| Error::Transport { endpoint: endpoint.to_string(), reason };
-    let channel = Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| transport(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
+    let mut ep = Endpoint::from_shared(endpoint.to_string()).map_err(|e| transport(e.to_string()))?;
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls.clone()).map_err(|e| transport(e.to_string()))?;
+    }
+    ep.connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20)
         .max_frame_size(1 << 20)
         .connect()
         .await
-        .map_err(|e| transport(e.to_string()))?;
-    Ok(LearnerClient::new(channel)
-        .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES))
+        .map_err(|e| transport(e.to_string()))
 }
 
 /// Runs until the learner reports the job finished, `max_groups` is reached or
@@ -154,6 +168,9 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
         .build()
         .map_err(|e| Error::Transport { endpoint: endpoint.clone(), reason: format!("runtime: {e}") })?;
 
+    let tls = opts.tls_ca.as_deref().map(sluice_proto::tls::client_config).transpose().map_err(|reason| {
+        Error::Transport { endpoint: endpoint.clone(), reason }
+    })?;
     let mut sync = WeightSync::default();
     sync.token = opts.token.clone();
     let token = opts.token.as_deref();
@@ -168,7 +185,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
     let mut reward_client = None;
 
     'connection: while !stop.load(Ordering::SeqCst) {
-        let mut client = match rt.block_on(connect(&endpoint)) {
+        let mut client = match rt.block_on(connect_with(&endpoint, tls.as_ref())) {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "learner not reachable");
@@ -264,7 +281,7 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
             let mut collected = collect(policy.model(), &tokenizer, task.as_ref(), &problems, &vec![g; problems.len()], &sampling, version, &mut rng)?;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
-                if !rescore(&rt, endpoint, token, &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
+                if !rescore(&rt, endpoint, token, tls.as_ref(), &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
                     break 'connection;
                 }
             }
@@ -325,6 +342,7 @@ fn rescore(
     rt: &tokio::runtime::Runtime,
     endpoint: &str,
     token: Option<&str>,
+    tls: Option<&ClientTlsConfig>,
     client: &mut Option<RewardClient<Channel>>,
     cfg: &JobConfig,
     task: &dyn sluice_core::tasks::Task,
@@ -368,8 +386,8 @@ fn rescore(
         }
         let attempt = rt.block_on(async {
             if client.is_none() {
-                let c = RewardClient::connect(endpoint.to_string()).await;
-                *client = Some(c.map_err(|e| tonic::Status::unavailable(e.to_string()))?);
+                let c = channel(endpoint, tls).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                *client = Some(RewardClient::new(c));
             }
             let c = client.as_mut().expect("connected above");
             c.score(auth::request(request.clone(), token)).await

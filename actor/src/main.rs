@@ -46,6 +46,9 @@ struct Args {
     /// Bearer token for the learner and the reward server, when they require one.
     #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) that signed the servers' TLS certificates; use https:// endpoints.
+    #[arg(long, env = "SLUICE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         max_groups: args.max_groups,
         reward: args.reward,
         token: args.token,
+        tls_ca: args.tls_ca,
     };
     actor::run(opts, stop, |e| println!("{}", serde_json::to_string(e).expect("events serialise")))?;
     Ok(())

@@ -24,6 +24,10 @@ pub enum Error {
     /// The trainer cannot make progress (e.g. the task produced no usable groups).
     #[error("training: {0}")]
     Training(String),
+
+    /// The gRPC server could not be set up (TLS files, listen address).
+    #[error("server: {0}")]
+    Server(String),
 }
 
 impl Error {

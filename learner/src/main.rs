@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_core::config::JobConfig;
 use sluice_learner::node::{self, CollectiveKind, NodeOptions};
+use sluice_proto::tls::ServerFiles;
 
 /// Serves the Learner gRPC service and trains on the rollouts actors stream in.
 ///
@@ -48,6 +49,12 @@ struct Args {
     /// Bearer token every Learner call must carry (health stays open); none: no check.
     #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Serve TLS: certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "SLUICE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Serve TLS: private key (PEM).
+    #[arg(long, env = "SLUICE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         collective: args.collective,
         linger: Duration::from_secs_f64(args.linger_s.max(0.0)),
         token: args.token,
+        tls: ServerFiles::from_options(args.tls_cert, args.tls_key).map_err(anyhow::Error::msg)?,
     };
     node::run(opts, stop, |e| {
         println!("{}", serde_json::to_string(e).expect("events serialise"));

@@ -22,7 +22,9 @@ use sluice_proto::v1::learner_server::LearnerServer;
 use tch::Device;
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
+use sluice_proto::tls::ServerFiles;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::ServerTlsConfig;
 
 use crate::algo::grpo;
 use crate::collective::{Collective, Single, TcpCollective};
@@ -50,6 +52,8 @@ pub struct NodeOptions {
     pub linger: Duration,
     /// Bearer token every Learner call must carry (`sluice_proto::auth`); None: no check.
     pub token: Option<String>,
+    /// Serve TLS with this certificate and key (`sluice_proto::tls`); None: plain HTTP/2.
+    pub tls: Option<ServerFiles>,
 }
 
 /// Which collective backend data-parallel ranks use.
@@ -108,11 +112,13 @@ pub enum NodeEvent<'a> {
 }
 
 /// Serves the Learner service and gRPC health on `listener` until `shutdown`
-/// resolves. With a `token`, Learner calls without it are refused (health stays open).
+/// resolves. With a `token`, Learner calls without it are refused (health stays
+/// open); with `tls`, only TLS connections are served.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
     token: Option<&str>,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::result::Result<(), tonic::transport::Error> {
     let svc = LearnerServer::new(LearnerService::new(shared))
@@ -121,7 +127,11 @@ pub async fn serve(
     let svc = InterceptedService::new(svc, auth::Check::new(token));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<LearnerServer<LearnerService>>().await;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20)
         .max_frame_size(1 << 20)
@@ -181,9 +191,10 @@ pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Nod
         .map_err(|e| Error::io(format!("listen address {}", opts.listen), e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("listener", e))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let tls = opts.tls.as_ref().map(ServerFiles::config).transpose().map_err(Error::Server)?;
     let (token, shared_for_server) = (opts.token.clone(), shared.clone());
     let server = rt.spawn(async move {
-        serve(shared_for_server, listener, token.as_deref(), async {
+        serve(shared_for_server, listener, token.as_deref(), tls, async {
             let _ = shutdown_rx.await;
         })
         .await

@@ -790,8 +790,12 @@ mod tests {
     #[test]
     fn environment_tokens_are_masked_out_of_the_loss() {
         let dir = tempfile::tempdir().unwrap();
+        // Every run starts from the same weights (random init reads libtorch's global
+        // RNG, which tests running in parallel share).
+        let base = trainer(dir.path());
         let updated = |g: Group| {
             let mut t = trainer(dir.path());
+            t.policy.copy_from(&base.policy).unwrap();
             t.train_on(&[g]).unwrap();
             params(&t)
         };

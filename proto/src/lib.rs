@@ -131,3 +131,48 @@ pub mod auth {
         }
     }
 }
+
+/// TLS for sluice's gRPC servers and clients (rustls), from PEM files.
+///
+/// A server given a certificate chain and key serves only TLS; a client
+/// given a CA certificate trusts servers signed by it (and nothing else) and
+/// must use an `https://` endpoint. Without files, plain HTTP/2: the default on
+/// one machine.
+pub mod tls {
+    use std::path::{Path, PathBuf};
+
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+    fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
+        std::fs::read(path).map_err(|e| format!("TLS {what} {}: {e}", path.display()))
+    }
+
+    /// A server's certificate chain and private key (PEM).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct ServerFiles {
+        pub cert: PathBuf,
+        pub key: PathBuf,
+    }
+
+    impl ServerFiles {
+        /// Both files or neither; one alone is a mistake worth naming.
+        pub fn from_options(cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<Self>, String> {
+            match (cert, key) {
+                (Some(cert), Some(key)) => Ok(Some(ServerFiles { cert, key })),
+                (None, None) => Ok(None),
+                (Some(_), None) => Err("--tls-cert needs --tls-key (SLUICE_TLS_KEY)".into()),
+                (None, Some(_)) => Err("--tls-key needs --tls-cert (SLUICE_TLS_CERT)".into()),
+            }
+        }
+
+        pub fn config(&self) -> Result<ServerTlsConfig, String> {
+            let identity = Identity::from_pem(read("certificate", &self.cert)?, read("key", &self.key)?);
+            Ok(ServerTlsConfig::new().identity(identity))
+        }
+    }
+
+    /// A client's trust: the CA certificate (PEM) that signed the servers.
+    pub fn client_config(ca: &Path) -> Result<ClientTlsConfig, String> {
+        Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("CA certificate", ca)?)))
+    }
+}

@@ -13,6 +13,10 @@ pub enum Error {
     #[error("annotator: {0}")]
     Annotator(String),
 
+    /// The gRPC server could not be set up (TLS files).
+    #[error("server: {0}")]
+    Server(String),
+
     #[error("io error on {what}: {source}")]
     Io { what: String, source: std::io::Error },
 }

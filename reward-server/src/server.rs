@@ -9,7 +9,9 @@ use serde::Serialize;
 use sluice_core::config::{IntrinsicModel, JobConfig};
 use sluice_proto::v1::reward_server::RewardServer;
 use tonic::service::interceptor::InterceptedService;
+use sluice_proto::tls::ServerFiles;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::ServerTlsConfig;
 
 use crate::annotator::{self, Annotator, Counters};
 use crate::classifier::Classifier;
@@ -120,16 +122,21 @@ async fn train_model(state: Arc<State>) {
 }
 
 /// Serves until `shutdown` resolves. With a `token`, Reward calls without it
-/// are refused (health stays open).
+/// are refused (health stays open); with `tls`, only TLS connections are served.
 pub async fn serve(
     state: Arc<State>,
     listener: tokio::net::TcpListener,
     token: Option<&str>,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::result::Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<RewardServer<RewardService>>().await;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(health)
         .add_service(InterceptedService::new(
             RewardServer::new(RewardService::new(state))
@@ -143,8 +150,15 @@ pub async fn serve(
 }
 
 /// Runs the reward server for `job` on `listen` until Ctrl-C / SIGTERM.
-pub fn run(job: JobConfig, listen: &str, token: Option<&str>, report: impl Fn(&ServerEvent)) -> Result<()> {
+pub fn run(
+    job: JobConfig,
+    listen: &str,
+    token: Option<&str>,
+    tls: Option<&ServerFiles>,
+    report: impl Fn(&ServerEvent),
+) -> Result<()> {
     job.validate()?;
+    let tls = tls.map(ServerFiles::config).transpose().map_err(Error::Server)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -162,7 +176,7 @@ pub fn run(job: JobConfig, listen: &str, token: Option<&str>, report: impl Fn(&S
             annotator: state.annotator_name.clone(),
         });
         tracing::info!(%addr, "reward server serving");
-        serve(state, listener, token, shutdown_signal())
+        serve(state, listener, token, tls, shutdown_signal())
             .await
             .map_err(|e| Error::Io { what: "gRPC server".into(), source: std::io::Error::other(e) })
     })

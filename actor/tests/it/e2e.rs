@@ -185,3 +185,54 @@ fn actors_play_text_adventure_episodes_scored_by_the_reward_server() {
     // The reward the learner trains on includes the intrinsic part; the environment's own is the goal only.
     assert!(sent.iter().any(|v| v["reward_mean"].as_f64().unwrap() > v["extrinsic_mean"].as_f64().unwrap()), "{sent:?}");
 }
+
+/// A CA, and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`: (ca, cert, key).
+fn test_certificates(dir: &std::path::Path) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "sluice test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    (write("ca.pem", ca.pem()), write("server.pem", cert.pem()), write("server.key", key.serialize_pem()))
+}
+
+#[test]
+fn learner_reward_server_and_actor_talk_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(dir.path());
+    let body = format!(
+        "{TINY}[sampling]\nmax_new_tokens = 4\n[grpo]\ngroup_size = 4\n\
+         [train]\nsteps = 2\nprompts_per_step = 4\neval_prompts = 4\n[rollout]\nmax_staleness = 0\n"
+    );
+    let job = write_job(dir.path(), "tls", &body);
+    let tls = ["--tls-cert".to_string(), cert, "--tls-key".to_string(), key];
+    let mut args = vec![job.display().to_string(), "--listen".into(), "127.0.0.1:0".into()];
+    args.extend(tls.iter().cloned());
+    let mut reward = Proc::spawn("reward-server", "sluice-reward-server", &args);
+    let listening = reward.wait_event("listening", Duration::from_secs(30), |v| v["event"] == "listening");
+    let reward_ep = format!("https://{}", listening["addr"].as_str().unwrap());
+    let out = dir.path().join("out");
+    let mut extra = vec!["--out", out.to_str().unwrap(), "--linger-s", "30"];
+    extra.extend(tls.iter().map(String::as_str));
+    let mut learner = Learner::start(&job, &extra);
+    let https = learner.endpoint.replace("http://", "https://");
+    // Plain HTTP/2 is not served any more.
+    assert!(runtime().block_on(async {
+        let mut c = client(&learner.endpoint).await;
+        c.status(StatusRequest { job_id: String::new() }).await
+    })
+    .is_err());
+    let mut a = actor(&job, &https, 0, 1, &["--reward", &reward_ep, "--tls-ca", &ca]);
+    learner.wait_finished(Duration::from_secs(180));
+    a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
+    assert_eq!(metrics(&out).iter().filter(|e| e["event"] == "step").count(), 2);
+    let synced = a.events.lock().unwrap().iter().filter(|v| v["event"] == "synced").count();
+    assert!(synced >= 2, "weights came over TLS: {synced} syncs");
+}
