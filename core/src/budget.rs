@@ -19,7 +19,7 @@
 //! prompts (hard prompts may still be solved with more tries), or to the
 //! other prompts when there is none. The total is always conserved.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -143,12 +143,13 @@ fn spread(n: &mut [usize], to: &[usize], amount: usize) {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct History {
     window: usize,
-    outcomes: HashMap<u64, VecDeque<f64>>,
+    /// Ordered, so checkpoints are byte-for-byte reproducible.
+    outcomes: BTreeMap<u64, VecDeque<f64>>,
 }
 
 impl History {
     pub fn new(window: usize) -> Self {
-        History { window: window.max(1), outcomes: HashMap::new() }
+        History { window: window.max(1), outcomes: BTreeMap::new() }
     }
 
     pub fn record(&mut self, prompt: u64, rewards: impl IntoIterator<Item = f64>) {

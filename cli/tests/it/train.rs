@@ -29,21 +29,41 @@ fn file(dir: &std::path::Path, run: &str, name: &str) -> Vec<u8> {
     std::fs::read(ck.join(latest.trim()).join(name)).unwrap()
 }
 
-/// Stopping after 3 steps and resuming to 6 ends bit-identical to 6 steps in one go.
+/// The job of `job`, with a 16-prompt training set and knapsack budgets.
+fn knapsack_job(dir: &std::path::Path, steps: u64, sft_steps: u64) -> std::path::PathBuf {
+    let path = job(dir, steps, sft_steps, "");
+    let text = std::fs::read_to_string(&path).unwrap().replace("kind = \"arithmetic\"", "kind = \"arithmetic\"\ntrain_size = 16");
+    std::fs::write(&path, format!("{text}\n[budget]\nstrategy = \"knapsack\"\nmin_outcomes = 4\nn_up = 32\n")).unwrap();
+    path
+}
+
+/// Stopping after 3 steps and resuming to 6 ends bit-identical to 6 steps in one
+/// go — with uniform budgets, and with knapsack budgets (whose per-prompt history
+/// must come back from the checkpoint for the allocations to match).
 #[test]
 fn resume_is_exact() {
-    let a = tempfile::tempdir().unwrap();
-    let b = tempfile::tempdir().unwrap();
-    events(&sluice().args(["train", "--json"]).arg(job(a.path(), 6, 4, "")).output().unwrap());
-    let jb = job(b.path(), 6, 4, "");
-    events(&sluice().args(["train", "--json", "--steps", "3"]).arg(&jb).output().unwrap());
-    let resumed = events(&sluice().args(["train", "--json"]).arg(&jb).output().unwrap());
-    let steps: Vec<u64> = resumed.iter().filter(|e| e["event"] == "step").map(|e| e["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, vec![4, 5, 6], "the resumed run continues where the first stopped");
-    for name in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
-        assert!(file(a.path(), "run", name) == file(b.path(), "run", name), "{name} differs after resume");
+    for knapsack in [false, true] {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let make = |dir: &std::path::Path| if knapsack { knapsack_job(dir, 6, 4) } else { job(dir, 6, 4, "") };
+        let full = events(&sluice().args(["train", "--json"]).arg(make(a.path())).output().unwrap());
+        let jb = make(b.path());
+        events(&sluice().args(["train", "--json", "--steps", "3"]).arg(&jb).output().unwrap());
+        let resumed = events(&sluice().args(["train", "--json"]).arg(&jb).output().unwrap());
+        let steps: Vec<u64> = resumed.iter().filter(|e| e["event"] == "step").map(|e| e["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, vec![4, 5, 6], "the resumed run continues where the first stopped");
+        for name in ["model.safetensors", "optimizer.safetensors", "trainer_state.json", "budget_history.json"] {
+            assert!(file(a.path(), "run", name) == file(b.path(), "run", name), "{name} differs after resume (knapsack {knapsack})");
+        }
+        if knapsack {
+            let sampled: Vec<u64> = full.iter().filter(|e| e["event"] == "step").map(|e| e["rollouts_sampled"].as_u64().unwrap()).collect();
+            assert_eq!(sampled, vec![128; 6], "knapsack keeps the total");
+        }
     }
     // --fresh refuses to clobber an existing run.
+    let b = tempfile::tempdir().unwrap();
+    let jb = job(b.path(), 1, 0, "");
+    events(&sluice().args(["train", "--json"]).arg(&jb).output().unwrap());
     let o = sluice().args(["train", "--fresh"]).arg(&jb).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("already has checkpoints"));
 }
