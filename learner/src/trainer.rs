@@ -735,13 +735,14 @@ mod tests {
         t.policy().named_parameters().into_iter().map(|(_, p)| p.detach().copy()).collect()
     }
 
-    fn group(logprob: f32) -> Group {
+    /// A group of two rollouts of prompt [5, 6, 7] with rewards 1 and 0.
+    fn pair(response: &[i64], logprobs: &[f32], loss_mask: &[bool]) -> Group {
         let r = |reward| Rollout {
             prompt_id: 0,
             prompt_tokens: vec![5, 6, 7],
-            response_tokens: vec![8, 1],
-            logprobs: vec![logprob, logprob],
-            loss_mask: vec![],
+            response_tokens: response.to_vec(),
+            logprobs: logprobs.to_vec(),
+            loss_mask: loss_mask.to_vec(),
             captions: vec![],
             reward,
             extrinsic: reward,
@@ -750,6 +751,10 @@ mod tests {
             finish: FinishReason::Stop,
         };
         Group { prompt_id: 0, rollouts: vec![r(1.0), r(0.0)] }
+    }
+
+    fn group(logprob: f32) -> Group {
+        pair(&[8, 1], &[logprob, logprob], &[])
     }
 
     #[test]
@@ -771,20 +776,8 @@ mod tests {
 
     /// An episode's response: action, two environment tokens, action.
     fn episode(env_logprob: f32, mask: bool) -> Group {
-        let r = |reward| Rollout {
-            prompt_id: 0,
-            prompt_tokens: vec![5, 6, 7],
-            response_tokens: vec![8, 20, 21, 1],
-            logprobs: vec![-1.0, env_logprob, env_logprob, -1.5],
-            loss_mask: if mask { vec![true, false, false, true] } else { vec![] },
-            captions: vec![],
-            reward,
-            extrinsic: reward,
-            intrinsic: 0.0,
-            version: 0,
-            finish: FinishReason::Stop,
-        };
-        Group { prompt_id: 0, rollouts: vec![r(1.0), r(0.0)] }
+        let mask: &[bool] = if mask { &[true, false, false, true] } else { &[] };
+        pair(&[8, 20, 21, 1], &[-1.0, env_logprob, env_logprob, -1.5], mask)
     }
 
     #[test]

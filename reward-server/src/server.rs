@@ -79,46 +79,37 @@ async fn train_model(state: Arc<State>) {
         if n < state.cfg.train_min_labels as u64 || n == trained {
             continue;
         }
-        let fitted = if ranking {
-            let data = match state.store.preferences(TRAIN_LABELS).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read preferences");
-                    continue;
-                }
-            };
-            let st = state.clone();
-            tokio::task::spawn_blocking(move || {
-                let r = Ranker::train(&data, 200);
-                tracing::info!(preferences = r.trained_on, "ranker retrained");
-                *st.ranker.write().expect("ranker lock") = Some(Arc::new(r));
-            })
-        } else {
-            let data = match state.store.recent(TRAIN_LABELS).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read labels");
-                    continue;
-                }
-            };
-            let st = state.clone();
-            tokio::task::spawn_blocking(move || {
-                let c = Classifier::train(&data, 200);
-                tracing::info!(labels = c.trained_on, "classifier retrained");
-                *st.classifier.write().expect("classifier lock") = Some(Arc::new(c));
-            })
-        };
-        match fitted.await {
+        match retrain(&state, ranking).await {
             Ok(()) => {
-                if ranking {
-                    state.normaliser.reset();
-                }
                 state.counters.version.fetch_add(1, Ordering::SeqCst);
                 trained = n;
             }
-            Err(e) => tracing::warn!(error = %e, "reward model training failed"),
+            Err(e) => tracing::warn!(error = %e, "reward model not retrained"),
         }
     }
+}
+
+/// One training run on the newest labels (preferences), in a blocking task.
+async fn retrain(state: &Arc<State>, ranking: bool) -> Result<()> {
+    let st = state.clone();
+    let task = if ranking {
+        let data = state.store.preferences(TRAIN_LABELS).await?;
+        tokio::task::spawn_blocking(move || {
+            let r = Ranker::train(&data, 200);
+            tracing::info!(preferences = r.trained_on, "ranker retrained");
+            *st.ranker.write().expect("ranker lock") = Some(Arc::new(r));
+            // Scores of the new ranker get statistics of their own.
+            st.normaliser.reset();
+        })
+    } else {
+        let data = state.store.recent(TRAIN_LABELS).await?;
+        tokio::task::spawn_blocking(move || {
+            let c = Classifier::train(&data, 200);
+            tracing::info!(labels = c.trained_on, "classifier retrained");
+            *st.classifier.write().expect("classifier lock") = Some(Arc::new(c));
+        })
+    };
+    task.await.map_err(|e| Error::Annotator(format!("training task: {e}")))
 }
 
 /// Serves until `shutdown` resolves. With a `token`, Reward calls without it
