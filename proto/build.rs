@@ -2,7 +2,7 @@
 //! the prost messages and tonic clients/servers.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["sluice/v1/learner.proto", "sluice/v1/reward.proto"];
+    let files = ["sluice/v1/learner.proto", "sluice/v1/reward.proto", "sluice/v1/orchestrator.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

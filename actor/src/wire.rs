@@ -11,6 +11,8 @@ pub struct Placement<'a> {
     pub actor: &'a str,
     pub group_id: u64,
     pub group_size: usize,
+    /// The orchestrator work item the group answers (0: none).
+    pub work_id: u64,
 }
 
 /// The wire form of the `index`-th rollout of a group.
@@ -33,5 +35,6 @@ pub fn to_wire(r: &Rollout, at: Placement<'_>, index: usize, timings: Option<v1:
             FinishReason::Length => v1::FinishReason::Length,
         } as i32,
         timings,
+        work_id: at.work_id,
     }
 }

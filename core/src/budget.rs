@@ -162,6 +162,17 @@ impl History {
         }
     }
 
+    /// The kept outcomes of `prompt`, oldest first.
+    pub fn outcomes(&self, prompt: u64) -> Vec<f64> {
+        self.outcomes.get(&prompt).map(|q| q.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Replaces the kept outcomes of `prompt` (e.g. when loading them from a store).
+    pub fn set(&mut self, prompt: u64, outcomes: Vec<f64>) {
+        self.outcomes.remove(&prompt);
+        self.record(prompt, outcomes);
+    }
+
     /// The success rate over the kept outcomes, or None with fewer than `min_outcomes`.
     pub fn rate(&self, prompt: u64, min_outcomes: usize) -> Option<f64> {
         let q = self.outcomes.get(&prompt)?;

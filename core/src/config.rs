@@ -40,6 +40,30 @@ pub struct JobConfig {
     /// Rollouts per prompt: uniform, or knapsack allocation.
     #[serde(default)]
     pub budget: BudgetConfig,
+    /// Processes `sluice dev` starts for the job (and what a cluster should run).
+    #[serde(default)]
+    pub resources: ResourcesConfig,
+}
+
+/// How many processes of each role run the job. `sluice dev` starts exactly
+/// these; on a cluster they are the chart's replica counts. The device of the
+/// policy is `model.device`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourcesConfig {
+    /// Actor processes (each samples `rollout.prompts_per_batch` prompts per batch).
+    pub actors: usize,
+    /// Data-parallel learner ranks; `train.prompts_per_step` must divide among them.
+    pub learners: usize,
+    /// Start a reward server and score through it (`sluice dev`); without one each
+    /// actor runs the task verifier itself. Needed for intrinsic rewards.
+    pub reward_server: bool,
+}
+
+impl Default for ResourcesConfig {
+    fn default() -> Self {
+        ResourcesConfig { actors: 1, learners: 1, reward_server: true }
+    }
 }
 
 /// How many rollouts each prompt gets (see `budget`).
@@ -531,6 +555,19 @@ impl JobConfig {
         let g = &self.grpo;
         let check = |ok: bool, field: &str, why: &str| if ok { Ok(()) } else { Err(Error::config(field, why)) };
         check(g.group_size >= 1, "grpo.group_size", "must be >= 1")?;
+        let r = &self.resources;
+        check(r.actors >= 1, "resources.actors", "must be >= 1")?;
+        check(r.learners >= 1, "resources.learners", "must be >= 1")?;
+        check(
+            self.train.prompts_per_step.is_multiple_of(r.learners),
+            "resources.learners",
+            "must divide train.prompts_per_step",
+        )?;
+        check(
+            r.reward_server || self.reward.model == IntrinsicModel::None,
+            "resources.reward_server",
+            "must be true when reward.model sets an intrinsic reward",
+        )?;
         check(g.clip_low >= 0.0 && g.clip_low < 1.0, "grpo.clip_low", "must be in [0, 1)")?;
         check(g.clip_high >= 0.0, "grpo.clip_high", "must be >= 0")?;
         check(g.dual_clip == 0.0 || g.dual_clip > 1.0, "grpo.dual_clip", "must be 0 (off) or > 1")?;
@@ -661,6 +698,8 @@ mod tests {
             (format!("{MIN}[reward]\nint_coef = 0.5\n"), "reward.model"),
             (format!("{MIN}[reward]\nstore = \"mysql://x\"\n"), "reward.store"),
             (format!("{MIN}[reward]\nmodel = \"oracle\"\n"), "reward.model"),
+            (format!("{MIN}[resources]\nlearners = 3\n"), "resources.learners"),
+            (format!("{MIN}[resources]\ngpus = 3\n"), "resources"),
             (format!("{MIN}[[reward.rubric]]\npattern = \"(\"\nlabel = \"helpful\"\n"), "reward.rubric[0].pattern"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"chess\"\n".to_string(), "task"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ndigit = 3\n".to_string(), "task"),

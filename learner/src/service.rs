@@ -6,7 +6,7 @@
 //! handler stops reading, HTTP/2 flow control fills up, and the actor's sends
 //! block), and the loop publishes each new version's weights here.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,7 @@ pub struct Stats {
     pub dropped_stale_groups: u64,
     pub dropped_future_groups: u64,
     pub dropped_partial_groups: u64,
+    pub dropped_duplicate_groups: u64,
     pub staleness_histogram: Vec<u64>,
 }
 
@@ -58,6 +59,8 @@ pub struct Shared {
     ingest: mpsc::Sender<Group>,
     pub stats: Mutex<Stats>,
     pub finished: AtomicBool,
+    /// Orchestrator work ids of the groups accepted so far (at most one group per id).
+    work_ids: Mutex<HashSet<u64>>,
 }
 
 /// Versions whose weights stay downloadable (so a download that started just
@@ -94,6 +97,7 @@ impl Shared {
             ingest: tx,
             stats: Mutex::new(stats),
             finished: AtomicBool::new(false),
+            work_ids: Mutex::new(HashSet::new()),
         };
         (Arc::new(shared), rx)
     }
@@ -162,8 +166,9 @@ impl Shared {
     }
 
     /// Puts a complete group in the buffer (waiting while it is full) unless it
-    /// is already too old or the job is finished; returns the ack for the actor.
-    async fn ingest(&self, group: Group, group_id: u64) -> PushAck {
+    /// is already too old, answers a work item already answered (`work_id`,
+    /// 0 for none), or the job is finished; returns the ack for the actor.
+    async fn ingest(&self, group: Group, group_id: u64, work_id: u64) -> PushAck {
         if self.finished.load(Ordering::SeqCst) {
             return self.ack(group_id, false, "finished");
         }
@@ -171,6 +176,10 @@ impl Shared {
         if let Err(why) = self.classify(v, self.version()) {
             self.count_drop(why);
             return self.ack(group_id, false, why);
+        }
+        if work_id != 0 && !self.work_ids.lock().expect("work ids lock").insert(work_id) {
+            self.stats.lock().expect("stats lock").dropped_duplicate_groups += 1;
+            return self.ack(group_id, false, "duplicate");
         }
         let n = group.rollouts.len() as u64;
         if self.ingest.send(group).await.is_err() {
@@ -230,7 +239,7 @@ async fn serve_push(shared: Arc<Shared>, mut inbound: Streaming<v1::Rollout>, tx
                     }
                     Ok(None) => {}
                     Ok(Some(group)) => {
-                        let ack = shared.ingest(group, wire.group_id).await;
+                        let ack = shared.ingest(group, wire.group_id, wire.work_id).await;
                         if tx.send(Ok(ack)).await.is_err() {
                             break;
                         }
@@ -346,6 +355,7 @@ impl Learner for LearnerService {
             groups_per_step: s.groups_per_step as u64,
             finished: s.finished.load(Ordering::SeqCst),
             dropped_future_groups: stats.dropped_future_groups,
+            dropped_duplicate_groups: stats.dropped_duplicate_groups,
         }))
     }
 }

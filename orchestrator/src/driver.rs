@@ -1,0 +1,500 @@
+//! The per-job driver: turns a job's dataset into work items and keeps the
+//! accounting exact.
+//!
+//! Work is cut into rounds of `train.prompts_per_step` prompts taken in order
+//! from the training split (epochs wrap around `train_size`). Each prompt's
+//! rollout budget `n` comes from the job's budget strategy: `grpo.group_size`
+//! (uniform) or `Knapsack::allocate` over the success rates in the prompts'
+//! outcome history (DESIGN.md, "Knapsack budget allocation"). At most
+//! `rollout.max_staleness + 1` rounds are open at once, so the budget of a new
+//! round sees the outcomes of the rounds before it (with staleness 0, all of them).
+//!
+//! Accounting invariants (what the fault tests check):
+//! * an item is *outstanding* (pending or leased to one worker) until its first
+//!   outcome arrives; then it is *complete* and removed — `work_created =
+//!   work_completed + outstanding` at all times;
+//! * a second outcome for a complete item is counted in `duplicate_outcomes`
+//!   and changes nothing else;
+//! * when a worker's lease expires, its items go back to the queue
+//!   (`work_redispatched`), keeping their id, so the learner (which accepts one
+//!   group per work id) never trains on an item twice.
+//!
+//! Everything here is plain data and a clock passed in (`now_ms`): no I/O.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use sluice_core::budget::{History, Knapsack};
+use sluice_core::config::{BudgetStrategy, JobConfig, TaskConfig};
+use sluice_core::tasks::{self, Split, Task};
+
+use crate::error::{Error, Result};
+
+/// Where a job is in its life. Final states never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Counters of a job (see the module invariants).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub step: u64,
+    pub total_steps: u64,
+    pub work_created: u64,
+    pub work_dispatched: u64,
+    pub work_completed: u64,
+    pub work_redispatched: u64,
+    pub duplicate_outcomes: u64,
+    pub rollouts_completed: u64,
+    pub epoch: u64,
+}
+
+/// What the store keeps of a job besides its items, history and events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub name: String,
+    pub spec_toml: String,
+    pub state: JobState,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub message: String,
+    pub progress: Progress,
+    /// Next prompt position in the training stream.
+    pub cursor: u64,
+    pub next_item: u64,
+    pub next_round: u64,
+    /// Open rounds → their items not yet complete.
+    pub open_rounds: BTreeMap<u64, u64>,
+}
+
+/// One prompt with its rollout budget, outstanding until its outcome arrives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    pub id: u64,
+    pub round: u64,
+    pub prompt_index: u64,
+    /// The problem's id (the key of its outcome history).
+    pub prompt_id: u64,
+    pub n: usize,
+    /// Times handed out before.
+    pub attempt: u32,
+    /// The worker holding it, when leased.
+    pub worker: Option<String>,
+}
+
+/// What a mutation changed, for the store to persist.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub record: bool,
+    pub items: Vec<Item>,
+    pub removed_items: Vec<u64>,
+    pub history: Vec<u64>,
+    pub events: Vec<String>,
+}
+
+/// One job: its record, outstanding items, outcome history and events.
+pub struct Job {
+    pub rec: JobRecord,
+    pub cfg: JobConfig,
+    task: Box<dyn Task>,
+    pub items: BTreeMap<u64, Item>,
+    pending: VecDeque<u64>,
+    pub history: History,
+    /// Every event so far, oldest first (event `seq` = index).
+    pub events: Vec<String>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("rec", &self.rec).field("items", &self.items.len()).finish()
+    }
+}
+
+/// The training split's size when the task has one (epochs wrap around it).
+fn train_size(cfg: &TaskConfig) -> u64 {
+    match cfg {
+        TaskConfig::Arithmetic(a) => a.train_size,
+        _ => 0,
+    }
+}
+
+impl Job {
+    /// A new queued job from a spec (validated; errors name the field).
+    pub fn submit(id: String, spec_toml: String, now_ms: u64) -> Result<(Job, Changes)> {
+        let cfg = JobConfig::from_toml(&spec_toml)?;
+        let rec = JobRecord {
+            id,
+            name: cfg.name.clone(),
+            spec_toml,
+            state: JobState::Queued,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            message: String::new(),
+            progress: Progress { total_steps: cfg.train.steps, epoch: 1, ..Progress::default() },
+            cursor: 0,
+            next_item: 1,
+            next_round: 0,
+            open_rounds: BTreeMap::new(),
+        };
+        let mut job = Job::restore(rec, Vec::new(), History::new(cfg.budget.history), Vec::new())?;
+        let mut ch = Changes { record: true, ..Changes::default() };
+        job.event(&mut ch, now_ms, serde_json::json!({"event": "submitted", "job": job.rec.id, "name": job.rec.name}));
+        Ok((job, ch))
+    }
+
+    /// A job as the store kept it. Leases do not survive: every outstanding item
+    /// is pending again (a worker that still holds one reports it or loses it).
+    pub fn restore(rec: JobRecord, items: Vec<Item>, history: History, events: Vec<String>) -> Result<Job> {
+        let cfg = JobConfig::from_toml(&rec.spec_toml)?;
+        let task = tasks::build(&cfg.task)?;
+        let items: BTreeMap<u64, Item> = items.into_iter().map(|i| (i.id, i)).collect();
+        let pending = items.keys().copied().collect();
+        let mut job = Job { rec, cfg, task, items, pending, history, events };
+        for item in job.items.values_mut() {
+            item.worker = None;
+        }
+        Ok(job)
+    }
+
+    fn event(&mut self, ch: &mut Changes, now_ms: u64, mut value: serde_json::Value) {
+        if let Some(o) = value.as_object_mut() {
+            o.insert("unix_ms".into(), now_ms.into());
+        }
+        let line = value.to_string();
+        self.events.push(line.clone());
+        ch.events.push(line);
+    }
+
+    /// Appends workers' events (JSON objects) to the job's log; step events move
+    /// the job's step counter.
+    pub fn add_events(&mut self, lines: &[String], now_ms: u64) -> Result<Changes> {
+        let mut ch = Changes::default();
+        for line in lines {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| Error::Invalid(format!("event is not JSON: {e}")))?;
+            let Some(kind) = v.get("event").and_then(|k| k.as_str()) else {
+                return Err(Error::Invalid("event has no `event` field".into()));
+            };
+            if kind == "step" {
+                if let Some(step) = v.get("step").and_then(|s| s.as_u64()) {
+                    self.rec.progress.step = self.rec.progress.step.max(step);
+                    ch.record = true;
+                }
+            }
+            self.event(&mut ch, now_ms, v);
+        }
+        Ok(ch)
+    }
+
+    /// Moves the job to `state` (final states stay), with a reason.
+    pub fn set_state(&mut self, state: JobState, message: &str, now_ms: u64) -> Changes {
+        let mut ch = Changes::default();
+        if self.rec.state == state || self.rec.state.is_final() {
+            return ch;
+        }
+        self.rec.state = state;
+        self.rec.message = message.to_string();
+        self.rec.updated_ms = now_ms;
+        ch.record = true;
+        if state.is_final() {
+            // Nothing more will be handed out.
+            self.pending.clear();
+        }
+        let mut e = serde_json::json!({"event": "state", "state": state.name()});
+        if !message.is_empty() {
+            e["message"] = message.into();
+        }
+        self.event(&mut ch, now_ms, e);
+        ch
+    }
+
+    /// Rollouts per prompt under the job's budget strategy.
+    fn budgets(&self, prompt_ids: &[u64]) -> Vec<usize> {
+        let (g, b) = (self.cfg.grpo.group_size, &self.cfg.budget);
+        match b.strategy {
+            BudgetStrategy::Uniform => vec![g; prompt_ids.len()],
+            BudgetStrategy::Knapsack => {
+                let k = Knapsack { default_n: g, n_low: b.n_low, n_up: b.n_up, alpha: b.alpha };
+                let rates: Vec<Option<f64>> = prompt_ids.iter().map(|&p| self.history.rate(p, b.min_outcomes)).collect();
+                k.allocate(&rates)
+            }
+        }
+    }
+
+    fn open_round(&mut self, ch: &mut Changes) {
+        let k = self.cfg.train.prompts_per_step as u64;
+        let start = self.rec.cursor;
+        self.rec.cursor += k;
+        let size = train_size(&self.cfg.task);
+        if size > 0 {
+            self.rec.progress.epoch = self.rec.cursor.saturating_sub(1) / size + 1;
+        }
+        let indices: Vec<u64> = (start..start + k).collect();
+        let ids: Vec<u64> = indices.iter().map(|&i| self.task.problem(Split::Train, i).id).collect();
+        let sizes = self.budgets(&ids);
+        let round = self.rec.next_round;
+        self.rec.next_round += 1;
+        self.rec.open_rounds.insert(round, k);
+        for ((&prompt_index, &prompt_id), &n) in indices.iter().zip(&ids).zip(&sizes) {
+            let item = Item { id: self.rec.next_item, round, prompt_index, prompt_id, n, attempt: 0, worker: None };
+            self.rec.next_item += 1;
+            self.rec.progress.work_created += 1;
+            self.pending.push_back(item.id);
+            ch.items.push(item.clone());
+            self.items.insert(item.id, item);
+        }
+        ch.record = true;
+    }
+
+    /// Hands up to `max` items to `worker`, opening rounds as the staleness
+    /// window allows. Empty when the job is over or the window is full.
+    pub fn next_work(&mut self, worker: &str, max: usize, now_ms: u64) -> (Vec<Item>, Changes) {
+        let mut ch = Changes::default();
+        if self.rec.state.is_final() {
+            return (Vec::new(), ch);
+        }
+        if self.rec.state == JobState::Queued {
+            ch = self.set_state(JobState::Running, "", now_ms);
+        }
+        let window = self.cfg.rollout.max_staleness as usize + 1;
+        while self.pending.len() < max && self.rec.open_rounds.len() < window {
+            self.open_round(&mut ch);
+        }
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(id) = self.pending.pop_front() else { break };
+            let item = self.items.get_mut(&id).expect("pending items are outstanding");
+            item.worker = Some(worker.to_string());
+            self.rec.progress.work_dispatched += 1;
+            ch.items.push(item.clone());
+            out.push(item.clone());
+        }
+        if !out.is_empty() {
+            ch.record = true;
+        }
+        (out, ch)
+    }
+
+    /// Records the outcome of item `id`: true when counted, false for a
+    /// duplicate of a complete item.
+    pub fn outcome(&mut self, id: u64, rewards: &[f64], now_ms: u64) -> Result<(bool, Changes)> {
+        let mut ch = Changes::default();
+        let Some(item) = self.items.get(&id) else {
+            if id >= 1 && id < self.rec.next_item {
+                self.rec.progress.duplicate_outcomes += 1;
+                ch.record = true;
+                return Ok((false, ch));
+            }
+            return Err(Error::NotFound(format!("work item {id} of job {}", self.rec.id)));
+        };
+        if rewards.len() != item.n {
+            return Err(Error::Invalid(format!(
+                "work item {id} asked for {} rollouts but the outcome has {} rewards",
+                item.n,
+                rewards.len()
+            )));
+        }
+        if let Some(bad) = rewards.iter().find(|r| !r.is_finite()) {
+            return Err(Error::Invalid(format!("work item {id}: reward {bad} is not finite")));
+        }
+        let item = self.items.remove(&id).expect("present");
+        self.pending.retain(|&p| p != id);
+        let p = &mut self.rec.progress;
+        p.work_completed += 1;
+        p.rollouts_completed += item.n as u64;
+        if let Some(left) = self.rec.open_rounds.get_mut(&item.round) {
+            *left -= 1;
+            if *left == 0 {
+                self.rec.open_rounds.remove(&item.round);
+            }
+        }
+        self.history.record(item.prompt_id, rewards.iter().copied());
+        self.rec.updated_ms = now_ms;
+        ch.record = true;
+        ch.removed_items.push(id);
+        ch.history.push(item.prompt_id);
+        Ok((true, ch))
+    }
+
+    /// Puts the items `worker` held back in the queue (its lease expired).
+    pub fn release(&mut self, worker: &str, now_ms: u64) -> Changes {
+        let mut ch = Changes::default();
+        let mut ids = Vec::new();
+        for item in self.items.values_mut() {
+            if item.worker.as_deref() == Some(worker) {
+                item.worker = None;
+                item.attempt += 1;
+                ids.push(item.id);
+                ch.items.push(item.clone());
+            }
+        }
+        if ids.is_empty() {
+            return ch;
+        }
+        self.rec.progress.work_redispatched += ids.len() as u64;
+        ch.record = true;
+        if !self.rec.state.is_final() {
+            // Oldest first: they go to the front of the queue.
+            for &id in ids.iter().rev() {
+                self.pending.push_front(id);
+            }
+        }
+        self.event(&mut ch, now_ms, serde_json::json!({"event": "redispatched", "worker": worker, "items": ids}));
+        ch
+    }
+
+    /// Items waiting for a worker.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: &str) -> String {
+        format!(
+            "name = \"t\"\n[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ntrain_size = 6\n\
+             [grpo]\ngroup_size = 4\n[train]\nprompts_per_step = 3\nsteps = 5\n{extra}"
+        )
+    }
+
+    fn job(extra: &str) -> Job {
+        Job::submit("t-1".into(), spec(extra), 0).unwrap().0
+    }
+
+    fn check_accounting(j: &Job) {
+        let p = &j.rec.progress;
+        assert_eq!(p.work_created, p.work_completed + j.items.len() as u64, "{p:?}");
+    }
+
+    #[test]
+    fn rounds_follow_the_staleness_window_and_epochs_wrap() {
+        let mut j = job("[rollout]\nmax_staleness = 0\n");
+        let (a, _) = j.next_work("w", 10, 1);
+        assert_eq!(a.iter().map(|i| i.prompt_index).collect::<Vec<_>>(), vec![0, 1, 2], "one round at staleness 0");
+        assert!(a.iter().all(|i| i.n == 4));
+        assert_eq!(j.rec.state, JobState::Running);
+        assert!(j.next_work("w", 10, 2).0.is_empty(), "the window is full until the round completes");
+        for i in &a[..2] {
+            assert!(j.outcome(i.id, &[0.0; 4], 3).unwrap().0);
+        }
+        assert!(j.next_work("w", 10, 4).0.is_empty());
+        j.outcome(a[2].id, &[1.0; 4], 5).unwrap();
+        let b = j.next_work("w", 10, 6).0;
+        assert_eq!(b.iter().map(|i| i.prompt_index).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(j.rec.progress.epoch, 1);
+        for i in &b {
+            j.outcome(i.id, &[0.0; 4], 7).unwrap();
+        }
+        j.next_work("w", 10, 8);
+        assert_eq!(j.rec.progress.epoch, 2, "prompt 6 starts the second pass over 6 prompts");
+        check_accounting(&j);
+    }
+
+    #[test]
+    fn expired_leases_are_redispatched_and_counted_once() {
+        let mut j = job("[rollout]\nmax_staleness = 1\n");
+        let held = j.next_work("a", 2, 1).0;
+        let other = j.next_work("b", 1, 1).0;
+        assert_eq!(held.len() + other.len(), 3);
+        j.release("a", 2);
+        assert_eq!(j.rec.progress.work_redispatched, 2);
+        let again = j.next_work("c", 2, 3).0;
+        assert_eq!(again.iter().map(|i| i.id).collect::<Vec<_>>(), held.iter().map(|i| i.id).collect::<Vec<_>>());
+        assert!(again.iter().all(|i| i.attempt == 1));
+        // The first outcome counts; the slow original holder's late report is a duplicate.
+        assert!(j.outcome(again[0].id, &[1.0; 4], 4).unwrap().0);
+        assert!(!j.outcome(held[0].id, &[0.0; 4], 5).unwrap().0);
+        assert_eq!(j.rec.progress.duplicate_outcomes, 1);
+        assert_eq!(j.rec.progress.work_completed, 1);
+        assert!(matches!(j.outcome(999, &[0.0; 4], 6), Err(Error::NotFound(_))));
+        assert!(matches!(j.outcome(again[1].id, &[0.0; 3], 6), Err(Error::Invalid(_))));
+        assert_eq!(j.rec.progress.work_dispatched, 5);
+        check_accounting(&j);
+    }
+
+    #[test]
+    fn knapsack_budgets_use_the_outcome_history_and_keep_the_total() {
+        let mut j = job("[budget]\nstrategy = \"knapsack\"\nmin_outcomes = 4\n[rollout]\nmax_staleness = 0\n");
+        // Round 0: no history, the default N.
+        let r0 = j.next_work("w", 3, 1).0;
+        assert_eq!(r0.iter().map(|i| i.n).collect::<Vec<_>>(), vec![4, 4, 4]);
+        // Prompt 0 always solved, prompt 1 never, prompt 2 half the time.
+        let outcomes = [[1.0; 4], [0.0; 4], [1.0, 0.0, 1.0, 0.0]];
+        for (i, o) in r0.iter().zip(outcomes) {
+            j.outcome(i.id, &o, 2).unwrap();
+        }
+        for i in j.next_work("w", 3, 3).0 {
+            j.outcome(i.id, &vec![0.0; i.n], 4).unwrap();
+        }
+        // Round 2 is prompts 6, 7, 8 = problems 0, 1, 2 again (train_size 6).
+        let r2 = j.next_work("w", 3, 5).0;
+        let sizes: Vec<usize> = r2.iter().map(|i| i.n).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 12, "the total budget is conserved");
+        // p=1 keeps N_low; the p=0.5 prompt gets N_low + its cost estimate
+        // (ln 0.1 / ln 0.5 = 3.3 → 3); the surplus goes to the p=0 prompt.
+        assert_eq!(sizes, vec![2, 5, 5]);
+        check_accounting(&j);
+    }
+
+    #[test]
+    fn final_states_stick_and_hand_out_nothing() {
+        let mut j = job("");
+        j.next_work("w", 1, 1);
+        j.set_state(JobState::Cancelled, "by user", 2);
+        assert!(j.next_work("w", 5, 3).0.is_empty());
+        assert!(j.set_state(JobState::Running, "", 4).events.is_empty());
+        assert_eq!(j.rec.state, JobState::Cancelled);
+        assert_eq!(j.rec.message, "by user");
+        assert!(j.events.iter().any(|e| e.contains("\"cancelled\"")));
+    }
+
+    #[test]
+    fn restore_requeues_leased_items() {
+        let mut j = job("");
+        let held = j.next_work("w", 2, 1).0;
+        let items: Vec<Item> = j.items.values().cloned().collect();
+        let r = Job::restore(j.rec.clone(), items, j.history.clone(), j.events.clone()).unwrap();
+        assert_eq!(r.pending(), j.items.len());
+        assert!(r.items.values().all(|i| i.worker.is_none()));
+        assert!(r.items.contains_key(&held[0].id));
+    }
+
+    #[test]
+    fn bad_specs_and_events_are_refused_with_the_field() {
+        match Job::submit("x".into(), "[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\n[grpo]\nclip_low = 2.0\n".into(), 0) {
+            Err(Error::Core(sluice_core::Error::Config { path, .. })) => assert_eq!(path, "grpo.clip_low"),
+            other => panic!("{other:?}"),
+        }
+        let mut j = job("");
+        assert!(j.add_events(&["not json".into()], 1).is_err());
+        assert!(j.add_events(&["{\"x\": 1}".into()], 1).is_err());
+        j.add_events(&["{\"event\": \"step\", \"step\": 3}".into()], 1).unwrap();
+        assert_eq!(j.rec.progress.step, 3);
+    }
+}

@@ -1,0 +1,16 @@
+//! `sluice-orchestrator`: jobs, worker leases and the dispatch of work.
+//!
+//! - [`driver`]: one job's work items, rounds, budgets and exact accounting (no I/O).
+//! - [`store`]: where the state lives — process memory or Redis.
+//! - [`service`]: the `sluice.v1.Orchestrator` gRPC service over the drivers.
+//! - [`server`]: the process (store, service, lease sweeps).
+//! - [`worker`]: the client side for workers and the CLI.
+
+pub mod driver;
+pub mod error;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod worker;
+
+pub use error::{Error, Result};

@@ -1,0 +1,54 @@
+//! `sluice-orchestrator`: jobs, worker leases and work dispatch (see `sluice_orchestrator`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use sluice_orchestrator::server::{self, Options};
+
+/// Owns jobs, workers and the dispatch of work. Users submit jobs with
+/// `sluice submit`; learners and actors started with `--orchestrator URL`
+/// register, fetch the job spec and (actors) pull work items.
+///
+/// Prints a `listening` JSON line on stdout; logs go to stderr (RUST_LOG).
+/// Every flag can also be set through the environment variable shown.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// gRPC listen address; port 0 picks a free port.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:50071")]
+    listen: String,
+    /// State store: `memory` (lost on exit) or a redis:// URL (survives restarts).
+    #[arg(long, env = "SLUICE_STORE", default_value = "memory")]
+    store: String,
+    /// Seconds a worker's lease lasts after each heartbeat; its work is
+    /// handed to another worker when it runs out.
+    #[arg(long, env = "SLUICE_LEASE_S", default_value_t = 10.0)]
+    lease_s: f64,
+    /// Bearer token every Orchestrator call must carry (health stays open); none: no check.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Serve TLS: certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "SLUICE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Serve TLS: private key (PEM).
+    #[arg(long, env = "SLUICE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    sluice_core::logging::init("info");
+    let args = Args::parse();
+    if !(args.lease_s > 0.0 && args.lease_s.is_finite()) {
+        anyhow::bail!("--lease-s must be > 0, not {}", args.lease_s);
+    }
+    let opts = Options {
+        listen: args.listen,
+        store: args.store,
+        lease: Duration::from_secs_f64(args.lease_s),
+        token: args.token,
+        tls: sluice_proto::tls::ServerFiles::from_options(args.tls_cert, args.tls_key).map_err(anyhow::Error::msg)?,
+    };
+    server::run(opts, |e| println!("{}", serde_json::to_string(e).expect("events serialise")))?;
+    Ok(())
+}

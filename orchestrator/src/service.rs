@@ -1,0 +1,422 @@
+//! The orchestrator's state and the `sluice.v1.Orchestrator` gRPC service.
+//!
+//! [`Orchestrator`] holds every job's [`Job`] driver and the live workers under
+//! one async mutex, and writes each mutation through to the [`Store`] before
+//! answering (so a restart with Redis loses no answered request). Workers keep
+//! a lease alive by heartbeats; [`Orchestrator::sweep`] drops workers whose
+//! lease ran out and puts their work items back in the queue.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sluice_proto::v1::{self, orchestrator_server};
+use tokio::sync::{mpsc, Mutex};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::driver::{Changes, Job, JobState};
+use crate::error::{Error, Result};
+use crate::store::{Store, Worker};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A registered worker and when its lease runs out.
+#[derive(Debug, Clone)]
+struct Live {
+    worker: Worker,
+    deadline_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    jobs: BTreeMap<String, Job>,
+    workers: HashMap<String, Live>,
+    next_job: u64,
+}
+
+/// The orchestrator: jobs, workers, dispatch.
+#[derive(Debug)]
+pub struct Orchestrator {
+    state: Mutex<State>,
+    store: Store,
+    /// A worker's lease lasts this long after each heartbeat.
+    pub lease_ms: u64,
+}
+
+fn state_wire(s: JobState) -> v1::JobState {
+    match s {
+        JobState::Queued => v1::JobState::Queued,
+        JobState::Running => v1::JobState::Running,
+        JobState::Succeeded => v1::JobState::Succeeded,
+        JobState::Failed => v1::JobState::Failed,
+        JobState::Cancelled => v1::JobState::Cancelled,
+    }
+}
+
+impl State {
+    fn job(&mut self, id: &str) -> Result<&mut Job> {
+        self.jobs.get_mut(id).ok_or_else(|| Error::NotFound(format!("job `{id}`")))
+    }
+
+    fn wire(&self, job: &Job) -> v1::Job {
+        let p = &job.rec.progress;
+        let live = self.workers.values().filter(|l| l.worker.job == job.rec.id).count() as u32;
+        v1::Job {
+            id: job.rec.id.clone(),
+            name: job.rec.name.clone(),
+            state: state_wire(job.rec.state) as i32,
+            spec_toml: job.rec.spec_toml.clone(),
+            created_unix_ms: job.rec.created_ms,
+            updated_unix_ms: job.rec.updated_ms,
+            message: job.rec.message.clone(),
+            progress: Some(v1::JobProgress {
+                step: p.step,
+                total_steps: p.total_steps,
+                work_created: p.work_created,
+                work_dispatched: p.work_dispatched,
+                work_completed: p.work_completed,
+                work_redispatched: p.work_redispatched,
+                duplicate_outcomes: p.duplicate_outcomes,
+                rollouts_completed: p.rollouts_completed,
+                live_workers: live,
+                epoch: p.epoch,
+            }),
+        }
+    }
+
+    /// The worker `id`, which must work for `job`.
+    fn worker(&self, id: &str, job: &str) -> Result<&Live> {
+        let live = self.workers.get(id).ok_or_else(|| Error::NotFound(format!("worker `{id}` (register again)")))?;
+        if live.worker.job != job {
+            return Err(Error::Invalid(format!("worker `{id}` works for job `{}`, not `{job}`", live.worker.job)));
+        }
+        Ok(live)
+    }
+}
+
+impl Orchestrator {
+    /// Opens the orchestrator over `store`, restoring whatever it holds.
+    pub async fn open(store: Store, lease: Duration) -> Result<Orchestrator> {
+        let snap = store.load().await?;
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let now = now_ms();
+        let mut state = State { next_job: snap.next_job, ..State::default() };
+        for job in snap.jobs {
+            state.jobs.insert(job.rec.id.clone(), job);
+        }
+        // Workers whose lease was alive get a fresh one: they are heard from or expire.
+        for w in snap.workers {
+            state.workers.insert(w.id.clone(), Live { worker: w, deadline_ms: now + lease_ms });
+        }
+        if !state.jobs.is_empty() {
+            tracing::info!(jobs = state.jobs.len(), workers = state.workers.len(), "restored state from {}", store.describe());
+        }
+        Ok(Orchestrator { state: Mutex::new(state), store, lease_ms })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub async fn submit(&self, spec_toml: String) -> Result<v1::Job> {
+        let mut st = self.state.lock().await;
+        let n = self.store.next_job_number(st.next_job + 1).await?;
+        st.next_job = n;
+        let cfg = sluice_core::config::JobConfig::from_toml(&spec_toml)?;
+        let id = format!("{}-{n}", cfg.name);
+        let (job, ch) = Job::submit(id.clone(), spec_toml, now_ms())?;
+        self.store.apply(&job, &ch).await?;
+        tracing::info!(job = %id, "submitted");
+        let out = st.wire(&job);
+        st.jobs.insert(id, job);
+        Ok(out)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<v1::Job> {
+        let st = self.state.lock().await;
+        let job = st.jobs.get(id).ok_or_else(|| Error::NotFound(format!("job `{id}`")))?;
+        Ok(st.wire(job))
+    }
+
+    pub async fn list(&self) -> Vec<v1::Job> {
+        let st = self.state.lock().await;
+        let mut jobs: Vec<v1::Job> = st.jobs.values().map(|j| st.wire(j)).collect();
+        jobs.sort_by(|a, b| b.created_unix_ms.cmp(&a.created_unix_ms).then(b.id.cmp(&a.id)));
+        jobs
+    }
+
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<v1::Job> {
+        let mut st = self.state.lock().await;
+        let job = st.job(id)?;
+        if job.rec.state.is_final() {
+            return Err(Error::Precondition(format!("job `{id}` already {}", job.rec.state.name())));
+        }
+        let reason = if reason.is_empty() { "cancelled by the user" } else { reason };
+        let ch = job.set_state(JobState::Cancelled, reason, now_ms());
+        self.store.apply(job, &ch).await?;
+        tracing::info!(job = %id, "cancelled");
+        let st = &*st;
+        Ok(st.wire(&st.jobs[id]))
+    }
+
+    /// Events from `from` on, and the job's state.
+    pub async fn events(&self, id: &str, from: u64) -> Result<(Vec<(u64, String)>, JobState)> {
+        let mut st = self.state.lock().await;
+        let job = st.job(id)?;
+        let out = job.events.iter().enumerate().skip(from as usize).map(|(i, e)| (i as u64, e.clone())).collect();
+        Ok((out, job.rec.state))
+    }
+
+    pub async fn register(&self, req: v1::RegisterWorkerRequest) -> Result<v1::RegisterWorkerResponse> {
+        if !matches!(req.role.as_str(), "actor" | "learner" | "reward") {
+            return Err(Error::Invalid(format!("role `{}` is not one of actor, learner, reward", req.role)));
+        }
+        let mut st = self.state.lock().await;
+        let job_id = if req.job_id.is_empty() {
+            st.jobs
+                .values()
+                .filter(|j| !j.rec.state.is_final())
+                .min_by_key(|j| (j.rec.created_ms, j.rec.id.clone()))
+                .map(|j| j.rec.id.clone())
+                .ok_or_else(|| Error::NotFound("no queued or running job".into()))?
+        } else {
+            req.job_id.clone()
+        };
+        let now = now_ms();
+        let job = st.job(&job_id)?;
+        if job.rec.state.is_final() {
+            return Err(Error::Precondition(format!("job `{job_id}` already {}", job.rec.state.name())));
+        }
+        let name = if req.name.is_empty() { req.role.clone() } else { req.name.clone() };
+        let worker = Worker {
+            id: format!("{name}-{:08x}", rand::random::<u32>()),
+            job: job_id.clone(),
+            role: req.role.clone(),
+            name,
+            address: req.address.clone(),
+            rank: req.rank,
+        };
+        let mut ch = Changes::default();
+        if job.rec.state == JobState::Queued {
+            ch = job.set_state(JobState::Running, "", now);
+        }
+        let mut more = job
+            .add_events(
+                &[serde_json::json!({"event": "worker", "worker": worker.id, "role": worker.role, "rank": worker.rank, "address": worker.address})
+                    .to_string()],
+                now,
+            )
+            .expect("well-formed event");
+        ch.events.append(&mut more.events);
+        self.store.apply(job, &ch).await?;
+        self.store.put_worker(&worker, self.lease_ms).await?;
+        tracing::info!(worker = %worker.id, role = %worker.role, job = %job_id, "worker registered");
+        st.workers.insert(worker.id.clone(), Live { worker: worker.clone(), deadline_ms: now + self.lease_ms });
+        let job = st.wire(&st.jobs[&job_id]);
+        Ok(v1::RegisterWorkerResponse { worker_id: worker.id, job: Some(job), lease_ms: self.lease_ms })
+    }
+
+    pub async fn heartbeat(&self, req: v1::HeartbeatRequest) -> Result<v1::HeartbeatResponse> {
+        let mut st = self.state.lock().await;
+        let now = now_ms();
+        let worker = st.worker(&req.worker_id, &req.job_id)?.worker.clone();
+        st.workers.get_mut(&req.worker_id).expect("found above").deadline_ms = now + self.lease_ms;
+        self.store.put_worker(&worker, self.lease_ms).await?;
+        let job = st.job(&req.job_id)?;
+        let mut ch = Changes::default();
+        if req.step > job.rec.progress.step {
+            job.rec.progress.step = req.step;
+            ch.record = true;
+        }
+        if !req.error.is_empty() {
+            let msg = format!("{} failed: {}", worker.name, req.error);
+            let mut more = job.set_state(JobState::Failed, &msg, now);
+            ch.record |= more.record;
+            ch.events.append(&mut more.events);
+        } else if req.finished && worker.role == "learner" && worker.rank == 0 {
+            let mut more = job.set_state(JobState::Succeeded, "", now);
+            ch.record |= more.record;
+            ch.events.append(&mut more.events);
+        }
+        self.store.apply(job, &ch).await?;
+        Ok(v1::HeartbeatResponse { state: state_wire(job.rec.state) as i32, lease_ms: self.lease_ms })
+    }
+
+    pub async fn report_events(&self, req: v1::ReportEventsRequest) -> Result<u64> {
+        let mut st = self.state.lock().await;
+        st.worker(&req.worker_id, &req.job_id)?;
+        let job = st.job(&req.job_id)?;
+        let ch = job.add_events(&req.events, now_ms())?;
+        self.store.apply(job, &ch).await?;
+        Ok(job.events.len() as u64)
+    }
+
+    pub async fn next_work(&self, req: v1::NextWorkRequest) -> Result<v1::NextWorkResponse> {
+        let mut st = self.state.lock().await;
+        st.worker(&req.worker_id, &req.job_id)?;
+        let job = st.job(&req.job_id)?;
+        if job.rec.state.is_final() {
+            return Ok(v1::NextWorkResponse { done: true, ..Default::default() });
+        }
+        let max = (req.max_items as usize).clamp(1, 4096);
+        let (items, ch) = job.next_work(&req.worker_id, max, now_ms());
+        self.store.apply(job, &ch).await?;
+        let retry_after_ms = if items.is_empty() { 200 } else { 0 };
+        let items = items
+            .into_iter()
+            .map(|i| v1::WorkItem { id: i.id, prompt_index: i.prompt_index, n: i.n as u32, attempt: i.attempt })
+            .collect();
+        Ok(v1::NextWorkResponse { items, done: false, retry_after_ms })
+    }
+
+    pub async fn report_outcome(&self, req: v1::ReportOutcomeRequest) -> Result<bool> {
+        let mut st = self.state.lock().await;
+        // A worker whose lease expired may still report: the first outcome counts.
+        let job = st.job(&req.job_id)?;
+        let (counted, ch) = job.outcome(req.work_id, &req.rewards, now_ms())?;
+        self.store.apply(job, &ch).await?;
+        Ok(counted)
+    }
+
+    /// Drops workers whose lease ran out at `now` and re-queues their work.
+    pub async fn sweep(&self, now: u64) -> Result<usize> {
+        let mut st = self.state.lock().await;
+        let expired: Vec<Live> = st.workers.values().filter(|l| l.deadline_ms < now).cloned().collect();
+        for live in &expired {
+            st.workers.remove(&live.worker.id);
+            self.store.remove_worker(&live.worker.id).await?;
+            if let Some(job) = st.jobs.get_mut(&live.worker.job) {
+                let mut ch = job.release(&live.worker.id, now);
+                let mut lost = job
+                    .add_events(&[serde_json::json!({"event": "worker_lost", "worker": live.worker.id}).to_string()], now)
+                    .expect("well-formed event");
+                ch.events.append(&mut lost.events);
+                self.store.apply(job, &ch).await?;
+            }
+            tracing::warn!(worker = %live.worker.id, "lease expired");
+        }
+        Ok(expired.len())
+    }
+}
+
+/// The tonic service over a shared [`Orchestrator`].
+#[derive(Debug, Clone)]
+pub struct OrchestratorService {
+    inner: Arc<Orchestrator>,
+}
+
+impl OrchestratorService {
+    pub fn new(inner: Arc<Orchestrator>) -> Self {
+        OrchestratorService { inner }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn need(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{field} is empty")))
+    } else {
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl orchestrator_server::Orchestrator for OrchestratorService {
+    type WatchJobStream = BoxStream<v1::JobEvent>;
+
+    async fn submit_job(&self, r: Request<v1::SubmitJobRequest>) -> Result<Response<v1::Job>, Status> {
+        Ok(Response::new(self.inner.submit(r.into_inner().spec_toml).await?))
+    }
+
+    async fn get_job(&self, r: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let r = r.into_inner();
+        need("job_id", &r.job_id)?;
+        Ok(Response::new(self.inner.get(&r.job_id).await?))
+    }
+
+    async fn list_jobs(&self, _: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        Ok(Response::new(v1::ListJobsResponse { jobs: self.inner.list().await }))
+    }
+
+    async fn cancel_job(&self, r: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let r = r.into_inner();
+        need("job_id", &r.job_id)?;
+        Ok(Response::new(self.inner.cancel(&r.job_id, &r.reason).await?))
+    }
+
+    async fn watch_job(&self, r: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let r = r.into_inner();
+        need("job_id", &r.job_id)?;
+        // Unknown job: an error now, not an empty stream.
+        self.inner.events(&r.job_id, u64::MAX).await?;
+        let (tx, rx) = mpsc::channel(256);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut next = r.from_seq;
+            loop {
+                let (events, state) = match inner.events(&r.job_id, next).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                for (seq, json) in events {
+                    let e = v1::JobEvent { seq, unix_ms: now_ms(), json, state: state_wire(state) as i32 };
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                    next = seq + 1;
+                }
+                if r.no_follow || state.is_final() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn register_worker(
+        &self,
+        r: Request<v1::RegisterWorkerRequest>,
+    ) -> Result<Response<v1::RegisterWorkerResponse>, Status> {
+        Ok(Response::new(self.inner.register(r.into_inner()).await?))
+    }
+
+    async fn heartbeat(&self, r: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let r = r.into_inner();
+        need("worker_id", &r.worker_id)?;
+        Ok(Response::new(self.inner.heartbeat(r).await?))
+    }
+
+    async fn report_events(
+        &self,
+        r: Request<v1::ReportEventsRequest>,
+    ) -> Result<Response<v1::ReportEventsResponse>, Status> {
+        let r = r.into_inner();
+        need("worker_id", &r.worker_id)?;
+        Ok(Response::new(v1::ReportEventsResponse { next_seq: self.inner.report_events(r).await? }))
+    }
+
+    async fn next_work(&self, r: Request<v1::NextWorkRequest>) -> Result<Response<v1::NextWorkResponse>, Status> {
+        let r = r.into_inner();
+        need("worker_id", &r.worker_id)?;
+        Ok(Response::new(self.inner.next_work(r).await?))
+    }
+
+    async fn report_outcome(
+        &self,
+        r: Request<v1::ReportOutcomeRequest>,
+    ) -> Result<Response<v1::ReportOutcomeResponse>, Status> {
+        let r = r.into_inner();
+        need("job_id", &r.job_id)?;
+        Ok(Response::new(v1::ReportOutcomeResponse { counted: self.inner.report_outcome(r).await? }))
+    }
+}

@@ -1,0 +1,205 @@
+//! The client side of the orchestrator, for workers (learners, actors) and the CLI.
+//!
+//! [`Link::register`] registers a worker for a job (waiting while the
+//! orchestrator is unreachable or has no job yet) and returns the job spec;
+//! [`Link::spawn_heartbeats`] keeps the lease alive in the background and sets
+//! the worker's stop flag when the job is cancelled or failed. A worker the
+//! orchestrator no longer knows (restarted without Redis, or lease expired)
+//! registers again under a new id.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_proto::auth;
+use sluice_proto::v1::orchestrator_client::OrchestratorClient;
+use sluice_proto::v1::{self, JobState};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::Code;
+
+use crate::error::{Error, Result};
+
+/// A gRPC client of the orchestrator (the CLI uses it directly).
+pub async fn connect(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<OrchestratorClient<Channel>> {
+    let transport = |reason: String| Error::Transport { endpoint: endpoint.to_string(), reason };
+    let mut ep = Endpoint::from_shared(endpoint.to_string()).map_err(|e| transport(e.to_string()))?;
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls.clone()).map_err(|e| transport(e.to_string()))?;
+    }
+    let channel = ep
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| transport(format!("{e} (is the orchestrator running?)")))?;
+    Ok(OrchestratorClient::new(channel)
+        .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES))
+}
+
+/// What a worker tells the orchestrator on each heartbeat.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub step: AtomicU64,
+    pub finished: AtomicBool,
+    /// A failure that ends the job (empty: none).
+    pub error: Mutex<String>,
+}
+
+/// A registered worker's connection to the orchestrator.
+#[derive(Debug, Clone)]
+pub struct Link {
+    client: OrchestratorClient<Channel>,
+    token: Option<String>,
+    request: v1::RegisterWorkerRequest,
+    pub job_id: String,
+    worker_id: Arc<Mutex<String>>,
+    pub lease_ms: u64,
+}
+
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled)
+}
+
+impl Link {
+    /// Registers as `request.role` for `request.job_id` (empty: the oldest live
+    /// job), retrying while the orchestrator is unreachable or has no job, until
+    /// `stop`. Returns the link and the job (its `spec_toml` configures the worker).
+    pub async fn register(
+        endpoint: &str,
+        token: Option<String>,
+        tls: Option<&ClientTlsConfig>,
+        request: v1::RegisterWorkerRequest,
+        stop: &AtomicBool,
+    ) -> Result<(Link, v1::Job)> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Err(Error::Transport { endpoint: endpoint.into(), reason: "stopped before registering".into() });
+            }
+            let attempt = async {
+                let mut client = connect(endpoint, tls).await?;
+                let r = client.register_worker(auth::request(request.clone(), token.as_deref())).await?.into_inner();
+                Ok::<_, Error>((client, r))
+            }
+            .await;
+            match attempt {
+                Ok((client, r)) => {
+                    let job = r.job.ok_or_else(|| Error::Invalid("registration answer without a job".into()))?;
+                    tracing::info!(worker = %r.worker_id, job = %job.id, "registered with the orchestrator");
+                    let link = Link {
+                        client,
+                        token,
+                        request: v1::RegisterWorkerRequest { job_id: job.id.clone(), ..request },
+                        job_id: job.id.clone(),
+                        worker_id: Arc::new(Mutex::new(r.worker_id)),
+                        lease_ms: r.lease_ms,
+                    };
+                    return Ok((link, job));
+                }
+                Err(Error::Status(s)) if s.code() == Code::NotFound && request.job_id.is_empty() => {
+                    tracing::debug!("no job yet; waiting");
+                }
+                Err(Error::Status(s)) if !retryable(&s) => return Err(Error::Status(s)),
+                Err(e) => tracing::debug!(error = %e, "orchestrator not reachable; retrying"),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.worker_id.lock().expect("worker id lock").clone()
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        auth::request(msg, self.token.as_deref())
+    }
+
+    /// Registers again under a new id (the orchestrator forgot this worker).
+    async fn reregister(&self) -> Result<()> {
+        let r = self.client.clone().register_worker(self.req(self.request.clone())).await?.into_inner();
+        tracing::warn!(worker = %r.worker_id, "registered again with the orchestrator");
+        *self.worker_id.lock().expect("worker id lock") = r.worker_id;
+        Ok(())
+    }
+
+    /// Runs `call` with the current worker id; registers again once on NOT_FOUND.
+    async fn with_worker<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        match call(self.worker_id()).await {
+            Err(s) if s.code() == Code::NotFound && s.message().contains("register again") => {
+                self.reregister().await?;
+                Ok(call(self.worker_id()).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    pub async fn heartbeat(&self, step: u64, finished: bool, error: &str) -> Result<JobState> {
+        let r = self
+            .with_worker(|worker_id| {
+                let mut c = self.client.clone();
+                let msg = v1::HeartbeatRequest { worker_id, job_id: self.job_id.clone(), step, finished, error: error.into() };
+                let req = self.req(msg);
+                async move { c.heartbeat(req).await }
+            })
+            .await?;
+        Ok(JobState::try_from(r.into_inner().state).unwrap_or(JobState::Unspecified))
+    }
+
+    pub async fn report_events(&self, events: Vec<String>) -> Result<()> {
+        self.with_worker(|worker_id| {
+            let mut c = self.client.clone();
+            let req = self.req(v1::ReportEventsRequest { worker_id, job_id: self.job_id.clone(), events: events.clone() });
+            async move { c.report_events(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn next_work(&self, max_items: u32) -> Result<v1::NextWorkResponse> {
+        let r = self
+            .with_worker(|worker_id| {
+                let mut c = self.client.clone();
+                let req = self.req(v1::NextWorkRequest { worker_id, job_id: self.job_id.clone(), max_items });
+                async move { c.next_work(req).await }
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Reports a work item's rewards; false when it was already complete.
+    pub async fn report_outcome(&self, work_id: u64, rewards: Vec<f64>) -> Result<bool> {
+        let mut c = self.client.clone();
+        let msg = v1::ReportOutcomeRequest { worker_id: self.worker_id(), job_id: self.job_id.clone(), work_id, rewards };
+        Ok(c.report_outcome(self.req(msg)).await?.into_inner().counted)
+    }
+
+    /// Heartbeats every third of the lease with `progress`, until `stop` is
+    /// set or the job ends; sets `stop` when the job is cancelled or failed.
+    /// Unreachable orchestrator: logged and retried (the lease may expire).
+    pub fn spawn_heartbeats(&self, progress: Arc<Progress>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+        let link = self.clone();
+        let every = Duration::from_millis((self.lease_ms / 3).clamp(50, 5000));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let error = progress.error.lock().expect("error lock").clone();
+                let step = progress.step.load(Ordering::SeqCst);
+                match link.heartbeat(step, progress.finished.load(Ordering::SeqCst), &error).await {
+                    Ok(JobState::Cancelled | JobState::Failed) => {
+                        tracing::warn!(job = %link.job_id, "the job was cancelled or failed; stopping");
+                        stop.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    }
+}
