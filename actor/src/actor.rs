@@ -7,6 +7,12 @@
 //! whole. Sends block when the learner's buffer is full (backpressure). With
 //! `max_staleness = 0` the actor waits for the learner to train on a version
 //! before sampling again, so nothing it sends goes stale.
+//!
+//! With an orchestrator session the actor samples the work items it is handed
+//! (`NextWork`: prompt and rollout budget) instead of choosing prompts itself,
+//! tags each group with its work id, and reports each item's rewards once the
+//! group is sent. Items of a batch that could not be sent are kept and sampled
+//! again after reconnecting (the learner accepts one group per work id).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +30,7 @@ use sluice_proto::v1::reward_client::RewardClient;
 use sluice_proto::v1::{self, PushAck};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
+use sluice_orchestrator::worker::Session;
 use sluice_proto::auth;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
@@ -142,8 +149,14 @@ pub async fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Ch
 }
 
 /// Runs until the learner reports the job finished, `max_groups` is reached or
-/// `stop` is set. Connection failures are retried with backoff.
-pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&ActorEvent)) -> Result<()> {
+/// `stop` is set. Connection failures are retried with backoff. With a
+/// `session`, work comes from the orchestrator (see the module docs).
+pub fn run(
+    opts: ActorOptions,
+    session: Option<&Session>,
+    stop: Arc<AtomicBool>,
+    mut report: impl FnMut(&ActorEvent),
+) -> Result<()> {
     let cfg = &opts.job;
     cfg.validate()?;
     let endpoint = opts.learners[opts.index % opts.learners.len().max(1)].clone();
@@ -183,6 +196,10 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
     let notify = Arc::new(Notify::new());
     let mut totals = (0u64, 0u64);
     let mut reward_client = None;
+    // Work items taken from the orchestrator and not yet delivered, and the
+    // outcomes of delivered ones not yet reported.
+    let mut held: Vec<v1::WorkItem> = Vec::new();
+    let mut outcomes: Vec<(u64, Vec<f64>)> = Vec::new();
 
     'connection: while !stop.load(Ordering::SeqCst) {
         let mut client = match rt.block_on(connect_with(&endpoint, tls.as_ref())) {
@@ -274,11 +291,37 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 });
                 continue;
             }
-            let problems: Vec<_> = (0..per_batch)
-                .map(|k| task.problem(Split::Train, (cursor + k as u64) * opts.actors as u64 + opts.index as u64))
-                .collect();
-            cursor += per_batch as u64;
-            let mut collected = collect(policy.model(), &tokenizer, task.as_ref(), &problems, &vec![g; problems.len()], &sampling, version, &mut rng)?;
+            let (problems, sizes) = match session {
+                None => {
+                    let problems: Vec<_> = (0..per_batch)
+                        .map(|k| task.problem(Split::Train, (cursor + k as u64) * opts.actors as u64 + opts.index as u64))
+                        .collect();
+                    cursor += per_batch as u64;
+                    let sizes = vec![g; problems.len()];
+                    (problems, sizes)
+                }
+                Some(s) => {
+                    report_outcomes(s, &mut outcomes);
+                    if held.is_empty() {
+                        match s.next_work(per_batch as u32) {
+                            Ok(r) if r.done => break 'connection,
+                            Ok(r) => held = r.items,
+                            Err(sluice_orchestrator::Error::Status(st)) if st.code() == Code::Unauthenticated => {
+                                return Err(Error::Orchestrator(st.to_string()))
+                            }
+                            Err(e) => tracing::warn!(error = %e, "no work from the orchestrator; retrying"),
+                        }
+                        if held.is_empty() {
+                            backoff.wait(&stop);
+                            continue;
+                        }
+                        backoff.reset();
+                    }
+                    let problems = held.iter().map(|w| task.problem(Split::Train, w.prompt_index)).collect();
+                    (problems, held.iter().map(|w| w.n as usize).collect())
+                }
+            };
+            let mut collected = collect(policy.model(), &tokenizer, task.as_ref(), &problems, &sizes, &sampling, version, &mut rng)?;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
                 if !rescore(&rt, endpoint, token, tls.as_ref(), &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
@@ -290,8 +333,9 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
             let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let timings = v1::Timings { generate_s: collected.generate_s, score_s, created_unix_ms: created };
             let (mut rollouts, mut reward, mut extrinsic) = (0usize, 0.0, 0.0);
-            for group in &collected.groups {
-                let at = Placement { job: &cfg.name, actor: &opts.actor_id, group_id: next_group_id, group_size: group.rollouts.len() };
+            for (k, group) in collected.groups.iter().enumerate() {
+                let work_id = held.get(k).map_or(0, |w| w.id);
+                let at = Placement { job: &cfg.name, actor: &opts.actor_id, group_id: next_group_id, group_size: group.rollouts.len(), work_id };
                 next_group_id += 1;
                 for (i, r) in group.rollouts.iter().enumerate() {
                     if tx.blocking_send(to_wire(r, at, i, Some(timings))).is_err() {
@@ -304,6 +348,13 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 groups_sent += 1;
             }
             sent_at = Some((version, incarnation));
+            if let Some(s) = session {
+                // Sent: the learner has them (or drops them); the items are done.
+                for (w, group) in held.drain(..).zip(&collected.groups) {
+                    outcomes.push((w.id, group.rollouts.iter().map(|r| r.extrinsic).collect()));
+                }
+                report_outcomes(s, &mut outcomes);
+            }
             report(&ActorEvent::Sent {
                 version,
                 groups: collected.groups.len(),
@@ -323,6 +374,9 @@ pub fn run(opts: ActorOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Ac
                 break 'connection;
             }
         }
+    }
+    if let Some(s) = session {
+        report_outcomes(s, &mut outcomes);
     }
     let v = view.lock().expect("view lock");
     report(&ActorEvent::Done {
@@ -415,6 +469,26 @@ fn rescore(
         }
     }
     Ok(true)
+}
+
+/// Reports work-item outcomes to the orchestrator, oldest first; keeps those it
+/// could not deliver (orchestrator unreachable) for the next call. An outcome
+/// the orchestrator refuses (item unknown, e.g. after it restarted without
+/// Redis) is dropped.
+fn report_outcomes(session: &Session, outcomes: &mut Vec<(u64, Vec<f64>)>) {
+    while let Some((id, rewards)) = outcomes.first().cloned() {
+        match session.report_outcome(id, rewards) {
+            Ok(_) => {}
+            Err(sluice_orchestrator::Error::Status(s)) if matches!(s.code(), Code::NotFound | Code::InvalidArgument) => {
+                tracing::warn!(work = id, status = %s, "outcome refused; dropped");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, work = id, "outcome not reported yet; will retry");
+                return;
+            }
+        }
+        outcomes.remove(0);
+    }
 }
 
 /// Blocks until `done(view)` holds or `stop` is set; false when stopped.

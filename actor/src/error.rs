@@ -20,6 +20,10 @@ pub enum Error {
     #[error("reward server: {0}")]
     Reward(String),
 
+    /// The orchestrator refused this actor (e.g. a wrong bearer token).
+    #[error("orchestrator: {0}")]
+    Orchestrator(String),
+
     /// A weight download did not add up (wrong offsets, sizes or versions).
     #[error("weight sync: {0}")]
     Sync(String),

@@ -9,9 +9,15 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_actor::actor::{self, ActorOptions};
 use sluice_core::config::JobConfig;
+use sluice_orchestrator::worker::{Connection, Session};
+use sluice_proto::v1::RegisterWorkerRequest;
 
 /// Pulls weights from a learner, generates and scores groups of rollouts, and
 /// streams them to it until the learner finishes the job.
+///
+/// With `--orchestrator URL` the actor registers as a worker of a job (its
+/// spec comes from there, no job file needed) and samples the work items the
+/// orchestrator hands out; without it, the actor picks prompts itself.
 ///
 /// Prints one JSON object per line on stdout (`connected`, `synced`, `sent`,
 /// `disconnected`, `done`); logs go to stderr (RUST_LOG). Every flag can also
@@ -19,9 +25,15 @@ use sluice_core::config::JobConfig;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Job file (TOML).
-    #[arg(env = "SLUICE_JOB")]
-    job: PathBuf,
+    /// Job file (TOML); not needed with --orchestrator.
+    #[arg(env = "SLUICE_JOB", required_unless_present = "orchestrator")]
+    job: Option<PathBuf>,
+    /// Orchestrator endpoint (`http://host:port`): get the job and work items from it.
+    #[arg(long, env = "SLUICE_ORCHESTRATOR")]
+    orchestrator: Option<String>,
+    /// The orchestrator's job to work for (default: the oldest queued or running job).
+    #[arg(long, env = "SLUICE_JOB_ID", requires = "orchestrator")]
+    job_id: Option<String>,
     /// Learner endpoint(s), comma-separated (`http://host:port`); actor i uses the (i mod n)-th.
     #[arg(long, env = "SLUICE_LEARNERS", value_delimiter = ',', required = true)]
     learner: Vec<String>,
@@ -54,7 +66,6 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     sluice_core::logging::init("info");
     let args = Args::parse();
-    let job = JobConfig::from_file(&args.job)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -63,10 +74,28 @@ fn main() -> anyhow::Result<()> {
         }
     })
     .context("installing the Ctrl-C handler")?;
+    let actor_id = args.id.unwrap_or_else(|| format!("actor-{}", args.index));
+    let (job, session) = match (&args.job, &args.orchestrator) {
+        (Some(path), None) => (JobConfig::from_file(path)?, None),
+        (_, Some(endpoint)) => {
+            let conn = Connection { endpoint: endpoint.clone(), token: args.token.clone(), tls_ca: args.tls_ca.clone() };
+            let request = RegisterWorkerRequest {
+                job_id: args.job_id.clone().unwrap_or_default(),
+                role: "actor".into(),
+                name: actor_id.clone(),
+                address: String::new(),
+                rank: args.index as u32,
+            };
+            let (session, job) = Session::start(&conn, request, stop.clone())?;
+            let cfg = JobConfig::from_toml(&job.spec_toml).with_context(|| format!("the spec of job {}", job.id))?;
+            (cfg, Some(session))
+        }
+        (None, None) => unreachable!("clap requires a job file or --orchestrator"),
+    };
     let opts = ActorOptions {
         job,
         learners: args.learner,
-        actor_id: args.id.unwrap_or_else(|| format!("actor-{}", args.index)),
+        actor_id,
         index: args.index,
         actors: args.actors.max(1),
         seed: args.seed,
@@ -75,6 +104,11 @@ fn main() -> anyhow::Result<()> {
         token: args.token,
         tls_ca: args.tls_ca,
     };
-    actor::run(opts, stop, |e| println!("{}", serde_json::to_string(e).expect("events serialise")))?;
+    let result = actor::run(opts, session.as_ref(), stop, |e| println!("{}", serde_json::to_string(e).expect("events serialise")));
+    if let Some(s) = session {
+        // An actor's failure does not fail the job (another actor can take its work).
+        s.finish(false, None);
+    }
+    result?;
     Ok(())
 }

@@ -1,11 +1,16 @@
-//! `sluice`: the command-line front end. Parses arguments and calls the libraries.
+//! `sluice`: the command-line front end. Parses arguments and calls the
+//! libraries; `client` holds the job commands, `dev` the one-machine supervisor.
+
+mod client;
+mod dev;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use client::{exit, Failure, Remote};
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_core::config::JobConfig;
 use sluice_core::hf::{parse_kind, Policy};
@@ -14,10 +19,40 @@ use sluice_core::tokenizer::{Tokenizer, DEFAULT_ALPHABET};
 use sluice_learner::trainer::{Event, Trainer};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Distributed RL post-training for language-model policies")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Distributed RL post-training for language-model policies",
+    after_help = "Exit codes: 0 ok, 1 error, 2 bad usage or invalid job file, 3 unknown job, \
+4 not allowed in the job's state, 5 orchestrator unreachable, 6 the job failed or was cancelled, \
+7 wrong or missing token, 130 interrupted."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How to reach an orchestrator.
+#[derive(Args, Debug, Clone)]
+struct RemoteArgs {
+    /// Orchestrator endpoint.
+    #[arg(long, env = "SLUICE_ENDPOINT", default_value = "http://127.0.0.1:50071")]
+    endpoint: String,
+    /// Bearer token, when the orchestrator requires one.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) for an https:// endpoint.
+    #[arg(long, env = "SLUICE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Print JSON for scripts instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RemoteArgs {
+    fn remote(&self) -> Remote {
+        Remote { endpoint: self.endpoint.clone(), token: self.token.clone(), tls_ca: self.tls_ca.clone() }
+    }
 }
 
 #[derive(Subcommand)]
@@ -56,6 +91,69 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: i64,
     },
+    /// Run a job on this machine: orchestrator, reward server, learners and
+    /// actors as real processes on loopback ports, with a live progress bar.
+    ///
+    /// Children that crash are restarted (a learner resumes from its newest
+    /// checkpoint). Ctrl-C stops the learners and actors after their current
+    /// step (the learner checkpoints), then the servers. Logs of every process
+    /// go to <train.out_dir>/logs/. Running it again resumes the run.
+    Dev {
+        /// Job file (TOML); see examples/.
+        job: PathBuf,
+        /// Keep the orchestrator's state in Redis (e.g. redis://127.0.0.1:6379) instead of memory.
+        #[arg(long, env = "SLUICE_REDIS")]
+        redis: Option<String>,
+        /// Directory of the sluice-* binaries (default: next to this one).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Seconds a worker's lease lasts (a dead actor's work is handed out again after it).
+        #[arg(long, default_value_t = 5.0)]
+        lease_s: f64,
+        /// Restarts allowed per process before the job is given up.
+        #[arg(long, default_value_t = 5)]
+        max_restarts: u32,
+        /// Print one JSON object per event on stdout instead of a progress bar.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit a job file to an orchestrator; prints the job id.
+    Submit {
+        job: PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// List the orchestrator's jobs, newest first.
+    List {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Show a job's state, step and work accounting.
+    Status {
+        job_id: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Print a job's events (training steps, evaluations, checkpoints, workers).
+    ///
+    /// With --follow, keeps printing until the job ends; exits 6 when it failed
+    /// or was cancelled.
+    Logs {
+        job_id: String,
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Cancel a job: its workers stop after their current step.
+    Cancel {
+        job_id: String,
+        /// Why (shown in status).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Check a job file and print it with all defaults filled in.
     Check {
         job: PathBuf,
@@ -65,9 +163,67 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn main() {
     sluice_core::logging::init("warn");
-    match Cli::parse().command {
+    let code = match dispatch(Cli::parse().command) {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            f.code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn on_runtime<T>(f: impl std::future::Future<Output = client::Outcome<T>>) -> client::Outcome<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(exit::ERROR, format!("async runtime: {e}")))?;
+    rt.block_on(f)
+}
+
+/// Runs a command; the process exit code, or a failure with its own.
+fn dispatch(command: Command) -> client::Outcome<i32> {
+    let ok = |()| 0;
+    match command {
+        Command::Dev { job, redis, bin_dir, lease_s, max_restarts, json } => {
+            if !(lease_s > 0.0 && lease_s.is_finite()) {
+                return Err(Failure::new(exit::USAGE, format!("--lease-s must be > 0, not {lease_s}")));
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                eprintln!("\nstopping: learners and actors finish their step (Ctrl-C again to quit now)");
+            })
+            .map_err(|e| Failure::new(exit::ERROR, format!("installing the Ctrl-C handler: {e}")))?;
+            dev::run(dev::DevOptions { job, redis, bin_dir, json, lease_s, max_restarts }, stop)
+        }
+        Command::Submit { job, remote } => on_runtime(client::submit(&remote.remote(), &job, remote.json)).map(ok),
+        Command::List { remote } => on_runtime(client::list(&remote.remote(), remote.json)).map(ok),
+        Command::Status { job_id, remote } => on_runtime(client::status(&remote.remote(), &job_id, remote.json)).map(ok),
+        Command::Logs { job_id, follow, remote } => {
+            on_runtime(client::logs(&remote.remote(), &job_id, follow, remote.json)).map(|_| 0)
+        }
+        Command::Cancel { job_id, reason, remote } => {
+            on_runtime(client::cancel(&remote.remote(), &job_id, &reason, remote.json)).map(ok)
+        }
+        local => local_command(local).map(ok).map_err(|e| {
+            // Job-file problems are usage errors; the rest are plain errors.
+            let code = match e.downcast_ref::<sluice_core::Error>() {
+                Some(sluice_core::Error::Config { .. }) => exit::USAGE,
+                _ => exit::ERROR,
+            };
+            Failure::new(code, format!("{e:#}"))
+        }),
+    }
+}
+
+fn local_command(command: Command) -> Result<()> {
+    match command {
         Command::Train { job, out, steps, fresh, json } => train(job, out, steps, fresh, json),
         Command::InitModel { preset, out, dtype, seed } => init_model(&preset, &out, &dtype, seed),
         Command::Check { job, json } => {
@@ -79,6 +235,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        _ => unreachable!("remote commands are dispatched above"),
     }
 }
 

@@ -9,9 +9,15 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_core::config::JobConfig;
 use sluice_learner::node::{self, CollectiveKind, NodeOptions};
+use sluice_orchestrator::worker::{Connection, Session};
 use sluice_proto::tls::ServerFiles;
+use sluice_proto::v1::RegisterWorkerRequest;
 
 /// Serves the Learner gRPC service and trains on the rollouts actors stream in.
+///
+/// The job comes from a file, or from an orchestrator (`--orchestrator URL`):
+/// the learner registers as a worker of the job (`--job-id`, or the oldest
+/// queued or running one), trains on its spec, and reports its progress there.
 ///
 /// Prints one JSON object per line on stdout (`listening`, `published`,
 /// `train`, `finished`); logs go to stderr (RUST_LOG). Every flag can also be
@@ -19,9 +25,18 @@ use sluice_proto::tls::ServerFiles;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Job file (TOML).
-    #[arg(env = "SLUICE_JOB")]
-    job: PathBuf,
+    /// Job file (TOML); not needed with --orchestrator.
+    #[arg(env = "SLUICE_JOB", required_unless_present = "orchestrator")]
+    job: Option<PathBuf>,
+    /// Orchestrator endpoint (`http://host:port`): get the job from it and report progress to it.
+    #[arg(long, env = "SLUICE_ORCHESTRATOR")]
+    orchestrator: Option<String>,
+    /// The orchestrator's job to work for (default: the oldest queued or running job).
+    #[arg(long, env = "SLUICE_JOB_ID", requires = "orchestrator")]
+    job_id: Option<String>,
+    /// CA certificate (PEM) for an https:// orchestrator.
+    #[arg(long, env = "SLUICE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// gRPC listen address; port 0 picks a free port (printed in the `listening` line).
     #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:50051")]
     listen: String,
@@ -60,10 +75,6 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     sluice_core::logging::init("info");
     let args = Args::parse();
-    let mut job = JobConfig::from_file(&args.job)?;
-    if let Some(out) = args.out {
-        job.train.out_dir = out;
-    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -73,6 +84,26 @@ fn main() -> anyhow::Result<()> {
         eprintln!("stopping after the current step (press Ctrl-C again to quit now)");
     })
     .context("installing the Ctrl-C handler")?;
+    let (mut job, session) = match (&args.job, &args.orchestrator) {
+        (Some(path), None) => (JobConfig::from_file(path)?, None),
+        (_, Some(endpoint)) => {
+            let conn = Connection { endpoint: endpoint.clone(), token: args.token.clone(), tls_ca: args.tls_ca.clone() };
+            let request = RegisterWorkerRequest {
+                job_id: args.job_id.clone().unwrap_or_default(),
+                role: "learner".into(),
+                name: format!("learner-{}", args.rank),
+                address: args.listen.clone(),
+                rank: args.rank as u32,
+            };
+            let (session, job) = Session::start(&conn, request, stop.clone())?;
+            let cfg = JobConfig::from_toml(&job.spec_toml).with_context(|| format!("the spec of job {}", job.id))?;
+            (cfg, Some(session))
+        }
+        (None, None) => unreachable!("clap requires a job file or --orchestrator"),
+    };
+    if let Some(out) = args.out {
+        job.train.out_dir = out;
+    }
     let opts = NodeOptions {
         job,
         listen: args.listen,
@@ -84,6 +115,7 @@ fn main() -> anyhow::Result<()> {
         linger: Duration::from_secs_f64(args.linger_s.max(0.0)),
         token: args.token,
         tls: ServerFiles::from_options(args.tls_cert, args.tls_key).map_err(anyhow::Error::msg)?,
+        session,
     };
     node::run(opts, stop, |e| {
         println!("{}", serde_json::to_string(e).expect("events serialise"));

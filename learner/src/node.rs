@@ -17,6 +17,7 @@ use sluice_core::config::JobConfig;
 use sluice_core::device::parse_device;
 use sluice_core::hf::parse_kind;
 use sluice_core::rollout::Group;
+use sluice_orchestrator::worker::Session;
 use sluice_proto::auth;
 use sluice_proto::v1::learner_server::LearnerServer;
 use tch::Device;
@@ -35,7 +36,7 @@ use crate::service::{LearnerService, Shared};
 use crate::trainer::{Event, StepMetrics, Trainer};
 
 /// Where this rank listens and how it finds the others.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NodeOptions {
     pub job: JobConfig,
     /// gRPC listen address (`host:port`; port 0 picks a free one).
@@ -54,6 +55,10 @@ pub struct NodeOptions {
     pub token: Option<String>,
     /// Serve TLS with this certificate and key (`sluice_proto::tls`); None: plain HTTP/2.
     pub tls: Option<ServerFiles>,
+    /// The orchestrator this learner registered with: it gets the learner's
+    /// step events (rank 0) and, on heartbeats, its progress; a cancelled job
+    /// stops the learner after the current step.
+    pub session: Option<Session>,
 }
 
 /// Which collective backend data-parallel ranks use.
@@ -152,7 +157,22 @@ fn build_runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Runs one learner rank until the job's steps are done or `stop` is set.
-pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&NodeEvent)) -> Result<()> {
+pub fn run(mut opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&NodeEvent)) -> Result<()> {
+    let session = opts.session.take();
+    let result = run_rank(&opts, session.as_ref(), stop.clone(), &mut report);
+    if let Some(s) = session {
+        let finished = result.is_ok() && !stop.load(Ordering::SeqCst);
+        s.finish(finished, result.as_ref().err().map(|e| e.to_string()));
+    }
+    result
+}
+
+fn run_rank(
+    opts: &NodeOptions,
+    session: Option<&Session>,
+    stop: Arc<AtomicBool>,
+    report: &mut dyn FnMut(&NodeEvent),
+) -> Result<()> {
     let cfg = opts.job.clone();
     cfg.validate()?;
     let world = opts.world_size.max(1);
@@ -163,7 +183,7 @@ pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Nod
         )
         .into());
     }
-    let comm = build_collective(&opts, world)?;
+    let comm = build_collective(opts, world)?;
     let mut trainer = Trainer::with_collective(cfg.clone(), opts.resume, comm)?;
     let mc = trainer.policy().config().clone();
     let limits = Limits {
@@ -212,7 +232,19 @@ pub fn run(opts: NodeOptions, stop: Arc<AtomicBool>, mut report: impl FnMut(&Nod
         Ok(())
     };
 
-    let report = RefCell::new(report);
+    // Rank 0's training events also go to the orchestrator (`sluice logs`).
+    let mut report = |e: &NodeEvent| {
+        if let (Some(s), NodeEvent::Train(t)) = (session, e) {
+            if let Event::Step(m) = t {
+                s.progress.step.store(m.step, Ordering::SeqCst);
+            }
+            if opts.rank == 0 {
+                s.event(serde_json::to_string(t).expect("events serialise"));
+            }
+        }
+        report(e)
+    };
+    let report = RefCell::new(&mut report);
     let mut published = false;
     let filter = cfg.grpo.filter_zero_variance;
     let result = trainer.run_with(

@@ -85,6 +85,7 @@ impl State {
                 rollouts_completed: p.rollouts_completed,
                 live_workers: live,
                 epoch: p.epoch,
+                work_outstanding: job.items.len() as u64,
             }),
         }
     }

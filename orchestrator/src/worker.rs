@@ -203,3 +203,109 @@ impl Link {
         })
     }
 }
+
+/// A worker's blocking handle on the orchestrator, for the synchronous
+/// learner and actor loops: it owns a small runtime that keeps the lease alive
+/// and ships events in the background.
+#[derive(Debug)]
+pub struct Session {
+    rt: tokio::runtime::Runtime,
+    pub link: Link,
+    pub progress: Arc<Progress>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    reporter: Option<tokio::task::JoinHandle<()>>,
+    heartbeats: tokio::task::JoinHandle<()>,
+}
+
+/// How a worker reaches the orchestrator.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    pub endpoint: String,
+    pub token: Option<String>,
+    /// CA certificate (PEM) for an `https://` orchestrator.
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl Session {
+    /// Registers (see [`Link::register`]) and starts heartbeats; `stop` is set
+    /// when the job is cancelled or failed.
+    pub fn start(conn: &Connection, request: v1::RegisterWorkerRequest, stop: Arc<AtomicBool>) -> Result<(Session, v1::Job)> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sluice-orchestrator-link")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Io { what: "async runtime".into(), source: e })?;
+        let tls = conn
+            .tls_ca
+            .as_deref()
+            .map(sluice_proto::tls::client_config)
+            .transpose()
+            .map_err(|reason| Error::Transport { endpoint: conn.endpoint.clone(), reason })?;
+        let (link, job) = rt.block_on(Link::register(&conn.endpoint, conn.token.clone(), tls.as_ref(), request, &stop))?;
+        let progress = Arc::new(Progress::default());
+        let heartbeats = {
+            let _guard = rt.enter();
+            link.spawn_heartbeats(progress.clone(), stop)
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let reporter = {
+            let link = link.clone();
+            rt.spawn(async move {
+                let mut batch = Vec::new();
+                loop {
+                    if batch.is_empty() {
+                        match rx.recv().await {
+                            Some(e) => batch.push(e),
+                            None => return,
+                        }
+                    }
+                    while let Ok(e) = rx.try_recv() {
+                        batch.push(e);
+                    }
+                    match link.report_events(batch.clone()).await {
+                        Ok(()) => batch.clear(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reporting events failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            })
+        };
+        Ok((Session { rt, link, progress, events: Some(tx), reporter: Some(reporter), heartbeats }, job))
+    }
+
+    /// Queues an event (a JSON object with an `event` field) for the job's log.
+    pub fn event(&self, json: String) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(json);
+        }
+    }
+
+    pub fn next_work(&self, max_items: u32) -> Result<v1::NextWorkResponse> {
+        self.rt.block_on(self.link.next_work(max_items))
+    }
+
+    pub fn report_outcome(&self, work_id: u64, rewards: Vec<f64>) -> Result<bool> {
+        self.rt.block_on(self.link.report_outcome(work_id, rewards))
+    }
+
+    /// Sends the queued events and a last heartbeat (`finished`, or the error
+    /// that ends the job), then stops the background tasks.
+    pub fn finish(mut self, finished: bool, error: Option<String>) {
+        self.events.take();
+        if let Some(r) = self.reporter.take() {
+            let _ = self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), r).await });
+        }
+        self.heartbeats.abort();
+        let step = self.progress.step.load(Ordering::SeqCst);
+        let last = self.link.heartbeat(step, finished, error.as_deref().unwrap_or(""));
+        match self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), last).await }) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "last heartbeat failed"),
+            Err(_) => tracing::warn!("last heartbeat timed out"),
+        }
+        self.rt.shutdown_timeout(Duration::from_secs(1));
+    }
+}

@@ -89,6 +89,16 @@ fn malformed_rollouts_get_invalid_argument_and_the_learner_keeps_serving() {
     let acks = send(ep, vec![good("bad", 7, 2, 0), good("bad", 7, 2, 1)], 1).unwrap();
     assert!(acks[0].accepted && acks[0].group_id == 7);
     assert_eq!(status(ep).accepted_groups, 1);
+    // One group per orchestrator work item: a second group for work 42 (a
+    // re-dispatched item) is refused as a duplicate, on any stream.
+    let work = |group_id: u64| {
+        (0..2).map(|i| v1::Rollout { work_id: 42, ..good("bad", group_id, 2, i) }).collect::<Vec<_>>()
+    };
+    assert!(send(ep, work(8), 1).unwrap()[0].accepted);
+    let again = send(ep, work(9), 1).unwrap();
+    assert!(!again[0].accepted && again[0].reason == "duplicate", "{:?}", again[0]);
+    let st = status(ep);
+    assert_eq!((st.accepted_groups, st.dropped_duplicate_groups), (2, 1));
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `sluice` binary: real processes, real files.
 
+mod dev;
 mod train;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,250 @@
+//! `sluice submit / list / status / logs / cancel`: the job commands against a
+//! running orchestrator, with human output by default and `--json` for scripts.
+
+use std::path::PathBuf;
+
+use sluice_core::config::JobConfig;
+use sluice_orchestrator::worker::connect;
+use sluice_proto::auth;
+use sluice_proto::v1::orchestrator_client::OrchestratorClient;
+use sluice_proto::v1::{self, JobState};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Exit codes scripts can rely on (also in the README).
+pub mod exit {
+    /// Anything else that went wrong.
+    pub const ERROR: i32 = 1;
+    /// Bad usage or an invalid job file.
+    pub const USAGE: i32 = 2;
+    /// No such job.
+    pub const NOT_FOUND: i32 = 3;
+    /// Not allowed in the job's state (e.g. cancelling a finished job).
+    pub const STATE: i32 = 4;
+    /// The orchestrator (or its store) cannot be reached.
+    pub const UNREACHABLE: i32 = 5;
+    /// `logs --follow` / `dev`: the job ended failed or cancelled.
+    pub const JOB_FAILED: i32 = 6;
+    /// Refused: wrong or missing bearer token.
+    pub const AUTH: i32 = 7;
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Failure { code, message: message.into() }
+    }
+}
+
+impl From<sluice_orchestrator::Error> for Failure {
+    fn from(e: sluice_orchestrator::Error) -> Self {
+        match e {
+            sluice_orchestrator::Error::Status(s) => s.into(),
+            sluice_orchestrator::Error::Transport { .. } => Failure::new(exit::UNREACHABLE, e.to_string()),
+            other => Failure::new(exit::ERROR, other.to_string()),
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        let code = match s.code() {
+            Code::NotFound => exit::NOT_FOUND,
+            Code::FailedPrecondition => exit::STATE,
+            Code::InvalidArgument => exit::USAGE,
+            Code::Unavailable => exit::UNREACHABLE,
+            Code::Unauthenticated => exit::AUTH,
+            _ => exit::ERROR,
+        };
+        Failure::new(code, s.message().to_string())
+    }
+}
+
+pub type Outcome<T = ()> = Result<T, Failure>;
+
+/// How to reach the orchestrator.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub endpoint: String,
+    pub token: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Remote {
+    pub async fn client(&self) -> Outcome<OrchestratorClient<Channel>> {
+        let tls = self
+            .tls_ca
+            .as_deref()
+            .map(sluice_proto::tls::client_config)
+            .transpose()
+            .map_err(|e| Failure::new(exit::USAGE, e))?;
+        Ok(connect(&self.endpoint, tls.as_ref()).await?)
+    }
+
+    pub fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        auth::request(msg, self.token.as_deref())
+    }
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    match JobState::try_from(state).unwrap_or(JobState::Unspecified) {
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Unspecified => "unknown",
+    }
+}
+
+fn is_final(state: i32) -> bool {
+    matches!(JobState::try_from(state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled))
+}
+
+/// The job as a JSON object (spec omitted unless asked for).
+pub fn job_json(j: &v1::Job, with_spec: bool) -> serde_json::Value {
+    let p = j.progress.clone().unwrap_or_default();
+    let mut v = serde_json::json!({
+        "id": j.id, "name": j.name, "state": state_name(j.state), "message": j.message,
+        "created_unix_ms": j.created_unix_ms, "updated_unix_ms": j.updated_unix_ms,
+        "progress": {
+            "step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
+            "work_created": p.work_created, "work_dispatched": p.work_dispatched,
+            "work_completed": p.work_completed, "work_redispatched": p.work_redispatched,
+            "work_outstanding": p.work_outstanding,
+            "duplicate_outcomes": p.duplicate_outcomes, "rollouts_completed": p.rollouts_completed,
+            "live_workers": p.live_workers,
+        },
+    });
+    if with_spec {
+        v["spec_toml"] = j.spec_toml.clone().into();
+    }
+    v
+}
+
+fn print_job(j: &v1::Job) {
+    let p = j.progress.clone().unwrap_or_default();
+    println!("job        {}", j.id);
+    println!("state      {}{}", state_name(j.state), if j.message.is_empty() { String::new() } else { format!(" ({})", j.message) });
+    println!("step       {} / {}   (epoch {})", p.step, p.total_steps, p.epoch);
+    println!(
+        "work       {} created, {} completed, {} outstanding; {} dispatched, {} re-dispatched, {} duplicate outcomes",
+        p.work_created, p.work_completed, p.work_outstanding, p.work_dispatched, p.work_redispatched, p.duplicate_outcomes
+    );
+    println!("rollouts   {} completed", p.rollouts_completed);
+    println!("workers    {} live", p.live_workers);
+}
+
+pub async fn submit(remote: &Remote, path: &std::path::Path, json: bool) -> Outcome {
+    let text = std::fs::read_to_string(path).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", path.display())))?;
+    // Check here first: the same message the orchestrator would give, without a round trip.
+    JobConfig::from_toml(&text).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", path.display())))?;
+    let mut c = remote.client().await?;
+    let job = c.submit_job(remote.req(v1::SubmitJobRequest { spec_toml: text })).await?.into_inner();
+    if json {
+        println!("{}", job_json(&job, false));
+    } else {
+        println!("submitted {}", job.id);
+        eprintln!("follow it with: sluice logs {} --follow --endpoint {}", job.id, remote.endpoint);
+    }
+    Ok(())
+}
+
+pub async fn list(remote: &Remote, json: bool) -> Outcome {
+    let mut c = remote.client().await?;
+    let jobs = c.list_jobs(remote.req(v1::ListJobsRequest {})).await?.into_inner().jobs;
+    if json {
+        println!("{}", serde_json::Value::Array(jobs.iter().map(|j| job_json(j, false)).collect()));
+        return Ok(());
+    }
+    if jobs.is_empty() {
+        eprintln!("no jobs");
+        return Ok(());
+    }
+    println!("{:<28} {:<10} {:>13} {:>8}", "JOB", "STATE", "STEP", "WORKERS");
+    for j in &jobs {
+        let p = j.progress.clone().unwrap_or_default();
+        println!("{:<28} {:<10} {:>13} {:>8}", j.id, state_name(j.state), format!("{}/{}", p.step, p.total_steps), p.live_workers);
+    }
+    Ok(())
+}
+
+pub async fn status(remote: &Remote, id: &str, json: bool) -> Outcome {
+    let mut c = remote.client().await?;
+    let job = c.get_job(remote.req(v1::GetJobRequest { job_id: id.into() })).await?.into_inner();
+    if json {
+        println!("{}", job_json(&job, true));
+    } else {
+        print_job(&job);
+    }
+    Ok(())
+}
+
+pub async fn cancel(remote: &Remote, id: &str, reason: &str, json: bool) -> Outcome {
+    let mut c = remote.client().await?;
+    let job = c.cancel_job(remote.req(v1::CancelJobRequest { job_id: id.into(), reason: reason.into() })).await?.into_inner();
+    if json {
+        println!("{}", job_json(&job, false));
+    } else {
+        println!("cancelled {}", job.id);
+    }
+    Ok(())
+}
+
+/// One line for a job event in human output (None: not worth a line).
+pub fn describe(event: &serde_json::Value) -> Option<String> {
+    let f = |k: &str| event.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let u = |k: &str| event.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let s = |k: &str| event.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    Some(match event.get("event")?.as_str()? {
+        "step" => format!(
+            "step {:>5}  reward {:.3}  extrinsic {:.3}  eff-grad {:.2}  staleness {:.2}  {:.0} train tok/s",
+            u("step"),
+            f("reward_mean"),
+            f("extrinsic_mean"),
+            f("effective_gradient_ratio"),
+            f("staleness_mean"),
+            f("train_tokens_per_s")
+        ),
+        "sft" => format!("sft {:>5}  loss {:.4}", u("sft_step"), f("loss")),
+        "eval" => format!("eval at step {}: held-out reward {:.3} on {} prompts", u("step"), f("reward_mean"), u("prompts")),
+        "checkpoint" => format!("checkpoint {} at step {}", s("path"), u("step")),
+        "state" => format!("job {}{}", s("state"), if s("message").is_empty() { String::new() } else { format!(": {}", s("message")) }),
+        "worker" => format!("worker {} ({} rank {}) joined", s("worker"), s("role"), u("rank")),
+        "worker_lost" => format!("worker {} lost its lease", s("worker")),
+        "redispatched" => format!(
+            "{} work item(s) of {} handed out again",
+            event.get("items").and_then(|v| v.as_array()).map_or(0, Vec::len),
+            s("worker")
+        ),
+        "submitted" => format!("submitted {}", s("job")),
+        _ => return None,
+    })
+}
+
+/// Prints the job's events (and follows them until the job ends with `follow`).
+/// Returns the job's final state name when it ended.
+pub async fn logs(remote: &Remote, id: &str, follow: bool, json: bool) -> Outcome<i32> {
+    let mut c = remote.client().await?;
+    let req = v1::WatchJobRequest { job_id: id.into(), from_seq: 0, no_follow: !follow };
+    let mut stream = c.watch_job(remote.req(req)).await?.into_inner();
+    let mut state = JobState::Unspecified as i32;
+    while let Some(e) = stream.message().await? {
+        state = e.state;
+        if json {
+            println!("{}", e.json);
+        } else if let Some(line) = serde_json::from_str(&e.json).ok().as_ref().and_then(describe) {
+            println!("{line}");
+        }
+    }
+    if follow && is_final(state) && state != JobState::Succeeded as i32 {
+        return Err(Failure::new(exit::JOB_FAILED, format!("job {id} {}", state_name(state))));
+    }
+    Ok(state)
+}

@@ -1,0 +1,446 @@
+//! `sluice dev JOB.toml`: the whole system on one machine, as real processes.
+//!
+//! Starts an orchestrator (in-memory store, or `--redis URL`), submits the
+//! job, then starts the reward server, the learner ranks and the actors on
+//! loopback ports, all with a bearer token (`SLUICE_TOKEN`, or one generated
+//! for this run; passed in the environment, never on a command line). It follows the job's events
+//! (progress bar, or JSON lines with `--json`), restarts a child that crashes
+//! (a learner resumes from its newest checkpoint; an actor's work is handed
+//! out again when its lease expires), and on Ctrl-C stops the learners and
+//! actors first (the learner checkpoints) and then the servers.
+//!
+//! Each child's stdout and stderr go to `<train.out_dir>/logs/<role>-<rank>.log`.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sluice_core::config::JobConfig;
+use sluice_proto::v1::{self, JobState};
+
+use crate::client::{describe, exit, state_name, Failure, Outcome, Remote};
+
+/// What `sluice dev` was asked for.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    pub job: PathBuf,
+    /// Keep the orchestrator's state in Redis instead of memory.
+    pub redis: Option<String>,
+    /// Where the sluice binaries are (default: next to this one).
+    pub bin_dir: Option<PathBuf>,
+    pub json: bool,
+    /// Worker lease in seconds (how soon a dead actor's work is handed out again).
+    pub lease_s: f64,
+    /// Restarts allowed per child before the job is given up.
+    pub max_restarts: u32,
+}
+
+/// A supervised child process.
+struct Proc {
+    role: &'static str,
+    rank: usize,
+    bin: PathBuf,
+    args: Vec<String>,
+    child: Child,
+    restarts: u32,
+    /// Exited for good (cleanly, or after the job ended).
+    done: bool,
+}
+
+/// `(role, rank, JSON line)` from a child's stdout.
+type Line = (&'static str, usize, serde_json::Value);
+
+struct Supervisor {
+    bin_dir: PathBuf,
+    logs: PathBuf,
+    token: String,
+    procs: Vec<Proc>,
+    lines: mpsc::Sender<Line>,
+    json: bool,
+}
+
+fn free_port() -> Outcome<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Failure::new(exit::ERROR, format!("no free port: {e}")))?;
+    Ok(l.local_addr().map_err(|e| Failure::new(exit::ERROR, e.to_string()))?.port())
+}
+
+fn say(json: bool, bar: &ProgressBar, value: serde_json::Value, human: String) {
+    if json {
+        println!("{value}");
+    } else if bar.is_hidden() {
+        eprintln!("{human}");
+    } else {
+        bar.println(human);
+    }
+}
+
+impl Supervisor {
+    fn spawn_child(&self, role: &'static str, rank: usize, bin: &Path, args: &[String]) -> Outcome<Child> {
+        let path = self.logs.join(format!("{role}-{rank}.log"));
+        let open = || OpenOptions::new().create(true).append(true).open(&path);
+        let log = open().map_err(|e| Failure::new(exit::ERROR, format!("{}: {e}", path.display())))?;
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("SLUICE_TOKEN", &self.token)
+            .env("OMP_NUM_THREADS", std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| "1".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            // Its own process group: the terminal's Ctrl-C reaches only `sluice dev`,
+            // which then stops the children in order.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Failure::new(exit::ERROR, format!("cannot start {}: {e}", bin.display())))?;
+        let out = child.stdout.take().expect("piped");
+        let tx = self.lines.clone();
+        let mut log: File = open().map_err(|e| Failure::new(exit::ERROR, format!("{}: {e}", path.display())))?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let _ = tx.send((role, rank, v));
+                }
+            }
+        });
+        Ok(child)
+    }
+
+    fn start(&mut self, role: &'static str, rank: usize, binary: &str, args: Vec<String>, bar: &ProgressBar) -> Outcome<u32> {
+        let bin = self.bin_dir.join(binary);
+        if !bin.exists() {
+            return Err(Failure::new(
+                exit::ERROR,
+                format!("{} is missing (build the workspace, or pass --bin-dir)", bin.display()),
+            ));
+        }
+        let child = self.spawn_child(role, rank, &bin, &args)?;
+        let pid = child.id();
+        say(
+            self.json,
+            bar,
+            serde_json::json!({"event": "started", "source": "dev", "role": role, "rank": rank, "pid": pid}),
+            format!("started {role} {rank} (pid {pid})"),
+        );
+        self.procs.push(Proc { role, rank, bin, args, child, restarts: 0, done: false });
+        Ok(pid)
+    }
+
+    fn signal(&self, roles: &[&str], sig: Signal) {
+        for p in self.procs.iter().filter(|p| !p.done && roles.contains(&p.role)) {
+            let _ = kill(Pid::from_raw(p.child.id() as i32), sig);
+        }
+    }
+
+    /// Waits until every child of `roles` has exited (true) or `timeout` passed.
+    fn wait_exit(&mut self, roles: &[&str], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut alive = false;
+            for p in self.procs.iter_mut().filter(|p| !p.done && roles.contains(&p.role)) {
+                match p.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => p.done = true,
+                    Ok(None) => alive = true,
+                }
+            }
+            if !alive {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops everything: `first` roles with SIGINT (they finish their step and
+    /// checkpoint), then the rest with SIGTERM, then SIGKILL for stragglers.
+    fn shutdown(&mut self, first: &[&str], grace: Duration) {
+        const ALL: [&str; 4] = ["learner", "actor", "reward", "orchestrator"];
+        self.signal(first, Signal::SIGINT);
+        self.wait_exit(first, grace);
+        self.signal(&ALL, Signal::SIGTERM);
+        if !self.wait_exit(&ALL, Duration::from_secs(10)) {
+            self.signal(&ALL, Signal::SIGKILL);
+            self.wait_exit(&ALL, Duration::from_secs(5));
+        }
+    }
+}
+
+/// Waits for a `listening` line from `(role, rank)`; other lines are kept in `backlog`.
+fn wait_listening(
+    rx: &mpsc::Receiver<Line>,
+    backlog: &mut VecDeque<Line>,
+    sup: &mut Supervisor,
+    role: &str,
+    rank: usize,
+    timeout: Duration,
+) -> Outcome<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((r, k, v)) if r == role && k == rank && v["event"] == "listening" => {
+                return Ok(v["addr"].as_str().unwrap_or_default().to_string());
+            }
+            Ok(other) => backlog.push_back(other),
+            Err(_) => {}
+        }
+        if let Some(p) = sup.procs.iter_mut().find(|p| p.role == role && p.rank == rank) {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let log = sup.logs.join(format!("{role}-{rank}.log"));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                // The binaries end with `Error: ...` (a backtrace may follow it).
+                let last = text
+                    .lines()
+                    .rev()
+                    .find(|l| l.starts_with("Error:"))
+                    .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
+                    .unwrap_or("")
+                    .trim();
+                return Err(Failure::new(
+                    exit::ERROR,
+                    format!("{role} {rank} exited ({status}) before listening: {last} (log: {})", log.display()),
+                ));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::new(exit::ERROR, format!("{role} {rank} did not start listening within {timeout:?}")));
+        }
+    }
+}
+
+/// Follows the job's events on a thread of its own (reconnecting after an
+/// orchestrator restart), sending `(seq, json, state)` to the returned channel.
+fn follow(remote: Remote, job: String, stop: Arc<AtomicBool>) -> mpsc::Receiver<(String, i32)> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let mut next = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let attempt = async {
+                    let mut c = remote.client().await.map_err(|f| f.message)?;
+                    let req = v1::WatchJobRequest { job_id: job.clone(), from_seq: next, no_follow: false };
+                    let mut s = c.watch_job(remote.req(req)).await.map_err(|s| s.to_string())?.into_inner();
+                    while let Some(e) = s.message().await.map_err(|s| s.to_string())? {
+                        next = e.seq + 1;
+                        if tx.send((e.json, e.state)).is_err() {
+                            return Ok(true);
+                        }
+                    }
+                    Ok::<bool, String>(true)
+                }
+                .await;
+                match attempt {
+                    Ok(_) => return,
+                    Err(e) => tracing::debug!(error = %e, "watch interrupted; reconnecting"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    });
+    rx
+}
+
+/// Runs the job; the exit code is 0 when it succeeded.
+pub fn run(opts: DevOptions, stop: Arc<AtomicBool>) -> Outcome<i32> {
+    let text = std::fs::read_to_string(&opts.job).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", opts.job.display())))?;
+    let cfg = JobConfig::from_toml(&text).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", opts.job.display())))?;
+    let bin_dir = match &opts.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .ok_or_else(|| Failure::new(exit::ERROR, "cannot find the sluice binaries; pass --bin-dir"))?,
+    };
+    let logs = cfg.train.out_dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| Failure::new(exit::ERROR, format!("{}: {e}", logs.display())))?;
+    // SLUICE_TOKEN when set (so `sluice status` can reach the run), else a fresh one.
+    let token = match std::env::var("SLUICE_TOKEN") {
+        Ok(t) if !t.is_empty() => t,
+        _ => (0..32).map(|_| format!("{:x}", rand::random::<u8>() & 15)).collect(),
+    };
+    let (tx, rx) = mpsc::channel::<Line>();
+    let mut sup = Supervisor { bin_dir, logs: logs.clone(), token: token.clone(), procs: Vec::new(), lines: tx, json: opts.json };
+    let bar = if opts.json { ProgressBar::hidden() } else { ProgressBar::new(cfg.train.steps) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}").expect("valid template"),
+    );
+    let result = supervise(&opts, &cfg, &mut sup, &rx, &bar, &token, stop.clone());
+    bar.finish_and_clear();
+    match &result {
+        // Interrupted or failed: stop learners and actors first (they checkpoint).
+        Err(_) | Ok(130) => sup.shutdown(&["learner", "actor"], Duration::from_secs(60)),
+        Ok(_) => sup.shutdown(&[], Duration::ZERO),
+    }
+    if !opts.json {
+        eprintln!("logs: {}   checkpoints and metrics.jsonl: {}", logs.display(), cfg.train.out_dir.display());
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn supervise(
+    opts: &DevOptions,
+    cfg: &JobConfig,
+    sup: &mut Supervisor,
+    rx: &mpsc::Receiver<Line>,
+    bar: &ProgressBar,
+    token: &str,
+    stop: Arc<AtomicBool>,
+) -> Outcome<i32> {
+    let mut backlog = VecDeque::new();
+    let s = |x: &str| x.to_string();
+    // Orchestrator.
+    let port = free_port()?;
+    let store = opts.redis.clone().unwrap_or_else(|| "memory".into());
+    let args = vec![s("--listen"), format!("127.0.0.1:{port}"), s("--store"), store, s("--lease-s"), opts.lease_s.to_string()];
+    sup.start("orchestrator", 0, "sluice-orchestrator", args, bar)?;
+    let addr = wait_listening(rx, &mut backlog, sup, "orchestrator", 0, Duration::from_secs(60))?;
+    let remote = Remote { endpoint: format!("http://{addr}"), token: Some(token.to_string()), tls_ca: None };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let text = std::fs::read_to_string(&opts.job).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let job = rt.block_on(async {
+        let mut c = remote.client().await?;
+        Ok::<_, Failure>(c.submit_job(remote.req(v1::SubmitJobRequest { spec_toml: text })).await?.into_inner())
+    })?;
+    say(
+        opts.json,
+        bar,
+        serde_json::json!({"event": "submitted", "source": "dev", "job": job.id, "endpoint": remote.endpoint}),
+        format!("job {} on orchestrator {} (token in SLUICE_TOKEN of the children)", job.id, remote.endpoint),
+    );
+    let worker_args = |role_args: Vec<String>| {
+        let mut a = vec![s("--orchestrator"), remote.endpoint.clone(), s("--job-id"), job.id.clone()];
+        a.extend(role_args);
+        a
+    };
+    // Reward server.
+    let reward = if cfg.resources.reward_server {
+        let port = free_port()?;
+        let args = vec![opts.job.display().to_string(), s("--listen"), format!("127.0.0.1:{port}")];
+        sup.start("reward", 0, "sluice-reward-server", args, bar)?;
+        Some(format!("http://{}", wait_listening(rx, &mut backlog, sup, "reward", 0, Duration::from_secs(60))?))
+    } else {
+        None
+    };
+    // Learners.
+    let world = cfg.resources.learners;
+    let rendezvous = format!("127.0.0.1:{}", free_port()?);
+    let mut learners = Vec::new();
+    for rank in 0..world {
+        let port = free_port()?;
+        let mut a = vec![s("--listen"), format!("127.0.0.1:{port}"), s("--rank"), rank.to_string(), s("--world-size"), world.to_string()];
+        if world > 1 {
+            a.extend([s("--rendezvous"), rendezvous.clone()]);
+        }
+        sup.start("learner", rank, "sluice-learner", worker_args(a), bar)?;
+        learners.push(format!("http://127.0.0.1:{port}"));
+    }
+    for rank in 0..world {
+        wait_listening(rx, &mut backlog, sup, "learner", rank, Duration::from_secs(300))?;
+    }
+    // Actors.
+    let n = cfg.resources.actors;
+    for i in 0..n {
+        let mut a = vec![s("--learner"), learners.join(","), s("--index"), i.to_string(), s("--actors"), n.to_string()];
+        a.extend([s("--seed"), (cfg.train.seed + i as u64).to_string()]);
+        if let Some(r) = &reward {
+            a.extend([s("--reward"), r.clone()]);
+        }
+        sup.start("actor", i, "sluice-actor", worker_args(a), bar)?;
+    }
+
+    let events = follow(remote.clone(), job.id.clone(), stop.clone());
+    let mut final_state: Option<i32> = None;
+    let mut last_step: Option<serde_json::Value> = None;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            say(opts.json, bar, serde_json::json!({"event": "interrupted", "source": "dev"}), "interrupted: stopping".into());
+            return Ok(130);
+        }
+        backlog.clear();
+        while rx.try_recv().is_ok() {}
+        while let Ok((json, state)) = events.try_recv() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) else { continue };
+            if v["event"] == "step" {
+                bar.set_position(v["step"].as_u64().unwrap_or(0));
+                bar.set_message(format!(
+                    "reward {:.3}  eff-grad {:.2}  staleness {:.2}  {:.0} train tok/s",
+                    v["reward_mean"].as_f64().unwrap_or(0.0),
+                    v["effective_gradient_ratio"].as_f64().unwrap_or(0.0),
+                    v["staleness_mean"].as_f64().unwrap_or(0.0),
+                    v["train_tokens_per_s"].as_f64().unwrap_or(0.0),
+                ));
+                last_step = Some(v.clone());
+            }
+            if opts.json {
+                println!("{v}");
+            } else if v["event"] != "step" || bar.is_hidden() {
+                if let Some(line) = describe(&v) {
+                    say(false, bar, v.clone(), line);
+                }
+            }
+            if matches!(JobState::try_from(state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled)) {
+                final_state = Some(state);
+            }
+        }
+        if let Some(state) = final_state {
+            // Learners linger briefly so actors hear the end; then stop everything.
+            sup.wait_exit(&["learner", "actor"], Duration::from_secs(30));
+            let ok = state == JobState::Succeeded as i32;
+            let step = last_step.as_ref().and_then(|v| v["step"].as_u64()).unwrap_or(0);
+            say(
+                opts.json,
+                bar,
+                serde_json::json!({"event": "finished", "source": "dev", "job": job.id, "state": state_name(state), "steps": step}),
+                format!("job {} {} after {step} steps", job.id, state_name(state)),
+            );
+            return Ok(if ok { 0 } else { exit::JOB_FAILED });
+        }
+        // Restart crashed children (a clean exit before the job ends is a crash
+        // too, except a learner or actor whose work is done).
+        for i in 0..sup.procs.len() {
+            let p = &mut sup.procs[i];
+            if p.done {
+                continue;
+            }
+            let Ok(Some(status)) = p.child.try_wait() else { continue };
+            if status.success() && matches!(p.role, "learner" | "actor") {
+                p.done = true;
+                continue;
+            }
+            if p.restarts >= opts.max_restarts {
+                let msg = format!("{} {} crashed {} times; giving up", p.role, p.rank, p.restarts + 1);
+                rt.block_on(async {
+                    if let Ok(mut c) = remote.client().await {
+                        let _ = c.cancel_job(remote.req(v1::CancelJobRequest { job_id: job.id.clone(), reason: msg.clone() })).await;
+                    }
+                });
+                return Err(Failure::new(exit::JOB_FAILED, msg));
+            }
+            p.restarts += 1;
+            let (role, rank, bin, args) = (p.role, p.rank, p.bin.clone(), p.args.clone());
+            let child = sup.spawn_child(role, rank, &bin, &args)?;
+            let pid = child.id();
+            let p = &mut sup.procs[i];
+            p.child = child;
+            say(
+                opts.json,
+                bar,
+                serde_json::json!({"event": "restarted", "source": "dev", "role": role, "rank": rank, "pid": pid, "exit": status.to_string(), "restarts": p.restarts}),
+                format!("{role} {rank} exited ({status}); restarted (pid {pid})"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

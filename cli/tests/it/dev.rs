@@ -1,0 +1,364 @@
+//! `sluice dev`, the orchestrator and the job commands as real processes, with
+//! a real `redis-server`: a job runs to completion, killed workers and a killed
+//! orchestrator lose nothing, and bad input gets one clear message and the
+//! documented exit code.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::sluice;
+
+const TOKEN: &str = "dev-test-token";
+/// Prompts (work items) per step of every test job.
+const PPS: u64 = 16;
+
+/// A child process killed on drop, its stdout JSON lines collected.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+    name: &'static str,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .env("SLUICE_TOKEN", TOKEN)
+            .env("OMP_NUM_THREADS", "1")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Proc { child, lines, name }
+    }
+
+    fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            if let Ok(Some(s)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(200));
+                if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
+                    return v.clone();
+                }
+                panic!("{} exited ({s}) before {what}", self.name);
+            }
+            assert!(Instant::now() < deadline, "{}: no {what} within {timeout:?}", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {timeout:?}", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A private redis-server on a free port (no persistence).
+fn redis() -> (Proc, String) {
+    let port = free_port();
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]);
+    let p = Proc::spawn("redis-server", cmd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start (scripts/setup.sh installs it)");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (p, format!("redis://127.0.0.1:{port}"))
+}
+
+fn bin(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_sluice")).with_file_name(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` first", path.display());
+    path
+}
+
+fn kill9(pid: u64) {
+    let ok = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill -9 {pid} failed");
+}
+
+/// A small job: SFT warm-up then GRPO on single-digit addition.
+fn job_file(dir: &Path, name: &str, steps: u64, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"name = "{name}"
+[model]
+preset = "tiny"
+device = "cpu"
+init_seed = 0
+[task]
+kind = "arithmetic"
+digits = 1
+operators = ["+"]
+[sampling]
+temperature = 1.0
+max_new_tokens = 4
+[grpo]
+group_size = 8
+clip_high = 0.28
+[train]
+steps = {steps}
+prompts_per_step = {PPS}
+lr = 1e-3
+sft_steps = 40
+sft_batch_size = 32
+sft_lr = 3e-3
+eval_prompts = 128
+checkpoint_every = 4
+out_dir = "{out}"
+{extra}
+"#,
+        out = dir.join(format!("run-{name}")).display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `sluice <args> --endpoint E --json` with the test token.
+fn cli(endpoint: &str, args: &[&str]) -> Output {
+    sluice().args(args).args(["--endpoint", endpoint, "--json"]).env("SLUICE_TOKEN", TOKEN).output().unwrap()
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn orchestrator(store: &str, port: u16) -> Proc {
+    let mut cmd = Command::new(bin("sluice-orchestrator"));
+    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--store", store, "--lease-s", "2"]);
+    let mut p = Proc::spawn("orchestrator", cmd);
+    p.wait_line("listening", Duration::from_secs(30), |v| v["event"] == "listening");
+    p
+}
+
+/// Exact accounting of a finished job's work items.
+fn check_accounting(status: &Value, steps: u64) {
+    let p = &status["progress"];
+    let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {p}"));
+    assert_eq!(status["state"], "succeeded", "{status}");
+    assert_eq!(n("step"), steps);
+    assert_eq!(n("work_created"), n("work_completed") + n("work_outstanding"), "{p}");
+    assert!(n("work_dispatched") >= n("work_completed"), "{p}");
+    assert!(n("work_completed") >= steps * PPS, "at least one step's worth of items per step: {p}");
+}
+
+/// The learner's training steps from metrics.jsonl: every step trained exactly
+/// `prompts_per_step` groups (none lost, none twice).
+fn trained_groups(run: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "step")
+        .map(|v| v["groups_trained"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn dev_job_learns_and_the_cli_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(dir.path(), "devjob", 80, "eval_every = 80");
+    let mut cmd = sluice();
+    cmd.args(["dev", job.to_str().unwrap(), "--json"]);
+    let mut dev = Proc::spawn("sluice dev", cmd);
+    let sub = dev.wait_line("submitted", Duration::from_secs(60), |v| v["event"] == "submitted");
+    let (endpoint, id) = (sub["endpoint"].as_str().unwrap().to_string(), sub["job"].as_str().unwrap().to_string());
+
+    // While it runs: status and logs answer; a wrong token is refused with exit 7.
+    dev.wait_line("a step", Duration::from_secs(300), |v| v["event"] == "step");
+    let s = json_of(&cli(&endpoint, &["status", &id]));
+    assert_eq!(s["state"], "running", "{s}");
+    assert!(s["progress"]["live_workers"].as_u64().unwrap() >= 2, "the learner and the actor hold leases: {s}");
+    let logs = cli(&endpoint, &["logs", &id]);
+    assert!(logs.status.success());
+    assert!(String::from_utf8_lossy(&logs.stdout).lines().any(|l| l.contains("\"step\"")), "logs show steps");
+    let listed = json_of(&cli(&endpoint, &["list"]));
+    assert_eq!(listed[0]["id"], id);
+    let wrong = sluice().args(["status", &id, "--endpoint", &endpoint]).env("SLUICE_TOKEN", "guess").output().unwrap();
+    assert_eq!(wrong.status.code(), Some(7), "{}", String::from_utf8_lossy(&wrong.stderr));
+    let unknown = cli(&endpoint, &["status", "no-such-job"]);
+    assert_eq!(unknown.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no-such-job"));
+
+    assert_eq!(dev.wait_exit(Duration::from_secs(600)), 0, "the job succeeded");
+    let lines = dev.lines();
+    let evals: Vec<f64> = lines.iter().filter(|v| v["event"] == "eval").map(|v| v["reward_mean"].as_f64().unwrap()).collect();
+    // Before the warm-up, after it, after GRPO: GRPO itself raises held-out reward.
+    assert_eq!(evals.len(), 3, "{evals:?}");
+    assert!(evals[2] > evals[1] + 0.1, "held-out reward rises under GRPO: {evals:?}");
+    let run = dir.path().join("run-devjob");
+    assert!(run.join("checkpoints/latest").exists(), "checkpoints written");
+    assert_eq!(trained_groups(&run), vec![PPS; 80]);
+    for role in ["orchestrator-0", "reward-0", "learner-0", "actor-0"] {
+        assert!(run.join(format!("logs/{role}.log")).exists(), "{role} log");
+    }
+    assert!(lines.iter().any(|v| v["event"] == "finished" && v["state"] == "succeeded"));
+}
+
+#[test]
+fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
+    let (_redis, url) = redis();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 24;
+    let job = job_file(dir.path(), "faults", steps, "[resources]\nactors = 2\nreward_server = false\n[rollout]\nmax_staleness = 1");
+    let mut cmd = sluice();
+    cmd.args(["dev", job.to_str().unwrap(), "--json", "--redis", &url, "--lease-s", "2"]);
+    let mut dev = Proc::spawn("sluice dev", cmd);
+    let pid = |dev: &mut Proc, role: &str, rank: u64| {
+        let v = dev.wait_line(role, Duration::from_secs(60), |v| v["event"] == "started" && v["role"] == role && v["rank"] == rank);
+        v["pid"].as_u64().unwrap()
+    };
+    let actor = pid(&mut dev, "actor", 0);
+    let learner = pid(&mut dev, "learner", 0);
+    dev.wait_line("step 3", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(3));
+    kill9(actor);
+    dev.wait_line("redispatch", Duration::from_secs(60), |v| v["event"] == "redispatched");
+    dev.wait_line("step 10", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(10));
+    kill9(learner);
+    dev.wait_line("learner restart", Duration::from_secs(60), |v| v["event"] == "restarted" && v["role"] == "learner");
+    assert_eq!(dev.wait_exit(Duration::from_secs(900)), 0, "the job completes");
+
+    // The orchestrator is gone with dev mode; a new one on the same Redis has the job.
+    let port = free_port();
+    let _orch = orchestrator(&url, port);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let id = dev.lines().iter().find(|v| v["event"] == "submitted").unwrap()["job"].as_str().unwrap().to_string();
+    let status = json_of(&cli(&endpoint, &["status", &id]));
+    check_accounting(&status, steps);
+    assert!(status["progress"]["work_redispatched"].as_u64().unwrap() >= 1, "{status}");
+    // The learner resumed from a checkpoint: steps after it ran again, each on
+    // exactly prompts_per_step groups (the metrics file keeps both runs' lines).
+    let trained = trained_groups(&dir.path().join("run-faults"));
+    assert!(trained.len() as u64 >= steps, "{trained:?}");
+    assert!(trained.iter().all(|&g| g == PPS), "{trained:?}");
+    let logs = cli(&endpoint, &["logs", &id]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("worker_lost"));
+}
+
+#[test]
+fn orchestrator_restart_with_redis_recovers_the_job() {
+    let (_redis, url) = redis();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 20;
+    let job = job_file(dir.path(), "restart", steps, "[rollout]\nmax_staleness = 1");
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut orch = orchestrator(&url, port);
+    let sub = json_of(&cli(&endpoint, &["submit", job.to_str().unwrap()]));
+    let id = sub["id"].as_str().unwrap().to_string();
+    assert_eq!(sub["state"], "queued");
+
+    let worker = |binary: &str, extra: &[&str]| {
+        let mut cmd = Command::new(bin(binary));
+        cmd.args(["--orchestrator", &endpoint, "--job-id", &id]).args(extra);
+        Proc::spawn(if binary == "sluice-learner" { "learner" } else { "actor" }, cmd)
+    };
+    let mut learner = worker("sluice-learner", &["--listen", "127.0.0.1:0"]);
+    let addr = learner.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening")["addr"].as_str().unwrap().to_string();
+    let mut actor = worker("sluice-actor", &["--learner", &format!("http://{addr}")]);
+    learner.wait_line("step 4", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(4));
+
+    orch.child.kill().unwrap();
+    orch.child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let _orch = orchestrator(&url, port);
+
+    assert_eq!(learner.wait_exit(Duration::from_secs(600)), 0);
+    assert_eq!(actor.wait_exit(Duration::from_secs(60)), 0);
+    let status = json_of(&cli(&endpoint, &["status", &id]));
+    check_accounting(&status, steps);
+    assert_eq!(trained_groups(&dir.path().join("run-restart")), vec![PPS; steps as usize]);
+    // Cancelling a finished job is refused (exit 4) and changes nothing.
+    let again = cli(&endpoint, &["cancel", &id]);
+    assert_eq!(again.status.code(), Some(4), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already succeeded"));
+}
+
+#[test]
+fn cancel_stops_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(dir.path(), "cancel", 500, "");
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let _orch = orchestrator("memory", port);
+    let id = json_of(&cli(&endpoint, &["submit", job.to_str().unwrap()]))["id"].as_str().unwrap().to_string();
+    let mut cmd = Command::new(bin("sluice-learner"));
+    cmd.args(["--orchestrator", &endpoint, "--listen", "127.0.0.1:0"]);
+    let mut learner = Proc::spawn("learner", cmd);
+    learner.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening");
+    let c = json_of(&cli(&endpoint, &["cancel", &id, "--reason", "test says stop"]));
+    assert_eq!(c["state"], "cancelled");
+    assert_eq!(learner.wait_exit(Duration::from_secs(120)), 0, "the learner stops after its step");
+    let s = json_of(&cli(&endpoint, &["status", &id]));
+    assert_eq!(s["message"], "test says stop");
+    let logs = sluice().args(["logs", &id, "--follow", "--endpoint", &endpoint]).env("SLUICE_TOKEN", TOKEN).output().unwrap();
+    assert_eq!(logs.status.code(), Some(6), "following a cancelled job exits 6");
+}
+
+#[test]
+fn bad_input_gets_one_clear_message_and_an_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\n[resources]\nlearners = 3\n").unwrap();
+    for args in [vec!["dev", bad.to_str().unwrap()], vec!["submit", bad.to_str().unwrap()]] {
+        let out = sluice().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("resources.learners") && err.lines().count() == 1, "{args:?}: {err}");
+    }
+    // Nothing listens on the endpoint: exit 5.
+    let out = sluice().args(["list", "--endpoint", &format!("http://127.0.0.1:{}", free_port())]).output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    // An unreachable Redis: the orchestrator says so and exits non-zero, and so does dev mode.
+    let dead = format!("redis://127.0.0.1:{}", free_port());
+    let out = Command::new(bin("sluice-orchestrator")).args(["--listen", "127.0.0.1:0", "--store", &dead]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dead) && !err.contains("panicked"), "{err}");
+    let good = job_file(dir.path(), "nored", 2, "");
+    let out = sluice().args(["dev", good.to_str().unwrap(), "--redis", &dead]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("orchestrator") && err.contains(&dead), "{err}");
+}
