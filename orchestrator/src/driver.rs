@@ -244,7 +244,7 @@ impl Job {
         }
     }
 
-    fn open_round(&mut self, ch: &mut Changes) {
+    fn open_round(&mut self, ch: &mut Changes, now_ms: u64) {
         let k = self.cfg.train.prompts_per_step as u64;
         let start = self.rec.cursor;
         self.rec.cursor += k;
@@ -257,6 +257,12 @@ impl Job {
         let sizes = self.budgets(&ids);
         let round = self.rec.next_round;
         self.rec.next_round += 1;
+        let strategy = match self.cfg.budget.strategy {
+            BudgetStrategy::Uniform => "uniform",
+            BudgetStrategy::Knapsack => "knapsack",
+        };
+        let e = serde_json::json!({"event": "round", "round": round, "first_prompt": start, "strategy": strategy, "sizes": sizes});
+        self.event(ch, now_ms, e);
         self.rec.open_rounds.insert(round, k);
         for ((&prompt_index, &prompt_id), &n) in indices.iter().zip(&ids).zip(&sizes) {
             let item = Item { id: self.rec.next_item, round, prompt_index, prompt_id, n, attempt: 0, worker: None };
@@ -281,7 +287,7 @@ impl Job {
         }
         let window = self.cfg.rollout.max_staleness as usize + 1;
         while self.pending.len() < max && self.rec.open_rounds.len() < window {
-            self.open_round(&mut ch);
+            self.open_round(&mut ch, now_ms);
         }
         let mut out = Vec::new();
         while out.len() < max {

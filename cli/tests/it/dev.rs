@@ -117,8 +117,13 @@ fn kill9(pid: u64) {
     assert!(ok, "kill -9 {pid} failed");
 }
 
-/// A small job: SFT warm-up then GRPO on single-digit addition.
+/// A small job: SFT warm-up then GRPO on single-digit addition; `extra` ends the file.
 fn job_file(dir: &Path, name: &str, steps: u64, extra: &str) -> PathBuf {
+    job_file_with(dir, name, steps, "", extra)
+}
+
+/// [`job_file`] with lines added to `[task]`.
+fn job_file_with(dir: &Path, name: &str, steps: u64, task: &str, extra: &str) -> PathBuf {
     let text = format!(
         r#"name = "{name}"
 [model]
@@ -129,6 +134,7 @@ init_seed = 0
 kind = "arithmetic"
 digits = 1
 operators = ["+"]
+{task}
 [sampling]
 temperature = 1.0
 max_new_tokens = 4
@@ -276,12 +282,30 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
     assert!(String::from_utf8_lossy(&logs.stdout).contains("worker_lost"));
 }
 
+/// The `round` events of a job's log: each round's rollout budgets.
+fn rounds(endpoint: &str, id: &str) -> Vec<Vec<u64>> {
+    let logs = cli(endpoint, &["logs", id]);
+    String::from_utf8_lossy(&logs.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "round")
+        .map(|v| v["sizes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect())
+        .collect()
+}
+
 #[test]
 fn orchestrator_restart_with_redis_recovers_the_job() {
     let (_redis, url) = redis();
     let dir = tempfile::tempdir().unwrap();
     let steps = 20;
-    let job = job_file(dir.path(), "restart", steps, "[rollout]\nmax_staleness = 1");
+    // Knapsack budgets over 32 prompts that come round every other step.
+    let job = job_file_with(
+        dir.path(),
+        "restart",
+        steps,
+        "train_size = 32",
+        "[rollout]\nmax_staleness = 1\n[budget]\nstrategy = \"knapsack\"\nmin_outcomes = 4",
+    );
     let port = free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut orch = orchestrator(&url, port);
@@ -309,6 +333,12 @@ fn orchestrator_restart_with_redis_recovers_the_job() {
     let status = json_of(&cli(&endpoint, &["status", &id]));
     check_accounting(&status, steps);
     assert_eq!(trained_groups(&dir.path().join("run-restart")), vec![PPS; steps as usize]);
+    // Every round keeps the total (16 prompts x 8); once prompts have history,
+    // knapsack moves rollouts between them.
+    let rounds = rounds(&endpoint, &id);
+    assert!(rounds.len() as u64 >= steps, "{rounds:?}");
+    assert!(rounds.iter().all(|r| r.len() as u64 == PPS && r.iter().sum::<u64>() == PPS * 8), "{rounds:?}");
+    assert!(rounds.iter().any(|r| r.iter().any(|&n| n != 8)), "some round is not uniform: {rounds:?}");
     // Cancelling a finished job is refused (exit 4) and changes nothing.
     let again = cli(&endpoint, &["cancel", &id]);
     assert_eq!(again.status.code(), Some(4), "{}", String::from_utf8_lossy(&again.stderr));
