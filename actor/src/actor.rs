@@ -200,6 +200,7 @@ pub fn run(
     // outcomes of delivered ones not yet reported.
     let mut held: Vec<v1::WorkItem> = Vec::new();
     let mut outcomes: Vec<(u64, Vec<f64>)> = Vec::new();
+    let instruments = Instruments::new();
 
     'connection: while !stop.load(Ordering::SeqCst) {
         let mut client = match rt.block_on(connect_with(&endpoint, tls.as_ref())) {
@@ -321,7 +322,9 @@ pub fn run(
                     (problems, held.iter().map(|w| w.n as usize).collect())
                 }
             };
-            let mut collected = collect(policy.model(), &tokenizer, task.as_ref(), &problems, &sizes, &sampling, version, &mut rng)?;
+            let span = tracing::info_span!("sample_batch", version, prompts = problems.len());
+            let mut collected =
+                span.in_scope(|| collect(policy.model(), &tokenizer, task.as_ref(), &problems, &sizes, &sampling, version, &mut rng))?;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
                 if !rescore(&rt, endpoint, token, tls.as_ref(), &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
@@ -348,6 +351,7 @@ pub fn run(
                 groups_sent += 1;
             }
             sent_at = Some((version, incarnation));
+            instruments.record(collected.groups.len(), rollouts, collected.generate_s);
             if let Some(s) = session {
                 // Sent: the learner has them (or drops them); the items are done.
                 for (w, group) in held.drain(..).zip(&collected.groups) {
@@ -469,6 +473,30 @@ fn rescore(
         }
     }
     Ok(true)
+}
+
+/// The actor's OpenTelemetry instruments (no-ops unless exporting).
+struct Instruments {
+    groups: opentelemetry::metrics::Counter<u64>,
+    rollouts: opentelemetry::metrics::Counter<u64>,
+    generate_seconds: opentelemetry::metrics::Histogram<f64>,
+}
+
+impl Instruments {
+    fn new() -> Self {
+        let m = sluice_core::telemetry::meter();
+        Instruments {
+            groups: m.u64_counter("sluice.actor.groups_sent").build(),
+            rollouts: m.u64_counter("sluice.actor.rollouts_sent").build(),
+            generate_seconds: m.f64_histogram("sluice.actor.generate_seconds").with_unit("s").build(),
+        }
+    }
+
+    fn record(&self, groups: usize, rollouts: usize, generate_s: f64) {
+        self.groups.add(groups as u64, &[]);
+        self.rollouts.add(rollouts as u64, &[]);
+        self.generate_seconds.record(generate_s, &[]);
+    }
 }
 
 /// Reports work-item outcomes to the orchestrator, oldest first; keeps those it

@@ -164,7 +164,7 @@ enum Command {
 }
 
 fn main() {
-    sluice_core::logging::init("warn");
+    let telemetry = sluice_core::telemetry::init("sluice", "warn");
     let code = match dispatch(Cli::parse().command) {
         Ok(code) => code,
         Err(f) => {
@@ -172,6 +172,7 @@ fn main() {
             f.code
         }
     };
+    drop(telemetry); // flush before exit() skips destructors
     std::process::exit(code);
 }
 

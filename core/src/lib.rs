@@ -9,7 +9,7 @@
 //! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL).
 //! * [`budget`] — rollouts per prompt: uniform or knapsack allocation.
 //! * [`config`] — the typed job configuration.
-//! * [`logging`] — the binaries' shared `tracing` set-up.
+//! * [`telemetry`] — logs, OpenTelemetry traces and metrics of every binary.
 //! * [`weights`] — parameters as an in-memory safetensors blob (weight sync).
 //!
 //! No networking and no training here: losses, optimizers and the trainer live
@@ -21,7 +21,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod hf;
-pub mod logging;
+pub mod telemetry;
 pub mod model;
 pub mod rollout;
 pub mod tasks;

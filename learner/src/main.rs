@@ -73,7 +73,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    sluice_core::logging::init("info");
+    let _telemetry = sluice_core::telemetry::init("sluice-learner", "info");
     let args = Args::parse();
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

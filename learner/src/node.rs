@@ -246,6 +246,7 @@ fn run_rank(
     };
     let report = RefCell::new(&mut report);
     let mut published = false;
+    let instruments = Instruments::new();
     let filter = cfg.grpo.filter_zero_variance;
     let result = trainer.run_with(
         &stop,
@@ -260,10 +261,13 @@ fn run_rank(
                 return Ok(None);
             };
             let wait_seconds = t0.elapsed().as_secs_f64();
+            let span = tracing::info_span!("train_step", step = t.state().step + 1, rank = opts.rank, groups = groups.len());
+            let _entered = span.enter();
             let mut m: StepMetrics = t.step_on(&groups)?;
             m.wait_seconds = wait_seconds;
             m.staleness_mean = lags.iter().sum::<u64>() as f64 / lags.len().max(1) as f64;
             publish(t, &mut *report.borrow_mut())?;
+            instruments.record(&m);
             Ok(Some(m))
         },
     );
@@ -279,6 +283,42 @@ fn run_rank(
     let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await });
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// The learner's OpenTelemetry instruments (no-ops unless exporting).
+struct Instruments {
+    steps: opentelemetry::metrics::Counter<u64>,
+    groups: opentelemetry::metrics::Counter<u64>,
+    step_seconds: opentelemetry::metrics::Histogram<f64>,
+    wait_seconds: opentelemetry::metrics::Histogram<f64>,
+    reward: opentelemetry::metrics::Gauge<f64>,
+    effective_gradient_ratio: opentelemetry::metrics::Gauge<f64>,
+    staleness: opentelemetry::metrics::Gauge<f64>,
+}
+
+impl Instruments {
+    fn new() -> Self {
+        let m = sluice_core::telemetry::meter();
+        Instruments {
+            steps: m.u64_counter("sluice.learner.steps").with_description("GRPO steps trained").build(),
+            groups: m.u64_counter("sluice.learner.groups_trained").build(),
+            step_seconds: m.f64_histogram("sluice.learner.step_seconds").with_unit("s").build(),
+            wait_seconds: m.f64_histogram("sluice.learner.wait_seconds").with_unit("s").build(),
+            reward: m.f64_gauge("sluice.learner.reward_mean").build(),
+            effective_gradient_ratio: m.f64_gauge("sluice.learner.effective_gradient_ratio").build(),
+            staleness: m.f64_gauge("sluice.learner.staleness_mean").build(),
+        }
+    }
+
+    fn record(&self, m: &StepMetrics) {
+        self.steps.add(1, &[]);
+        self.groups.add(m.groups_trained as u64, &[]);
+        self.step_seconds.record(m.step_seconds, &[]);
+        self.wait_seconds.record(m.wait_seconds, &[]);
+        self.reward.record(m.reward_mean, &[]);
+        self.effective_gradient_ratio.record(m.effective_gradient_ratio, &[]);
+        self.staleness.record(m.staleness_mean, &[]);
+    }
 }
 
 /// Takes `need` trainable groups from the buffer for the step at `version`,

@@ -37,7 +37,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    sluice_core::logging::init("info");
+    let _telemetry = sluice_core::telemetry::init("sluice-orchestrator", "info");
     let args = Args::parse();
     if !(args.lease_s > 0.0 && args.lease_s.is_finite()) {
         anyhow::bail!("--lease-s must be > 0, not {}", args.lease_s);

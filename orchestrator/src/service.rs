@@ -21,6 +21,27 @@ use crate::driver::{Changes, Job, JobState};
 use crate::error::{Error, Result};
 use crate::store::{Store, Worker};
 
+/// The orchestrator's OpenTelemetry counters (no-ops unless exporting).
+struct Counters {
+    dispatched: opentelemetry::metrics::Counter<u64>,
+    completed: opentelemetry::metrics::Counter<u64>,
+    duplicates: opentelemetry::metrics::Counter<u64>,
+    redispatched: opentelemetry::metrics::Counter<u64>,
+}
+
+fn counters() -> &'static Counters {
+    static C: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        let m = sluice_core::telemetry::meter();
+        Counters {
+            dispatched: m.u64_counter("sluice.orchestrator.work_dispatched").build(),
+            completed: m.u64_counter("sluice.orchestrator.work_completed").build(),
+            duplicates: m.u64_counter("sluice.orchestrator.duplicate_outcomes").build(),
+            redispatched: m.u64_counter("sluice.orchestrator.work_redispatched").build(),
+        }
+    })
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -257,6 +278,7 @@ impl Orchestrator {
         Ok(job.events.len() as u64)
     }
 
+    #[tracing::instrument(skip_all, fields(job = %req.job_id, worker = %req.worker_id))]
     pub async fn next_work(&self, req: v1::NextWorkRequest) -> Result<v1::NextWorkResponse> {
         let mut st = self.state.lock().await;
         st.worker(&req.worker_id, &req.job_id)?;
@@ -267,6 +289,7 @@ impl Orchestrator {
         let max = (req.max_items as usize).clamp(1, 4096);
         let (items, ch) = job.next_work(&req.worker_id, max, now_ms());
         self.store.apply(job, &ch).await?;
+        counters().dispatched.add(items.len() as u64, &[]);
         let retry_after_ms = if items.is_empty() { 200 } else { 0 };
         let items = items
             .into_iter()
@@ -275,12 +298,15 @@ impl Orchestrator {
         Ok(v1::NextWorkResponse { items, done: false, retry_after_ms })
     }
 
+    #[tracing::instrument(skip_all, fields(job = %req.job_id, work = req.work_id))]
     pub async fn report_outcome(&self, req: v1::ReportOutcomeRequest) -> Result<bool> {
         let mut st = self.state.lock().await;
         // A worker whose lease expired may still report: the first outcome counts.
         let job = st.job(&req.job_id)?;
         let (counted, ch) = job.outcome(req.work_id, &req.rewards, now_ms())?;
         self.store.apply(job, &ch).await?;
+        let c = counters();
+        if counted { c.completed.add(1, &[]) } else { c.duplicates.add(1, &[]) }
         Ok(counted)
     }
 
@@ -293,6 +319,7 @@ impl Orchestrator {
             self.store.remove_worker(&live.worker.id).await?;
             if let Some(job) = st.jobs.get_mut(&live.worker.job) {
                 let mut ch = job.release(&live.worker.id, now);
+                counters().redispatched.add(ch.items.len() as u64, &[]);
                 let mut lost = job
                     .add_events(&[serde_json::json!({"event": "worker_lost", "worker": live.worker.id}).to_string()], now)
                     .expect("well-formed event");

@@ -32,7 +32,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    sluice_core::logging::init("info");
+    let _telemetry = sluice_core::telemetry::init("sluice-reward-server", "info");
     let args = Args::parse();
     let mut job = JobConfig::from_file(&args.job)?;
     if let Some(store) = args.store {

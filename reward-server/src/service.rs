@@ -207,7 +207,9 @@ impl Reward for RewardService {
         if req.items.len() > MAX_ITEMS {
             return Err(Status::invalid_argument(format!("{} items, over the limit of {MAX_ITEMS}", req.items.len())));
         }
-        let scores = self.state.score(&req.items).await;
+        let span = tracing::info_span!("score", items = req.items.len());
+        let scores = tracing::Instrument::instrument(self.state.score(&req.items), span).await;
+        items_scored().add(scores.len() as u64, &[]);
         Ok(Response::new(ScoreResponse { scores, reward_model_version: self.state.version() }))
     }
 
@@ -247,4 +249,10 @@ impl Reward for RewardService {
             ranker_preferences: s.ranker.read().expect("ranker lock").as_ref().map_or(0, |r| r.trained_on as u64),
         }))
     }
+}
+
+/// Items scored (an OpenTelemetry counter; a no-op unless exporting).
+fn items_scored() -> &'static opentelemetry::metrics::Counter<u64> {
+    static C: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> = std::sync::OnceLock::new();
+    C.get_or_init(|| sluice_core::telemetry::meter().u64_counter("sluice.reward.items_scored").build())
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `sluice` binary: real processes, real files.
 
 mod dev;
+mod otel;
 mod train;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,117 @@
+//! OpenTelemetry: a dev job with `OTEL_EXPORTER_OTLP_ENDPOINT` set delivers
+//! spans and metrics from every process to a real OTLP/gRPC receiver.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use tonic::{Request, Response, Status};
+
+use crate::sluice;
+
+/// (service.name, span or metric name) pairs received.
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<BTreeSet<(String, String)>>>,
+    metrics: Arc<Mutex<BTreeSet<(String, String)>>>,
+}
+
+fn service(r: &Option<Resource>) -> String {
+    r.as_ref()
+        .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+        .map(|v| match v {
+            AnyValue::StringValue(s) => s.clone(),
+            other => format!("{other:?}"),
+        })
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(&self, r: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut seen = self.spans.lock().unwrap();
+        for rs in r.into_inner().resource_spans {
+            let svc = service(&rs.resource);
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    seen.insert((svc.clone(), span.name));
+                }
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Receiver {
+    async fn export(&self, r: Request<ExportMetricsServiceRequest>) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        let mut seen = self.metrics.lock().unwrap();
+        for rm in r.into_inner().resource_metrics {
+            let svc = service(&rm.resource);
+            for sm in rm.scope_metrics {
+                for m in sm.metrics {
+                    seen.insert((svc.clone(), m.name));
+                }
+            }
+        }
+        Ok(Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+#[test]
+fn a_dev_job_exports_spans_and_metrics_over_otlp() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let receiver = Receiver::default();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = receiver.clone();
+    rt.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(svc.clone()))
+            .add_service(MetricsServiceServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let job = crate::job(dir.path(), 6, 5, "");
+    let out = sluice()
+        .args(["dev", job.to_str().unwrap(), "--json"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"))
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "500")
+        .env("OMP_NUM_THREADS", "1")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sluice dev failed");
+    // Every process flushes on exit; the receiver has everything by now.
+    let spans = receiver.spans.lock().unwrap().clone();
+    let metrics = receiver.metrics.lock().unwrap().clone();
+    for (svc, name) in [
+        ("sluice-learner", "train_step"),
+        ("sluice-actor", "sample_batch"),
+        ("sluice-orchestrator", "next_work"),
+        ("sluice-orchestrator", "report_outcome"),
+        ("sluice-reward-server", "score"),
+    ] {
+        assert!(spans.contains(&(svc.to_string(), name.to_string())), "no span {name} from {svc}: {spans:?}");
+    }
+    for (svc, name) in [
+        ("sluice-learner", "sluice.learner.steps"),
+        ("sluice-learner", "sluice.learner.effective_gradient_ratio"),
+        ("sluice-actor", "sluice.actor.rollouts_sent"),
+        ("sluice-orchestrator", "sluice.orchestrator.work_completed"),
+        ("sluice-reward-server", "sluice.reward.items_scored"),
+    ] {
+        assert!(metrics.contains(&(svc.to_string(), name.to_string())), "no metric {name} from {svc}: {metrics:?}");
+    }
+}

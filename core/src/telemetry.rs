@@ -1,0 +1,156 @@
+//! Logs, traces and metrics for every sluice binary.
+//!
+//! `tracing` events go to stderr, filtered by `RUST_LOG` (default: the level
+//! the binary names); stdout stays free for JSON events. With
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` set, `tracing` spans (level INFO and above)
+//! and the OpenTelemetry metrics of the process are also exported over
+//! OTLP/gRPC, with `service.name` = the binary (or `OTEL_SERVICE_NAME`); the
+//! SDK's own variables apply (`OTEL_BSP_SCHEDULE_DELAY`,
+//! `OTEL_METRIC_EXPORT_INTERVAL`, `OTEL_RESOURCE_ATTRIBUTES`, ...). Without
+//! the variable nothing is exported and the metric instruments are no-ops.
+//!
+//! The SDK's batch span processor and periodic metric reader export from
+//! threads of their own, while the tonic exporter needs a Tokio reactor: the
+//! exporters here run each export on a small runtime owned by [`Telemetry`].
+
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{SdkMeterProvider, Temporality};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Keeps the exporters alive; dropping it flushes what is buffered.
+#[must_use = "telemetry stops (and unexported spans are lost) when this is dropped"]
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Telemetry {
+    /// True when spans and metrics are exported.
+    pub fn exporting(&self) -> bool {
+        self.tracer.is_some()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(t) = self.tracer.take() {
+            let _ = t.shutdown();
+        }
+        if let Some(m) = self.meter.take() {
+            let _ = m.shutdown();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Runs an exporter's futures on the telemetry runtime.
+#[derive(Debug)]
+struct OnRuntime<E> {
+    inner: E,
+    handle: tokio::runtime::Handle,
+}
+
+impl<E: SpanExporter> SpanExporter for OnRuntime<E> {
+    fn export(&self, batch: Vec<SpanData>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        // Called on the batch processor's own thread (no runtime there).
+        std::future::ready(self.handle.block_on(self.inner.export(batch)))
+    }
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+    fn force_flush(&mut self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource)
+    }
+}
+
+impl<E: PushMetricExporter> PushMetricExporter for OnRuntime<E> {
+    fn export(&self, metrics: &ResourceMetrics) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        std::future::ready(self.handle.block_on(self.inner.export(metrics)))
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
+}
+
+fn otlp(service: &str) -> Result<Telemetry, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sluice-telemetry")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let handle = runtime.handle().clone();
+    // The tonic channels are created inside the runtime (their workers live there).
+    let _guard = runtime.enter();
+    let spans = opentelemetry_otlp::SpanExporter::builder().with_tonic().build().map_err(|e| e.to_string())?;
+    let metrics = opentelemetry_otlp::MetricExporter::builder().with_tonic().build().map_err(|e| e.to_string())?;
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").map_or(true, |s| s.is_empty()) {
+        resource = resource.with_service_name(service.to_string());
+    }
+    let resource = resource.build();
+    let tracer = SdkTracerProvider::builder()
+        .with_resource(resource.clone())
+        .with_batch_exporter(OnRuntime { inner: spans, handle: handle.clone() })
+        .build();
+    let meter = SdkMeterProvider::builder()
+        .with_resource(resource)
+        .with_periodic_exporter(OnRuntime { inner: metrics, handle })
+        .build();
+    drop(_guard);
+    Ok(Telemetry { tracer: Some(tracer), meter: Some(meter), runtime: Some(runtime) })
+}
+
+/// Installs logging (and OTLP export when configured) for the binary `service`.
+pub fn init(service: &str, default_level: &str) -> Telemetry {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
+    if endpoint.is_empty() {
+        tracing_subscriber::registry().with(fmt).init();
+        return Telemetry::default();
+    }
+    match otlp(service) {
+        Ok(t) => {
+            let tracer = t.tracer.as_ref().expect("built").tracer(service.to_string());
+            let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(LevelFilter::INFO);
+            tracing_subscriber::registry().with(fmt).with(otel).init();
+            opentelemetry::global::set_meter_provider(t.meter.clone().expect("built"));
+            tracing::info!(%endpoint, service, "exporting traces and metrics over OTLP");
+            t
+        }
+        Err(e) => {
+            tracing_subscriber::registry().with(fmt).init();
+            tracing::warn!(%endpoint, error = %e, "OpenTelemetry export disabled");
+            Telemetry::default()
+        }
+    }
+}
+
+/// The meter every sluice instrument comes from (a no-op without export).
+pub fn meter() -> opentelemetry::metrics::Meter {
+    opentelemetry::global::meter("sluice")
+}
