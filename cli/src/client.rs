@@ -109,7 +109,7 @@ fn is_final(state: i32) -> bool {
 
 /// The job as a JSON object (spec omitted unless asked for).
 pub fn job_json(j: &v1::Job, with_spec: bool) -> serde_json::Value {
-    let p = j.progress.clone().unwrap_or_default();
+    let p = j.progress.unwrap_or_default();
     let mut v = serde_json::json!({
         "id": j.id, "name": j.name, "state": state_name(j.state), "message": j.message,
         "created_unix_ms": j.created_unix_ms, "updated_unix_ms": j.updated_unix_ms,
@@ -129,7 +129,7 @@ pub fn job_json(j: &v1::Job, with_spec: bool) -> serde_json::Value {
 }
 
 fn print_job(j: &v1::Job) {
-    let p = j.progress.clone().unwrap_or_default();
+    let p = j.progress.unwrap_or_default();
     println!("job        {}", j.id);
     println!("state      {}{}", state_name(j.state), if j.message.is_empty() { String::new() } else { format!(" ({})", j.message) });
     println!("step       {} / {}   (epoch {})", p.step, p.total_steps, p.epoch);
@@ -169,7 +169,7 @@ pub async fn list(remote: &Remote, json: bool) -> Outcome {
     }
     println!("{:<28} {:<10} {:>13} {:>8}", "JOB", "STATE", "STEP", "WORKERS");
     for j in &jobs {
-        let p = j.progress.clone().unwrap_or_default();
+        let p = j.progress.unwrap_or_default();
         println!("{:<28} {:<10} {:>13} {:>8}", j.id, state_name(j.state), format!("{}/{}", p.step, p.total_steps), p.live_workers);
     }
     Ok(())

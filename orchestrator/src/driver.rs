@@ -248,9 +248,8 @@ impl Job {
         let k = self.cfg.train.prompts_per_step as u64;
         let start = self.rec.cursor;
         self.rec.cursor += k;
-        let size = train_size(&self.cfg.task);
-        if size > 0 {
-            self.rec.progress.epoch = self.rec.cursor.saturating_sub(1) / size + 1;
+        if let Some(pass) = self.rec.cursor.saturating_sub(1).checked_div(train_size(&self.cfg.task)) {
+            self.rec.progress.epoch = pass + 1;
         }
         let indices: Vec<u64> = (start..start + k).collect();
         let ids: Vec<u64> = indices.iter().map(|&i| self.task.problem(Split::Train, i).id).collect();
