@@ -8,8 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use sluice_actor::actor::{self, ActorOptions};
-use sluice_core::config::JobConfig;
-use sluice_orchestrator::worker::{Connection, Session};
+use sluice_orchestrator::worker::{load_job, Connection};
 use sluice_proto::v1::RegisterWorkerRequest;
 
 /// Pulls weights from a learner, generates and scores groups of rollouts, and
@@ -75,23 +74,19 @@ fn main() -> anyhow::Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let actor_id = args.id.unwrap_or_else(|| format!("actor-{}", args.index));
-    let (job, session) = match (&args.job, &args.orchestrator) {
-        (Some(path), None) => (JobConfig::from_file(path)?, None),
-        (_, Some(endpoint)) => {
-            let conn = Connection { endpoint: endpoint.clone(), token: args.token.clone(), tls_ca: args.tls_ca.clone() };
-            let request = RegisterWorkerRequest {
-                job_id: args.job_id.clone().unwrap_or_default(),
-                role: "actor".into(),
-                name: actor_id.clone(),
-                address: String::new(),
-                rank: args.index as u32,
-            };
-            let (session, job) = Session::start(&conn, request, stop.clone())?;
-            let cfg = JobConfig::from_toml(&job.spec_toml).with_context(|| format!("the spec of job {}", job.id))?;
-            (cfg, Some(session))
-        }
-        (None, None) => unreachable!("clap requires a job file or --orchestrator"),
+    let conn = args.orchestrator.clone().map(|endpoint| Connection {
+        endpoint,
+        token: args.token.clone(),
+        tls_ca: args.tls_ca.clone(),
+    });
+    let request = RegisterWorkerRequest {
+        job_id: args.job_id.clone().unwrap_or_default(),
+        role: "actor".into(),
+        name: actor_id.clone(),
+        address: String::new(),
+        rank: args.index as u32,
     };
+    let (job, session) = load_job(args.job.as_deref(), conn, request, stop.clone())?;
     let opts = ActorOptions {
         job,
         learners: args.learner,

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_core::config::JobConfig;
 use sluice_learner::node::{self, CollectiveKind, NodeOptions};
-use sluice_orchestrator::worker::{Connection, Session};
+use sluice_orchestrator::worker::{load_job, Connection};
 use sluice_proto::tls::ServerFiles;
 use sluice_proto::v1::RegisterWorkerRequest;
 
@@ -84,23 +83,19 @@ fn main() -> anyhow::Result<()> {
         eprintln!("stopping after the current step (press Ctrl-C again to quit now)");
     })
     .context("installing the Ctrl-C handler")?;
-    let (mut job, session) = match (&args.job, &args.orchestrator) {
-        (Some(path), None) => (JobConfig::from_file(path)?, None),
-        (_, Some(endpoint)) => {
-            let conn = Connection { endpoint: endpoint.clone(), token: args.token.clone(), tls_ca: args.tls_ca.clone() };
-            let request = RegisterWorkerRequest {
-                job_id: args.job_id.clone().unwrap_or_default(),
-                role: "learner".into(),
-                name: format!("learner-{}", args.rank),
-                address: args.listen.clone(),
-                rank: args.rank as u32,
-            };
-            let (session, job) = Session::start(&conn, request, stop.clone())?;
-            let cfg = JobConfig::from_toml(&job.spec_toml).with_context(|| format!("the spec of job {}", job.id))?;
-            (cfg, Some(session))
-        }
-        (None, None) => unreachable!("clap requires a job file or --orchestrator"),
+    let conn = args.orchestrator.clone().map(|endpoint| Connection {
+        endpoint,
+        token: args.token.clone(),
+        tls_ca: args.tls_ca.clone(),
+    });
+    let request = RegisterWorkerRequest {
+        job_id: args.job_id.clone().unwrap_or_default(),
+        role: "learner".into(),
+        name: format!("learner-{}", args.rank),
+        address: args.listen.clone(),
+        rank: args.rank as u32,
     };
+    let (mut job, session) = load_job(args.job.as_deref(), conn, request, stop.clone())?;
     if let Some(out) = args.out {
         job.train.out_dir = out;
     }

@@ -292,20 +292,52 @@ impl Session {
     }
 
     /// Sends the queued events and a last heartbeat (`finished`, or the error
-    /// that ends the job), then stops the background tasks.
+    /// that ends the job), retrying for up to 30 s while the orchestrator is
+    /// unreachable (e.g. restarting), then stops the background tasks.
     pub fn finish(mut self, finished: bool, error: Option<String>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         self.events.take();
         if let Some(r) = self.reporter.take() {
-            let _ = self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), r).await });
+            let _ = self.rt.block_on(async { tokio::time::timeout_at(deadline, r).await });
         }
         self.heartbeats.abort();
         let step = self.progress.step.load(Ordering::SeqCst);
-        let last = self.link.heartbeat(step, finished, error.as_deref().unwrap_or(""));
-        match self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), last).await }) {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "last heartbeat failed"),
-            Err(_) => tracing::warn!("last heartbeat timed out"),
+        let error = error.unwrap_or_default();
+        let link = &self.link;
+        let last = self.rt.block_on(async {
+            loop {
+                match tokio::time::timeout_at(deadline, link.heartbeat(step, finished, &error)).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(Error::Status(s))) if !retryable(&s) => return Err(Error::Status(s)),
+                    Err(_) => return Err(Error::Invalid("no answer within 30 s".into())),
+                    Ok(Err(e)) if tokio::time::Instant::now() >= deadline => return Err(e),
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(250)).await,
+                }
+            }
+        });
+        if let Err(e) = last {
+            tracing::warn!(error = %e, "last heartbeat to the orchestrator failed");
         }
         self.rt.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+/// A worker's job: from its file, or — with an orchestrator connection — from
+/// the orchestrator it registers with (`request`), which then also gets the
+/// worker's session.
+pub fn load_job(
+    file: Option<&std::path::Path>,
+    orchestrator: Option<Connection>,
+    request: v1::RegisterWorkerRequest,
+    stop: Arc<AtomicBool>,
+) -> Result<(sluice_core::config::JobConfig, Option<Session>)> {
+    match (file, orchestrator) {
+        (_, Some(conn)) => {
+            let (session, job) = Session::start(&conn, request, stop)?;
+            let cfg = sluice_core::config::JobConfig::from_toml(&job.spec_toml)?;
+            Ok((cfg, Some(session)))
+        }
+        (Some(path), None) => Ok((sluice_core::config::JobConfig::from_file(path)?, None)),
+        (None, None) => Err(Error::Invalid("give a job file or --orchestrator".into())),
     }
 }

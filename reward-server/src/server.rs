@@ -167,18 +167,8 @@ pub fn run(
             annotator: state.annotator_name.clone(),
         });
         tracing::info!(%addr, "reward server serving");
-        serve(state, listener, token, tls, shutdown_signal())
+        serve(state, listener, token, tls, sluice_proto::shutdown_signal())
             .await
             .map_err(|e| Error::Io { what: "gRPC server".into(), source: std::io::Error::other(e) })
     })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -246,7 +246,7 @@ fn dev_job_learns_and_the_cli_sees_it() {
 fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
     let (_redis, url) = redis();
     let dir = tempfile::tempdir().unwrap();
-    let steps = 24;
+    let steps = 60;
     let job = job_file(dir.path(), "faults", steps, "[resources]\nactors = 2\nreward_server = false\n[rollout]\nmax_staleness = 1");
     let mut cmd = sluice();
     cmd.args(["dev", job.to_str().unwrap(), "--json", "--redis", &url, "--lease-s", "2"]);
@@ -255,11 +255,31 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
         let v = dev.wait_line(role, Duration::from_secs(60), |v| v["event"] == "started" && v["role"] == role && v["rank"] == rank);
         v["pid"].as_u64().unwrap()
     };
-    let actor = pid(&mut dev, "actor", 0);
+    let mut actor = pid(&mut dev, "actor", 0);
     let learner = pid(&mut dev, "learner", 0);
     dev.wait_line("step 3", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(3));
-    kill9(actor);
-    dev.wait_line("redispatch", Duration::from_secs(60), |v| v["event"] == "redispatched");
+    // Kill actor 0 until a kill lands while it holds work items (it spends most
+    // of its time sampling them, but may be between batches): its lease expires
+    // and the orchestrator hands the items out again.
+    let count = |dev: &Proc, event: &str| dev.lines().iter().filter(|v| v["event"] == event).count();
+    for attempt in 0.. {
+        assert!(attempt < 8, "no kill of the actor landed while it held work");
+        let lost = count(&dev, "worker_lost");
+        kill9(actor);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while count(&dev, "worker_lost") == lost {
+            assert!(Instant::now() < deadline, "the killed actor's lease never expired");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if count(&dev, "redispatched") > 0 {
+            break;
+        }
+        let restarted = dev.wait_line("actor restart", Duration::from_secs(60), |v| {
+            v["event"] == "restarted" && v["role"] == "actor" && v["rank"] == 0 && v["pid"].as_u64() != Some(actor)
+        });
+        actor = restarted["pid"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(700 + 300 * attempt));
+    }
     dev.wait_line("step 10", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(10));
     kill9(learner);
     dev.wait_line("learner restart", Duration::from_secs(60), |v| v["event"] == "restarted" && v["role"] == "learner");
@@ -297,7 +317,7 @@ fn rounds(endpoint: &str, id: &str) -> Vec<Vec<u64>> {
 fn orchestrator_restart_with_redis_recovers_the_job() {
     let (_redis, url) = redis();
     let dir = tempfile::tempdir().unwrap();
-    let steps = 20;
+    let steps = 40;
     // Knapsack budgets over 32 prompts that come round every other step.
     let job = job_file_with(
         dir.path(),
