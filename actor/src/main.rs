@@ -36,9 +36,12 @@ struct Args {
     /// Learner endpoint(s), comma-separated (`http://host:port`); actor i uses the (i mod n)-th.
     #[arg(long, env = "SLUICE_LEARNERS", value_delimiter = ',', required = true)]
     learner: Vec<String>,
-    /// This actor's index (selects its prompts and its learner).
-    #[arg(long, env = "SLUICE_ACTOR_INDEX", default_value_t = 0)]
-    index: usize,
+    /// This actor's index: selects its learner (index mod the number of
+    /// learners), its sampling stream and, without an orchestrator, its prompts.
+    /// Default: 0, or with an orchestrator and --id (e.g. a pod name) a number
+    /// derived from the id, so interchangeable replicas spread over the learners.
+    #[arg(long, env = "SLUICE_ACTOR_INDEX")]
+    index: Option<usize>,
     /// Number of actors in the job.
     #[arg(long, env = "SLUICE_ACTORS", default_value_t = 1)]
     actors: usize,
@@ -73,7 +76,12 @@ fn main() -> anyhow::Result<()> {
         }
     })
     .context("installing the Ctrl-C handler")?;
-    let actor_id = args.id.unwrap_or_else(|| format!("actor-{}", args.index));
+    let index = match (args.index, &args.id, &args.orchestrator) {
+        (Some(i), _, _) => i,
+        (None, Some(id), Some(_)) => stable_index(id),
+        _ => 0,
+    };
+    let actor_id = args.id.unwrap_or_else(|| format!("actor-{index}"));
     let conn = args.orchestrator.clone().map(|endpoint| Connection {
         endpoint,
         token: args.token.clone(),
@@ -84,14 +92,14 @@ fn main() -> anyhow::Result<()> {
         role: "actor".into(),
         name: actor_id.clone(),
         address: String::new(),
-        rank: args.index as u32,
+        rank: index as u32,
     };
     let (job, session) = load_job(args.job.as_deref(), conn, request, stop.clone())?;
     let opts = ActorOptions {
         job,
         learners: args.learner,
         actor_id,
-        index: args.index,
+        index,
         actors: args.actors.max(1),
         seed: args.seed,
         max_groups: args.max_groups,
@@ -106,4 +114,10 @@ fn main() -> anyhow::Result<()> {
     }
     result?;
     Ok(())
+}
+
+/// A number in 0..65536 from an actor id (FNV-1a): the same id, the same index.
+fn stable_index(id: &str) -> usize {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (h % 65_536) as usize
 }
