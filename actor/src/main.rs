@@ -42,9 +42,11 @@ struct Args {
     /// derived from the id, so interchangeable replicas spread over the learners.
     #[arg(long, env = "SLUICE_ACTOR_INDEX")]
     index: Option<usize>,
-    /// Number of actors in the job.
-    #[arg(long, env = "SLUICE_ACTORS", default_value_t = 1)]
-    actors: usize,
+    /// Number of actors in the job (default: the job's resources.actors); each
+    /// samples train.prompts_per_step / actors prompts per batch unless
+    /// rollout.prompts_per_batch says otherwise.
+    #[arg(long, env = "SLUICE_ACTORS")]
+    actors: Option<usize>,
     /// Name in logs and on the wire (default: actor-INDEX).
     #[arg(long, env = "SLUICE_ACTOR_ID")]
     id: Option<String>,
@@ -95,12 +97,13 @@ fn main() -> anyhow::Result<()> {
         rank: index as u32,
     };
     let (job, session) = load_job(args.job.as_deref(), conn, request, stop.clone())?;
+    let actors = args.actors.unwrap_or(job.resources.actors).max(1);
     let opts = ActorOptions {
         job,
         learners: args.learner,
         actor_id,
         index,
-        actors: args.actors.max(1),
+        actors,
         seed: args.seed,
         max_groups: args.max_groups,
         reward: args.reward,
