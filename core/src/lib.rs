@@ -5,6 +5,8 @@
 //!   Hugging Face directories.
 //! * [`tokenizer`] — `tokenizer.json` through the `tokenizers` crate.
 //! * [`generate`] — batched sampling returning behaviour log-probs.
+//! * [`diffusion`] — masked diffusion LMs: bidirectional forward, block-wise
+//!   low-confidence-remasking sampler, Monte Carlo ELBO.
 //! * [`rollout`] — rollouts and groups, the unit of training data, and how they are sampled.
 //! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL).
 //! * [`budget`] — rollouts per prompt: uniform or knapsack allocation.
@@ -17,6 +19,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod diffusion;
 pub mod device;
 pub mod error;
 pub mod generate;

@@ -60,14 +60,23 @@ pub struct ModelConfig {
     pub bos_token_id: Option<i64>,
     pub eos_token_id: Option<i64>,
     pub pad_token_id: Option<i64>,
+    /// Set for a masked diffusion LM (LLaDA style, `sluice_core::diffusion`):
+    /// the id of the mask token; the same blocks then attend bidirectionally.
+    pub mask_token_id: Option<i64>,
 }
 
-/// Small random-init presets for tests, benchmarks and `sluice dev`.
-pub const PRESETS: &[&str] = &["tiny", "small", "qwen2-0.5b"];
+/// Small random-init presets for tests, benchmarks and `sluice dev`. The
+/// `-diffusion` ones are masked diffusion LMs: one extra vocabulary row, the mask token.
+pub const PRESETS: &[&str] = &["tiny", "small", "qwen2-0.5b", "tiny-diffusion", "small-diffusion"];
 
 impl ModelConfig {
     /// A named preset with the given vocabulary size.
     pub fn preset(name: &str, vocab_size: i64) -> Result<Self> {
+        if let Some(base) = name.strip_suffix("-diffusion").filter(|b| matches!(*b, "tiny" | "small")) {
+            let mut c = Self::preset(base, vocab_size + 1)?;
+            c.mask_token_id = Some(vocab_size);
+            return Ok(c);
+        }
         let (hidden, inter, layers, heads, kv, tie) = match name {
             // ~0.1M parameters besides the embedding: learns arithmetic in minutes on 2 cores.
             "tiny" => (64, 176, 2, 4, 2, true),
@@ -100,7 +109,13 @@ impl ModelConfig {
             bos_token_id: None,
             eos_token_id: None,
             pad_token_id: None,
+            mask_token_id: None,
         })
+    }
+
+    /// True for a masked diffusion LM.
+    pub fn is_diffusion(&self) -> bool {
+        self.mask_token_id.is_some()
     }
 
     /// Parses a Hugging Face `config.json` value. Fields that would change the
@@ -191,6 +206,7 @@ impl ModelConfig {
             bos_token_id: opt_int("bos_token_id"),
             eos_token_id: opt_int("eos_token_id"),
             pad_token_id: opt_int("pad_token_id"),
+            mask_token_id: opt_int("mask_token_id"),
         })
     }
 
@@ -225,6 +241,9 @@ impl ModelConfig {
         });
         if self.arch == Arch::Llama {
             v["attention_bias"] = json!(self.o_bias);
+        }
+        if let Some(m) = self.mask_token_id {
+            v["mask_token_id"] = json!(m);
         }
         v
     }

@@ -1,3 +1,4 @@
 //! Training objectives, one file per algorithm.
 
+pub mod bgpo;
 pub mod grpo;
