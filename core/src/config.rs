@@ -25,9 +25,17 @@ pub struct JobConfig {
     /// How rollouts are sampled.
     #[serde(default)]
     pub sampling: SamplingParams,
-    /// The GRPO objective.
+    /// The update rule: `grpo` (autoregressive policies) or `bgpo` (masked
+    /// diffusion policies, memory-constant in the number of ELBO samples).
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// The GRPO objective (group size, advantages and clipping; BGPO uses the
+    /// group size and advantage options).
     #[serde(default)]
     pub grpo: GrpoConfig,
+    /// BGPO's ELBO estimator.
+    #[serde(default)]
+    pub bgpo: BgpoConfig,
     /// Optimisation, supervised warm-up, evaluation and checkpoints.
     #[serde(default)]
     pub train: TrainConfig,
@@ -43,6 +51,32 @@ pub struct JobConfig {
     /// Processes `sluice dev` starts for the job (and what a cluster should run).
     #[serde(default)]
     pub resources: ResourcesConfig,
+}
+
+/// Which update rule trains the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// GRPO-family objectives (DAPO / Dr. GRPO options) on an autoregressive policy.
+    #[default]
+    Grpo,
+    /// BGPO (arXiv 2510.11683) on a masked diffusion policy.
+    Bgpo,
+}
+
+/// BGPO settings (DESIGN.md, "BGPO").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BgpoConfig {
+    /// Monte Carlo samples n of the ELBO per rollout (the paper uses 16); peak
+    /// memory of an update does not grow with it.
+    pub mc_samples: usize,
+}
+
+impl Default for BgpoConfig {
+    fn default() -> Self {
+        BgpoConfig { mc_samples: 16 }
+    }
 }
 
 /// How many processes of each role run the job. `sluice dev` starts exactly
@@ -555,6 +589,7 @@ impl JobConfig {
         let g = &self.grpo;
         let check = |ok: bool, field: &str, why: &str| if ok { Ok(()) } else { Err(Error::config(field, why)) };
         check(g.group_size >= 1, "grpo.group_size", "must be >= 1")?;
+        self.validate_algorithm()?;
         let r = &self.resources;
         check(r.actors >= 1, "resources.actors", "must be >= 1")?;
         check(r.learners >= 1, "resources.learners", "must be >= 1")?;
@@ -662,6 +697,38 @@ impl JobConfig {
         Ok(())
     }
 
+    /// The algorithm fits the policy and the task (presets are checked here;
+    /// a policy from a directory is checked when it is loaded).
+    fn validate_algorithm(&self) -> Result<()> {
+        let diffusion_preset = self.model.preset.as_deref().map(|p| p.ends_with("-diffusion"));
+        match self.algorithm {
+            Algorithm::Grpo => {
+                if diffusion_preset == Some(true) {
+                    return Err(Error::config(
+                        "algorithm",
+                        "`grpo` needs an autoregressive policy; a diffusion policy trains with algorithm = \"bgpo\"",
+                    ));
+                }
+            }
+            Algorithm::Bgpo => {
+                if diffusion_preset == Some(false) {
+                    return Err(Error::config(
+                        "algorithm",
+                        "`bgpo` needs a masked diffusion policy (e.g. model.preset = \"tiny-diffusion\"), not an autoregressive one",
+                    ));
+                }
+                if matches!(self.task, TaskConfig::Adventure(_)) {
+                    return Err(Error::config("algorithm", "`bgpo` does not run multi-turn environments (task.kind = \"adventure\")"));
+                }
+                let check = |ok: bool, field: &str, why: &str| if ok { Ok(()) } else { Err(Error::config(field, why)) };
+                check(self.bgpo.mc_samples >= 1, "bgpo.mc_samples", "must be >= 1")?;
+                check(self.grpo.epochs == 1 && self.grpo.mini_batches == 1, "grpo.epochs", "BGPO takes one update per batch: epochs and mini_batches must be 1")?;
+                check(self.grpo.kl_coef == 0.0, "grpo.kl_coef", "BGPO has no KL term: must be 0")?;
+            }
+        }
+        Ok(())
+    }
+
     /// The generation budget used by `seq-mean-token-sum-norm`.
     pub fn generation_budget(&self) -> usize {
         if self.grpo.generation_budget > 0 {
@@ -699,6 +766,10 @@ mod tests {
             (format!("{MIN}[reward]\nstore = \"mysql://x\"\n"), "reward.store"),
             (format!("{MIN}[reward]\nmodel = \"oracle\"\n"), "reward.model"),
             (format!("{MIN}[resources]\nlearners = 3\n"), "resources.learners"),
+            (format!("algorithm = \"bgpo\"\n{MIN}"), "algorithm"),
+            ("algorithm = \"grpo\"\n[model]\npreset = \"tiny-diffusion\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "algorithm"),
+            ("algorithm = \"bgpo\"\n[model]\npreset = \"tiny-diffusion\"\n[task]\nkind = \"arithmetic\"\n[grpo]\nepochs = 2\n".to_string(), "grpo.epochs"),
+            ("algorithm = \"bgpo\"\n[model]\npreset = \"tiny-diffusion\"\n[task]\nkind = \"arithmetic\"\n[sampling]\nmax_new_tokens = 6\nblock_length = 4\n".to_string(), "sampling.block_length"),
             (format!("{MIN}[resources]\ngpus = 3\n"), "resources"),
             (format!("{MIN}[[reward.rubric]]\npattern = \"(\"\nlabel = \"helpful\"\n"), "reward.rubric[0].pattern"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"chess\"\n".to_string(), "task"),

@@ -43,11 +43,11 @@ impl DiffusionSampling {
             return bad("gen_length", "must be >= 1");
         }
         if self.block_length == 0 || !self.gen_length.is_multiple_of(self.block_length) {
-            return bad("block_length", "must be >= 1 and divide gen_length");
+            return bad("block_length", "must divide the response length (max_new_tokens)");
         }
         let blocks = self.gen_length / self.block_length;
         if self.steps == 0 || !self.steps.is_multiple_of(blocks) {
-            return bad("steps", "must be a positive multiple of gen_length / block_length");
+            return bad("diffusion_steps", "must be a positive multiple of the number of blocks");
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad("temperature", "must be >= 0");

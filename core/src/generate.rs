@@ -35,11 +35,25 @@ pub struct SamplingParams {
     /// Generation stops for a row once it samples one of these (the token is kept).
     /// The tokenizer's end-of-sequence id is always added by the trainer.
     pub stop_token_ids: Vec<i64>,
+    /// Diffusion policies only: denoising steps for the whole response
+    /// (`max_new_tokens` tokens, all generated); 0 means one per token.
+    pub diffusion_steps: usize,
+    /// Diffusion policies only: tokens per block, revealed left to right
+    /// (semi-autoregressive); 0 means one block.
+    pub block_length: usize,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 16, stop_token_ids: vec![] }
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 16,
+            stop_token_ids: vec![],
+            diffusion_steps: 0,
+            block_length: 0,
+        }
     }
 }
 
@@ -57,7 +71,18 @@ impl SamplingParams {
         if self.max_new_tokens < 1 {
             return Err(Error::config(format!("{prefix}.max_new_tokens"), "must be >= 1"));
         }
-        Ok(())
+        self.diffusion().validate(prefix)
+    }
+
+    /// The diffusion sampler's settings (`sluice_core::diffusion`).
+    pub fn diffusion(&self) -> crate::diffusion::DiffusionSampling {
+        let len = self.max_new_tokens.max(1) as usize;
+        crate::diffusion::DiffusionSampling {
+            gen_length: len,
+            steps: if self.diffusion_steps == 0 { len } else { self.diffusion_steps },
+            block_length: if self.block_length == 0 { len } else { self.block_length },
+            temperature: self.temperature,
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::generate::{generate, FinishReason, SamplingParams};
+use crate::generate::{generate, Completion, FinishReason, SamplingParams};
 use crate::model::Model;
 use crate::tasks::{Episode, Problem, Task};
 use crate::tokenizer::Tokenizer;
@@ -77,14 +77,30 @@ pub fn collect_groups(
     let prompts: Vec<Vec<i64>> =
         encoded.iter().zip(sizes).flat_map(|(p, &n)| std::iter::repeat_n(p.clone(), n)).collect();
     let t0 = Instant::now();
-    let completions = generate(model, &prompts, sampling, tokenizer.pad_id(), rng)?;
+    let completions = if model.config().is_diffusion() {
+        // A diffusion policy fills a fixed-length response; no behaviour
+        // log-probs (BGPO recomputes the ELBO of the sampling policy).
+        let eos = tokenizer.eos_id();
+        crate::diffusion::generate(model, &prompts, &sampling.diffusion(), tokenizer.pad_id(), rng)?
+            .into_iter()
+            .map(|tokens| {
+                let finish = if tokens.contains(&eos) { FinishReason::Stop } else { FinishReason::Length };
+                Completion { logprobs: vec![0.0; tokens.len()], tokens, finish }
+            })
+            .collect()
+    } else {
+        generate(model, &prompts, sampling, tokenizer.pad_id(), rng)?
+    };
     let generate_s = t0.elapsed().as_secs_f64();
     let mut groups = Vec::with_capacity(problems.len());
     let mut it = completions.into_iter();
     for ((p, prompt), &n) in problems.iter().zip(encoded).zip(sizes) {
         let mut rollouts = Vec::with_capacity(n);
         for c in it.by_ref().take(n) {
-            let text = tokenizer.decode(&c.tokens)?;
+            // The answer ends at the first end-of-sequence token (a diffusion
+            // response may go on after it).
+            let end = c.tokens.iter().position(|&t| t == tokenizer.eos_id()).unwrap_or(c.tokens.len());
+            let text = tokenizer.decode(&c.tokens[..end])?;
             let score = p.score(&text);
             rollouts.push(Rollout {
                 prompt_id: p.id,

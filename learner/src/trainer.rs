@@ -23,7 +23,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use sluice_core::budget::{History, Knapsack};
-use sluice_core::config::{BudgetStrategy, JobConfig};
+use sluice_core::config::{Algorithm, BudgetStrategy, JobConfig};
+use sluice_core::diffusion::{elbo, McSample};
 use sluice_core::generate::{generate, SamplingParams};
 use sluice_core::hf::{load_policy, Policy};
 use sluice_core::model::token_logprobs;
@@ -32,6 +33,7 @@ use sluice_core::tasks::{self, Problem, Split, Task};
 use sluice_core::tokenizer::Tokenizer;
 use tch::{Device, Tensor};
 
+use crate::algo::bgpo;
 use crate::algo::grpo::{self, Denominators, LossInputs};
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::{all_reduce_f64, Collective, Single};
@@ -193,6 +195,15 @@ impl Trainer {
     pub fn with_collective(cfg: JobConfig, resume: bool, comm: Box<dyn Collective>) -> Result<Self> {
         cfg.validate()?;
         let (policy, tokenizer) = load_policy(&cfg.model)?;
+        match (cfg.algorithm, policy.config().is_diffusion()) {
+            (Algorithm::Bgpo, false) => {
+                return Err(sluice_core::Error::config("algorithm", "`bgpo` needs a masked diffusion policy (config.json with mask_token_id)").into())
+            }
+            (Algorithm::Grpo, true) => {
+                return Err(sluice_core::Error::config("algorithm", "a diffusion policy trains with algorithm = \"bgpo\"").into())
+            }
+            _ => {}
+        }
         let reference = if cfg.grpo.kl_coef > 0.0 {
             let (mut r, _) = load_policy(&cfg.model)?;
             r.copy_from(&policy)?;
@@ -429,6 +440,9 @@ impl Trainer {
         if n_rows == 0.0 {
             return Ok(m);
         }
+        if self.cfg.algorithm == Algorithm::Bgpo {
+            return self.bgpo_update(groups, &advantages, n_groups, m);
+        }
         let t0 = Instant::now();
         let (mut trained_tokens, mut clipped, mut updates) = (0.0, 0.0, 0usize);
         let budget = self.cfg.generation_budget() as f64;
@@ -500,6 +514,87 @@ impl Trainer {
         Ok(m)
     }
 
+    /// The supervised loss of a diffusion policy: the negative ELBO of the
+    /// demonstrations (one Monte Carlo sample each, responses padded with EOS
+    /// to the sampler's fixed length), per response token.
+    fn diffusion_sft(&mut self, data: &[(Vec<i64>, Vec<i64>)], tokens: f64) -> Result<(f64, bool)> {
+        let len = self.sampling.max_new_tokens as usize;
+        let eos = self.tokenizer.eos_id();
+        let (rank, _) = self.rank();
+        let mut rng = rng_for(self.state.seed, (3 << 8) | rank as u64, self.state.sft_step);
+        let mut loss_sum = 0.0;
+        for chunk in data.chunks(self.cfg.train.micro_batch_size.max(1)) {
+            let prompts: Vec<Vec<i64>> = chunk.iter().map(|(p, _)| p.clone()).collect();
+            let responses: Vec<Vec<i64>> = chunk
+                .iter()
+                .map(|(_, r)| r.iter().copied().chain(std::iter::repeat(eos)).take(len).collect())
+                .collect();
+            let samples: Vec<McSample> = responses.iter().map(|r| McSample::draw(r.len(), &mut rng)).collect();
+            let l = elbo(self.policy.model(), &prompts, &responses, &samples.iter().collect::<Vec<_>>(), self.tokenizer.pad_id())?;
+            let loss = -l.sum(tch::Kind::Float) / tokens.max(1.0);
+            let v = loss.double_value(&[]);
+            if !v.is_finite() {
+                return Ok((loss_sum, false));
+            }
+            loss.backward();
+            loss_sum += v;
+        }
+        Ok((loss_sum, true))
+    }
+
+    /// One BGPO update (`algo::bgpo`): θ_old is the policy at the start of the
+    /// step (as when old log-probs are recomputed on the learner); each
+    /// micro-batch draws its Monte Carlo samples from the step's RNG stream,
+    /// computes l_j(θ_old) without a graph, and runs one backward pass per
+    /// sample. `clip_fraction` reports the share of clamped or skipped terms.
+    fn bgpo_update(&mut self, groups: &[Group], advantages: &[f64], n_groups: f64, mut m: StepMetrics) -> Result<StepMetrics> {
+        let n = self.cfg.bgpo.mc_samples;
+        let mut adv = advantages.iter();
+        let mut seqs = Vec::new();
+        for g in groups {
+            let weight = 1.0 / (g.rollouts.len() as f64 * n_groups.max(1.0));
+            for r in &g.rollouts {
+                let advantage = *adv.next().expect("one advantage per rollout");
+                if !r.response_tokens.is_empty() {
+                    seqs.push(bgpo::Sequence { prompt: r.prompt_tokens.clone(), response: r.response_tokens.clone(), advantage, weight });
+                }
+            }
+        }
+        let t0 = Instant::now();
+        let (rank, _) = self.rank();
+        let mut rng = rng_for(self.state.seed, (2 << 8) | rank as u64, self.state.step);
+        let pad = self.tokenizer.pad_id();
+        self.opt.cfg.lr = self.cfg.train.lr;
+        let (mut objective, mut odd, mut finite) = (0.0, 0usize, true);
+        for chunk in seqs.chunks(self.cfg.train.micro_batch_size.max(1)) {
+            let model = self.policy.model();
+            let samples = bgpo::draw(chunk, n, &mut rng);
+            let old = bgpo::old_elbos(model, chunk, &samples, pad)?;
+            let r = bgpo::bgpo_backward(model, chunk, &samples, &old, pad)?;
+            if !r.objective.is_finite() {
+                finite = false;
+                break;
+            }
+            objective += r.objective;
+            odd += r.clamped + r.skipped;
+        }
+        let report = self.reduce_and_step(finite, self.cfg.train.max_grad_norm)?;
+        let tokens: usize = seqs.iter().map(|s| s.response.len()).sum();
+        let mut parts = [objective, odd as f64, (seqs.len() * n) as f64, (tokens * n) as f64];
+        all_reduce_f64(self.comm.as_mut(), &mut parts)?;
+        if report.skipped {
+            m.skipped_updates = 1;
+            tracing::warn!(step = self.state.step, "non-finite BGPO objective or gradient: optimizer step skipped");
+        } else {
+            m.pg_loss = -parts[0];
+            m.grad_norm = report.grad_norm;
+        }
+        m.clip_fraction = parts[1] / parts[2].max(1.0);
+        m.train_tokens_per_s = parts[3] / t0.elapsed().as_secs_f64().max(1e-9);
+        self.state.optimizer_t = self.opt.t;
+        Ok(m)
+    }
+
     /// One GRPO step on groups that arrived from actors (the distributed
     /// learner's step): trains, then advances the step (= the policy version).
     pub fn step_on(&mut self, groups: &[Group]) -> Result<StepMetrics> {
@@ -560,18 +655,22 @@ impl Trainer {
         self.opt.cfg.lr = self.cfg.train.sft_lr;
         let mut loss_sum = 0.0;
         let mut finite = true;
-        for micro in rows.chunks(self.cfg.train.micro_batch_size) {
-            let micro: Vec<&Row> = micro.iter().collect();
-            let batch = Batch::new(&micro, self.tokenizer.pad_id(), self.policy.device());
-            let logp = Self::logprobs(&self.policy, &batch, 1.0);
-            let loss = grpo::sft_loss(&logp, &batch.mask, tokens[0]);
-            let v = loss.double_value(&[]);
-            if !v.is_finite() {
-                finite = false;
-                break;
+        if self.policy.config().is_diffusion() {
+            (loss_sum, finite) = self.diffusion_sft(&data, tokens[0])?;
+        } else {
+            for micro in rows.chunks(self.cfg.train.micro_batch_size) {
+                let micro: Vec<&Row> = micro.iter().collect();
+                let batch = Batch::new(&micro, self.tokenizer.pad_id(), self.policy.device());
+                let logp = Self::logprobs(&self.policy, &batch, 1.0);
+                let loss = grpo::sft_loss(&logp, &batch.mask, tokens[0]);
+                let v = loss.double_value(&[]);
+                if !v.is_finite() {
+                    finite = false;
+                    break;
+                }
+                loss.backward();
+                loss_sum += v;
             }
-            loss.backward();
-            loss_sum += v;
         }
         let report = self.reduce_and_step(finite, self.cfg.train.max_grad_norm)?;
         let mut loss = [loss_sum];
@@ -585,7 +684,10 @@ impl Trainer {
     /// multi-turn task: of one greedy episode each, i.e. the success rate).
     pub fn evaluate(&self, n: usize) -> Result<f64> {
         let problems: Vec<Problem> = (0..n as u64).map(|i| self.task.problem(Split::Eval, i)).collect();
-        if problems.first().is_some_and(|p| self.task.episode(p).is_some()) {
+        // Episodes and diffusion policies go through `collect` (greedy); plain
+        // autoregressive completions are batched here directly.
+        let episodes = problems.first().is_some_and(|p| self.task.episode(p).is_some());
+        if episodes || self.policy.config().is_diffusion() {
             let params = SamplingParams { temperature: 0.0, ..self.sampling.clone() };
             let mut rng = rng_for(0, 0, 0);
             let ones = vec![1; problems.len()];

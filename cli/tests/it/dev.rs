@@ -412,3 +412,40 @@ fn bad_input_gets_one_clear_message_and_an_exit_code() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("orchestrator") && err.contains(&dead), "{err}");
 }
+
+#[test]
+fn a_bgpo_job_on_a_diffusion_policy_runs_through_dev_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run-bgpo");
+    let text = format!(
+        "name = \"bgpo\"\nalgorithm = \"bgpo\"\n[model]\npreset = \"tiny-diffusion\"\ndevice = \"cpu\"\n\
+         [task]\nkind = \"arithmetic\"\ndigits = 1\noperators = [\"+\"]\n\
+         [sampling]\nmax_new_tokens = 4\ndiffusion_steps = 4\nblock_length = 2\n[grpo]\ngroup_size = 4\n[bgpo]\nmc_samples = 2\n\
+         [train]\nsteps = 6\nprompts_per_step = 8\nsft_steps = 20\nsft_lr = 3e-3\neval_prompts = 16\ncheckpoint_every = 3\nout_dir = \"{}\"\n\
+         [resources]\nreward_server = false\n",
+        run.display()
+    );
+    let job = dir.path().join("bgpo.toml");
+    std::fs::write(&job, text).unwrap();
+    let mut cmd = sluice();
+    cmd.args(["dev", job.to_str().unwrap(), "--json"]);
+    let mut dev = Proc::spawn("sluice dev", cmd);
+    assert_eq!(dev.wait_exit(Duration::from_secs(600)), 0, "the BGPO job succeeded");
+    let steps: Vec<Value> = dev.lines().into_iter().filter(|v| v["event"] == "step").collect();
+    assert_eq!(steps.len(), 6);
+    for s in &steps {
+        assert_eq!(s["groups_trained"], 8, "{s}");
+        assert_eq!(s["response_len_mean"], 4.0, "diffusion responses have the fixed length: {s}");
+        assert!(s["grad_norm"].as_f64().unwrap().is_finite() && s["skipped_updates"] == 0, "{s}");
+    }
+    // The checkpoint is a diffusion policy directory (its config names the mask token).
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints").join(latest.trim()).join("config.json")).unwrap()).unwrap();
+    assert!(cfg["mask_token_id"].as_i64().is_some(), "{cfg}");
+    // GRPO on a diffusion policy is refused before anything starts.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[model]\npreset = \"tiny-diffusion\"\n[task]\nkind = \"arithmetic\"\n").unwrap();
+    let out = sluice().args(["dev", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("algorithm"), "{}", String::from_utf8_lossy(&out.stderr));
+}
