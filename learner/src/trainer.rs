@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use sluice_core::budget::{History, Knapsack};
@@ -561,14 +561,15 @@ impl Trainer {
             }
         }
         let t0 = Instant::now();
-        let (rank, _) = self.rank();
-        let mut rng = rng_for(self.state.seed, (2 << 8) | rank as u64, self.state.step);
+        // Samples keyed by (seed, step, rollout): independent of how the batch
+        // is split over ranks and micro-batches.
+        let key = rng_for(self.state.seed, 2, self.state.step).next_u64();
         let pad = self.tokenizer.pad_id();
         self.opt.cfg.lr = self.cfg.train.lr;
         let (mut objective, mut odd, mut finite) = (0.0, 0usize, true);
         for chunk in seqs.chunks(self.cfg.train.micro_batch_size.max(1)) {
             let model = self.policy.model();
-            let samples = bgpo::draw(chunk, n, &mut rng);
+            let samples = bgpo::draw_keyed(chunk, n, key);
             let old = bgpo::old_elbos(model, chunk, &samples, pad)?;
             let r = bgpo::bgpo_backward(model, chunk, &samples, &old, pad)?;
             if !r.objective.is_finite() {
@@ -857,6 +858,90 @@ mod tests {
 
     fn group(logprob: f32) -> Group {
         pair(&[8, 1], &[logprob, logprob], &[])
+    }
+
+    /// Diffusion-policy rollouts in groups of uneven (knapsack) sizes.
+    fn diffusion_groups() -> Vec<Group> {
+        [2usize, 6, 4, 4]
+            .iter()
+            .enumerate()
+            .map(|(g, &n)| {
+                let rollouts = (0..n)
+                    .map(|i| {
+                        let reward = ((g * 3 + i) % 4) as f64 / 3.0;
+                        Rollout {
+                            prompt_id: g as u64,
+                            prompt_tokens: vec![5 + g as i64, 6],
+                            response_tokens: vec![8 + (i % 3) as i64, 9, 10 + (i % 4) as i64, 1],
+                            logprobs: vec![0.0; 4],
+                            loss_mask: vec![],
+                            captions: vec![],
+                            reward,
+                            extrinsic: reward,
+                            intrinsic: 0.0,
+                            version: 0,
+                            finish: FinishReason::Length,
+                        }
+                    })
+                    .collect();
+                Group { prompt_id: g as u64, rollouts }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bgpo_on_two_ranks_equals_one_rank_with_uneven_groups() {
+        use crate::collective::TcpCollective;
+        let dir = tempfile::tempdir().unwrap();
+        // adam_eps = 1: the first update is ~lr·g, so equal gradients give equal weights.
+        let cfg = |name: &str| {
+            JobConfig::from_toml(&format!(
+                "algorithm = \"bgpo\"\n[model]\npreset = \"tiny-diffusion\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\n\
+                 [sampling]\nmax_new_tokens = 4\n[bgpo]\nmc_samples = 3\n\
+                 [train]\nprompts_per_step = 4\nmicro_batch_size = 5\nlr = 0.01\nadam_eps = 1.0\nout_dir = \"{}\"\n",
+                dir.path().join(name).display()
+            ))
+            .unwrap()
+        };
+        let groups = diffusion_groups();
+        let mut one = Trainer::new(cfg("one"), false).unwrap();
+        let start = sluice_core::weights::encode(&one.policy.named_parameters(), tch::Kind::Float).unwrap();
+        let names: Vec<String> = one.policy.named_parameters().into_iter().map(|(n, _)| n).collect();
+        let before = params(&one);
+        let m1 = one.step_on(&groups).unwrap();
+        assert!(m1.grad_norm > 0.0 && m1.skipped_updates == 0, "{m1:?}");
+        let want = params(&one);
+
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let (addr, start, cfg) = (addr.clone(), start.clone(), cfg(&format!("rank{rank}")));
+                let mine: Vec<Group> = groups[rank * 2..rank * 2 + 2].to_vec();
+                std::thread::spawn(move || {
+                    let comm = TcpCollective::connect(rank, 2, &addr, std::time::Duration::from_secs(30)).unwrap();
+                    let mut t = Trainer::with_collective(cfg, false, Box::new(comm)).unwrap();
+                    let named = sluice_core::weights::decode(&start).unwrap().into_iter().collect();
+                    t.policy.set_parameters(named, Path::new("test")).unwrap();
+                    t.step_on(&mine).unwrap();
+                    params(&t).into_iter().map(|p| Vec::<f32>::try_from(p.reshape([-1])).unwrap()).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let ranks: Vec<Vec<Vec<f32>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut moved = 0.0f32;
+        for (k, w) in want.iter().enumerate() {
+            let w = Vec::<f32>::try_from(w.reshape([-1])).unwrap();
+            let b = Vec::<f32>::try_from(before[k].reshape([-1])).unwrap();
+            for r in &ranks {
+                for ((x, y), z) in r[k].iter().zip(&w).zip(&b) {
+                    assert!((x - y).abs() < 1e-6, "{}: rank {x} vs one-rank {y}", names[k]);
+                    moved = moved.max((y - z).abs());
+                }
+            }
+        }
+        assert!(moved > 1e-4, "the update changed the weights ({moved})");
     }
 
     #[test]

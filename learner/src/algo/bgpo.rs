@@ -19,6 +19,7 @@
 //! policy (d_j = 0) the bound's value and gradient equal the exact objective's.
 //! [`exact_backward`] is the exact-ratio objective, kept only to compare against.
 
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sluice_core::diffusion::{elbo, McSample};
 use sluice_core::model::Model;
@@ -55,6 +56,23 @@ pub struct Report {
 /// `n` samples per sequence, shared by θ and θ_old: `[n][B]`.
 pub fn draw(seqs: &[Sequence], n: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<McSample>> {
     (0..n).map(|_| seqs.iter().map(|s| McSample::draw(s.response.len(), rng)).collect()).collect()
+}
+
+/// [`draw`] with each sequence's samples from its own stream, keyed by `key`
+/// and the sequence's tokens: the same rollout gets the same masks however the
+/// batch is split across data-parallel ranks or micro-batches.
+pub fn draw_keyed(seqs: &[Sequence], n: usize, key: u64) -> Vec<Vec<McSample>> {
+    let per_seq: Vec<Vec<McSample>> = seqs
+        .iter()
+        .map(|s| {
+            let h = s.prompt.iter().chain([&-1]).chain(&s.response).fold(key ^ 0xcbf2_9ce4_8422_2325, |h, &t| {
+                (h ^ t as u64).wrapping_mul(0x0100_0000_01b3)
+            });
+            let mut rng = ChaCha8Rng::seed_from_u64(h);
+            (0..n).map(|_| McSample::draw(s.response.len(), &mut rng)).collect()
+        })
+        .collect();
+    (0..n).map(|j| per_seq.iter().map(|s| s[j].clone()).collect()).collect()
 }
 
 fn parts(seqs: &[Sequence]) -> (Vec<Vec<i64>>, Vec<Vec<i64>>) {
@@ -136,7 +154,7 @@ mod tests {
     use super::*;
     use crate::algo::grpo::group_advantages;
     use crate::optim::{AdamW, AdamWConfig};
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
     use sluice_core::diffusion::{generate, DiffusionSampling};
     use sluice_core::model::ModelConfig;
     use tch::{nn, Device};
