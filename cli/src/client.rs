@@ -228,9 +228,9 @@ pub fn describe(event: &serde_json::Value) -> Option<String> {
     })
 }
 
-/// Prints the job's events (and follows them until the job ends with `follow`).
-/// Returns the job's final state name when it ended.
-pub async fn logs(remote: &Remote, id: &str, follow: bool, json: bool) -> Outcome<i32> {
+/// Prints the job's events (and follows them until the job ends with `follow`);
+/// following a job that failed or was cancelled is `exit::JOB_FAILED`.
+pub async fn logs(remote: &Remote, id: &str, follow: bool, json: bool) -> Outcome {
     let mut c = remote.client().await?;
     let req = v1::WatchJobRequest { job_id: id.into(), from_seq: 0, no_follow: !follow };
     let mut stream = c.watch_job(remote.req(req)).await?.into_inner();
@@ -246,5 +246,5 @@ pub async fn logs(remote: &Remote, id: &str, follow: bool, json: bool) -> Outcom
     if follow && is_final(state) && state != JobState::Succeeded as i32 {
         return Err(Failure::new(exit::JOB_FAILED, format!("job {id} {}", state_name(state))));
     }
-    Ok(state)
+    Ok(())
 }

@@ -11,7 +11,6 @@
 //!
 //! Each child's stdout and stderr go to `<train.out_dir>/logs/<role>-<rank>.log`.
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -176,10 +175,9 @@ impl Supervisor {
     }
 }
 
-/// Waits for a `listening` line from `(role, rank)`; other lines are kept in `backlog`.
+/// Waits for a `listening` line from `(role, rank)` (other lines are not needed).
 fn wait_listening(
     rx: &mpsc::Receiver<Line>,
-    backlog: &mut VecDeque<Line>,
     sup: &mut Supervisor,
     role: &str,
     rank: usize,
@@ -191,8 +189,7 @@ fn wait_listening(
             Ok((r, k, v)) if r == role && k == rank && v["event"] == "listening" => {
                 return Ok(v["addr"].as_str().unwrap_or_default().to_string());
             }
-            Ok(other) => backlog.push_back(other),
-            Err(_) => {}
+            Ok(_) | Err(_) => {}
         }
         if let Some(p) = sup.procs.iter_mut().find(|p| p.role == role && p.rank == rank) {
             if let Ok(Some(status)) = p.child.try_wait() {
@@ -298,14 +295,13 @@ fn supervise(
     token: &str,
     stop: Arc<AtomicBool>,
 ) -> Outcome<i32> {
-    let mut backlog = VecDeque::new();
     let s = |x: &str| x.to_string();
     // Orchestrator.
     let port = free_port()?;
     let store = opts.redis.clone().unwrap_or_else(|| "memory".into());
     let args = vec![s("--listen"), format!("127.0.0.1:{port}"), s("--store"), store, s("--lease-s"), opts.lease_s.to_string()];
     sup.start("orchestrator", 0, "sluice-orchestrator", args, bar)?;
-    let addr = wait_listening(rx, &mut backlog, sup, "orchestrator", 0, Duration::from_secs(60))?;
+    let addr = wait_listening(rx, sup, "orchestrator", 0, Duration::from_secs(60))?;
     let remote = Remote { endpoint: format!("http://{addr}"), token: Some(token.to_string()), tls_ca: None };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let text = std::fs::read_to_string(&opts.job).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
@@ -329,7 +325,7 @@ fn supervise(
         let port = free_port()?;
         let args = vec![opts.job.display().to_string(), s("--listen"), format!("127.0.0.1:{port}")];
         sup.start("reward", 0, "sluice-reward-server", args, bar)?;
-        Some(format!("http://{}", wait_listening(rx, &mut backlog, sup, "reward", 0, Duration::from_secs(60))?))
+        Some(format!("http://{}", wait_listening(rx, sup, "reward", 0, Duration::from_secs(60))?))
     } else {
         None
     };
@@ -347,7 +343,7 @@ fn supervise(
         learners.push(format!("http://127.0.0.1:{port}"));
     }
     for rank in 0..world {
-        wait_listening(rx, &mut backlog, sup, "learner", rank, Duration::from_secs(300))?;
+        wait_listening(rx, sup, "learner", rank, Duration::from_secs(300))?;
     }
     // Actors.
     let n = cfg.resources.actors;
@@ -368,7 +364,6 @@ fn supervise(
             say(opts.json, bar, serde_json::json!({"event": "interrupted", "source": "dev"}), "interrupted: stopping".into());
             return Ok(130);
         }
-        backlog.clear();
         while rx.try_recv().is_ok() {}
         while let Ok((json, state)) = events.try_recv() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) else { continue };

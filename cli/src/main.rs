@@ -207,7 +207,7 @@ fn dispatch(command: Command) -> client::Outcome<i32> {
         Command::List { remote } => on_runtime(client::list(&remote.remote(), remote.json)).map(ok),
         Command::Status { job_id, remote } => on_runtime(client::status(&remote.remote(), &job_id, remote.json)).map(ok),
         Command::Logs { job_id, follow, remote } => {
-            on_runtime(client::logs(&remote.remote(), &job_id, follow, remote.json)).map(|_| 0)
+            on_runtime(client::logs(&remote.remote(), &job_id, follow, remote.json)).map(ok)
         }
         Command::Cancel { job_id, reason, remote } => {
             on_runtime(client::cancel(&remote.remote(), &job_id, &reason, remote.json)).map(ok)

@@ -23,6 +23,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{BudgetConfig, BudgetStrategy};
+
 /// Parameters of the knapsack allocation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Knapsack {
@@ -179,6 +181,19 @@ impl History {
         (q.len() >= min_outcomes.max(1)).then(|| q.iter().sum::<f64>() / q.len() as f64)
     }
 
+}
+
+/// Rollouts per prompt under a job's `[budget]`: `default_n` each (uniform), or
+/// the knapsack allocation over the prompts' success rates in `history`.
+pub fn sizes(cfg: &BudgetConfig, default_n: usize, history: &History, prompt_ids: &[u64]) -> Vec<usize> {
+    match cfg.strategy {
+        BudgetStrategy::Uniform => vec![default_n; prompt_ids.len()],
+        BudgetStrategy::Knapsack => {
+            let k = Knapsack { default_n, n_low: cfg.n_low, n_up: cfg.n_up, alpha: cfg.alpha };
+            let rates: Vec<Option<f64>> = prompt_ids.iter().map(|&p| history.rate(p, cfg.min_outcomes)).collect();
+            k.allocate(&rates)
+        }
+    }
 }
 
 /// Share of rollouts in groups whose rewards are not all equal (non-zero GRPO advantage).

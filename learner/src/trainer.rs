@@ -22,8 +22,8 @@ use std::time::Instant;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use sluice_core::budget::{History, Knapsack};
-use sluice_core::config::{Algorithm, BudgetStrategy, JobConfig};
+use sluice_core::budget::{self, History};
+use sluice_core::config::{Algorithm, JobConfig};
 use sluice_core::diffusion::{elbo, McSample};
 use sluice_core::generate::{generate, SamplingParams};
 use sluice_core::hf::{load_policy, Policy};
@@ -291,15 +291,8 @@ impl Trainer {
 
     /// Rollouts per problem under the job's budget strategy (see `sluice_core::budget`).
     pub fn budget(&self, problems: &[Problem]) -> Vec<usize> {
-        let (g, b) = (self.cfg.grpo.group_size, &self.cfg.budget);
-        match b.strategy {
-            BudgetStrategy::Uniform => vec![g; problems.len()],
-            BudgetStrategy::Knapsack => {
-                let k = Knapsack { default_n: g, n_low: b.n_low, n_up: b.n_up, alpha: b.alpha };
-                let rates: Vec<Option<f64>> = problems.iter().map(|p| self.history.rate(p.id, b.min_outcomes)).collect();
-                k.allocate(&rates)
-            }
-        }
+        let ids: Vec<u64> = problems.iter().map(|p| p.id).collect();
+        budget::sizes(&self.cfg.budget, self.cfg.grpo.group_size, &self.history, &ids)
     }
 
     /// Samples each problem's budget of completions (or episodes), scores them,

@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
-use sluice_core::budget::{History, Knapsack};
+use sluice_core::budget::{self, History};
 use sluice_core::config::{BudgetStrategy, JobConfig, TaskConfig};
 use sluice_core::tasks::{self, Split, Task};
 
@@ -233,15 +233,7 @@ impl Job {
 
     /// Rollouts per prompt under the job's budget strategy.
     fn budgets(&self, prompt_ids: &[u64]) -> Vec<usize> {
-        let (g, b) = (self.cfg.grpo.group_size, &self.cfg.budget);
-        match b.strategy {
-            BudgetStrategy::Uniform => vec![g; prompt_ids.len()],
-            BudgetStrategy::Knapsack => {
-                let k = Knapsack { default_n: g, n_low: b.n_low, n_up: b.n_up, alpha: b.alpha };
-                let rates: Vec<Option<f64>> = prompt_ids.iter().map(|&p| self.history.rate(p, b.min_outcomes)).collect();
-                k.allocate(&rates)
-            }
-        }
+        budget::sizes(&self.cfg.budget, self.cfg.grpo.group_size, &self.history, prompt_ids)
     }
 
     fn open_round(&mut self, ch: &mut Changes, now_ms: u64) {
