@@ -4,8 +4,10 @@
 #   ./scripts/gpu-check.sh prepare   # here: copy the learner's unit-test binary, stripped, to gpu/
 #   ./scripts/gpu-check.sh run       # on the GPU machine (carry gpu/): NCCL all-reduce/broadcast test
 #
-# The NCCL test skips (and says so) without CUDA; on a GPU it checks a one-rank
-# communicator on real CUDA tensors and that only one NCCL library is loaded.
+# The NCCL tests skip (and say so) without CUDA; on one GPU they check a one-rank
+# communicator on real CUDA tensors and that only one NCCL library is loaded; on
+# two or more GPUs also a two-rank all-reduce and broadcast (one GPU per rank)
+# whose ranks hold different values. On one GPU the two-rank test prints SKIPPED.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 case "${1:-}" in
@@ -21,7 +23,8 @@ case "${1:-}" in
     TORCH_LIB=$(python3 -c "import torch,os;print(os.path.dirname(torch.__file__)+'/lib')")
     export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     nvidia-smi --query-gpu=name,driver_version --format=csv || true
-    ./gpu/learner-unit-tests nccl --nocapture
+    nvidia-smi -L || true
+    ./gpu/learner-unit-tests nccl --nocapture --test-threads 1
     ;;
   *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
 esac

@@ -27,6 +27,8 @@ pub mod exit {
     pub const JOB_FAILED: i32 = 6;
     /// Refused: wrong or missing bearer token.
     pub const AUTH: i32 = 7;
+    /// Stopped by Ctrl-C / SIGINT (after a clean stop: the step finished, checkpointed).
+    pub const INTERRUPTED: i32 = 130;
 }
 
 /// An error with the exit code it maps to.

@@ -276,7 +276,7 @@ pub fn run(opts: DevOptions, stop: Arc<AtomicBool>) -> Outcome<i32> {
     bar.finish_and_clear();
     match &result {
         // Interrupted or failed: stop learners and actors first (they checkpoint).
-        Err(_) | Ok(130) => sup.shutdown(&["learner", "actor"], Duration::from_secs(60)),
+        Err(_) | Ok(exit::INTERRUPTED) => sup.shutdown(&["learner", "actor"], Duration::from_secs(60)),
         Ok(_) => sup.shutdown(&[], Duration::ZERO),
     }
     if !opts.json {
@@ -362,7 +362,7 @@ fn supervise(
     loop {
         if stop.load(Ordering::SeqCst) {
             say(opts.json, bar, serde_json::json!({"event": "interrupted", "source": "dev"}), "interrupted: stopping".into());
-            return Ok(130);
+            return Ok(exit::INTERRUPTED);
         }
         while rx.try_recv().is_ok() {}
         while let Ok((json, state)) = events.try_recv() {

@@ -212,7 +212,7 @@ fn dispatch(command: Command) -> client::Outcome<i32> {
         Command::Cancel { job_id, reason, remote } => {
             on_runtime(client::cancel(&remote.remote(), &job_id, &reason, remote.json)).map(ok)
         }
-        local => local_command(local).map(ok).map_err(|e| {
+        local => local_command(local).map_err(|e| {
             // Job-file problems are usage errors; the rest are plain errors.
             let code = match e.downcast_ref::<sluice_core::Error>() {
                 Some(sluice_core::Error::Config { .. }) => exit::USAGE,
@@ -223,10 +223,11 @@ fn dispatch(command: Command) -> client::Outcome<i32> {
     }
 }
 
-fn local_command(command: Command) -> Result<()> {
+/// Runs a command that needs no orchestrator; its exit code.
+fn local_command(command: Command) -> Result<i32> {
     match command {
         Command::Train { job, out, steps, fresh, json } => train(job, out, steps, fresh, json),
-        Command::InitModel { preset, out, dtype, seed } => init_model(&preset, &out, &dtype, seed),
+        Command::InitModel { preset, out, dtype, seed } => init_model(&preset, &out, &dtype, seed).map(|()| 0),
         Command::Check { job, json } => {
             let cfg = JobConfig::from_file(&job)?;
             if json {
@@ -234,13 +235,15 @@ fn local_command(command: Command) -> Result<()> {
             } else {
                 println!("{}", toml::to_string_pretty(&cfg)?);
             }
-            Ok(())
+            Ok(0)
         }
         _ => unreachable!("remote commands are dispatched above"),
     }
 }
 
-fn train(job: PathBuf, out: Option<PathBuf>, steps: Option<u64>, fresh: bool, json: bool) -> Result<()> {
+/// `sluice train`: exit 0 when the run reached its last step, 130 when Ctrl-C
+/// stopped it (after the step in progress, with a checkpoint).
+fn train(job: PathBuf, out: Option<PathBuf>, steps: Option<u64>, fresh: bool, json: bool) -> Result<i32> {
     let mut cfg = JobConfig::from_file(&job)?;
     if let Some(out) = out {
         cfg.train.out_dir = out;
@@ -304,7 +307,7 @@ fn train(job: PathBuf, out: Option<PathBuf>, steps: Option<u64>, fresh: bool, js
     if !json {
         eprintln!("run directory: {}", trainer.out_dir().display());
     }
-    Ok(())
+    Ok(if stop.load(Ordering::SeqCst) { exit::INTERRUPTED } else { 0 })
 }
 
 fn init_model(preset: &str, out: &std::path::Path, dtype: &str, seed: i64) -> Result<()> {

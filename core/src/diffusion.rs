@@ -198,11 +198,11 @@ mod tests {
     use tch::nn;
 
     fn policy(seed: i64) -> (nn::VarStore, Model) {
-        tch::manual_seed(seed);
         let vs = nn::VarStore::new(Device::Cpu);
         let mut c = ModelConfig::preset("tiny-diffusion", 20).unwrap();
         c.pad_token_id = Some(0);
         let m = Model::new(&vs.root(), &c);
+        crate::model::init_parameters(&vs, seed as u64);
         (vs, m)
     }
 

@@ -295,9 +295,18 @@ mod tests {
                 let input = Tensor::from_slice(&seq[..seq.len() - 1]).unsqueeze(0);
                 let target = Tensor::from_slice(&seq[prompt.len()..]);
                 let logits = tch::no_grad(|| p.model().forward(&input)).squeeze_dim(0).narrow(0, prompt.len() as i64 - 1, c.tokens.len() as i64);
-                let want = Vec::<f32>::try_from(&token_logprobs(&logits, &target, temperature)).unwrap();
-                for (a, b) in c.logprobs.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-4, "T={temperature}: {a} vs {b}");
+                // The reference is plain f64 arithmetic on the teacher-forced
+                // logits (not `token_logprobs`, which generate itself uses):
+                // log softmax(z / T) of the sampled token, before truncation.
+                let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&logits).unwrap();
+                let targets = Vec::<i64>::try_from(&target).unwrap();
+                assert_eq!(c.logprobs.len(), targets.len());
+                for ((row, &tok), &got) in rows.iter().zip(&targets).zip(&c.logprobs) {
+                    let z: Vec<f64> = row.iter().map(|&x| x as f64 / temperature).collect();
+                    let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = max + z.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+                    let want = z[tok as usize] - lse;
+                    assert!((got as f64 - want).abs() <= 1e-4, "T={temperature} k={top_k} p={top_p}: {got} vs {want}");
                 }
             }
         }
@@ -321,6 +330,76 @@ mod tests {
                     assert!(comp.tokens[..comp.tokens.len() - 1].iter().all(|t| !params.stop_token_ids.contains(t)));
                 }
                 FinishReason::Length => assert_eq!(comp.tokens.len(), 20),
+            }
+        }
+    }
+
+    /// Draws `n` tokens from one row of fixed logits with `sample`.
+    fn draws(logits: &[f32], params: &SamplingParams, n: usize) -> (Vec<usize>, Vec<f32>) {
+        let row = Tensor::from_slice(logits).unsqueeze(0);
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut counts = vec![0usize; logits.len()];
+        let mut lps = vec![f32::NAN; logits.len()];
+        for _ in 0..n {
+            let (tok, lp) = sample(&row, params, &mut rng);
+            let t = tok.int64_value(&[0]) as usize;
+            counts[t] += 1;
+            lps[t] = lp.double_value(&[0]) as f32;
+        }
+        (counts, lps)
+    }
+
+    /// Probabilities of softmax(z / T), in f64.
+    fn softmax(z: &[f32], t: f64) -> Vec<f64> {
+        let e: Vec<f64> = z.iter().map(|&x| (x as f64 / t).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        e.iter().map(|x| x / sum).collect()
+    }
+
+    #[test]
+    fn top_k_and_top_p_sample_only_the_kept_tokens_in_proportion() {
+        let logits = [2.0f32, 0.5, 1.5, -1.0, 1.0, 0.0, 3.0, -2.0];
+        let full = softmax(&logits, 1.0);
+        let n = 20_000;
+        // top-k = 3 keeps tokens 6, 0, 2 (logits 3.0, 2.0, 1.5), renormalised.
+        let params = SamplingParams { temperature: 1.0, top_k: 3, ..Default::default() };
+        let (counts, lps) = draws(&logits, &params, n);
+        let kept = [6usize, 0, 2];
+        let mass: f64 = kept.iter().map(|&i| full[i]).sum();
+        for (i, &c) in counts.iter().enumerate() {
+            if kept.contains(&i) {
+                let freq = c as f64 / n as f64;
+                assert!((freq - full[i] / mass).abs() < 0.02, "top-k token {i}: {freq} vs {}", full[i] / mass);
+                // The behaviour log-prob is the untruncated one.
+                assert!((lps[i] as f64 - full[i].ln()).abs() < 1e-5, "token {i}: {} vs {}", lps[i], full[i].ln());
+            } else {
+                assert_eq!(c, 0, "top-k sampled token {i} outside the top 3");
+            }
+        }
+        // top-p = 0.8 at T = 0.5: sorted by probability, a token stays while the
+        // mass of the tokens before it is below 0.8.
+        let t = 0.5;
+        let probs = softmax(&logits, t);
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let mut before = 0.0;
+        let mut nucleus = Vec::new();
+        for &i in &order {
+            if before <= 0.8 {
+                nucleus.push(i);
+            }
+            before += probs[i];
+        }
+        assert!(nucleus.len() >= 2 && nucleus.len() < logits.len(), "the test needs a real cut: {nucleus:?}");
+        let params = SamplingParams { temperature: t, top_p: 0.8, ..Default::default() };
+        let (counts, _) = draws(&logits, &params, n);
+        let mass: f64 = nucleus.iter().map(|&i| probs[i]).sum();
+        for (i, &c) in counts.iter().enumerate() {
+            if nucleus.contains(&i) {
+                let freq = c as f64 / n as f64;
+                assert!((freq - probs[i] / mass).abs() < 0.02, "top-p token {i}: {freq} vs {}", probs[i] / mass);
+            } else {
+                assert_eq!(c, 0, "top-p sampled token {i} outside the nucleus {nucleus:?}");
             }
         }
     }

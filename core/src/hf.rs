@@ -15,7 +15,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::config::ModelSection;
 use crate::device::parse_device;
 use crate::error::{Error, Result};
-use crate::model::{Model, ModelConfig};
+use crate::model::{init_parameters, Model, ModelConfig};
 use crate::tokenizer::{Tokenizer, DEFAULT_ALPHABET};
 
 /// A decoder with its own parameter store.
@@ -40,9 +40,21 @@ pub fn parse_kind(s: &str) -> Option<Kind> {
 }
 
 impl Policy {
-    /// Random init with a fixed seed (normal(0, 0.02) weights, unit norms, zero biases).
+    /// Random init with a fixed seed (normal(0, 0.02) weights, unit norms, zero
+    /// biases; see [`init_parameters`]): the same weights for the same seed on
+    /// any device, whatever else runs in the process.
     pub fn random(config: &ModelConfig, device: Device, kind: Kind, seed: i64) -> Self {
-        tch::manual_seed(seed);
+        let mut policy = Policy::unfilled(config, device, Kind::Float);
+        init_parameters(&policy.vs, seed as u64);
+        if kind != Kind::Float {
+            policy.vs.set_kind(kind);
+        }
+        policy
+    }
+
+    /// The model's parameters with norms 1 and every other weight 0, for a
+    /// checkpoint to be copied into.
+    fn unfilled(config: &ModelConfig, device: Device, kind: Kind) -> Self {
         let mut vs = nn::VarStore::new(device);
         let model = Model::new(&vs.root(), config);
         if kind != Kind::Float {
@@ -54,7 +66,7 @@ impl Policy {
     /// Loads a Hugging Face directory onto `device`, cast to `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config = read_config(dir)?;
-        let mut policy = Policy::random(&config, device, kind, 0);
+        let mut policy = Policy::unfilled(&config, device, kind);
         policy.load_weights(dir)?;
         Ok(policy)
     }

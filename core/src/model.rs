@@ -305,8 +305,9 @@ impl Rotary {
 }
 
 fn linear(vs: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
+    // Zeros until `init_parameters` draws them (or a checkpoint is loaded).
     let cfg = nn::LinearConfig {
-        ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+        ws_init: nn::Init::Const(0.0),
         bs_init: Some(nn::Init::Const(0.0)),
         bias,
     };
@@ -452,6 +453,39 @@ impl KvCache {
 }
 
 /// The decoder: `model.*` tensors plus the optional untied `lm_head`.
+/// Random init of a freshly built model: every weight matrix (not norms, not
+/// biases) from normal(0, 0.02). Each parameter's values come from its own
+/// ChaCha stream keyed by `seed` and the parameter's name, drawn on the host
+/// and copied to the parameter's device: the same seed gives the same weights
+/// on every device and thread, and libtorch's global RNG is never used (tests
+/// running in parallel cannot disturb each other's init).
+pub fn init_parameters(vs: &nn::VarStore, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, mut t) in vars {
+        if name.contains("norm") || name.ends_with(".bias") {
+            continue;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        // FNV-1a of the name picks the stream.
+        rng.set_stream(name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)));
+        let n = t.numel();
+        let mut values = Vec::with_capacity(n + 1);
+        while values.len() < n {
+            // Box-Muller: two standard normals from two uniforms in (0, 1].
+            let (u1, u2): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen::<f64>());
+            let r = (-2.0 * u1.ln()).sqrt() * 0.02;
+            let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+            values.push((r * c) as f32);
+            values.push((r * s) as f32);
+        }
+        values.truncate(n);
+        let host = Tensor::from_slice(&values).reshape(t.size()).to_kind(t.kind()).to_device(t.device());
+        tch::no_grad(|| t.copy_(&host));
+    }
+}
+
 #[derive(Debug)]
 pub struct Model {
     embed_tokens: nn::Embedding,
@@ -462,10 +496,12 @@ pub struct Model {
 }
 
 impl Model {
-    /// Builds the parameters under `vs` (random init: normal(0, 0.02), norms 1, biases 0).
+    /// Builds the parameters under `vs`: norms 1, biases 0, every other weight 0
+    /// until [`init_parameters`] draws it or a checkpoint is copied in. Nothing
+    /// here touches libtorch's global RNG.
     pub fn new(vs: &nn::Path, config: &ModelConfig) -> Self {
         let m = vs / "model";
-        let emb_cfg = nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() };
+        let emb_cfg = nn::EmbeddingConfig { ws_init: nn::Init::Const(0.0), ..Default::default() };
         let embed_tokens = nn::embedding(&m / "embed_tokens", config.vocab_size, config.hidden_size, emb_cfg);
         let layers = (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&m / "layers" / i, config)).collect();
         let norm = RmsNorm::new(&m / "norm", config.hidden_size, config.rms_norm_eps);

@@ -41,11 +41,11 @@ fn rss() -> (u64, u64) {
 
 fn child(method: &str, n: usize) {
     let (batch, prompt, response) = (num("--batch", 8), num("--prompt", 32), num("--response", 128));
-    tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let mut c = ModelConfig::preset("small-diffusion", 100).unwrap();
     c.pad_token_id = Some(0);
     let m = Model::new(&vs.root(), &c);
+    sluice_core::model::init_parameters(&vs, 0);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let seqs: Vec<Sequence> = (0..batch)
         .map(|i| Sequence {

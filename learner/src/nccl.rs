@@ -295,3 +295,62 @@ mod tests {
         assert_eq!(loaded_nccl_libraries().len(), 1);
     }
 }
+
+#[cfg(test)]
+mod multi_rank {
+    use super::*;
+    use std::time::Duration;
+
+    /// On a machine with at least two GPUs: one rank per GPU (threads of this
+    /// process, NCCL allows that with one device each), every rank with its
+    /// own values, so a sum that is not over both ranks, or a broadcast that
+    /// does not come from rank 0, shows. Fewer GPUs: says that it was skipped.
+    #[test]
+    fn nccl_two_ranks_sum_and_broadcast_across_gpus() {
+        let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
+        if gpus < 2 {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED nccl_two_ranks_sum_and_broadcast_across_gpus: {gpus} CUDA device(s), needs 2");
+            return;
+        }
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let world = 2usize;
+        let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let addr = addr.clone();
+                    s.spawn(move || {
+                        let tcp = TcpCollective::connect(rank, world, &addr, Duration::from_secs(30)).unwrap();
+                        let mut c = NcclCollective::new(tcp, rank).unwrap();
+                        let dev = Device::Cuda(rank);
+                        let scale = (rank + 1) as f64;
+                        let a = Tensor::arange(1000, (Kind::Float, dev)) * scale;
+                        let b = Tensor::ones([3, 5], (Kind::BFloat16, dev)) * scale;
+                        let mut ts = [a, b];
+                        c.all_reduce_sum(&mut ts).unwrap();
+                        let sum_a = Vec::<f32>::try_from(&ts[0].to_device(Device::Cpu)).unwrap();
+                        let sum_b = Vec::<f32>::try_from(&ts[1].to_kind(Kind::Float).to_device(Device::Cpu).view([-1])).unwrap();
+                        let mut own = [Tensor::full([7], rank as f64 + 10.0, (Kind::Float, dev))];
+                        c.broadcast_from_root(&mut own).unwrap();
+                        let bc = Vec::<f32>::try_from(&own[0].to_device(Device::Cpu)).unwrap();
+                        (sum_a, sum_b, bc)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (sum_a, sum_b, bc)) in results.iter().enumerate() {
+            // Ranks hold 1x and 2x: the sum is 3x on every rank, bit-identical.
+            for (i, v) in sum_a.iter().enumerate() {
+                assert_eq!(*v, 3.0 * i as f32, "rank {rank}, element {i}");
+            }
+            assert!(sum_b.iter().all(|&v| v == 3.0), "rank {rank}: bf16 sum {sum_b:?}");
+            assert!(bc.iter().all(|&v| v == 10.0), "rank {rank}: broadcast gave {bc:?}, not rank 0's 10");
+        }
+        assert_eq!(results[0], results[1], "every rank ends with the same bits");
+        eprintln!("NCCL two-rank check passed on {gpus} GPUs");
+    }
+}

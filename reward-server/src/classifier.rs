@@ -37,7 +37,6 @@ impl Classifier {
     /// Full-batch training (Adam, class-balanced logistic loss, small L2) on
     /// `(caption, helpful)` pairs.
     pub fn train(data: &[(String, bool)], epochs: usize) -> Classifier {
-        tch::manual_seed(0);
         let n = data.len() as i64;
         let mut x = vec![0f32; data.len() * BUCKETS];
         for (i, (caption, _)) in data.iter().enumerate() {
@@ -51,7 +50,9 @@ impl Classifier {
         let pos_weight = Tensor::from_slice(&[((n as f32 - positives) / positives).max(1e-3)]);
         let y = Tensor::from_slice(&y);
         let vs = nn::VarStore::new(Device::Cpu);
-        let linear = nn::linear(vs.root(), BUCKETS as i64, 1, Default::default());
+        // Zero init: the loss is convex, and no global RNG is involved.
+        let zero = nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true };
+        let linear = nn::linear(vs.root(), BUCKETS as i64, 1, zero);
         let mut opt = nn::Adam::default().wd(1e-4).build(&vs, 0.05).expect("Adam over a CPU var store");
         for _ in 0..epochs {
             let logits = linear.forward(&x).squeeze_dim(1);

@@ -31,7 +31,6 @@ impl Ranker {
     /// Full-batch training on preferences. The bias of s cancels in s(a) − s(b), so
     /// the model is linear without one: the input is φ(a) − φ(b).
     pub fn train(prefs: &[Preference], epochs: usize) -> Ranker {
-        tch::manual_seed(0);
         let n = prefs.len() as i64;
         let mut x = vec![0f32; prefs.len() * BUCKETS];
         for (i, p) in prefs.iter().enumerate() {
@@ -47,7 +46,7 @@ impl Ranker {
         let y: Vec<f32> = prefs.iter().map(|p| p.outcome as f32).collect();
         let y = Tensor::from_slice(&y);
         let vs = nn::VarStore::new(Device::Cpu);
-        let linear = nn::linear(vs.root(), BUCKETS as i64, 1, nn::LinearConfig { bias: false, ..Default::default() });
+        let linear = nn::linear(vs.root(), BUCKETS as i64, 1, nn::LinearConfig { bias: false, ws_init: nn::Init::Const(0.0), bs_init: None });
         let mut opt = nn::Adam::default().wd(1e-4).build(&vs, 0.05).expect("Adam over a CPU var store");
         for _ in 0..epochs {
             let logits = linear.forward(&x).squeeze_dim(1);

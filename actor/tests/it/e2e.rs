@@ -21,7 +21,7 @@ fn run(max_staleness: u64, steps: u64) -> (Vec<serde_json::Value>, sluice_proto:
     let status = status(&learner.endpoint);
     let mut done = Vec::new();
     for a in &mut actors {
-        done.push(a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done"));
+        done.push(a.wait_line("done", Duration::from_secs(60), |v| v["event"] == "done"));
         assert_eq!(a.wait_exit(Duration::from_secs(30)), 0, "{} failed", a.name);
     }
     (metrics(&out), status, done)
@@ -61,6 +61,14 @@ fn asynchronous_training_bounds_staleness() {
     check_common(&metrics, &status, &done, 5);
     let staleness: Vec<f64> = metrics.iter().filter(|e| e["event"] == "step").map(|e| e["staleness_mean"].as_f64().unwrap()).collect();
     assert!(staleness.iter().all(|&s| (0.0..=2.0).contains(&s)), "{staleness:?}");
+    // Asynchronous for real: actors refresh only when more than max_staleness
+    // behind, so groups sampled at version v are trained at v+1 and v+2 too. A
+    // learner that waited for fresh groups (or actors that re-synced every
+    // version) would put every group at lag 0.
+    let lagged: u64 = status.staleness_histogram[1..].iter().sum();
+    assert!(lagged >= 8, "at least a step's worth of groups trained at lag > 0: {:?}", status.staleness_histogram);
+    assert!(staleness.iter().any(|&s| s > 0.0), "{staleness:?}");
+    assert_eq!(status.staleness_histogram.len(), 3, "lags 0..=max_staleness");
 }
 
 #[test]
@@ -95,7 +103,7 @@ fn two_learner_ranks_with_an_actor_each_train_in_step() {
     let steps: Vec<_> = metrics(&out).into_iter().filter(|e| e["event"] == "step").collect();
     assert!(steps.iter().all(|e| e["groups_trained"] == 8), "global groups per step: {steps:?}");
     for a in &mut actors {
-        a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
+        a.wait_line("done", Duration::from_secs(60), |v| v["event"] == "done");
     }
 }
 
@@ -111,12 +119,12 @@ fn actors_score_through_the_reward_server_with_bearer_tokens() {
     let job = write_job(dir.path(), "rw", &body);
     // Both servers require a bearer token; the actor has it.
     let token = ["--token".to_string(), "s3cret".to_string()];
-    let mut reward = Proc::spawn(
+    let mut reward = spawn(
         "reward-server",
         "sluice-reward-server",
         &[job.display().to_string(), "--listen".into(), "127.0.0.1:0".into(), token[0].clone(), token[1].clone()],
     );
-    let listening = reward.wait_event("listening", Duration::from_secs(30), |v| v["event"] == "listening");
+    let listening = reward.wait_line("listening", Duration::from_secs(30), |v| v["event"] == "listening");
     let reward_ep = format!("http://{}", listening["addr"].as_str().unwrap());
     let out = dir.path().join("out");
     let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--linger-s", "30", "--token", "s3cret"]);
@@ -125,7 +133,7 @@ fn actors_score_through_the_reward_server_with_bearer_tokens() {
     assert_ne!(intruder.wait_exit(Duration::from_secs(60)), 0);
     let mut a = actor(&job, &learner.endpoint, 0, 1, &["--reward", &reward_ep, "--token", "s3cret"]);
     learner.wait_finished(Duration::from_secs(180));
-    a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
+    a.wait_line("done", Duration::from_secs(60), |v| v["event"] == "done");
     let (stats, version, anonymous) = runtime().block_on(async {
         let auth = |m| sluice_proto::auth::request(m, Some("s3cret"));
         let mut c = sluice_proto::v1::reward_client::RewardClient::connect(reward_ep.clone()).await.unwrap();
@@ -138,7 +146,7 @@ fn actors_score_through_the_reward_server_with_bearer_tokens() {
         (stats, version, anonymous)
     });
     assert!(stats.lookups > 0, "the actor never asked the reward server: {stats:?}");
-    let sent: Vec<_> = a.events.lock().unwrap().iter().filter(|v| v["event"] == "sent").cloned().collect();
+    let sent: Vec<_> = a.lines().iter().filter(|v| v["event"] == "sent").cloned().collect();
     assert!(!sent.is_empty());
     assert_eq!(version, 3);
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated, "{anonymous}");
@@ -155,14 +163,14 @@ fn actors_play_text_adventure_episodes_scored_by_the_reward_server() {
                 [[reward.rubric]]\npattern = \"nothing happens\"\nlabel = \"unhelpful\"\n\
                 [[reward.rubric]]\npattern = \".\"\nlabel = \"helpful\"\n";
     let job = write_job(dir.path(), "adv", body);
-    let mut reward = Proc::spawn("reward-server", "sluice-reward-server", &[job.display().to_string(), "--listen".into(), "127.0.0.1:0".into()]);
-    let listening = reward.wait_event("listening", Duration::from_secs(30), |v| v["event"] == "listening");
+    let mut reward = spawn("reward-server", "sluice-reward-server", &[job.display().to_string(), "--listen".into(), "127.0.0.1:0".into()]);
+    let listening = reward.wait_line("listening", Duration::from_secs(30), |v| v["event"] == "listening");
     let reward_ep = format!("http://{}", listening["addr"].as_str().unwrap());
     let out = dir.path().join("out");
     let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--linger-s", "30"]);
     let mut a = actor(&job, &learner.endpoint, 0, 1, &["--reward", &reward_ep]);
     learner.wait_finished(Duration::from_secs(180));
-    a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
+    a.wait_line("done", Duration::from_secs(60), |v| v["event"] == "done");
     // Every episode step produced a caption the reward server looked up (4 turns x 8 episodes per batch at most).
     let stats = runtime().block_on(async {
         let mut c = sluice_proto::v1::reward_client::RewardClient::connect(reward_ep.clone()).await.unwrap();
@@ -181,7 +189,7 @@ fn actors_play_text_adventure_episodes_scored_by_the_reward_server() {
         steps.iter().any(|s| s["reward_mean"].as_f64().unwrap() > s["extrinsic_mean"].as_f64().unwrap()),
         "{steps:?}"
     );
-    let sent: Vec<_> = a.events.lock().unwrap().iter().filter(|v| v["event"] == "sent").cloned().collect();
+    let sent: Vec<_> = a.lines().iter().filter(|v| v["event"] == "sent").cloned().collect();
     // The reward the learner trains on includes the intrinsic part; the environment's own is the goal only.
     assert!(sent.iter().any(|v| v["reward_mean"].as_f64().unwrap() > v["extrinsic_mean"].as_f64().unwrap()), "{sent:?}");
 }
@@ -215,8 +223,8 @@ fn learner_reward_server_and_actor_talk_over_tls() {
     let tls = ["--tls-cert".to_string(), cert, "--tls-key".to_string(), key];
     let mut args = vec![job.display().to_string(), "--listen".into(), "127.0.0.1:0".into()];
     args.extend(tls.iter().cloned());
-    let mut reward = Proc::spawn("reward-server", "sluice-reward-server", &args);
-    let listening = reward.wait_event("listening", Duration::from_secs(30), |v| v["event"] == "listening");
+    let mut reward = spawn("reward-server", "sluice-reward-server", &args);
+    let listening = reward.wait_line("listening", Duration::from_secs(30), |v| v["event"] == "listening");
     let reward_ep = format!("https://{}", listening["addr"].as_str().unwrap());
     let out = dir.path().join("out");
     let mut extra = vec!["--out", out.to_str().unwrap(), "--linger-s", "30"];
@@ -229,10 +237,22 @@ fn learner_reward_server_and_actor_talk_over_tls() {
         c.status(StatusRequest { job_id: String::new() }).await
     })
     .is_err());
+    // A client that trusts another CA refuses both servers' certificates.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = test_certificates(other.path());
+    let untrusted = sluice_proto::tls::client_config(std::path::Path::new(&other_ca)).unwrap();
+    for ep in [&https, &reward_ep] {
+        let r = runtime().block_on(sluice_actor::actor::channel(ep, Some(&untrusted)));
+        let err = r.expect_err("a server signed by an untrusted CA must be refused").to_string();
+        assert!(err.to_lowercase().contains("certificate") || err.contains("invalid peer") || err.contains("transport"), "{ep}: {err}");
+    }
+    // And the same client with the right CA gets through.
+    let trusted = sluice_proto::tls::client_config(std::path::Path::new(&ca)).unwrap();
+    runtime().block_on(sluice_actor::actor::channel(&https, Some(&trusted))).expect("the right CA is trusted");
     let mut a = actor(&job, &https, 0, 1, &["--reward", &reward_ep, "--tls-ca", &ca]);
     learner.wait_finished(Duration::from_secs(180));
-    a.wait_event("done", Duration::from_secs(60), |v| v["event"] == "done");
+    a.wait_line("done", Duration::from_secs(60), |v| v["event"] == "done");
     assert_eq!(metrics(&out).iter().filter(|e| e["event"] == "step").count(), 2);
-    let synced = a.events.lock().unwrap().iter().filter(|v| v["event"] == "synced").count();
+    let synced = a.lines().iter().filter(|v| v["event"] == "synced").count();
     assert!(synced >= 2, "weights came over TLS: {synced} syncs");
 }

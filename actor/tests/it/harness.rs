@@ -1,10 +1,7 @@
 //! Starting learner and actor processes and talking to them.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use sluice_proto::v1::learner_client::LearnerClient;
@@ -30,78 +27,13 @@ pub fn write_job(dir: &Path, name: &str, body: &str) -> PathBuf {
     path
 }
 
-/// A child process whose stdout JSON lines are collected; killed on drop.
-pub struct Proc {
-    pub child: Child,
-    pub events: Arc<Mutex<Vec<Value>>>,
-    pub name: String,
-}
+pub use sluice_testkit::Proc;
 
-impl Proc {
-    pub fn spawn(name: &str, binary: &str, args: &[String]) -> Proc {
-        let mut child = Command::new(bin(binary))
-            .args(args)
-            .env("OMP_NUM_THREADS", "1")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = events.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().unwrap().push(v);
-                }
-            }
-        });
-        Proc { child, events, name: name.to_string() }
-    }
-
-    /// Waits for an event satisfying `pred` and returns it.
-    pub fn wait_event(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.events.lock().unwrap().iter().find(|v| pred(v)) {
-                return v.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                // Give the reader thread a moment to drain stdout.
-                std::thread::sleep(Duration::from_millis(200));
-                if let Some(v) = self.events.lock().unwrap().iter().find(|v| pred(v)) {
-                    return v.clone();
-                }
-                panic!("{} exited ({status}) before {what}", self.name);
-            }
-            assert!(Instant::now() < deadline, "{}: no {what} within {timeout:?}", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits for the process to exit and returns its exit code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "{} did not exit within {timeout:?}", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// Starts a workspace binary with `args` (see [`sluice_testkit::Proc`]).
+pub fn spawn(name: &str, binary: &str, args: &[String]) -> Proc {
+    let mut cmd = Proc::command(bin(binary));
+    cmd.args(args);
+    Proc::spawn(name, cmd)
 }
 
 /// A learner process and its gRPC endpoint.
@@ -114,23 +46,29 @@ impl Learner {
     pub fn start(job: &Path, extra: &[&str]) -> Learner {
         let mut args = vec![job.display().to_string(), "--listen".into(), "127.0.0.1:0".into()];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut proc = Proc::spawn("learner", "sluice-learner", &args);
-        let ev = proc.wait_event("listening", Duration::from_secs(60), |v| v["event"] == "listening");
+        let mut proc = spawn("learner", "sluice-learner", &args);
+        let ev = proc.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening");
         let endpoint = format!("http://{}", ev["addr"].as_str().unwrap());
         Learner { proc, endpoint }
     }
 
-    /// Starts a learner on a known port (so a restarted one can take it over).
+    /// The port it listens on (the first start binds port 0; a restarted
+    /// learner takes this port over with [`Learner::start_on`]).
+    pub fn port(&self) -> u16 {
+        self.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("endpoint has a port")
+    }
+
+    /// Starts a learner on the port a killed one listened on.
     pub fn start_on(job: &Path, port: u16, extra: &[&str]) -> Learner {
         let mut args = vec![job.display().to_string(), "--listen".into(), format!("127.0.0.1:{port}")];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut proc = Proc::spawn("learner", "sluice-learner", &args);
-        let ev = proc.wait_event("listening", Duration::from_secs(60), |v| v["event"] == "listening");
+        let mut proc = spawn("learner", "sluice-learner", &args);
+        let ev = proc.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening");
         Learner { proc, endpoint: format!("http://{}", ev["addr"].as_str().unwrap()) }
     }
 
     pub fn wait_finished(&mut self, timeout: Duration) {
-        self.proc.wait_event("finished", timeout, |v| v["event"] == "finished");
+        self.proc.wait_line("finished", timeout, |v| v["event"] == "finished");
     }
 }
 
@@ -145,7 +83,7 @@ pub fn actor(job: &Path, learner: &str, index: usize, actors: usize, extra: &[&s
         actors.to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    Proc::spawn(&format!("actor-{index}"), "sluice-actor", &args)
+    spawn(&format!("actor-{index}"), "sluice-actor", &args)
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -162,10 +100,7 @@ pub fn status(endpoint: &str) -> LearnerStatus {
     })
 }
 
-/// A free loopback port (bound and released; good enough on a quiet test machine).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+pub use sluice_testkit::free_port;
 
 /// Named tensors of a safetensors file.
 pub fn read_tensors(path: &Path) -> Vec<(String, tch::Tensor)> {

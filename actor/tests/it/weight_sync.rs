@@ -68,9 +68,8 @@ fn interrupted_sync_keeps_the_old_version_then_resumes_and_matches_bit_for_bit()
     let job = write_job(dir.path(), "ws", &body);
     let cfg = JobConfig::from_file(&job).unwrap();
     let out = dir.path().join("out");
-    let port = free_port();
-    let mut learner = Learner::start_on(&job, port, &["--out", out.to_str().unwrap(), "--fresh"]);
-    learner.proc.wait_event("published", std::time::Duration::from_secs(60), |v| v["event"] == "published");
+    let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--fresh"]);
+    learner.proc.wait_line("published", std::time::Duration::from_secs(60), |v| v["event"] == "published");
 
     // The actor's policy starts from a different init, so a copy is visible.
     let mut actor_model = cfg.model.clone();
@@ -105,11 +104,63 @@ fn interrupted_sync_keeps_the_old_version_then_resumes_and_matches_bit_for_bit()
     let (via_proxy, _) = cutting_proxy(&learner.endpoint, 120_000);
     assert!(rt.block_on(async { sync.download(&mut client(&via_proxy).await, "ws").await }).is_err());
     assert!(sync.partial_bytes() > 0);
+    let port = learner.port();
     learner.proc.kill9();
     let mut restarted = Learner::start_on(&job, port, &["--out", out.to_str().unwrap(), "--fresh"]);
-    restarted.proc.wait_event("published", std::time::Duration::from_secs(60), |v| v["event"] == "published");
+    restarted.proc.wait_line("published", std::time::Duration::from_secs(60), |v| v["event"] == "published");
     let (synced, bytes) = rt.block_on(async { sync.download(&mut client(&restarted.endpoint).await, "ws").await }).unwrap();
     assert_eq!(synced.resumed_from, 0, "a download from another incarnation must start over");
     apply(&mut policy, &bytes, synced.version).unwrap();
     assert!(same_bits(&params(&policy), &learner_params));
+}
+
+/// After real training steps, what an actor downloads and applies is the
+/// learner's trained weights bit for bit: in f32 exactly the checkpoint of the
+/// same version, in bf16 exactly that checkpoint rounded to bf16 (the wire
+/// dtype) and widened back by the actor. Small chunks, so a dropped, repeated
+/// or reordered chunk would show.
+#[test]
+fn trained_weights_reach_the_actor_bit_for_bit_in_f32_and_bf16() {
+    for wire in ["f32", "bf16"] {
+        let dir = tempfile::tempdir().unwrap();
+        let body = format!(
+            "{TINY}[sampling]\nmax_new_tokens = 4\n[grpo]\ngroup_size = 4\n\
+             [train]\nsteps = 3\nprompts_per_step = 4\nlr = 0.01\neval_prompts = 4\ncheckpoint_every = 3\n\
+             [rollout]\nmax_staleness = 1\nweights_dtype = \"{wire}\"\nweight_chunk_bytes = 4096\n"
+        );
+        let job = write_job(dir.path(), "trained", &body);
+        let cfg = JobConfig::from_file(&job).unwrap();
+        let out = dir.path().join("out");
+        let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--linger-s", "60"]);
+        let mut a = actor(&job, &learner.endpoint, 0, 1, &[]);
+        learner.wait_finished(std::time::Duration::from_secs(240));
+        a.wait_line("done", std::time::Duration::from_secs(60), |v| v["event"] == "done");
+        assert_eq!(status(&learner.endpoint).version, 3);
+
+        let trained: HashMap<String, tch::Tensor> = read_tensors(&latest_weights(&out)).into_iter().collect();
+        let init = params(&load_policy(&cfg.model).unwrap().0);
+        let moved = init.iter().filter(|(n, t)| !t.equal(&trained[*n])).count();
+        assert!(moved * 2 > init.len(), "training changed only {moved} of {} tensors", init.len());
+
+        let rt = runtime();
+        let (synced, bytes) =
+            rt.block_on(async { WeightSync::default().download(&mut client(&learner.endpoint).await, "trained").await }).unwrap();
+        assert_eq!(synced.version, 3, "the newest version is served");
+        let wire_kind = if wire == "bf16" { tch::Kind::BFloat16 } else { tch::Kind::Float };
+        let on_wire: HashMap<String, tch::Tensor> = sluice_core::weights::decode(&bytes).unwrap().into_iter().collect();
+        assert_eq!(on_wire.len(), trained.len());
+        for (name, t) in &trained {
+            let w = &on_wire[name];
+            assert_eq!(w.kind(), wire_kind, "{name}");
+            assert!(w.equal(&t.to_kind(wire_kind)), "{name} on the wire differs from the learner's version-3 weights ({wire})");
+        }
+        let mut actor_model = cfg.model.clone();
+        actor_model.init_seed = 99;
+        let (mut policy, _) = load_policy(&actor_model).unwrap();
+        apply(&mut policy, &bytes, synced.version).unwrap();
+        for (name, p) in params(&policy) {
+            let want = trained[&name].to_kind(wire_kind).to_kind(p.kind());
+            assert!(p.equal(&want), "{name}: the actor's weights differ from the learner's ({wire})");
+        }
+    }
 }

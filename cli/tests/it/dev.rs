@@ -3,13 +3,12 @@
 //! orchestrator lose nothing, and bad input gets one clear message and the
 //! documented exit code.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sluice_testkit::{free_port, kill9, Proc, Redis};
 
 use crate::sluice;
 
@@ -17,104 +16,17 @@ const TOKEN: &str = "dev-test-token";
 /// Prompts (work items) per step of every test job.
 const PPS: u64 = 16;
 
-/// A child process killed on drop, its stdout JSON lines collected.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-    name: &'static str,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .env("SLUICE_TOKEN", TOKEN)
-            .env("OMP_NUM_THREADS", "1")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let out = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().unwrap().push(v);
-                }
-            }
-        });
-        Proc { child, lines, name }
-    }
-
-    fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
-                return v.clone();
-            }
-            if let Ok(Some(s)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(200));
-                if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
-                    return v.clone();
-                }
-                panic!("{} exited ({s}) before {what}", self.name);
-            }
-            assert!(Instant::now() < deadline, "{}: no {what} within {timeout:?}", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> i32 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "{} did not exit within {timeout:?}", self.name);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn lines(&self) -> Vec<Value> {
-        self.lines.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A private redis-server on a free port (no persistence).
-fn redis() -> (Proc, String) {
-    let port = free_port();
-    let mut cmd = Command::new("redis-server");
-    cmd.args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]);
-    let p = Proc::spawn("redis-server", cmd);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start (scripts/setup.sh installs it)");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (p, format!("redis://127.0.0.1:{port}"))
+/// Starts `cmd` with the test token (see [`sluice_testkit::Proc`]: its own
+/// process group; it and every child it announced die with the test).
+fn spawn(name: &str, mut cmd: Command) -> Proc {
+    cmd.env("SLUICE_TOKEN", TOKEN).env("OMP_NUM_THREADS", "1").env("RUST_LOG", "warn");
+    Proc::spawn(name, cmd)
 }
 
 fn bin(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_BIN_EXE_sluice")).with_file_name(name);
     assert!(path.exists(), "{} is missing: run `cargo build --workspace` first", path.display());
     path
-}
-
-fn kill9(pid: u64) {
-    let ok = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
-    assert!(ok, "kill -9 {pid} failed");
 }
 
 /// A small job: SFT warm-up then GRPO on single-digit addition; `extra` ends the file.
@@ -170,12 +82,14 @@ fn json_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn orchestrator(store: &str, port: u16) -> Proc {
+/// An orchestrator on `port` (0: it picks one) and its endpoint.
+fn orchestrator(store: &str, port: u16) -> (Proc, String) {
     let mut cmd = Command::new(bin("sluice-orchestrator"));
     cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--store", store, "--lease-s", "2"]);
-    let mut p = Proc::spawn("orchestrator", cmd);
-    p.wait_line("listening", Duration::from_secs(30), |v| v["event"] == "listening");
-    p
+    let mut p = spawn("orchestrator", cmd);
+    let v = p.wait_line("listening", Duration::from_secs(30), |v| v["event"] == "listening");
+    let endpoint = format!("http://{}", v["addr"].as_str().expect("listening line has addr"));
+    (p, endpoint)
 }
 
 /// Exact accounting of a finished job's work items.
@@ -207,7 +121,7 @@ fn dev_job_learns_and_the_cli_sees_it() {
     let job = job_file(dir.path(), "devjob", 80, "eval_every = 80");
     let mut cmd = sluice();
     cmd.args(["dev", job.to_str().unwrap(), "--json"]);
-    let mut dev = Proc::spawn("sluice dev", cmd);
+    let mut dev = spawn("sluice dev", cmd);
     let sub = dev.wait_line("submitted", Duration::from_secs(60), |v| v["event"] == "submitted");
     let (endpoint, id) = (sub["endpoint"].as_str().unwrap().to_string(), sub["job"].as_str().unwrap().to_string());
 
@@ -244,13 +158,14 @@ fn dev_job_learns_and_the_cli_sees_it() {
 
 #[test]
 fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
-    let (_redis, url) = redis();
+    let redis = Redis::start();
+    let url = redis.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let steps = 60;
     let job = job_file(dir.path(), "faults", steps, "[resources]\nactors = 2\nreward_server = false\n[rollout]\nmax_staleness = 1");
     let mut cmd = sluice();
     cmd.args(["dev", job.to_str().unwrap(), "--json", "--redis", &url, "--lease-s", "2"]);
-    let mut dev = Proc::spawn("sluice dev", cmd);
+    let mut dev = spawn("sluice dev", cmd);
     let pid = |dev: &mut Proc, role: &str, rank: u64| {
         let v = dev.wait_line(role, Duration::from_secs(60), |v| v["event"] == "started" && v["role"] == role && v["rank"] == rank);
         v["pid"].as_u64().unwrap()
@@ -286,9 +201,7 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
     assert_eq!(dev.wait_exit(Duration::from_secs(900)), 0, "the job completes");
 
     // The orchestrator is gone with dev mode; a new one on the same Redis has the job.
-    let port = free_port();
-    let _orch = orchestrator(&url, port);
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let (_orch, endpoint) = orchestrator(&url, 0);
     let id = dev.lines().iter().find(|v| v["event"] == "submitted").unwrap()["job"].as_str().unwrap().to_string();
     let status = json_of(&cli(&endpoint, &["status", &id]));
     check_accounting(&status, steps);
@@ -315,7 +228,8 @@ fn rounds(endpoint: &str, id: &str) -> Vec<Vec<u64>> {
 
 #[test]
 fn orchestrator_restart_with_redis_recovers_the_job() {
-    let (_redis, url) = redis();
+    let redis = Redis::start();
+    let url = redis.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let steps = 40;
     // Knapsack budgets over 32 prompts that come round every other step.
@@ -326,9 +240,8 @@ fn orchestrator_restart_with_redis_recovers_the_job() {
         "train_size = 32",
         "[rollout]\nmax_staleness = 1\n[budget]\nstrategy = \"knapsack\"\nmin_outcomes = 4",
     );
-    let port = free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let mut orch = orchestrator(&url, port);
+    let (mut orch, endpoint) = orchestrator(&url, 0);
+    let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
     let sub = json_of(&cli(&endpoint, &["submit", job.to_str().unwrap()]));
     let id = sub["id"].as_str().unwrap().to_string();
     assert_eq!(sub["state"], "queued");
@@ -336,16 +249,14 @@ fn orchestrator_restart_with_redis_recovers_the_job() {
     let worker = |binary: &str, extra: &[&str]| {
         let mut cmd = Command::new(bin(binary));
         cmd.args(["--orchestrator", &endpoint, "--job-id", &id]).args(extra);
-        Proc::spawn(if binary == "sluice-learner" { "learner" } else { "actor" }, cmd)
+        spawn(if binary == "sluice-learner" { "learner" } else { "actor" }, cmd)
     };
     let mut learner = worker("sluice-learner", &["--listen", "127.0.0.1:0"]);
     let addr = learner.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening")["addr"].as_str().unwrap().to_string();
     let mut actor = worker("sluice-actor", &["--learner", &format!("http://{addr}")]);
     learner.wait_line("step 4", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(4));
 
-    orch.child.kill().unwrap();
-    orch.child.wait().unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    orch.kill9();
     let _orch = orchestrator(&url, port);
 
     assert_eq!(learner.wait_exit(Duration::from_secs(600)), 0);
@@ -369,13 +280,11 @@ fn orchestrator_restart_with_redis_recovers_the_job() {
 fn cancel_stops_the_workers() {
     let dir = tempfile::tempdir().unwrap();
     let job = job_file(dir.path(), "cancel", 500, "");
-    let port = free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let _orch = orchestrator("memory", port);
+    let (_orch, endpoint) = orchestrator("memory", 0);
     let id = json_of(&cli(&endpoint, &["submit", job.to_str().unwrap()]))["id"].as_str().unwrap().to_string();
     let mut cmd = Command::new(bin("sluice-learner"));
     cmd.args(["--orchestrator", &endpoint, "--listen", "127.0.0.1:0"]);
-    let mut learner = Proc::spawn("learner", cmd);
+    let mut learner = spawn("learner", cmd);
     learner.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening");
     let c = json_of(&cli(&endpoint, &["cancel", &id, "--reason", "test says stop"]));
     assert_eq!(c["state"], "cancelled");
@@ -429,7 +338,7 @@ fn a_bgpo_job_on_a_diffusion_policy_runs_through_dev_mode() {
     std::fs::write(&job, text).unwrap();
     let mut cmd = sluice();
     cmd.args(["dev", job.to_str().unwrap(), "--json"]);
-    let mut dev = Proc::spawn("sluice dev", cmd);
+    let mut dev = spawn("sluice dev", cmd);
     assert_eq!(dev.wait_exit(Duration::from_secs(600)), 0, "the BGPO job succeeded");
     let steps: Vec<Value> = dev.lines().into_iter().filter(|v| v["event"] == "step").collect();
     assert_eq!(steps.len(), 6);

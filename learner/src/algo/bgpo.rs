@@ -162,14 +162,11 @@ mod tests {
     const PAD: i64 = 0;
 
     fn policy(seed: i64) -> (nn::VarStore, Model) {
-        // libtorch's global RNG is shared by parallel tests: seed and build under one lock.
-        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _l = LOCK.lock().unwrap();
-        tch::manual_seed(seed);
         let vs = nn::VarStore::new(Device::Cpu);
         let mut c = ModelConfig::preset("tiny-diffusion", 20).unwrap();
         c.pad_token_id = Some(PAD);
         let m = Model::new(&vs.root(), &c);
+        sluice_core::model::init_parameters(&vs, seed as u64);
         (vs, m)
     }
 

@@ -18,30 +18,22 @@ impl Drop for Killed {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A private redis-server on a free port (no persistence: it lives as long as the test).
-fn redis() -> (Killed, String) {
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is not installed: run scripts/setup.sh (it installs Debian's redis-server)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Killed(child), format!("redis://127.0.0.1:{port}"))
+/// A private redis-server (see [`sluice_testkit::Redis`]) and its URL.
+fn redis() -> (sluice_testkit::Redis, String) {
+    let r = sluice_testkit::Redis::start();
+    let url = r.url.clone();
+    (r, url)
 }
 
 fn server(job: &Path, store: &str) -> (Killed, String) {
+    server_with(job, store, &[])
+}
+
+fn server_with(job: &Path, store: &str, extra: &[&str]) -> (Killed, String) {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_sluice-reward-server"));
     let mut child = Command::new(bin)
         .args([job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--store", store])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -164,6 +156,40 @@ fn labels_are_learned_in_the_background_and_survive_a_restart_in_redis() {
     assert_eq!((st2.labelled, st2.annotated), (2, 0), "{st2:?}");
 }
 
+/// With a token, every Reward call without it (or with another) is refused
+/// with UNAUTHENTICATED and scores nothing; gRPC health stays open for probes.
+#[test]
+fn a_token_protected_server_refuses_anonymous_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_s, ep) = server_with(&job(dir.path(), ONI), "memory", &["--token", "s3cret"]);
+    // Refused calls carry captions: had one got through, they would be looked up and queued.
+    let items = || vec![item("a", "exact", "x", "x", &["you see a key"])];
+    rt().block_on(async {
+        let mut c = RewardClient::connect(ep.clone()).await.unwrap();
+        for token in [None, Some("guess")] {
+            let req = sluice_proto::auth::request(ScoreRequest { job_id: "rw".into(), items: items() }, token);
+            let err = c.score(req).await.expect_err("refused");
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "token {token:?}: {err}");
+            let req = sluice_proto::auth::request(AnnotationStatsRequest { job_id: "rw".into() }, token);
+            assert_eq!(c.annotation_statistics(req).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+        }
+        let plain = vec![item("a", "exact", "x", "x", &[])];
+        let req = sluice_proto::auth::request(ScoreRequest { job_id: "rw".into(), items: plain }, Some("s3cret"));
+        assert_eq!(c.score(req).await.unwrap().into_inner().scores[0].extrinsic, 1.0);
+        let channel = tonic::transport::Channel::from_shared(ep.clone()).unwrap().connect().await.unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let st = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+        assert_eq!(st.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    });
+    // Nothing the anonymous calls sent was scored or counted.
+    let st = rt().block_on(async {
+        let mut c = RewardClient::connect(ep.clone()).await.unwrap();
+        let req = sluice_proto::auth::request(AnnotationStatsRequest { job_id: "rw".into() }, Some("s3cret"));
+        c.annotation_statistics(req).await.unwrap().into_inner()
+    });
+    assert_eq!((st.lookups, st.queued, st.labelled), (0, 0, 0), "{st:?}");
+}
+
 #[test]
 fn queue_overflow_is_counted_and_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
@@ -178,9 +204,21 @@ fn queue_overflow_is_counted_and_not_fatal() {
     assert!(st.dropped > 0, "{st:?}");
     assert_eq!(st.queue_capacity, 4);
     assert!(st.labelled + st.dropped + st.queued <= 200, "{st:?}");
-    // Still serving, and the survivors get labelled.
+    // Still serving, and the survivors get labelled: once the queue is empty,
+    // every one of the 201 captions was either labelled or dropped.
     let (again, _) = score(&ep, vec![item("x", "exact", "a", "a", &["one more"])]);
     assert_eq!(again[0].total, 1.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = stats(&ep);
+        if st.queued == 0 && st.labelled + st.dropped == 201 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "captions neither labelled nor dropped: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(st.labelled >= 4, "at least a full queue of survivors is labelled: {st:?}");
+    assert_eq!(st.annotated, st.labelled, "{st:?}");
 }
 
 /// A fake OpenAI-compatible endpoint: `mode` 0 answers (helpful when the

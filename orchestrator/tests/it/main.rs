@@ -1,0 +1,156 @@
+//! The orchestrator library over a real `redis-server`: what a restart keeps
+//! (jobs, outstanding work, outcome history, events) and what lease expiry does.
+//! Driven through [`Orchestrator`] directly, as the gRPC handlers call it.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice_orchestrator::service::{now_ms, Orchestrator};
+use sluice_orchestrator::store::Store;
+use sluice_orchestrator::Error;
+use sluice_proto::v1;
+use sluice_testkit::Redis;
+
+/// 32 prompts in rounds of 16 (a prompt comes round every other round), staleness
+/// 0 so rounds follow each other strictly, knapsack budgets from 4 outcomes on.
+const SPEC: &str = "name = \"ks\"\n[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ntrain_size = 32\n\
+    [grpo]\ngroup_size = 8\n[train]\nprompts_per_step = 16\n[rollout]\nmax_staleness = 0\n\
+    [budget]\nstrategy = \"knapsack\"\nmin_outcomes = 4\n";
+
+/// A fixed outcome per prompt: success rate (prompt_index mod 5) / 4, so the
+/// knapsack sees rates 0, 1/4, 1/2, 3/4 and 1.
+fn rewards(prompt_index: u64, n: u32) -> Vec<f64> {
+    (0..n as u64).map(|j| if j % 4 < prompt_index % 5 { 1.0 } else { 0.0 }).collect()
+}
+
+async fn register(o: &Orchestrator, job: &str, name: &str) -> String {
+    let req = v1::RegisterWorkerRequest { job_id: job.into(), role: "actor".into(), name: name.into(), address: String::new(), rank: 0 };
+    o.register(req).await.unwrap().worker_id
+}
+
+async fn next_work(o: &Orchestrator, job: &str, worker: &str) -> Vec<v1::WorkItem> {
+    let req = v1::NextWorkRequest { job_id: job.into(), worker_id: worker.into(), max_items: 4096 };
+    o.next_work(req).await.unwrap().items
+}
+
+async fn report(o: &Orchestrator, job: &str, worker: &str, item: &v1::WorkItem) -> bool {
+    let req = v1::ReportOutcomeRequest {
+        job_id: job.into(),
+        worker_id: worker.into(),
+        work_id: item.id,
+        rewards: rewards(item.prompt_index, item.n),
+    };
+    o.report_outcome(req).await.unwrap()
+}
+
+/// Takes and completes `rounds` whole rounds.
+async fn drive(o: &Orchestrator, job: &str, worker: &str, rounds: usize) {
+    for _ in 0..rounds {
+        let items = next_work(o, job, worker).await;
+        assert_eq!(items.len(), 16, "one round at a time at staleness 0");
+        for item in &items {
+            assert!(report(o, job, worker, item).await);
+        }
+    }
+}
+
+/// Each `round` event's budgets, in order.
+async fn round_sizes(o: &Orchestrator, job: &str) -> Vec<Vec<u64>> {
+    let (events, _) = o.events(job, 0).await.unwrap();
+    events
+        .iter()
+        .map(|(_, json)| serde_json::from_str::<Value>(json).unwrap())
+        .filter(|v| v["event"] == "round")
+        .map(|v| v["sizes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect())
+        .collect()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// An orchestrator killed after four rounds and reopened on the same Redis hands
+/// out exactly the rounds an uninterrupted one does: the knapsack history, the
+/// data cursor, the counters and the events all came back.
+#[test]
+fn a_restart_on_redis_continues_with_the_same_knapsack_budgets() {
+    let redis = Redis::start();
+    rt().block_on(async {
+        // Reference: one orchestrator, never restarted.
+        let a = Orchestrator::open(Store::open("memory").await.unwrap(), LEASE).await.unwrap();
+        let ja = a.submit(SPEC.into()).await.unwrap().id;
+        let wa = register(&a, &ja, "a").await;
+        drive(&a, &ja, &wa, 8).await;
+        next_work(&a, &ja, &wa).await; // opens round 8
+        let want = round_sizes(&a, &ja).await;
+
+        let b = Orchestrator::open(Store::open(&redis.url).await.unwrap(), LEASE).await.unwrap();
+        let jb = b.submit(SPEC.into()).await.unwrap().id;
+        let wb = register(&b, &jb, "b").await;
+        drive(&b, &jb, &wb, 4).await;
+        let before = b.get(&jb).await.unwrap();
+        drop(b);
+
+        let b = Orchestrator::open(Store::open(&redis.url).await.unwrap(), LEASE).await.unwrap();
+        let after = b.get(&jb).await.unwrap();
+        assert_eq!(after.progress, before.progress, "counters survive the restart");
+        assert_eq!(round_sizes(&b, &jb).await, want[..4].to_vec(), "events survive the restart");
+        let wb = register(&b, &jb, "b2").await;
+        drive(&b, &jb, &wb, 4).await;
+        next_work(&b, &jb, &wb).await;
+        let got = round_sizes(&b, &jb).await;
+        assert_eq!(got, want, "rounds after the restart differ from the uninterrupted run's");
+        // Round 4 reuses round 2's prompts, whose outcomes came before the
+        // restart: only a restored history makes it non-uniform.
+        assert!(got[4].iter().any(|&n| n != 8), "round 4 is uniform: the history was lost: {got:?}");
+        assert!(got.iter().all(|r| r.iter().sum::<u64>() == 16 * 8), "every round keeps the total: {got:?}");
+        let p = b.get(&jb).await.unwrap().progress.unwrap();
+        assert_eq!(p.work_created, 9 * 16);
+        assert_eq!(p.work_completed, 8 * 16);
+        assert_eq!(p.work_created, p.work_completed + p.work_outstanding, "{p:?}");
+    });
+}
+
+/// A worker whose lease runs out loses its items to the next worker (same ids,
+/// next attempt); it must register again, and its late outcome is a duplicate.
+/// Workers and outstanding items are in Redis, so a restart in the middle
+/// changes none of it.
+#[test]
+fn expired_leases_requeue_work_and_the_worker_must_register_again() {
+    let redis = Redis::start();
+    rt().block_on(async {
+        let o = Orchestrator::open(Store::open(&redis.url).await.unwrap(), LEASE).await.unwrap();
+        let job = o.submit(SPEC.into()).await.unwrap().id;
+        let w1 = register(&o, &job, "first").await;
+        let held = next_work(&o, &job, &w1).await;
+        assert_eq!(held.len(), 16);
+        assert!(held.iter().all(|i| i.attempt == 0));
+        // Nothing expires while the lease is alive; then it runs out.
+        assert_eq!(o.sweep(now_ms()).await.unwrap(), 0);
+        assert_eq!(o.sweep(now_ms() + LEASE.as_millis() as u64 + 1).await.unwrap(), 1, "the lease runs out");
+        let redispatched = o.get(&job).await.unwrap().progress.unwrap().work_redispatched;
+        assert_eq!(redispatched, 16);
+        drop(o);
+        // After a restart the expired worker is still forgotten and its items still queued.
+        let o = Orchestrator::open(Store::open(&redis.url).await.unwrap(), LEASE).await.unwrap();
+        let hb = v1::HeartbeatRequest { worker_id: w1.clone(), job_id: job.clone(), ..Default::default() };
+        assert!(matches!(o.heartbeat(hb).await, Err(Error::NotFound(_))), "an expired worker must register again");
+
+        let w2 = register(&o, &job, "second").await;
+        let again = next_work(&o, &job, &w2).await;
+        let ids = |v: &[v1::WorkItem]| v.iter().map(|i| (i.id, i.prompt_index, i.n)).collect::<Vec<_>>();
+        assert_eq!(ids(&again), ids(&held), "the same items, handed out again");
+        assert!(again.iter().all(|i| i.attempt >= 1), "{again:?}");
+        for item in &again {
+            assert!(report(&o, &job, &w2, item).await, "the first outcome counts");
+        }
+        assert!(!report(&o, &job, &w1, &held[0]).await, "a late outcome of the expired worker is a duplicate");
+        let p = o.get(&job).await.unwrap().progress.unwrap();
+        assert_eq!((p.work_completed, p.duplicate_outcomes, p.work_outstanding), (16, 1, 0), "{p:?}");
+        assert_eq!(p.work_redispatched, 16, "{p:?}");
+        let (events, _) = o.events(&job, 0).await.unwrap();
+        assert!(events.iter().any(|(_, e)| e.contains("\"worker_lost\"") && e.contains(&w1)), "worker_lost event");
+    });
+}

@@ -1,0 +1,202 @@
+//! What the integration tests of every crate share: child processes that
+//! report readiness on stdout and die with their test, and a private
+//! `redis-server`.
+//!
+//! Rules the helpers enforce, so tests do not have to remember them:
+//! - readiness comes from the child (a JSON line such as `{"event":"listening",
+//!   "addr":…}` after binding port 0), never from a sleep;
+//! - a child runs in its own process group, and dropping its [`Proc`] kills that
+//!   group and every process the child announced (`"pid"` in its `started` /
+//!   `restarted` lines, as `sluice dev` prints them), so a failing test leaves
+//!   no orphans behind;
+//! - a server that must listen on a chosen port ([`Redis`]) is retried on
+//!   another port when the one picked was taken in between.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[derive(Default)]
+struct Lines {
+    values: Vec<Value>,
+    /// The child's stdout reached end of file.
+    closed: bool,
+}
+
+/// A child process whose stdout JSON lines are collected; killed (with its
+/// process group and every process it announced) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    lines: Arc<(Mutex<Lines>, Condvar)>,
+}
+
+impl Proc {
+    /// Starts `cmd` in a process group of its own, stdout piped (JSON lines
+    /// collected), stderr inherited; `OMP_NUM_THREADS=1` and `RUST_LOG=warn`
+    /// unless the command sets them.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let out = child.stdout.take().expect("piped stdout");
+        let lines: Arc<(Mutex<Lines>, Condvar)> = Arc::default();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.0.lock().unwrap().values.push(v);
+                    sink.1.notify_all();
+                }
+            }
+            sink.0.lock().unwrap().closed = true;
+            sink.1.notify_all();
+        });
+        Proc { child, name: name.to_string(), lines }
+    }
+
+    /// A command for `binary` with the environment every test child gets.
+    pub fn command(binary: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(binary);
+        cmd.env("OMP_NUM_THREADS", "1").env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+        cmd
+    }
+
+    /// Every JSON line so far.
+    pub fn lines(&self) -> Vec<Value> {
+        self.lines.0.lock().unwrap().values.clone()
+    }
+
+    /// Waits for a line satisfying `pred` and returns it. Panics when the
+    /// child's stdout closes (it exited) without one, or at the deadline.
+    pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.lines;
+        let mut g = lock.lock().unwrap();
+        loop {
+            if let Some(v) = g.values.iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            if g.closed {
+                drop(g);
+                let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                panic!("{} exited ({status}) before {what}", self.name);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{}: no {what} within {timeout:?}", self.name);
+            g = cv.wait_timeout(g, left.min(Duration::from_millis(500))).unwrap().0;
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code (-1 for a signal).
+    /// Its stdout has been read to the end when this returns.
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        let code = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {timeout:?}", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Lines written just before exiting are still in the pipe: read them
+        // (a grandchild holding the pipe open ends the wait at the deadline).
+        let (lock, cv) = &*self.lines;
+        let mut g = lock.lock().unwrap();
+        while !g.closed {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            let (next, waited) = cv.wait_timeout(g, left).unwrap();
+            g = next;
+            if waited.timed_out() {
+                break;
+            }
+        }
+        code
+    }
+
+    /// Sends `signal` (e.g. "INT", "TERM", "KILL") to the process itself.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -{signal} {} failed", self.child.id());
+    }
+
+    /// SIGKILL to the process and its group; waits for it.
+    pub fn kill9(&mut self) {
+        kill_group(self.child.id());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Processes the child started and announced (each leads its own group).
+        for v in self.lines() {
+            if matches!(v["event"].as_str(), Some("started" | "restarted")) {
+                if let Some(pid) = v["pid"].as_u64() {
+                    kill_group(pid as u32);
+                }
+            }
+        }
+        self.kill9();
+    }
+}
+
+/// SIGKILL to process group `pgid` and to the process `pgid` (best effort).
+fn kill_group(pgid: u32) {
+    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}"), &pgid.to_string()]).stderr(Stdio::null()).status();
+}
+
+/// SIGKILL to one process by pid; panics if the signal could not be sent.
+pub fn kill9(pid: u64) {
+    let ok = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill -9 {pid} failed");
+}
+
+/// A port that was free a moment ago. Only for processes that cannot report
+/// the port they bound; whoever uses it must retry on another port if it was
+/// taken in between (see [`Redis::start`]).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A private `redis-server` on loopback (no persistence), killed on drop.
+pub struct Redis {
+    pub proc: Proc,
+    pub port: u16,
+    pub url: String,
+}
+
+impl Redis {
+    /// Starts one on a free port; if the port was taken in between, tries another.
+    pub fn start() -> Redis {
+        for _ in 0..10 {
+            let port = free_port();
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]);
+            let mut proc = Proc::spawn("redis-server", cmd);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    // Ours, not a squatter: the child is still alive.
+                    if proc.child.try_wait().unwrap().is_none() {
+                        return Redis { proc, port, url: format!("redis://127.0.0.1:{port}") };
+                    }
+                }
+                if proc.child.try_wait().unwrap().is_some() {
+                    break; // port taken: try another
+                }
+                assert!(Instant::now() < deadline, "redis-server did not start (scripts/setup.sh installs it)");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("redis-server could not bind a free port in 10 tries (is it installed? scripts/setup.sh does)");
+    }
+}
