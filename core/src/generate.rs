@@ -376,9 +376,9 @@ mod tests {
                 assert_eq!(c, 0, "top-k sampled token {i} outside the top 3");
             }
         }
-        // top-p = 0.8 at T = 0.5: sorted by probability, a token stays while the
-        // mass of the tokens before it is below 0.8.
-        let t = 0.5;
+        // top-p = 0.8 at T = 1.5: sorted by probability, a token stays while the
+        // mass of the tokens before it is at most 0.8 (here 4 of 8 tokens stay).
+        let t = 1.5;
         let probs = softmax(&logits, t);
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));

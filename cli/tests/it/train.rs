@@ -100,8 +100,16 @@ fn killed_inside_a_checkpoint_write_resumes_exactly() {
         assert!(attempt < 25, "no kill landed inside a checkpoint write in 25 tries");
         let mut child = sluice().args(["train", "--json"]).arg(&jb).stdout(std::process::Stdio::null()).spawn().unwrap();
         let pid = child.id();
+        // Each run's first save completes (so the run advances); the kill
+        // aims at its second.
+        let mut seen: Vec<std::path::PathBuf> = Vec::new();
         loop {
-            if !temporaries(pid).is_empty() {
+            for t in temporaries(pid) {
+                if !seen.contains(&t) {
+                    seen.push(t);
+                }
+            }
+            if seen.len() >= 2 {
                 child.kill().unwrap(); // SIGKILL
                 break;
             }
