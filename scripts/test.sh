@@ -10,5 +10,7 @@ export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # keeps parallel test processes from oversubscribing the CPU.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cargo test --workspace "$@"
+# Every benchmark once at its smallest size (compiled and run, nothing asserted).
+"$SLUICE_ROOT/scripts/bench-smoke.sh"
 # The Helm chart: lint, render, validate against the Kubernetes schemas, check ranks.
 "$SLUICE_ROOT/scripts/chart-check.sh"

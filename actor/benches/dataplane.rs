@@ -11,7 +11,7 @@
 //!   2 (and 1) real actor processes, max_staleness 4 against 0 (binaries from
 //!   `--bin-dir`, default: next to this bench's `sluice-actor`).
 //!
-//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|staleness]...`
+//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|staleness]... [--smoke]`
 //! (scripts/bench-dataplane.sh builds the release binaries first).
 
 use std::io::{Read, Write};
@@ -29,6 +29,11 @@ use sluice_proto::{packed, v1};
 use tokio_stream::wrappers::ReceiverStream;
 
 const JOB: &str = "bench";
+
+/// `--smoke`: the smallest sizes, one pass, so CI can run the code (no figures).
+fn smoke() -> bool {
+    std::env::args().any(|a| a == "--smoke")
+}
 
 fn rollout(group: u64, index: u32, prompt: usize, response: usize) -> v1::Rollout {
     v1::Rollout {
@@ -109,7 +114,7 @@ fn raw_tcp(streams: usize, per_stream: &[u8]) -> f64 {
 }
 
 fn ingest() {
-    let (groups, g, prompt, response) = (2000u64, 8u32, 128, std::env::var("RESP").ok().and_then(|v| v.parse().ok()).unwrap_or(512));
+    let (groups, g, prompt, response) = (if smoke() { 16u64 } else { 2000 }, 8u32, 128, std::env::var("RESP").ok().and_then(|v| v.parse().ok()).unwrap_or(512));
     let msgs: Vec<v1::Rollout> =
         (0..groups).flat_map(|k| (0..g).map(move |i| rollout(k + 1, i, prompt, response))).collect();
     let per_stream_bytes: usize = msgs.iter().map(|m| m.encoded_len() + 5).sum(); // + gRPC frame header
@@ -122,7 +127,7 @@ fn ingest() {
     println!("## ingest: {groups} groups x {g} rollouts per stream, prompt {prompt} + response {response} tokens, {:.1} KB per rollout", per_stream_bytes as f64 / msgs.len() as f64 / 1024.0);
     println!("| streams | gRPC rollouts/s | gRPC MB/s | raw TCP MB/s | ratio |");
     println!("|---|---|---|---|---|");
-    for streams in [1usize, 2, 4] {
+    for streams in if smoke() { vec![2usize] } else { vec![1, 2, 4] } {
         let rt = runtime();
         let (endpoint, shared) = start_learner(&rt, 1 << 20);
         let clients: Vec<_> =
@@ -173,7 +178,11 @@ fn ingest() {
 }
 
 fn weights() {
-    let cfg = sluice_core::model::ModelConfig::preset("qwen2-0.5b", 151_936).unwrap();
+    let cfg = if smoke() {
+        sluice_core::model::ModelConfig::preset("tiny", 100).unwrap()
+    } else {
+        sluice_core::model::ModelConfig::preset("qwen2-0.5b", 151_936).unwrap()
+    };
     let t0 = Instant::now();
     let policy = sluice_core::hf::Policy::random(&cfg, tch::Device::Cpu, tch::Kind::BFloat16, 0);
     let params: i64 = policy.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
@@ -183,7 +192,7 @@ fn weights() {
     println!("## weights: {:.0}M parameters, bf16 on the wire, {:.2} GB (init + encode {encode_s:.1} s)", params as f64 / 1e6, bytes.len() as f64 / 1e9);
     println!("| chunk | gRPC GetWeights s | GB/s | raw TCP s | ratio |");
     println!("|---|---|---|---|---|");
-    for chunk in [1usize << 20, 4 << 20] {
+    for chunk in if smoke() { vec![4096usize] } else { vec![1 << 20, 4 << 20] } {
         let rt = runtime();
         let (endpoint, shared) = start_learner(&rt, chunk);
         shared.publish(0, bytes.clone(), "bf16");
@@ -281,11 +290,11 @@ fn run_job(bins: &std::path::Path, dir: &std::path::Path, staleness: u64, steps:
 fn staleness() {
     let bins = bin_dir();
     let dir = tempfile::tempdir().unwrap();
-    let steps = 21;
+    let steps = if smoke() { 3 } else { 21 };
     println!("## staleness: learner + actors, preset small, 8 prompts x 8 rollouts per step, {steps} steps");
     println!("| actors | max_staleness 0 (sync) s/step | max_staleness 4 (async) s/step | async / sync |");
     println!("|---|---|---|---|");
-    for n in [2usize, 1] {
+    for n in if smoke() { vec![1usize] } else { vec![2, 1] } {
         let sync_s = run_job(&bins, dir.path(), 0, steps, n);
         let async_s = run_job(&bins, dir.path(), 4, steps, n);
         println!("| {n} | {sync_s:.3} | {async_s:.3} | {:.2} |", async_s / sync_s);

@@ -47,8 +47,13 @@ fn serve(rt: &tokio::runtime::Runtime, job: &JobConfig) -> String {
     format!("http://{addr}")
 }
 
+/// `--smoke`: the smallest sizes, one pass, so CI can run the code (no figures).
+fn smoke() -> bool {
+    std::env::args().any(|a| a == "--smoke")
+}
+
 fn score() {
-    let (batch, batches) = (256usize, 200usize);
+    let (batch, batches) = if smoke() { (8usize, 2usize) } else { (256, 200) };
     // Baseline: the verifier alone, in this thread.
     let direct_items = items(batch, 0, 0);
     let t0 = Instant::now();
@@ -126,11 +131,11 @@ fn fake_endpoint(latency: Duration) -> (String, Arc<AtomicU64>) {
 
 fn annotate() {
     let latency = Duration::from_millis(50);
-    let n = 400usize;
+    let n = if smoke() { 8usize } else { 400 };
     println!("## annotate: {n} captions, fake endpoint answering after {} ms", latency.as_millis());
     println!("| concurrency | labels/s | ideal (concurrency / latency) | ratio |");
     println!("|---|---|---|---|");
-    for concurrency in [4usize, 16] {
+    for concurrency in if smoke() { vec![4usize] } else { vec![4, 16] } {
         let (url, _served) = fake_endpoint(latency);
         let rt = runtime();
         let extra = format!(
