@@ -115,10 +115,19 @@ fn trained_groups(run: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// The README's main job as shipped (examples/arithmetic.toml, 300 steps, out_dir
+/// moved into the test's directory): it learns as the README says, and the job
+/// commands see it while it runs.
 #[test]
 fn dev_job_learns_and_the_cli_sees_it() {
     let dir = tempfile::tempdir().unwrap();
-    let job = job_file(dir.path(), "devjob", 80, "eval_every = 80");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/arithmetic.toml");
+    let run = dir.path().join("run-devjob");
+    let text = std::fs::read_to_string(example).unwrap();
+    assert!(text.contains("out_dir = \"runs/arithmetic\"") && text.contains("steps = 300"), "the example changed; update this test");
+    let text = text.replace("out_dir = \"runs/arithmetic\"", &format!("out_dir = \"{}\"", run.display())).replace("device = \"auto\"", "device = \"cpu\"");
+    let job = dir.path().join("devjob.toml");
+    std::fs::write(&job, text).unwrap();
     let mut cmd = sluice();
     cmd.args(["dev", job.to_str().unwrap(), "--json"]);
     let mut dev = spawn("sluice dev", cmd);
@@ -144,12 +153,14 @@ fn dev_job_learns_and_the_cli_sees_it() {
     assert_eq!(dev.wait_exit(Duration::from_secs(600)), 0, "the job succeeded");
     let lines = dev.lines();
     let evals: Vec<f64> = lines.iter().filter(|v| v["event"] == "eval").map(|v| v["reward_mean"].as_f64().unwrap()).collect();
-    // Before the warm-up, after it, after GRPO: GRPO itself raises held-out reward.
-    assert_eq!(evals.len(), 3, "{evals:?}");
-    assert!(evals[2] > evals[1] + 0.1, "held-out reward rises under GRPO: {evals:?}");
-    let run = dir.path().join("run-devjob");
+    // Before the warm-up, after it, then every 50 GRPO steps. The run is
+    // asynchronous (timing moves it), so the check is on the mean of the
+    // second half: GRPO itself raises held-out reward well above the warm-up.
+    assert_eq!(evals.len(), 8, "{evals:?}");
+    let late = evals[4..].iter().sum::<f64>() / 4.0;
+    assert!(late - evals[1] >= 0.2, "held-out reward from step 150 on averages {late:.3}, after the warm-up {:.3}: {evals:?}", evals[1]);
     assert!(run.join("checkpoints/latest").exists(), "checkpoints written");
-    assert_eq!(trained_groups(&run), vec![PPS; 80]);
+    assert_eq!(trained_groups(&run), vec![PPS; 300]);
     for role in ["orchestrator-0", "reward-0", "learner-0", "actor-0"] {
         assert!(run.join(format!("logs/{role}.log")).exists(), "{role} log");
     }
