@@ -125,7 +125,7 @@ fn trained_weights_reach_the_actor_bit_for_bit_in_f32_and_bf16() {
         let dir = tempfile::tempdir().unwrap();
         let body = format!(
             "{TINY}[sampling]\nmax_new_tokens = 4\n[grpo]\ngroup_size = 4\n\
-             [train]\nsteps = 3\nprompts_per_step = 4\nlr = 0.01\neval_prompts = 4\ncheckpoint_every = 3\n\
+             [train]\nsteps = 3\nprompts_per_step = 4\nlr = 0.01\nsft_steps = 10\nsft_lr = 0.003\neval_prompts = 4\ncheckpoint_every = 3\n\
              [rollout]\nmax_staleness = 1\nweights_dtype = \"{wire}\"\nweight_chunk_bytes = 4096\n"
         );
         let job = write_job(dir.path(), "trained", &body);
@@ -140,6 +140,7 @@ fn trained_weights_reach_the_actor_bit_for_bit_in_f32_and_bf16() {
         let trained: HashMap<String, tch::Tensor> = read_tensors(&latest_weights(&out)).into_iter().collect();
         let init = params(&load_policy(&cfg.model).unwrap().0);
         let moved = init.iter().filter(|(n, t)| !t.equal(&trained[*n])).count();
+        // (The supervised warm-up moves every tensor; GRPO steps may add little.)
         assert!(moved * 2 > init.len(), "training changed only {moved} of {} tensors", init.len());
 
         let rt = runtime();
