@@ -138,4 +138,56 @@ fn two_ranks_on_half_batches_match_one_rank_on_whole_batches() {
     };
     assert_eq!(steps(&single_out), vec![PER_STEP as u64; STEPS]);
     assert_eq!(steps(&outs[0]), vec![PER_STEP as u64; STEPS]);
+    drop((r0, r1));
+
+    // A rank dies after step 1: its peer fails instead of hanging, both are
+    // restarted without --fresh, resume from rank 0's checkpoint of step 1, and
+    // end bit for bit where the uninterrupted two-rank run ended.
+    let text = job_body().replace("eval_prompts = 2\n", "eval_prompts = 2\ncheckpoint_every = 1\n");
+    let crash_dir = dir.path().join("crash");
+    std::fs::create_dir_all(&crash_dir).unwrap();
+    let job = write_job(&crash_dir, "dp", &text);
+    let outs = [crash_dir.join("rank0"), crash_dir.join("rank1")];
+    let start = |rank: usize, rdv: &str, fresh: bool| {
+        let r = rank.to_string();
+        let mut args = vec!["--out", outs[rank].to_str().unwrap(), "--rank", &r, "--world-size", "2", "--rendezvous", rdv, "--linger-s", "60"];
+        if fresh {
+            args.push("--fresh");
+        }
+        Learner::start(&job, &args)
+    };
+    let pair = |rdv: &str, fresh: bool| {
+        std::thread::scope(|s| {
+            let a = s.spawn(|| start(0, rdv, fresh));
+            let b = s.spawn(|| start(1, rdv, fresh));
+            (a.join().unwrap(), b.join().unwrap())
+        })
+    };
+    let step_shard = |step: usize, rank: usize| -> Vec<&Group> { all[step * PER_STEP + rank * half..step * PER_STEP + (rank + 1) * half].iter().collect() };
+    let rdv = format!("127.0.0.1:{}", free_port());
+    let (mut r0, mut r1) = pair(&rdv, true);
+    std::thread::scope(|s| {
+        s.spawn(|| push(&r0.endpoint, "dp", &step_shard(0, 0)));
+        s.spawn(|| push(&r1.endpoint, "dp", &step_shard(0, 1)));
+    });
+    r0.proc.wait_line("checkpoint of step 1", Duration::from_secs(120), |v| v["event"] == "checkpoint" && v["step"] == 1);
+    r1.proc.kill9();
+    push(&r0.endpoint, "dp", &step_shard(1, 0));
+    let code = r0.proc.wait_exit(Duration::from_secs(120));
+    assert_ne!(code, 0, "rank 0 must fail when its peer is gone, not train alone");
+    let rdv = format!("127.0.0.1:{}", free_port());
+    let (mut r0, mut r1) = pair(&rdv, false);
+    let resumed = r0.proc.wait_line("listening", Duration::from_secs(10), |v| v["event"] == "listening");
+    assert_eq!(resumed["version"], 1, "rank 0 resumes at its step-1 checkpoint");
+    std::thread::scope(|s| {
+        s.spawn(|| push(&r0.endpoint, "dp", &(1..STEPS).flat_map(|k| step_shard(k, 0)).collect::<Vec<_>>()));
+        s.spawn(|| push(&r1.endpoint, "dp", &(1..STEPS).flat_map(|k| step_shard(k, 1)).collect::<Vec<_>>()));
+    });
+    r0.wait_finished(Duration::from_secs(180));
+    r1.wait_finished(Duration::from_secs(180));
+    assert!(weights(&r1.endpoint, "dp") == w0, "rank 1 after the crash and resume differs from the uninterrupted run");
+    let after = read_tensors(&latest_weights(&outs[0]));
+    for ((n, a), (_, b)) in after.iter().zip(&two) {
+        assert!(a.equal(b), "{n}: the resumed two-rank run differs from the uninterrupted one");
+    }
 }
