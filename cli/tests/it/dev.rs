@@ -296,10 +296,19 @@ fn cancel_stops_the_workers() {
     let mut cmd = Command::new(bin("sluice-learner"));
     cmd.args(["--orchestrator", &endpoint, "--listen", "127.0.0.1:0"]);
     let mut learner = spawn("learner", cmd);
-    learner.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening");
+    let addr = learner.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening")["addr"].as_str().unwrap().to_string();
+    let mut cmd = Command::new(bin("sluice-actor"));
+    cmd.args(["--orchestrator", &endpoint, "--learner", &format!("http://{addr}")]);
+    let mut actor = spawn("actor", cmd);
+    // Cancel while both are at work: the learner has trained, the actor has sent.
+    learner.wait_line("a step", Duration::from_secs(300), |v| v["event"] == "step");
+    actor.wait_line("a sent batch", Duration::from_secs(60), |v| v["event"] == "sent");
     let c = json_of(&cli(&endpoint, &["cancel", &id, "--reason", "test says stop"]));
     assert_eq!(c["state"], "cancelled");
     assert_eq!(learner.wait_exit(Duration::from_secs(120)), 0, "the learner stops after its step");
+    assert_eq!(actor.wait_exit(Duration::from_secs(120)), 0, "the actor stops after its batch");
+    let st = json_of(&cli(&endpoint, &["status", &id]));
+    assert!(st["progress"]["step"].as_u64().unwrap() < 500, "{st}");
     let s = json_of(&cli(&endpoint, &["status", &id]));
     assert_eq!(s["message"], "test says stop");
     let logs = sluice().args(["logs", &id, "--follow", "--endpoint", &endpoint]).env("SLUICE_TOKEN", TOKEN).output().unwrap();
