@@ -27,6 +27,10 @@ struct Args {
     /// Job file (TOML); not needed with --orchestrator.
     #[arg(env = "SLUICE_JOB", required_unless_present = "orchestrator")]
     job: Option<PathBuf>,
+    /// Override one option of the job file, e.g. `--set train.lr=1e-5` (repeatable;
+    /// the value is read as TOML, or as a string).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", conflicts_with = "orchestrator")]
+    set: Vec<String>,
     /// Orchestrator endpoint (`http://host:port`): get the job and work items from it.
     #[arg(long, env = "SLUICE_ORCHESTRATOR")]
     orchestrator: Option<String>,
@@ -96,7 +100,7 @@ fn main() -> anyhow::Result<()> {
         address: String::new(),
         rank: index as u32,
     };
-    let (job, session) = load_job(args.job.as_deref(), conn, request, stop.clone())?;
+    let (job, session) = load_job(args.job.as_deref(), &args.set, conn, request, stop.clone())?;
     let actors = args.actors.unwrap_or(job.resources.actors).max(1);
     let opts = ActorOptions {
         job,

@@ -143,10 +143,10 @@ fn print_job(j: &v1::Job) {
     println!("workers    {} live", p.live_workers);
 }
 
-pub async fn submit(remote: &Remote, path: &std::path::Path, json: bool) -> Outcome {
-    let text = std::fs::read_to_string(path).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", path.display())))?;
-    // Check here first: the same message the orchestrator would give, without a round trip.
-    JobConfig::from_toml(&text).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", path.display())))?;
+pub async fn submit(remote: &Remote, path: &std::path::Path, overrides: &[String], json: bool) -> Outcome {
+    // Check here first: the same message the orchestrator would give, without a
+    // round trip. The job submitted is the file with the overrides applied.
+    let (text, _) = JobConfig::load(path, overrides).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
     let mut c = remote.client().await?;
     let job = c.submit_job(remote.req(v1::SubmitJobRequest { spec_toml: text })).await?.into_inner();
     if json {

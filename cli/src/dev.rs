@@ -33,6 +33,8 @@ use crate::client::{describe, exit, state_name, Failure, Outcome, Remote};
 #[derive(Debug, Clone)]
 pub struct DevOptions {
     pub job: PathBuf,
+    /// `--set section.key=value` overrides of the job file, in order.
+    pub overrides: Vec<String>,
     /// Keep the orchestrator's state in Redis instead of memory.
     pub redis: Option<String>,
     /// Where the sluice binaries are (default: next to this one).
@@ -250,8 +252,7 @@ fn follow(remote: Remote, job: String, stop: Arc<AtomicBool>) -> mpsc::Receiver<
 
 /// Runs the job; the exit code is 0 when it succeeded.
 pub fn run(opts: DevOptions, stop: Arc<AtomicBool>) -> Outcome<i32> {
-    let text = std::fs::read_to_string(&opts.job).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", opts.job.display())))?;
-    let cfg = JobConfig::from_toml(&text).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", opts.job.display())))?;
+    let (text, cfg) = JobConfig::load(&opts.job, &opts.overrides).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
     let bin_dir = match &opts.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()
@@ -272,7 +273,7 @@ pub fn run(opts: DevOptions, stop: Arc<AtomicBool>) -> Outcome<i32> {
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}").expect("valid template"),
     );
-    let result = supervise(&opts, &cfg, &mut sup, &rx, &bar, &token, stop.clone());
+    let result = supervise(&opts, &cfg, &text, &mut sup, &rx, &bar, &token, stop.clone());
     bar.finish_and_clear();
     match &result {
         // Interrupted or failed: stop learners and actors first (they checkpoint).
@@ -289,6 +290,7 @@ pub fn run(opts: DevOptions, stop: Arc<AtomicBool>) -> Outcome<i32> {
 fn supervise(
     opts: &DevOptions,
     cfg: &JobConfig,
+    spec_toml: &str,
     sup: &mut Supervisor,
     rx: &mpsc::Receiver<Line>,
     bar: &ProgressBar,
@@ -304,10 +306,9 @@ fn supervise(
     let addr = wait_listening(rx, sup, "orchestrator", 0, Duration::from_secs(60))?;
     let remote = Remote { endpoint: format!("http://{addr}"), token: Some(token.to_string()), tls_ca: None };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let text = std::fs::read_to_string(&opts.job).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
     let job = rt.block_on(async {
         let mut c = remote.client().await?;
-        Ok::<_, Failure>(c.submit_job(remote.req(v1::SubmitJobRequest { spec_toml: text })).await?.into_inner())
+        Ok::<_, Failure>(c.submit_job(remote.req(v1::SubmitJobRequest { spec_toml: spec_toml.to_string() })).await?.into_inner())
     })?;
     say(
         opts.json,

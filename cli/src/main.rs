@@ -32,6 +32,16 @@ struct Cli {
     command: Command,
 }
 
+/// Changes to a job file given on the command line.
+#[derive(Args, Debug, Clone, Default)]
+struct Overrides {
+    /// Override one option of the job file, e.g. `--set train.lr=1e-5` or
+    /// `--set model.dtype=bf16` (repeatable; later ones win). The value is read
+    /// as TOML, or as a string when it is not valid TOML.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+}
+
 /// How to reach an orchestrator.
 #[derive(Args, Debug, Clone)]
 struct RemoteArgs {
@@ -64,6 +74,8 @@ enum Command {
     Train {
         /// Job file (TOML); see examples/.
         job: PathBuf,
+        #[command(flatten)]
+        overrides: Overrides,
         /// Run directory (overrides train.out_dir).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -101,6 +113,8 @@ enum Command {
     Dev {
         /// Job file (TOML); see examples/.
         job: PathBuf,
+        #[command(flatten)]
+        overrides: Overrides,
         /// Keep the orchestrator's state in Redis (e.g. redis://127.0.0.1:6379) instead of memory.
         #[arg(long, env = "SLUICE_REDIS")]
         redis: Option<String>,
@@ -120,6 +134,8 @@ enum Command {
     /// Submit a job file to an orchestrator; prints the job id.
     Submit {
         job: PathBuf,
+        #[command(flatten)]
+        overrides: Overrides,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -157,6 +173,8 @@ enum Command {
     /// Check a job file and print it with all defaults filled in.
     Check {
         job: PathBuf,
+        #[command(flatten)]
+        overrides: Overrides,
         /// Print JSON instead of TOML.
         #[arg(long)]
         json: bool,
@@ -188,7 +206,7 @@ fn on_runtime<T>(f: impl std::future::Future<Output = client::Outcome<T>>) -> cl
 fn dispatch(command: Command) -> client::Outcome<i32> {
     let ok = |()| 0;
     match command {
-        Command::Dev { job, redis, bin_dir, lease_s, max_restarts, json } => {
+        Command::Dev { job, overrides, redis, bin_dir, lease_s, max_restarts, json } => {
             if !(lease_s > 0.0 && lease_s.is_finite()) {
                 return Err(Failure::new(exit::USAGE, format!("--lease-s must be > 0, not {lease_s}")));
             }
@@ -201,9 +219,11 @@ fn dispatch(command: Command) -> client::Outcome<i32> {
                 eprintln!("\nstopping: learners and actors finish their step (Ctrl-C again to quit now)");
             })
             .map_err(|e| Failure::new(exit::ERROR, format!("installing the Ctrl-C handler: {e}")))?;
-            dev::run(dev::DevOptions { job, redis, bin_dir, json, lease_s, max_restarts }, stop)
+            dev::run(dev::DevOptions { job, overrides: overrides.set, redis, bin_dir, json, lease_s, max_restarts }, stop)
         }
-        Command::Submit { job, remote } => on_runtime(client::submit(&remote.remote(), &job, remote.json)).map(ok),
+        Command::Submit { job, overrides, remote } => {
+            on_runtime(client::submit(&remote.remote(), &job, &overrides.set, remote.json)).map(ok)
+        }
         Command::List { remote } => on_runtime(client::list(&remote.remote(), remote.json)).map(ok),
         Command::Status { job_id, remote } => on_runtime(client::status(&remote.remote(), &job_id, remote.json)).map(ok),
         Command::Logs { job_id, follow, remote } => {
@@ -226,13 +246,16 @@ fn dispatch(command: Command) -> client::Outcome<i32> {
 /// Runs a command that needs no orchestrator; its exit code.
 fn local_command(command: Command) -> Result<i32> {
     match command {
-        Command::Train { job, out, steps, fresh, json } => train(job, out, steps, fresh, json),
+        Command::Train { job, overrides, out, steps, fresh, json } => train(job, &overrides.set, out, steps, fresh, json),
         Command::InitModel { preset, out, dtype, seed } => init_model(&preset, &out, &dtype, seed).map(|()| 0),
-        Command::Check { job, json } => {
-            let cfg = JobConfig::from_file(&job)?;
+        Command::Check { job, overrides, json } => {
+            let (_, cfg) = JobConfig::load(&job, &overrides.set)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&cfg)?);
             } else {
+                for o in &overrides.set {
+                    println!("# --set {o}");
+                }
                 println!("{}", toml::to_string_pretty(&cfg)?);
             }
             Ok(0)
@@ -243,8 +266,8 @@ fn local_command(command: Command) -> Result<i32> {
 
 /// `sluice train`: exit 0 when the run reached its last step, 130 when Ctrl-C
 /// stopped it (after the step in progress, with a checkpoint).
-fn train(job: PathBuf, out: Option<PathBuf>, steps: Option<u64>, fresh: bool, json: bool) -> Result<i32> {
-    let mut cfg = JobConfig::from_file(&job)?;
+fn train(job: PathBuf, overrides: &[String], out: Option<PathBuf>, steps: Option<u64>, fresh: bool, json: bool) -> Result<i32> {
+    let (_, mut cfg) = JobConfig::load(&job, overrides)?;
     if let Some(out) = out {
         cfg.train.out_dir = out;
     }

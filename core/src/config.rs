@@ -549,6 +549,35 @@ impl Default for TrainConfig {
     }
 }
 
+/// Applies `section.key=value` overrides to job-file TOML text and returns the
+/// new text. The value is read as a TOML value (`1e-5`, `true`, `"text"`,
+/// `[1, 2]`), or taken as a string when it is not one (`model.dtype=bf16`).
+/// Missing sections are created; whether the key exists is for the job's
+/// parser to say (it names unknown fields).
+pub fn apply_overrides(text: &str, overrides: &[String]) -> Result<String> {
+    let mut root: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::config("(root)", e.message().to_string()))?;
+    for o in overrides {
+        let bad = |why: &str| Error::config(format!("--set {o}"), why.to_string());
+        let (key, raw) = o.split_once('=').ok_or_else(|| bad("expected section.key=value"))?;
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(bad("the key is empty or has an empty part"));
+        }
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let mut table = &mut root;
+        for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+            let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry.as_table_mut().ok_or_else(|| bad(&format!("`{}` is a value, not a section", parts[..=i].join("."))))?;
+        }
+        table.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    toml::to_string(&root).map_err(|e| Error::config("(root)", e.to_string()))
+}
+
 impl JobConfig {
     /// Parses TOML text; errors name the offending field.
     pub fn from_toml(text: &str) -> Result<Self> {
@@ -563,11 +592,31 @@ impl JobConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
+        Ok(Self::load(path, &[])?.1)
+    }
+
+    /// Reads a job file and applies command-line overrides (`--set
+    /// section.key=value`, in order; see [`apply_overrides`]). Returns the
+    /// resulting TOML (what a submitted job carries) and the parsed job. Errors
+    /// name the file and the field; an error an override caused names it too.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<(String, Self)> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml(&text).map_err(|e| match e {
+        let name_file = |e: Error| match e {
             Error::Config { path: field, reason } => Error::Config { path: format!("{}: {field}", path.display()), reason },
             other => other,
-        })
+        };
+        if overrides.is_empty() {
+            return Ok((text.clone(), Self::from_toml(&text).map_err(name_file)?));
+        }
+        let changed = apply_overrides(&text, overrides).map_err(name_file)?;
+        match Self::from_toml(&changed) {
+            Ok(cfg) => Ok((changed, cfg)),
+            // The file alone is fine: the override is to blame.
+            Err(Error::Config { path: field, reason }) if Self::from_toml(&text).is_ok() => {
+                Err(Error::Config { path: format!("--set {}: {field}", overrides.join(" --set ")), reason })
+            }
+            Err(e) => Err(name_file(e)),
+        }
     }
 
     /// Cross-field checks; each error names its field.
@@ -736,6 +785,46 @@ impl JobConfig {
         } else {
             self.sampling.max_new_tokens as usize
         }
+    }
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::*;
+
+    const JOB: &str = "[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\n[train]\nlr = 0.001\n";
+
+    fn load(sets: &[&str]) -> Result<JobConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("job.toml");
+        std::fs::write(&p, JOB).unwrap();
+        JobConfig::load(&p, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map(|(_, c)| c)
+    }
+
+    #[test]
+    fn overrides_set_values_of_every_type_and_create_sections() {
+        let c = load(&["train.lr=1e-5", "model.dtype=bf16", "rollout.max_staleness=3", "grpo.clip_high=0.3", "name=\"x\""]).unwrap();
+        assert_eq!(c.train.lr, 1e-5);
+        assert_eq!(c.model.dtype, "bf16");
+        assert_eq!(c.rollout.max_staleness, 3);
+        assert_eq!(c.grpo.clip_high, 0.3);
+        assert_eq!(c.name, "x");
+        // Later overrides win.
+        assert_eq!(load(&["train.lr=1", "train.lr=2"]).unwrap().train.lr, 2.0);
+    }
+
+    #[test]
+    fn bad_overrides_name_the_field_and_the_override() {
+        let e = load(&["train.nope=1"]).unwrap_err().to_string();
+        assert!(e.contains("--set train.nope=1") && e.contains("nope"), "{e}");
+        let e = load(&["train.lr=fast"]).unwrap_err().to_string();
+        assert!(e.contains("train.lr"), "{e}");
+        let e = load(&["train.lr"]).unwrap_err().to_string();
+        assert!(e.contains("section.key=value"), "{e}");
+        let e = load(&["train.lr.x=1"]).unwrap_err().to_string();
+        assert!(e.contains("`train.lr` is a value"), "{e}");
+        let e = load(&["..=1"]).unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
     }
 }
 

@@ -27,6 +27,10 @@ struct Args {
     /// Job file (TOML); not needed with --orchestrator.
     #[arg(env = "SLUICE_JOB", required_unless_present = "orchestrator")]
     job: Option<PathBuf>,
+    /// Override one option of the job file, e.g. `--set train.lr=1e-5` (repeatable;
+    /// the value is read as TOML, or as a string).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", conflicts_with = "orchestrator")]
+    set: Vec<String>,
     /// Orchestrator endpoint (`http://host:port`): get the job from it and report progress to it.
     #[arg(long, env = "SLUICE_ORCHESTRATOR")]
     orchestrator: Option<String>,
@@ -95,7 +99,7 @@ fn main() -> anyhow::Result<()> {
         address: args.listen.clone(),
         rank: args.rank as u32,
     };
-    let (mut job, session) = load_job(args.job.as_deref(), conn, request, stop.clone())?;
+    let (mut job, session) = load_job(args.job.as_deref(), &args.set, conn, request, stop.clone())?;
     if let Some(out) = args.out {
         job.train.out_dir = out;
     }

@@ -324,20 +324,25 @@ impl Session {
 
 /// A worker's job: from its file, or — with an orchestrator connection — from
 /// the orchestrator it registers with (`request`), which then also gets the
-/// worker's session.
+/// worker's session. `overrides` (`--set section.key=value`) change a job file;
+/// an orchestrator's job was fixed when it was submitted.
 pub fn load_job(
     file: Option<&std::path::Path>,
+    overrides: &[String],
     orchestrator: Option<Connection>,
     request: v1::RegisterWorkerRequest,
     stop: Arc<AtomicBool>,
 ) -> Result<(sluice_core::config::JobConfig, Option<Session>)> {
     match (file, orchestrator) {
+        (_, Some(_)) if !overrides.is_empty() => {
+            Err(Error::Invalid("--set changes a job file; with --orchestrator the job is the one submitted (use `sluice submit --set`)".into()))
+        }
         (_, Some(conn)) => {
             let (session, job) = Session::start(&conn, request, stop)?;
             let cfg = sluice_core::config::JobConfig::from_toml(&job.spec_toml)?;
             Ok((cfg, Some(session)))
         }
-        (Some(path), None) => Ok((sluice_core::config::JobConfig::from_file(path)?, None)),
+        (Some(path), None) => Ok((sluice_core::config::JobConfig::load(path, overrides)?.1, None)),
         (None, None) => Err(Error::Invalid("give a job file or --orchestrator".into())),
     }
 }

@@ -14,6 +14,10 @@ struct Args {
     /// Job file (TOML); its [reward] section configures the server.
     #[arg(env = "SLUICE_JOB")]
     job: PathBuf,
+    /// Override one option of the job file, e.g. `--set train.lr=1e-5` (repeatable;
+    /// the value is read as TOML, or as a string).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
     /// gRPC listen address; port 0 picks a free port.
     #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:50061")]
     listen: String,
@@ -34,7 +38,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let _telemetry = sluice_core::telemetry::init("sluice-reward-server", "info");
     let args = Args::parse();
-    let mut job = JobConfig::from_file(&args.job)?;
+    let (_, mut job) = JobConfig::load(&args.job, &args.set)?;
     if let Some(store) = args.store {
         job.reward.store = store;
     }

@@ -240,3 +240,24 @@ fn init_model_writes_a_deterministic_loadable_directory() {
     let ev = events(&sluice().args(["train", "--json"]).arg(&jb).output().unwrap());
     assert!(ev.iter().any(|e| e["event"] == "step" && e["step"] == 1), "a job trains from the directory");
 }
+
+/// `--set section.key=value` changes one option of the job file: `check` shows
+/// it, `train` runs with it, and a wrong key or value names the field and the
+/// override (exit 2).
+#[test]
+fn set_overrides_options_and_names_bad_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let jb = job(dir.path(), 5, 0, "");
+    let o = sluice().args(["check", "--set", "train.lr=1e-5", "--set", "train.steps=2"]).arg(&jb).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("# --set train.lr=1e-5") && out.contains("lr = 0.00001") && out.contains("steps = 2"), "{out}");
+    let ev = events(&sluice().args(["train", "--json", "--set", "train.steps=2"]).arg(&jb).output().unwrap());
+    assert_eq!(ev.iter().filter(|e| e["event"] == "step").count(), 2, "train ran the overridden step count");
+    for (set, field) in [("train.nope=1", "train.nope"), ("train.lr=fast", "train.lr"), ("train", "section.key=value")] {
+        let o = sluice().args(["check", "--set", set]).arg(&jb).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{set}: {err}");
+        assert!(err.contains(field) && err.contains(set) && err.lines().count() == 1, "{set}: {err}");
+    }
+}
