@@ -172,7 +172,7 @@ pub fn run(
     } else {
         cfg.train.prompts_per_step.div_ceil(opts.actors.max(1))
     };
-    let max_staleness = cfg.rollout.max_staleness;
+    let staleness = cfg.rollout.staleness();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     rng.set_stream(opts.index as u64);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -261,7 +261,7 @@ pub fn run(
             }
             let behind = match mine {
                 None => true,
-                Some((v, inc)) => inc != linc || v > lv || lv - v > max_staleness,
+                Some((v, inc)) => inc != linc || staleness.must_resync(v, lv),
             };
             if behind {
                 match rt.block_on(sync.download(&mut client, &cfg.name)) {
@@ -285,7 +285,7 @@ pub fn run(
                 continue;
             }
             let (version, incarnation) = mine.expect("synced");
-            if max_staleness == 0 && sent_at == Some((version, incarnation)) {
+            if staleness.is_synchronous() && sent_at == Some((version, incarnation)) {
                 // Synchronous mode: this version's batch is out; wait for the next version.
                 wait_for(&rt, &view, &notify, &stop, |v| {
                     v.version != version || v.incarnation != incarnation || v.finished || v.closed.is_some()

@@ -266,7 +266,8 @@ fn default_name() -> String {
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutConfig {
     /// A learner never trains on a rollout more than this many policy versions
-    /// old; 0 is synchronous on-policy training.
+    /// old; 0 is synchronous on-policy training (at most 1024; see
+    /// `sluice_core::staleness`, which owns the rule).
     pub max_staleness: u64,
     /// Complete groups a learner buffers before it stops reading from actors.
     pub buffer_groups: usize,
@@ -281,6 +282,13 @@ pub struct RolloutConfig {
     /// Prompts an actor samples per generation batch; 0 means
     /// `train.prompts_per_step` divided among the job's actors.
     pub prompts_per_batch: usize,
+}
+
+impl RolloutConfig {
+    /// The job's staleness rule.
+    pub fn staleness(&self) -> crate::staleness::Staleness {
+        crate::staleness::Staleness::new(self.max_staleness)
+    }
 }
 
 impl Default for RolloutConfig {
@@ -684,6 +692,11 @@ impl JobConfig {
         check(!self.name.is_empty() && self.name.len() <= 128, "name", "must be 1 to 128 characters")?;
         check(r.buffer_groups >= 1, "rollout.buffer_groups", "must be >= 1")?;
         check(
+            r.max_staleness <= crate::staleness::MAX_STALENESS,
+            "rollout.max_staleness",
+            "must be at most 1024",
+        )?;
+        check(
             matches!(r.weights_dtype.as_str(), "f32" | "bf16"),
             "rollout.weights_dtype",
             "must be one of f32, bf16",
@@ -851,6 +864,7 @@ mod tests {
             (format!("{MIN}[sampling]\ntop_p = 0\n"), "sampling.top_p"),
             (format!("{MIN}[rollout]\nweights_dtype = \"f16\"\n"), "rollout.weights_dtype"),
             (format!("{MIN}[rollout]\nmax_staleness = -1\n"), "rollout.max_staleness"),
+            (format!("{MIN}[rollout]\nmax_staleness = 9223372036854775807\n"), "rollout.max_staleness"),
             (format!("{MIN}[reward]\nint_coef = 0.5\n"), "reward.model"),
             (format!("{MIN}[reward]\nstore = \"mysql://x\"\n"), "reward.store"),
             (format!("{MIN}[reward]\nmodel = \"oracle\"\n"), "reward.model"),

@@ -27,6 +27,7 @@ pub mod hf;
 pub mod telemetry;
 pub mod model;
 pub mod rollout;
+pub mod staleness;
 pub mod tasks;
 pub mod tokenizer;
 pub mod weights;

@@ -17,6 +17,7 @@ use sluice_core::config::JobConfig;
 use sluice_core::device::parse_device;
 use sluice_core::hf::parse_kind;
 use sluice_core::rollout::Group;
+use sluice_core::staleness::Verdict;
 use sluice_orchestrator::worker::Session;
 use sluice_proto::auth;
 use sluice_proto::v1::learner_server::LearnerServer;
@@ -344,15 +345,15 @@ fn gather(
             Ok(None) => return None,
             Err(_) => continue,
         };
-        match shared.classify(g.rollouts[0].version, version) {
-            Err(why) => shared.count_drop(why),
-            Ok(_) if filter && !grpo::has_reward_variance(&g.rewards()) => {
+        match shared.verdict(g.rollouts[0].version, version) {
+            Verdict::Fresh { .. } if filter && !grpo::has_reward_variance(&g.rewards()) => {
                 tracing::debug!(prompt = g.prompt_id, "dropped a group without reward variance");
             }
-            Ok(lag) => {
+            Verdict::Fresh { lag } => {
                 lags.push(lag);
                 groups.push(g);
             }
+            dropped => shared.count_drop(dropped),
         }
     }
     let mut s = shared.stats.lock().expect("stats lock");

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use prost::bytes::Bytes;
 use sluice_core::rollout::Group;
+use sluice_core::staleness::{Staleness, Verdict};
 use sluice_proto::v1::learner_server::Learner;
 use sluice_proto::v1::{self, LearnerStatus, PushAck, StatusRequest, WeightsChunk, WeightsRequest};
 use tokio::sync::{mpsc, watch};
@@ -50,7 +51,7 @@ pub struct Shared {
     pub incarnation: u64,
     pub rank: usize,
     pub world: usize,
-    pub max_staleness: u64,
+    pub staleness: Staleness,
     pub groups_per_step: usize,
     pub chunk_bytes: usize,
     pub capacity: usize,
@@ -82,13 +83,14 @@ impl Shared {
     ) -> (Arc<Self>, mpsc::Receiver<Group>) {
         let (tx, rx) = mpsc::channel(capacity);
         let incarnation = rand::random::<u64>() | 1;
-        let stats = Stats { staleness_histogram: vec![0; max_staleness as usize + 1], ..Stats::default() };
+        let staleness = Staleness::new(max_staleness);
+        let stats = Stats { staleness_histogram: vec![0; staleness.lags()], ..Stats::default() };
         let shared = Shared {
             limits,
             incarnation,
             rank,
             world,
-            max_staleness,
+            staleness,
             groups_per_step,
             chunk_bytes,
             capacity,
@@ -146,22 +148,17 @@ impl Shared {
     }
 
     /// Staleness verdict for a group sampled at `v` when the learner is at `now`.
-    pub fn classify(&self, v: u64, now: u64) -> Result<u64, &'static str> {
-        if v > now {
-            Err("future")
-        } else if now - v > self.max_staleness {
-            Err("stale")
-        } else {
-            Ok(now - v)
-        }
+    pub fn verdict(&self, v: u64, now: u64) -> Verdict {
+        self.staleness.verdict(v, now)
     }
 
-    /// Counts a dropped group.
-    pub fn count_drop(&self, why: &str) {
+    /// Counts a group dropped for its verdict (stale or future).
+    pub fn count_drop(&self, verdict: Verdict) {
         let mut s = self.stats.lock().expect("stats lock");
-        match why {
-            "future" => s.dropped_future_groups += 1,
-            _ => s.dropped_stale_groups += 1,
+        match verdict {
+            Verdict::Future { .. } => s.dropped_future_groups += 1,
+            Verdict::Stale { .. } => s.dropped_stale_groups += 1,
+            Verdict::Fresh { .. } => {}
         }
     }
 
@@ -172,10 +169,10 @@ impl Shared {
         if self.finished.load(Ordering::SeqCst) {
             return self.ack(group_id, false, "finished");
         }
-        let v = group.rollouts[0].version;
-        if let Err(why) = self.classify(v, self.version()) {
-            self.count_drop(why);
-            return self.ack(group_id, false, why);
+        let verdict = self.verdict(group.rollouts[0].version, self.version());
+        if !matches!(verdict, Verdict::Fresh { .. }) {
+            self.count_drop(verdict);
+            return self.ack(group_id, false, verdict.reason());
         }
         if work_id != 0 && !self.work_ids.lock().expect("work ids lock").insert(work_id) {
             self.stats.lock().expect("stats lock").dropped_duplicate_groups += 1;
@@ -351,7 +348,7 @@ impl Learner for LearnerService {
             dropped_stale_groups: stats.dropped_stale_groups,
             dropped_partial_groups: stats.dropped_partial_groups,
             staleness_histogram: stats.staleness_histogram,
-            max_staleness: s.max_staleness,
+            max_staleness: s.staleness.max(),
             groups_per_step: s.groups_per_step as u64,
             finished: s.finished.load(Ordering::SeqCst),
             dropped_future_groups: stats.dropped_future_groups,

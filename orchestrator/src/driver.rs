@@ -276,7 +276,7 @@ impl Job {
         if self.rec.state == JobState::Queued {
             ch = self.set_state(JobState::Running, "", now_ms);
         }
-        let window = self.cfg.rollout.max_staleness as usize + 1;
+        let window = self.cfg.rollout.staleness().open_rounds();
         while self.pending.len() < max && self.rec.open_rounds.len() < window {
             self.open_round(&mut ch, now_ms);
         }
