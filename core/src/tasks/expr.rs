@@ -23,22 +23,29 @@ pub struct Rational {
     pub den: i128,
 }
 
-fn gcd(a: i128, b: i128) -> i128 {
+fn gcd(a: u128, b: u128) -> u128 {
     if b == 0 {
-        a.abs()
+        a
     } else {
         gcd(b, a % b)
     }
 }
 
 impl Rational {
+    /// `num / den` in lowest terms with a positive denominator; `None` for a
+    /// zero denominator or a value that does not fit (never a panic: inputs
+    /// come from untrusted responses).
     pub fn new(num: i128, den: i128) -> Option<Self> {
         if den == 0 {
             return None;
         }
-        let g = gcd(num, den).max(1);
-        let s = if den < 0 { -1 } else { 1 };
-        Some(Rational { num: s * num / g, den: s * den / g })
+        let g = i128::try_from(gcd(num.unsigned_abs(), den.unsigned_abs()).max(1)).ok()?;
+        let (num, den) = (num / g, den / g);
+        if den < 0 {
+            Some(Rational { num: num.checked_neg()?, den: den.checked_neg()? })
+        } else {
+            Some(Rational { num, den })
+        }
     }
     pub fn int(n: i64) -> Self {
         Rational { num: n as i128, den: 1 }
@@ -168,6 +175,20 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extreme_rationals_are_refused_not_a_panic() {
+        // i128::MIN % -1 and -i128::MIN overflow; both used to panic.
+        assert_eq!(Rational::new(i128::MIN, -1), None);
+        assert_eq!(Rational::new(0, i128::MIN), None);
+        assert_eq!(Rational::new(i128::MIN, 1), Some(Rational { num: i128::MIN, den: 1 }));
+        assert_eq!(Rational::new(i128::MIN, 2), Some(Rational { num: i128::MIN / 2, den: 1 }));
+        assert_eq!(Rational::new(6, -4), Some(Rational { num: -3, den: 2 }));
+        assert_eq!(Rational::new(0, -5), Some(Rational { num: 0, den: 1 }));
+        // Through the parser: huge products overflow to "no value", not a crash.
+        let big = "9223372036854775807*9223372036854775807*9223372036854775807";
+        assert!(parse_expression(big).map(|e| e.eval()).ok().flatten().is_none());
+    }
 
     fn val(s: &str) -> String {
         parse_expression(s).unwrap().eval().unwrap().to_string()
