@@ -672,7 +672,9 @@ impl JobConfig {
             "must be smaller than sampling.max_new_tokens",
         )?;
         let t = &self.train;
-        check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")?;
+        // Upper bounds keep one job file from asking a process for terabytes.
+        check((1..=65_536).contains(&t.prompts_per_step), "train.prompts_per_step", "must be between 1 and 65536")?;
+        check(g.group_size <= 4096, "grpo.group_size", "must be at most 4096")?;
         check(t.lr > 0.0 && t.lr.is_finite(), "train.lr", "must be > 0")?;
         check(t.sft_lr > 0.0 && t.sft_lr.is_finite(), "train.sft_lr", "must be > 0")?;
         check((0.0..1.0).contains(&t.beta1), "train.beta1", "must be in [0, 1)")?;
@@ -681,10 +683,10 @@ impl JobConfig {
         check(t.max_grad_norm >= 0.0, "train.max_grad_norm", "must be >= 0")?;
         check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")?;
         check(t.sft_batch_size >= 1, "train.sft_batch_size", "must be >= 1")?;
-        check(t.eval_prompts >= 1, "train.eval_prompts", "must be >= 1")?;
+        check((1..=1 << 20).contains(&t.eval_prompts), "train.eval_prompts", "must be between 1 and 1048576")?;
         check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")?;
         check(
-            t.prompts_per_step * g.group_size >= g.mini_batches,
+            t.prompts_per_step.saturating_mul(g.group_size) >= g.mini_batches,
             "grpo.mini_batches",
             "more mini-batches than rollouts per step",
         )?;
@@ -865,6 +867,9 @@ mod tests {
             (format!("{MIN}[rollout]\nweights_dtype = \"f16\"\n"), "rollout.weights_dtype"),
             (format!("{MIN}[rollout]\nmax_staleness = -1\n"), "rollout.max_staleness"),
             (format!("{MIN}[rollout]\nmax_staleness = 9223372036854775807\n"), "rollout.max_staleness"),
+            (format!("{MIN}[train]\nprompts_per_step = 1000000000000\n"), "train.prompts_per_step"),
+            (format!("{MIN}[grpo]\ngroup_size = 1000000\n"), "grpo.group_size"),
+            (format!("{MIN}[train]\neval_prompts = 100000000\n"), "train.eval_prompts"),
             (format!("{MIN}[reward]\nint_coef = 0.5\n"), "reward.model"),
             (format!("{MIN}[reward]\nstore = \"mysql://x\"\n"), "reward.store"),
             (format!("{MIN}[reward]\nmodel = \"oracle\"\n"), "reward.model"),
