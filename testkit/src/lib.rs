@@ -52,11 +52,11 @@ impl Proc {
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    sink.0.lock().unwrap().values.push(v);
+                    sink.0.lock().unwrap_or_else(|p| p.into_inner()).values.push(v);
                     sink.1.notify_all();
                 }
             }
-            sink.0.lock().unwrap().closed = true;
+            sink.0.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
             sink.1.notify_all();
         });
         Proc { child, name: name.to_string(), lines }
@@ -69,29 +69,41 @@ impl Proc {
         cmd
     }
 
+    /// The collected lines. A test that panicked while waiting poisons nothing
+    /// for `Drop`: the lock is taken whatever happened before.
+    fn guard(&self) -> std::sync::MutexGuard<'_, Lines> {
+        self.lines.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Every JSON line so far.
     pub fn lines(&self) -> Vec<Value> {
-        self.lines.0.lock().unwrap().values.clone()
+        self.guard().values.clone()
     }
 
     /// Waits for a line satisfying `pred` and returns it. Panics when the
     /// child's stdout closes (it exited) without one, or at the deadline.
     pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
-        let (lock, cv) = &*self.lines;
-        let mut g = lock.lock().unwrap();
+        let lines = self.lines.clone();
+        let (lock, cv) = &*lines;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(v) = g.values.iter().find(|v| pred(v)) {
                 return v.clone();
             }
+            // Panics below release the lock first, so `Drop` can still read the
+            // announced pids and kill them (a poisoned lock there would abort).
             if g.closed {
                 drop(g);
                 let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
                 panic!("{} exited ({status}) before {what}", self.name);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "{}: no {what} within {timeout:?}", self.name);
-            g = cv.wait_timeout(g, left.min(Duration::from_millis(500))).unwrap().0;
+            if left.is_zero() {
+                drop(g);
+                panic!("{}: no {what} within {timeout:?}", self.name);
+            }
+            g = cv.wait_timeout(g, left.min(Duration::from_millis(500))).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -109,10 +121,10 @@ impl Proc {
         // Lines written just before exiting are still in the pipe: read them
         // (a grandchild holding the pipe open ends the wait at the deadline).
         let (lock, cv) = &*self.lines;
-        let mut g = lock.lock().unwrap();
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
         while !g.closed {
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-            let (next, waited) = cv.wait_timeout(g, left).unwrap();
+            let (next, waited) = cv.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner());
             g = next;
             if waited.timed_out() {
                 break;
@@ -198,5 +210,39 @@ impl Redis {
             }
         }
         panic!("redis-server could not bind a free port in 10 tries (is it installed? scripts/setup.sh does)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: u64) -> bool {
+        // A zombie still answers `kill -0`; ask for the state too.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        !stat.is_empty() && !stat.contains(") Z ")
+    }
+
+    /// A test that panics while waiting still kills its child and the process
+    /// the child announced (in a session of its own, as `sluice dev` children are).
+    #[test]
+    fn a_panicking_wait_still_kills_the_child_and_what_it_announced() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "setsid sleep 300 & echo \"{\\\"event\\\":\\\"started\\\",\\\"pid\\\":$!}\"; exec sleep 300"]);
+        let mut p = Proc::spawn("sh", cmd);
+        let started = p.wait_line("started", Duration::from_secs(10), |v| v["event"] == "started");
+        let (child, grandchild) = (p.child.id() as u64, started["pid"].as_u64().unwrap());
+        assert!(alive(child) && alive(grandchild));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            p.wait_line("never", Duration::from_millis(100), |v| v["event"] == "never");
+        }));
+        assert!(r.is_err(), "the wait must time out");
+        drop(p);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(grandchild) {
+            assert!(Instant::now() < deadline, "the announced process {grandchild} survived");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(child), "the child {child} survived");
     }
 }
