@@ -125,6 +125,5 @@ fn main() -> anyhow::Result<()> {
 
 /// A number in 0..65536 from an actor id (FNV-1a): the same id, the same index.
 fn stable_index(id: &str) -> usize {
-    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    (h % 65_536) as usize
+    (sluice_core::fnv1a(id.as_bytes()) % 65_536) as usize
 }

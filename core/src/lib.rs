@@ -33,3 +33,9 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
+
+/// FNV-1a, 64-bit: a stable, seedless hash of bytes (caption keys, actor
+/// indices, per-parameter init streams). Not for anything adversarial.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}

@@ -452,7 +452,6 @@ impl KvCache {
     }
 }
 
-/// The decoder: `model.*` tensors plus the optional untied `lm_head`.
 /// Random init of a freshly built model: every weight matrix (not norms, not
 /// biases) from normal(0, 0.02). Each parameter's values come from its own
 /// ChaCha stream keyed by `seed` and the parameter's name, drawn on the host
@@ -461,15 +460,12 @@ impl KvCache {
 /// running in parallel cannot disturb each other's init).
 pub fn init_parameters(vs: &nn::VarStore, seed: u64) {
     use rand::{Rng, SeedableRng};
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, mut t) in vars {
+    for (name, mut t) in vs.variables() {
         if name.contains("norm") || name.ends_with(".bias") {
             continue;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        // FNV-1a of the name picks the stream.
-        rng.set_stream(name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)));
+        rng.set_stream(crate::fnv1a(name.as_bytes()));
         let n = t.numel();
         let mut values = Vec::with_capacity(n + 1);
         while values.len() < n {
@@ -486,6 +482,7 @@ pub fn init_parameters(vs: &nn::VarStore, seed: u64) {
     }
 }
 
+/// The decoder: `model.*` tensors plus the optional untied `lm_head`.
 #[derive(Debug)]
 pub struct Model {
     embed_tokens: nn::Embedding,

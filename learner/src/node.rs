@@ -345,7 +345,7 @@ fn gather(
             Ok(None) => return None,
             Err(_) => continue,
         };
-        match shared.verdict(g.rollouts[0].version, version) {
+        match shared.staleness.verdict(g.rollouts[0].version, version) {
             Verdict::Fresh { .. } if filter && !grpo::has_reward_variance(&g.rewards()) => {
                 tracing::debug!(prompt = g.prompt_id, "dropped a group without reward variance");
             }

@@ -147,11 +147,6 @@ impl Shared {
         }
     }
 
-    /// Staleness verdict for a group sampled at `v` when the learner is at `now`.
-    pub fn verdict(&self, v: u64, now: u64) -> Verdict {
-        self.staleness.verdict(v, now)
-    }
-
     /// Counts a group dropped for its verdict (stale or future).
     pub fn count_drop(&self, verdict: Verdict) {
         let mut s = self.stats.lock().expect("stats lock");
@@ -169,7 +164,7 @@ impl Shared {
         if self.finished.load(Ordering::SeqCst) {
             return self.ack(group_id, false, "finished");
         }
-        let verdict = self.verdict(group.rollouts[0].version, self.version());
+        let verdict = self.staleness.verdict(group.rollouts[0].version, self.version());
         if !matches!(verdict, Verdict::Fresh { .. }) {
             self.count_drop(verdict);
             return self.ack(group_id, false, verdict.reason());

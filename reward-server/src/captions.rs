@@ -11,7 +11,7 @@ pub fn normalise(text: &str) -> String {
 
 /// FNV-1a over the normalised bytes.
 pub fn hash(normalised: &str) -> u64 {
-    normalised.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    sluice_core::fnv1a(normalised.as_bytes())
 }
 
 /// A checked caption: its normalised text and hash, or why it is refused.
