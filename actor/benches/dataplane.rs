@@ -131,7 +131,7 @@ fn ingest() {
         let rt = runtime();
         let (endpoint, shared) = start_learner(&rt, 1 << 20);
         let clients: Vec<_> =
-            (0..streams).map(|_| rt.block_on(sluice_actor::actor::connect(&endpoint)).unwrap()).collect();
+            (0..streams).map(|_| rt.block_on(sluice_actor::link::connect(&endpoint)).unwrap()).collect();
         let t0 = Instant::now();
         rt.block_on(async {
             let mut tasks = Vec::new();
@@ -179,14 +179,14 @@ fn ingest() {
 
 fn weights() {
     let cfg = if smoke() {
-        sluice_core::model::ModelConfig::preset("tiny", 100).unwrap()
+        sluice_model::model::ModelConfig::preset("tiny", 100).unwrap()
     } else {
-        sluice_core::model::ModelConfig::preset("qwen2-0.5b", 151_936).unwrap()
+        sluice_model::model::ModelConfig::preset("qwen2-0.5b", 151_936).unwrap()
     };
     let t0 = Instant::now();
-    let policy = sluice_core::hf::Policy::random(&cfg, tch::Device::Cpu, tch::Kind::BFloat16, 0);
+    let policy = sluice_model::hf::Policy::random(&cfg, tch::Device::Cpu, tch::Kind::BFloat16, 0);
     let params: i64 = policy.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
-    let bytes = sluice_core::weights::encode(&policy.named_parameters(), tch::Kind::BFloat16).unwrap();
+    let bytes = sluice_model::weights::encode(&policy.named_parameters(), tch::Kind::BFloat16).unwrap();
     let encode_s = t0.elapsed().as_secs_f64();
     drop(policy);
     println!("## weights: {:.0}M parameters, bf16 on the wire, {:.2} GB (init + encode {encode_s:.1} s)", params as f64 / 1e6, bytes.len() as f64 / 1e9);
@@ -195,8 +195,8 @@ fn weights() {
     for chunk in if smoke() { vec![4096usize] } else { vec![1 << 20, 4 << 20] } {
         let rt = runtime();
         let (endpoint, shared) = start_learner(&rt, chunk);
-        shared.publish(0, bytes.clone(), "bf16");
-        let mut client = rt.block_on(sluice_actor::actor::connect(&endpoint)).unwrap();
+        shared.publish(0, bytes.clone(), sluice_core::kinds::Dtype::Bf16);
+        let mut client = rt.block_on(sluice_actor::link::connect(&endpoint)).unwrap();
         let mut sync = WeightSync::default();
         let t0 = Instant::now();
         let (s, got) = rt.block_on(sync.download(&mut client, JOB)).unwrap();

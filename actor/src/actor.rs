@@ -16,26 +16,25 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use sluice_core::config::{JobConfig, ResponseCaptions};
-use sluice_core::hf::load_policy;
-use sluice_core::rollout::collect;
+use sluice_core::config::JobConfig;
+use sluice_model::hf::load_policy;
+use sluice_model::collect::collect;
 use sluice_core::tasks::{self, Split};
-use sluice_proto::v1::learner_client::LearnerClient;
-use sluice_proto::v1::reward_client::RewardClient;
-use sluice_proto::v1::{self, PushAck};
+use sluice_proto::v1;
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
-use sluice_orchestrator::worker::Session;
+use sluice_worker::Session;
 use sluice_proto::auth;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
 
 use crate::error::{Error, Result};
+use crate::link::{connect_with, read_acks, wait_for, Backoff, LearnerView};
+use crate::reward::rescore;
 use crate::sync::{apply, WeightSync};
 use crate::wire::{to_wire, Placement};
 
@@ -81,73 +80,6 @@ pub enum ActorEvent {
     Done { groups_sent: u64, groups_accepted: u64, groups_dropped: u64, version: u64 },
 }
 
-/// What the learner told us on the ack stream.
-#[derive(Debug, Default)]
-struct LearnerView {
-    version: u64,
-    incarnation: u64,
-    finished: bool,
-    accepted: u64,
-    dropped: u64,
-    /// The stream ended (with this reason).
-    closed: Option<String>,
-    heard: bool,
-}
-
-/// Doubling backoff between `min` and `max`, reset after a success.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff { next: Duration::from_millis(100), min: Duration::from_millis(100), max: Duration::from_secs(5) }
-    }
-    fn wait(&mut self, stop: &AtomicBool) {
-        let until = Instant::now() + self.next;
-        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.next = (self.next * 2).min(self.max);
-    }
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-}
-
-/// A gRPC client of a learner (plain HTTP/2) with sluice's message limits and windows.
-pub async fn connect(endpoint: &str) -> Result<LearnerClient<Channel>> {
-    connect_with(endpoint, None).await
-}
-
-/// [`connect`], over TLS when `tls` is given (the endpoint is then `https://`).
-pub async fn connect_with(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<LearnerClient<Channel>> {
-    Ok(LearnerClient::new(channel(endpoint, tls).await?)
-        .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES))
-}
-
-/// The channel every client of the actor uses: short connect timeout, no Nagle,
-/// large HTTP/2 windows and frames, optional TLS.
-pub async fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel> {
-    let transport = |reason: String| Error::Transport { endpoint: endpoint.to_string(), reason };
-    let mut ep = Endpoint::from_shared(endpoint.to_string()).map_err(|e| transport(e.to_string()))?;
-    if let Some(tls) = tls {
-        ep = ep.tls_config(tls.clone()).map_err(|e| transport(e.to_string()))?;
-    }
-    ep.connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .max_frame_size(1 << 20)
-        .connect()
-        .await
-        .map_err(|e| transport(e.to_string()))
-}
-
 /// Runs until the learner reports the job finished, `max_groups` is reached or
 /// `stop` is set. Connection failures are retried with backoff. With a
 /// `session`, work comes from the orchestrator (see the module docs).
@@ -158,7 +90,6 @@ pub fn run(
     mut report: impl FnMut(&ActorEvent),
 ) -> Result<()> {
     let cfg = &opts.job;
-    cfg.validate()?;
     let endpoint = opts.learners[opts.index % opts.learners.len().max(1)].clone();
     let (mut policy, tokenizer) = load_policy(&cfg.model)?;
     let task = tasks::build(&cfg.task)?;
@@ -307,7 +238,7 @@ pub fn run(
                         match s.next_work(per_batch as u32) {
                             Ok(r) if r.done => break 'connection,
                             Ok(r) => held = r.items,
-                            Err(sluice_orchestrator::Error::Status(st)) if st.code() == Code::Unauthenticated => {
+                            Err(sluice_worker::Error::Status(st)) if st.code() == Code::Unauthenticated => {
                                 return Err(Error::Orchestrator(st.to_string()))
                             }
                             Err(e) => tracing::warn!(error = %e, "no work from the orchestrator; retrying"),
@@ -392,89 +323,6 @@ pub fn run(
     Ok(())
 }
 
-/// Replaces each rollout's reward with the reward server's total (verifier —
-/// or, for an episode, the environment's reward — plus intrinsic reward). Keeps one connection in `client`; reconnects and
-/// retries with backoff while the server is unreachable; false when stopped first.
-#[allow(clippy::too_many_arguments)]
-fn rescore(
-    rt: &tokio::runtime::Runtime,
-    endpoint: &str,
-    token: Option<&str>,
-    tls: Option<&ClientTlsConfig>,
-    client: &mut Option<RewardClient<Channel>>,
-    cfg: &JobConfig,
-    task: &dyn sluice_core::tasks::Task,
-    problems: &[sluice_core::tasks::Problem],
-    groups: &mut [sluice_core::rollout::Group],
-    tokenizer: &sluice_core::tokenizer::Tokenizer,
-    stop: &AtomicBool,
-) -> Result<bool> {
-    let mut items = Vec::new();
-    let episodes = problems.first().is_some_and(|p| task.episode(p).is_some());
-    for (gi, (p, group)) in problems.iter().zip(groups.iter()).enumerate() {
-        for (ri, r) in group.rollouts.iter().enumerate() {
-            let id = format!("{gi}:{ri}");
-            if episodes {
-                // The environment scored the episode and named its captions.
-                items.push(v1::ScoreItem { id, env_reward: Some(r.extrinsic), captions: r.captions.clone(), ..Default::default() });
-                continue;
-            }
-            let response = tokenizer.decode(&r.response_tokens)?;
-            let captions = match cfg.reward.response_captions {
-                ResponseCaptions::None => Vec::new(),
-                ResponseCaptions::Lines => {
-                    response.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
-                }
-            };
-            items.push(v1::ScoreItem {
-                id,
-                verifier: p.verifier.name().to_string(),
-                answer: p.answer.clone(),
-                response,
-                captions,
-                env_reward: None,
-            });
-        }
-    }
-    let request = v1::ScoreRequest { job_id: cfg.name.clone(), items };
-    let mut backoff = Backoff::new();
-    let scores = loop {
-        if stop.load(Ordering::SeqCst) {
-            return Ok(false);
-        }
-        let attempt = rt.block_on(async {
-            if client.is_none() {
-                let c = channel(endpoint, tls).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                *client = Some(RewardClient::new(c));
-            }
-            let c = client.as_mut().expect("connected above");
-            c.score(auth::request(request.clone(), token)).await
-        });
-        match attempt {
-            Ok(r) => break r.into_inner().scores,
-            Err(s) if s.code() == Code::Unauthenticated => return Err(Error::Status(s)),
-            Err(e) => {
-                tracing::warn!(error = %e, "reward server unavailable; retrying");
-                *client = None;
-                backoff.wait(stop);
-            }
-        }
-    };
-    let mut it = scores.into_iter();
-    for group in groups.iter_mut() {
-        for r in &mut group.rollouts {
-            let s = it.next().ok_or_else(|| Error::Reward("it returned too few scores".into()))?;
-            if !s.error.is_empty() {
-                return Err(Error::Reward(format!("rollout {} refused: {}", s.id, s.error)));
-            }
-            r.reward = s.total;
-            r.extrinsic = s.extrinsic;
-            r.intrinsic = s.intrinsic;
-        }
-    }
-    Ok(true)
-}
-
 /// The actor's OpenTelemetry instruments (no-ops unless exporting).
 struct Instruments {
     groups: opentelemetry::metrics::Counter<u64>,
@@ -507,7 +355,7 @@ fn report_outcomes(session: &Session, outcomes: &mut Vec<(u64, Vec<f64>)>) {
     while let Some((id, rewards)) = outcomes.first().cloned() {
         match session.report_outcome(id, rewards) {
             Ok(_) => {}
-            Err(sluice_orchestrator::Error::Status(s)) if matches!(s.code(), Code::NotFound | Code::InvalidArgument) => {
+            Err(sluice_worker::Error::Status(s)) if matches!(s.code(), Code::NotFound | Code::InvalidArgument) => {
                 tracing::warn!(work = id, status = %s, "outcome refused; dropped");
             }
             Err(e) => {
@@ -516,77 +364,5 @@ fn report_outcomes(session: &Session, outcomes: &mut Vec<(u64, Vec<f64>)>) {
             }
         }
         outcomes.remove(0);
-    }
-}
-
-/// Blocks until `done(view)` holds or `stop` is set; false when stopped.
-fn wait_for(
-    rt: &tokio::runtime::Runtime,
-    view: &Mutex<LearnerView>,
-    notify: &Notify,
-    stop: &AtomicBool,
-    done: impl Fn(&LearnerView) -> bool,
-) -> bool {
-    loop {
-        if done(&view.lock().expect("view lock")) {
-            return true;
-        }
-        if stop.load(Ordering::SeqCst) {
-            return false;
-        }
-        rt.block_on(async {
-            let _ = tokio::time::timeout(Duration::from_millis(50), notify.notified()).await;
-        });
-    }
-}
-
-async fn read_acks(mut acks: tonic::Streaming<PushAck>, view: Arc<Mutex<LearnerView>>, notify: Arc<Notify>) {
-    loop {
-        let msg = acks.message().await;
-        {
-            let mut v = view.lock().expect("view lock");
-            match msg {
-                Ok(Some(a)) => {
-                    v.heard = true;
-                    v.version = a.learner_version;
-                    v.incarnation = a.incarnation;
-                    v.finished = a.finished;
-                    if a.group_id != 0 {
-                        if a.accepted {
-                            v.accepted += 1;
-                        } else {
-                            v.dropped += 1;
-                        }
-                    }
-                }
-                Ok(None) => v.closed = Some("the learner closed the stream".into()),
-                Err(status) => v.closed = Some(status.to_string()),
-            }
-        }
-        notify.notify_waiters();
-        if view.lock().expect("view lock").closed.is_some() {
-            return;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap_and_resets() {
-        let stop = AtomicBool::new(true); // a stopped wait returns at once
-        let mut b = Backoff::new();
-        let seen: Vec<u128> = (0..8)
-            .map(|_| {
-                let d = b.next.as_millis();
-                b.wait(&stop);
-                d
-            })
-            .collect();
-        assert_eq!(seen, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.next, Duration::from_millis(100));
     }
 }

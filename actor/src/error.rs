@@ -6,6 +6,9 @@ pub enum Error {
     Core(#[from] sluice_core::Error),
 
     #[error(transparent)]
+    Model(#[from] sluice_model::Error),
+
+    #[error(transparent)]
     Torch(#[from] tch::TchError),
 
     /// The learner could not be reached or the connection broke.

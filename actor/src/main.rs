@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use sluice_actor::actor::{self, ActorOptions};
-use sluice_orchestrator::worker::{load_job, Connection};
+use sluice_worker::{load_job, Connection};
 use sluice_proto::v1::RegisterWorkerRequest;
 
 /// Pulls weights from a learner, generates and scores groups of rollouts, and

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use sluice_core::hf::Policy;
+use sluice_model::hf::Policy;
 use sluice_proto::v1::learner_client::LearnerClient;
 use sluice_proto::v1::WeightsRequest;
 use tonic::transport::Channel;
@@ -124,7 +124,7 @@ impl WeightSync {
 /// Loads downloaded weights into the policy (all parameters or none: names and
 /// shapes are checked before anything is copied).
 pub fn apply(policy: &mut Policy, bytes: &[u8], version: u64) -> Result<()> {
-    let tensors: HashMap<_, _> = sluice_core::weights::decode(bytes)?.into_iter().collect();
+    let tensors: HashMap<_, _> = sluice_model::weights::decode(bytes)?.into_iter().collect();
     policy.set_parameters(tensors, Path::new(&format!("<weights version {version}>")))?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Core rollouts as `sluice.v1` messages.
 
-use sluice_core::generate::FinishReason;
+use sluice_core::rollout::FinishReason;
 use sluice_core::rollout::Rollout;
 use sluice_proto::{packed, v1};
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use sluice_core::config::JobConfig;
-use sluice_orchestrator::worker::connect;
+use sluice_worker::connect;
 use sluice_proto::auth;
 use sluice_proto::v1::orchestrator_client::OrchestratorClient;
 use sluice_proto::v1::{self, JobState};
@@ -44,11 +44,11 @@ impl Failure {
     }
 }
 
-impl From<sluice_orchestrator::Error> for Failure {
-    fn from(e: sluice_orchestrator::Error) -> Self {
+impl From<sluice_worker::Error> for Failure {
+    fn from(e: sluice_worker::Error) -> Self {
         match e {
-            sluice_orchestrator::Error::Status(s) => s.into(),
-            sluice_orchestrator::Error::Transport { .. } => Failure::new(exit::UNREACHABLE, e.to_string()),
+            sluice_worker::Error::Status(s) => s.into(),
+            sluice_worker::Error::Transport { .. } => Failure::new(exit::UNREACHABLE, e.to_string()),
             other => Failure::new(exit::ERROR, other.to_string()),
         }
     }

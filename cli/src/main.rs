@@ -13,10 +13,11 @@ use clap::{Args, Parser, Subcommand};
 use client::{exit, Failure, Remote};
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_core::config::JobConfig;
-use sluice_core::hf::{parse_kind, Policy};
-use sluice_core::model::{ModelConfig, PRESETS};
+use sluice_model::hf::Policy;
+use sluice_model::model::{ModelConfig, PRESETS};
 use sluice_core::tokenizer::{Tokenizer, DEFAULT_ALPHABET};
-use sluice_learner::trainer::{Event, Trainer};
+use sluice_learner::metrics::Event;
+use sluice_learner::trainer::Trainer;
 
 #[derive(Parser)]
 #[command(
@@ -234,13 +235,21 @@ fn dispatch(command: Command) -> client::Outcome<i32> {
         }
         local => local_command(local).map_err(|e| {
             // Job-file problems are usage errors; the rest are plain errors.
-            let code = match e.downcast_ref::<sluice_core::Error>() {
-                Some(sluice_core::Error::Config { .. }) => exit::USAGE,
-                _ => exit::ERROR,
-            };
+            let code = if is_config_error(&e) { exit::USAGE } else { exit::ERROR };
             Failure::new(code, format!("{e:#}"))
         }),
     }
+}
+
+/// Whether a job-file value caused `e` (whichever library reported it).
+fn is_config_error(e: &anyhow::Error) -> bool {
+    if let Some(sluice_core::Error::Config { .. }) = e.downcast_ref::<sluice_core::Error>() {
+        return true;
+    }
+    if let Some(m) = e.downcast_ref::<sluice_model::Error>() {
+        return m.as_config().is_some();
+    }
+    e.downcast_ref::<sluice_learner::Error>().is_some_and(sluice_learner::Error::is_config)
 }
 
 /// Runs a command that needs no orchestrator; its exit code.
@@ -334,7 +343,7 @@ fn train(job: PathBuf, overrides: &[String], out: Option<PathBuf>, steps: Option
 }
 
 fn init_model(preset: &str, out: &std::path::Path, dtype: &str, seed: i64) -> Result<()> {
-    let kind = parse_kind(dtype).with_context(|| format!("--dtype `{dtype}` is not f32 or bf16"))?;
+    let kind = sluice_model::device::kind(dtype.parse::<sluice_core::kinds::Dtype>().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?);
     if !PRESETS.contains(&preset) {
         bail!("--preset `{preset}` is not one of {}", PRESETS.join(", "));
     }

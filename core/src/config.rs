@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::generate::SamplingParams;
+use crate::kinds::{DeviceSpec, Dtype, Label, StoreUrl};
+use crate::sampling::SamplingParams;
 
 /// A whole training job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,7 +52,15 @@ pub struct JobConfig {
     /// Processes `sluice dev` starts for the job (and what a cluster should run).
     #[serde(default)]
     pub resources: ResourcesConfig,
+    /// Private: a `JobConfig` exists only through [`JobConfig::from_toml`] /
+    /// [`JobConfig::load`], which validate it.
+    #[serde(skip)]
+    checked: Checked,
 }
+
+/// Marks a job that passed [`JobConfig::validate`]; it cannot be made elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Checked;
 
 /// Which update rule trains the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -166,7 +175,7 @@ pub enum ResponseCaptions {
 pub struct RubricRule {
     pub pattern: String,
     /// `helpful` or `unhelpful`.
-    pub label: String,
+    pub label: Label,
 }
 
 /// Reward shaping and the ONI annotation pipeline.
@@ -187,7 +196,7 @@ pub struct RewardConfig {
     /// Classification / ranking: labels (preference pairs) needed before the first training run.
     pub train_min_labels: usize,
     /// Label store: `memory` (this process only) or a `redis://host:port[/db]` URL.
-    pub store: String,
+    pub store: StoreUrl,
     /// Unlabelled captions waiting for the annotator (newest first; the oldest are dropped).
     pub queue_capacity: usize,
     /// Captions per annotator batch.
@@ -248,7 +257,7 @@ impl Default for RewardConfig {
             response_captions: ResponseCaptions::None,
             threshold: 0.5,
             train_min_labels: 16,
-            store: "memory".into(),
+            store: StoreUrl::Memory,
             queue_capacity: 10_000,
             batch_size: 32,
             rubric: Vec::new(),
@@ -272,7 +281,7 @@ pub struct RolloutConfig {
     /// Complete groups a learner buffers before it stops reading from actors.
     pub buffer_groups: usize,
     /// Dtype of weights on the wire: `f32` (bit-exact) or `bf16` (half the bytes).
-    pub weights_dtype: String,
+    pub weights_dtype: Dtype,
     /// Bytes per weight chunk message.
     pub weight_chunk_bytes: usize,
     /// Largest encoded rollout message a learner accepts.
@@ -296,7 +305,7 @@ impl Default for RolloutConfig {
         RolloutConfig {
             max_staleness: 1,
             buffer_groups: 64,
-            weights_dtype: "f32".into(),
+            weights_dtype: Dtype::F32,
             weight_chunk_bytes: 1 << 20,
             max_rollout_bytes: 1 << 20,
             max_group_size: 1024,
@@ -317,20 +326,20 @@ pub struct ModelSection {
     pub path: Option<PathBuf>,
     /// Parameter dtype: `f32` or `bf16`.
     #[serde(default = "default_dtype")]
-    pub dtype: String,
+    pub dtype: Dtype,
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
     #[serde(default = "default_device")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// Seed of the random init (presets only).
     #[serde(default)]
     pub init_seed: i64,
 }
 
-fn default_dtype() -> String {
-    "f32".into()
+fn default_dtype() -> Dtype {
+    Dtype::F32
 }
-fn default_device() -> String {
-    "auto".into()
+fn default_device() -> DeviceSpec {
+    DeviceSpec::Auto
 }
 
 /// The task, selected by `kind`.
@@ -628,17 +637,13 @@ impl JobConfig {
     }
 
     /// Cross-field checks; each error names its field.
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         let m = &self.model;
         match (&m.preset, &m.path) {
             (None, None) => return Err(Error::config("model", "set `preset` or `path`")),
             (Some(_), Some(_)) => return Err(Error::config("model", "set only one of `preset` and `path`")),
             _ => {}
         }
-        if crate::hf::parse_kind(&m.dtype).is_none() {
-            return Err(Error::config("model.dtype", format!("`{}` is not one of f32, bf16", m.dtype)));
-        }
-        crate::device::parse_device(&m.device).map_err(|r| Error::config("model.device", r))?;
         if let TaskConfig::Arithmetic(a) = &self.task {
             a.validate("task")?;
         }
@@ -698,11 +703,6 @@ impl JobConfig {
             "rollout.max_staleness",
             "must be at most 1024",
         )?;
-        check(
-            matches!(r.weights_dtype.as_str(), "f32" | "bf16"),
-            "rollout.weights_dtype",
-            "must be one of f32, bf16",
-        )?;
         check(r.weight_chunk_bytes >= 1024, "rollout.weight_chunk_bytes", "must be >= 1024")?;
         check(
             r.weight_chunk_bytes <= 32 << 20,
@@ -729,11 +729,6 @@ impl JobConfig {
             "reward.model",
             "int_coef > 0 needs an intrinsic model (retrieval, classification, ranking)",
         )?;
-        check(
-            w.store == "memory" || w.store.starts_with("redis://") || w.store.starts_with("rediss://"),
-            "reward.store",
-            "must be `memory` or a redis:// URL",
-        )?;
         check(w.queue_capacity >= 1, "reward.queue_capacity", "must be >= 1")?;
         check((0.0..1.0).contains(&w.threshold), "reward.threshold", "must be in [0, 1)")?;
         check(w.train_min_labels >= 2, "reward.train_min_labels", "must be >= 2")?;
@@ -749,11 +744,6 @@ impl JobConfig {
             check(l.concurrency >= 1, "reward.llm.concurrency", "must be >= 1")?;
         }
         for (i, rule) in w.rubric.iter().enumerate() {
-            check(
-                matches!(rule.label.as_str(), "helpful" | "unhelpful"),
-                &format!("reward.rubric[{i}].label"),
-                "must be `helpful` or `unhelpful`",
-            )?;
             if let Err(e) = regex::Regex::new(&rule.pattern) {
                 return Err(Error::config(format!("reward.rubric[{i}].pattern"), format!("invalid regex: {e}")));
             }
@@ -820,7 +810,7 @@ mod override_tests {
     fn overrides_set_values_of_every_type_and_create_sections() {
         let c = load(&["train.lr=1e-5", "model.dtype=bf16", "rollout.max_staleness=3", "grpo.clip_high=0.3", "name=\"x\""]).unwrap();
         assert_eq!(c.train.lr, 1e-5);
-        assert_eq!(c.model.dtype, "bf16");
+        assert_eq!(c.model.dtype, crate::kinds::Dtype::Bf16);
         assert_eq!(c.rollout.max_staleness, 3);
         assert_eq!(c.grpo.clip_high, 0.3);
         assert_eq!(c.name, "x");
@@ -880,6 +870,8 @@ mod tests {
             ("algorithm = \"bgpo\"\n[model]\npreset = \"tiny-diffusion\"\n[task]\nkind = \"arithmetic\"\n[sampling]\nmax_new_tokens = 6\nblock_length = 4\n".to_string(), "sampling.block_length"),
             (format!("{MIN}[resources]\ngpus = 3\n"), "resources"),
             (format!("{MIN}[[reward.rubric]]\npattern = \"(\"\nlabel = \"helpful\"\n"), "reward.rubric[0].pattern"),
+            (format!("{MIN}[[reward.rubric]]\npattern = \"x\"\nlabel = \"maybe\"\n"), "reward.rubric[0].label"),
+            ("[model]\npreset = \"tiny\"\ndevice = \"tpu\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model.device"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"chess\"\n".to_string(), "task"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ndigit = 3\n".to_string(), "task"),
             ("[model]\ndtype = \"f32\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model"),

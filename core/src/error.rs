@@ -1,4 +1,4 @@
-//! The one error type of `sluice-core`.
+//! The one error type of `sluice-core`: configs, tasks, tokenizers, files.
 
 use std::path::PathBuf;
 
@@ -9,32 +9,14 @@ pub enum Error {
     #[error("invalid config at `{path}`: {reason}")]
     Config { path: String, reason: String },
 
-    /// The checkpoint directory or a tensor in it does not fit the model.
-    #[error("checkpoint {file}: {reason}")]
-    Checkpoint { file: PathBuf, reason: String },
-
-    /// A tensor the model needs is missing from the checkpoint.
-    #[error("checkpoint {file}: tensor `{name}` is missing (expected shape {expected:?})")]
-    MissingTensor { file: PathBuf, name: String, expected: Vec<i64> },
-
-    /// A tensor in the checkpoint has the wrong shape.
-    #[error("checkpoint {file}: tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
-    ShapeMismatch { file: PathBuf, name: String, expected: Vec<i64>, found: Vec<i64> },
-
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
     #[error("task: {0}")]
     Task(String),
 
-    #[error("generation: {0}")]
-    Generation(String),
-
     #[error("io error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-
-    #[error(transparent)]
-    Torch(#[from] tch::TchError),
 }
 
 impl Error {

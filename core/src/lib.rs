@@ -1,36 +1,30 @@
-//! `sluice-core`: what every sluice process shares.
+//! `sluice-core`: what every sluice process shares, without libtorch (the
+//! orchestrator links only this).
 //!
-//! * [`model`] — the Qwen2/Llama decoder in tch, with a KV cache.
-//! * [`hf`] — [`hf::Policy`]: a model with its parameters, loaded from / saved to
-//!   Hugging Face directories.
-//! * [`tokenizer`] — `tokenizer.json` through the `tokenizers` crate.
-//! * [`generate`] — batched sampling returning behaviour log-probs.
-//! * [`diffusion`] — masked diffusion LMs: bidirectional forward, block-wise
-//!   low-confidence-remasking sampler, Monte Carlo ELBO.
-//! * [`rollout`] — rollouts and groups, the unit of training data, and how they are sampled.
-//! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL).
+//! * [`config`] — the typed job configuration; [`kinds`] — its parsed values
+//!   (dtype, device, label store, labels).
+//! * [`sampling`] — how completions are sampled (the `[sampling]` section).
+//! * [`rollout`] — rollouts and groups, the unit of training data.
+//! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL, adventure).
 //! * [`budget`] — rollouts per prompt: uniform or knapsack allocation.
-//! * [`config`] — the typed job configuration.
-//! * [`telemetry`] — logs, OpenTelemetry traces and metrics of every binary.
-//! * [`weights`] — parameters as an in-memory safetensors blob (weight sync).
+//! * [`staleness`] — the one rule on how old a rollout may be.
+//! * [`tokenizer`] — `tokenizer.json` through the `tokenizers` crate.
+//! * [`telemetry`] — logs, OpenTelemetry traces and metrics of every binary
+//!   (the one networked piece: an OTLP/gRPC exporter when configured).
 //!
-//! No networking and no training here: losses, optimizers and the trainer live
-//! in `sluice-learner`.
+//! Tensors live in `sluice-model`; losses, optimizers and the trainer in
+//! `sluice-learner`.
 
 pub mod budget;
 pub mod config;
-pub mod diffusion;
-pub mod device;
 pub mod error;
-pub mod generate;
-pub mod hf;
+pub mod kinds;
 pub mod telemetry;
-pub mod model;
 pub mod rollout;
+pub mod sampling;
 pub mod staleness;
 pub mod tasks;
 pub mod tokenizer;
-pub mod weights;
 
 pub use error::{Error, Result};
 

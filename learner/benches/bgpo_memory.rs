@@ -17,7 +17,7 @@ use std::process::Command;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sluice_core::model::{Model, ModelConfig};
+use sluice_model::model::{Model, ModelConfig};
 use sluice_learner::algo::bgpo::{bgpo_backward, draw, exact_backward, old_elbos, Sequence};
 use tch::{nn, Device};
 
@@ -45,7 +45,7 @@ fn child(method: &str, n: usize) {
     let mut c = ModelConfig::preset("small-diffusion", 100).unwrap();
     c.pad_token_id = Some(0);
     let m = Model::new(&vs.root(), &c);
-    sluice_core::model::init_parameters(&vs, 0);
+    sluice_model::model::init_parameters(&vs, 0);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let seqs: Vec<Sequence> = (0..batch)
         .map(|i| Sequence {

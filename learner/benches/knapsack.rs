@@ -17,7 +17,8 @@
 use std::sync::atomic::AtomicBool;
 
 use sluice_core::config::JobConfig;
-use sluice_learner::trainer::{Event, Trainer};
+use sluice_learner::metrics::Event;
+use sluice_learner::trainer::Trainer;
 
 fn flag(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();

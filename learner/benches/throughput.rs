@@ -18,9 +18,10 @@ use std::time::Instant;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use sluice_core::generate::{generate, SamplingParams};
-use sluice_core::hf::Policy;
-use sluice_core::model::{token_logprobs, ModelConfig};
+use sluice_model::generate::generate;
+use sluice_core::sampling::SamplingParams;
+use sluice_model::hf::Policy;
+use sluice_model::model::{token_logprobs, ModelConfig};
 use sluice_core::tokenizer::{Tokenizer, DEFAULT_ALPHABET};
 use sluice_learner::optim::{AdamW, AdamWConfig};
 use tch::{Device, Kind, Tensor};

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sluice_core::budget::History;
-use sluice_core::hf::Policy;
+use sluice_model::hf::Policy;
 use sluice_core::tokenizer::Tokenizer;
 use tch::Tensor;
 

@@ -8,6 +8,9 @@ pub enum Error {
     Core(#[from] sluice_core::Error),
 
     #[error(transparent)]
+    Model(#[from] sluice_model::Error),
+
+    #[error(transparent)]
     Torch(#[from] tch::TchError),
 
     /// A training checkpoint is incomplete or does not fit the job.
@@ -31,6 +34,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a job-file value is to blame (a usage error, not a failure).
+    pub fn is_config(&self) -> bool {
+        match self {
+            Error::Core(sluice_core::Error::Config { .. }) => true,
+            Error::Model(m) => m.as_config().is_some(),
+            _ => false,
+        }
+    }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use prost::Message;
-use sluice_core::generate::FinishReason;
+use sluice_core::rollout::FinishReason;
 use sluice_core::rollout::{Group, Rollout};
 use sluice_proto::{packed, v1};
 

@@ -1,12 +1,16 @@
 //! `sluice-learner`: turning rollouts into parameter updates.
 //!
-//! * [`algo`] — objectives, one file per algorithm ([`algo::grpo`]).
+//! * [`trainer`] — the one training loop (`sluice train` and the distributed
+//!   learner), with three seams: a [`source::RolloutSource`] supplies each
+//!   step's groups, an [`algo::Objective`] (GRPO, BGPO; [`algo::sft`] for the
+//!   warm-up) turns them into updates, and the [`engine`] reduces over ranks,
+//!   skips non-finite updates, clips and steps AdamW.
+//! * [`algo`] — objectives, one file per algorithm.
+//! * [`metrics`] — step metrics and events, `metrics.jsonl`.
 //! * [`optim`] — AdamW with checkpointable state and gradient clipping.
 //! * [`checkpoint`] — atomic training checkpoints.
 //! * [`collective`] — all-reduce/broadcast between data-parallel ranks (TCP on CPU);
 //!   [`nccl`] — the NCCL backend for CUDA tensors.
-//! * [`trainer`] — the single-process loop (collect → score → GRPO step), reused
-//!   by the distributed learner.
 //! * [`ingest`] — checks wire rollouts and assembles complete groups.
 //! * [`service`] — the `sluice.v1.Learner` gRPC service (ingest, weights, status).
 //! * [`node`] — a learner process: the service plus the training loop of one rank.
@@ -14,12 +18,15 @@
 pub mod algo;
 pub mod checkpoint;
 pub mod collective;
+pub mod engine;
 pub mod error;
 pub mod ingest;
+pub mod metrics;
 pub mod nccl;
 pub mod node;
 pub mod optim;
 pub mod service;
+pub mod source;
 pub mod trainer;
 
 pub use error::{Error, Result};

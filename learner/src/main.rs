@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sluice_learner::node::{self, CollectiveKind, NodeOptions};
-use sluice_orchestrator::worker::{load_job, Connection};
+use sluice_worker::{load_job, Connection};
 use sluice_proto::tls::ServerFiles;
 use sluice_proto::v1::RegisterWorkerRequest;
 

@@ -14,11 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sluice_core::config::JobConfig;
-use sluice_core::device::parse_device;
-use sluice_core::hf::parse_kind;
 use sluice_core::rollout::Group;
 use sluice_core::staleness::Verdict;
-use sluice_orchestrator::worker::Session;
+use sluice_worker::Session;
 use sluice_proto::auth;
 use sluice_proto::v1::learner_server::LearnerServer;
 use tch::Device;
@@ -28,13 +26,14 @@ use sluice_proto::tls::ServerFiles;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::ServerTlsConfig;
 
-use crate::algo::grpo;
 use crate::collective::{Collective, Single, TcpCollective};
 use crate::nccl::NcclCollective;
 use crate::error::{Error, Result};
 use crate::ingest::Limits;
 use crate::service::{LearnerService, Shared};
-use crate::trainer::{Event, StepMetrics, Trainer};
+use crate::metrics::{Event, StepMetrics};
+use crate::source::{informative, Drawn, RolloutSource};
+use crate::trainer::Trainer;
 
 /// Where this rank listens and how it finds the others.
 #[derive(Debug)]
@@ -94,7 +93,7 @@ fn build_collective(opts: &NodeOptions, world: usize) -> Result<Box<dyn Collecti
         .as_deref()
         .ok_or_else(|| Error::Collective("a rendezvous address is required with more than one rank".into()))?;
     let tcp = TcpCollective::connect(opts.rank, world, addr, Duration::from_secs(300))?;
-    let device = parse_device(&opts.job.model.device).map_err(|r| sluice_core::Error::config("model.device", r))?;
+    let device = sluice_model::device::device(opts.job.model.device);
     match (opts.collective, device) {
         (CollectiveKind::Tcp, _) | (CollectiveKind::Auto, Device::Cpu) => Ok(Box::new(tcp)),
         (_, Device::Cuda(i)) => Ok(Box::new(NcclCollective::new(tcp, i)?)),
@@ -175,7 +174,6 @@ fn run_rank(
     report: &mut dyn FnMut(&NodeEvent),
 ) -> Result<()> {
     let cfg = opts.job.clone();
-    cfg.validate()?;
     let world = opts.world_size.max(1);
     if !cfg.train.prompts_per_step.is_multiple_of(world) {
         return Err(sluice_core::Error::config(
@@ -223,12 +221,12 @@ fn run_rank(
     report(&NodeEvent::Listening { addr: addr.to_string(), rank: opts.rank, world_size: world, version: shared.version() });
     tracing::info!(%addr, rank = opts.rank, world, "learner serving");
 
-    let wire_kind = parse_kind(&cfg.rollout.weights_dtype).expect("validated weights_dtype");
+    let wire_kind = sluice_model::device::kind(cfg.rollout.weights_dtype);
     let publish = |trainer: &Trainer, report: &mut dyn FnMut(&NodeEvent)| -> Result<()> {
         let t0 = Instant::now();
-        let bytes = sluice_core::weights::encode(&trainer.policy().named_parameters(), wire_kind)?;
+        let bytes = sluice_model::weights::encode(&trainer.policy().named_parameters(), wire_kind)?;
         let (version, n) = (trainer.state().step, bytes.len());
-        shared.publish(version, bytes, &cfg.rollout.weights_dtype);
+        shared.publish(version, bytes, cfg.rollout.weights_dtype);
         report(&NodeEvent::Published { version, bytes: n, seconds: t0.elapsed().as_secs_f64() });
         Ok(())
     };
@@ -248,7 +246,7 @@ fn run_rank(
     let report = RefCell::new(&mut report);
     let mut published = false;
     let instruments = Instruments::new();
-    let filter = cfg.grpo.filter_zero_variance;
+    let mut buffer = ActorBuffer { shared: &shared, rt: &rt, rx: &mut rx, need: per_rank, filter: cfg.grpo.filter_zero_variance, stop: &stop };
     let result = trainer.run_with(
         &stop,
         |e| (report.borrow_mut())(&NodeEvent::Train(e)),
@@ -257,16 +255,9 @@ fn run_rank(
                 publish(t, &mut *report.borrow_mut())?;
                 published = true;
             }
-            let t0 = Instant::now();
-            let Some((groups, lags)) = gather(&shared, &rt, &mut rx, per_rank, t.state().step, filter, &stop) else {
-                return Ok(None);
-            };
-            let wait_seconds = t0.elapsed().as_secs_f64();
-            let span = tracing::info_span!("train_step", step = t.state().step + 1, rank = opts.rank, groups = groups.len());
+            let span = tracing::info_span!("train_step", step = t.state().step + 1, rank = opts.rank);
             let _entered = span.enter();
-            let mut m: StepMetrics = t.step_on(&groups)?;
-            m.wait_seconds = wait_seconds;
-            m.staleness_mean = lags.iter().sum::<u64>() as f64 / lags.len().max(1) as f64;
+            let Some(m) = t.step(&mut buffer)? else { return Ok(None) };
             publish(t, &mut *report.borrow_mut())?;
             instruments.record(&m);
             Ok(Some(m))
@@ -322,43 +313,54 @@ impl Instruments {
     }
 }
 
-/// Takes `need` trainable groups from the buffer for the step at `version`,
-/// dropping (and counting) groups older than `max_staleness` and, with
-/// `filter`, groups without reward variance. `None` when stopped.
-fn gather(
-    shared: &Shared,
-    rt: &tokio::runtime::Runtime,
-    rx: &mut mpsc::Receiver<Group>,
+/// The actors' rollouts, as the ingest service assembled them: each step
+/// takes `need` trainable groups, dropping (and counting) groups the
+/// staleness rule refuses and, with dynamic sampling, groups without reward
+/// variance. Stops when `stop` is set or the buffer closes.
+struct ActorBuffer<'a> {
+    shared: &'a Shared,
+    rt: &'a tokio::runtime::Runtime,
+    rx: &'a mut mpsc::Receiver<Group>,
     need: usize,
-    version: u64,
     filter: bool,
-    stop: &AtomicBool,
-) -> Option<(Vec<Group>, Vec<u64>)> {
-    let mut groups = Vec::with_capacity(need);
-    let mut lags = Vec::with_capacity(need);
-    while groups.len() < need {
-        if stop.load(Ordering::SeqCst) {
-            return None;
-        }
-        let g = match rt.block_on(async { tokio::time::timeout(Duration::from_millis(100), rx.recv()).await }) {
-            Ok(Some(g)) => g,
-            Ok(None) => return None,
-            Err(_) => continue,
-        };
-        match shared.staleness.verdict(g.rollouts[0].version, version) {
-            Verdict::Fresh { .. } if filter && !grpo::has_reward_variance(&g.rewards()) => {
-                tracing::debug!(prompt = g.prompt_id, "dropped a group without reward variance");
+    stop: &'a AtomicBool,
+}
+
+impl RolloutSource for ActorBuffer<'_> {
+    fn next(&mut self, t: &mut Trainer) -> Result<Option<Drawn>> {
+        let t0 = Instant::now();
+        let version = t.state().step;
+        let mut d = Drawn::default();
+        while d.groups.len() < self.need {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(None);
             }
-            Verdict::Fresh { lag } => {
-                lags.push(lag);
-                groups.push(g);
+            let g = match self.rt.block_on(async { tokio::time::timeout(Duration::from_millis(100), self.rx.recv()).await }) {
+                Ok(Some(g)) => g,
+                Ok(None) => return Ok(None),
+                Err(_) => continue,
+            };
+            match self.shared.staleness.verdict(g.rollouts[0].version, version) {
+                Verdict::Fresh { .. } if !informative(self.filter, &g) => {
+                    tracing::debug!(prompt = g.prompt_id, "dropped a group without reward variance");
+                }
+                Verdict::Fresh { lag } => {
+                    d.lags.push(lag);
+                    d.groups.push(g);
+                }
+                dropped => self.shared.count_drop(dropped),
             }
-            dropped => shared.count_drop(dropped),
         }
+        let mut s = self.shared.stats.lock().expect("stats lock");
+        for &lag in &d.lags {
+            s.staleness_histogram[lag as usize] += 1;
+        }
+        drop(s);
+        // The rewards the learner reports are those of the groups it trains on.
+        let groups = std::mem::take(&mut d.groups);
+        d.see(&groups);
+        d.groups = groups;
+        d.wait_s = t0.elapsed().as_secs_f64();
+        Ok(Some(d))
     }
-    let mut s = shared.stats.lock().expect("stats lock");
-    for &lag in &lags {
-        s.staleness_histogram[lag as usize] += 1;
-    }
-    Some((groups, lags))
 }

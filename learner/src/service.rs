@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prost::bytes::Bytes;
+use sluice_core::kinds::Dtype;
 use sluice_core::rollout::Group;
 use sluice_core::staleness::{Staleness, Verdict};
 use sluice_proto::v1::learner_server::Learner;
@@ -28,7 +29,7 @@ use crate::ingest::{check, Assembler, Limits};
 pub struct Published {
     pub version: u64,
     pub bytes: Bytes,
-    pub dtype: String,
+    pub dtype: Dtype,
 }
 
 /// Counters reported by `Status`.
@@ -116,8 +117,8 @@ impl Shared {
 
     /// Makes `bytes` the newest downloadable weights; then announces `version`
     /// (actors that hear of a version can always download it).
-    pub fn publish(&self, version: u64, bytes: Vec<u8>, dtype: &str) {
-        let p = Arc::new(Published { version, bytes: Bytes::from(bytes), dtype: dtype.to_string() });
+    pub fn publish(&self, version: u64, bytes: Vec<u8>, dtype: Dtype) {
+        let p = Arc::new(Published { version, bytes: Bytes::from(bytes), dtype });
         {
             let mut w = self.weights.lock().expect("weights lock");
             w.push_back(p);
@@ -308,7 +309,7 @@ impl Learner for LearnerService {
                     total_bytes: total,
                     offset: offset as u64,
                     data: p.bytes.slice(offset..end),
-                    dtype: p.dtype.clone(),
+                    dtype: p.dtype.to_string(),
                 };
                 if tx.send(Ok(msg)).await.is_err() || end == p.bytes.len() {
                     break;

@@ -22,14 +22,6 @@ pub enum Error {
     #[error("store: {0}")]
     Store(String),
 
-    /// Talking to the orchestrator failed (worker and CLI side).
-    #[error("orchestrator {endpoint}: {reason}")]
-    Transport { endpoint: String, reason: String },
-
-    /// The orchestrator answered with an error status (worker and CLI side).
-    #[error("orchestrator: {0}")]
-    Status(#[from] tonic::Status),
-
     #[error("io error on {what}: {source}")]
     Io { what: String, source: std::io::Error },
 }
@@ -47,7 +39,6 @@ impl From<Error> for tonic::Status {
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::Invalid(m) => tonic::Status::invalid_argument(m),
             Error::Precondition(m) => tonic::Status::failed_precondition(m),
-            Error::Status(s) => s,
             other => tonic::Status::unavailable(other.to_string()),
         }
     }

@@ -4,13 +4,13 @@
 //! - [`store`]: where the state lives — process memory or Redis.
 //! - [`service`]: the `sluice.v1.Orchestrator` gRPC service over the drivers.
 //! - [`server`]: the process (store, service, lease sweeps).
-//! - [`worker`]: the client side for workers and the CLI.
+//!
+//! The client side, for workers and the CLI, is `sluice-worker`.
 
 pub mod driver;
 pub mod error;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod worker;
 
 pub use error::{Error, Result};

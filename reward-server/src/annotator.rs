@@ -37,7 +37,7 @@ impl Annotator {
             .iter()
             .map(|r| {
                 let re = Regex::new(&r.pattern).map_err(|e| Error::Annotator(format!("rubric pattern: {e}")))?;
-                Ok((re, r.label == "helpful"))
+                Ok((re, r.label.is_helpful()))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Annotator::Rubric(rules))

@@ -10,6 +10,7 @@
 //! them in the list `sluice:<job>:prefs` (JSON, oldest first) and the hashes of
 //! captions already compared in the set `sluice:<job>:ranked`.
 
+use sluice_core::kinds::StoreUrl;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
@@ -58,10 +59,11 @@ impl std::fmt::Debug for LabelStore {
 
 impl LabelStore {
     /// Opens `memory` or a `redis://` URL for `job`.
-    pub async fn open(spec: &str, job: &str) -> Result<Self> {
-        if spec == "memory" {
-            return Ok(LabelStore::Memory(Mutex::new(Memory::default())));
-        }
+    pub async fn open(spec: &StoreUrl, job: &str) -> Result<Self> {
+        let spec = match spec {
+            StoreUrl::Memory => return Ok(LabelStore::Memory(Mutex::new(Memory::default()))),
+            StoreUrl::Redis(url) => url.as_str(),
+        };
         let client = redis::Client::open(spec).map_err(|e| Error::Store(format!("{spec}: {e}")))?;
         let conn = client
             .get_multiplexed_async_connection()
@@ -268,7 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn memory_store_keeps_the_first_label() {
-        let s = LabelStore::open("memory", "j").await.unwrap();
+        let s = LabelStore::open(&StoreUrl::Memory, "j").await.unwrap();
         assert_eq!(s.put_many(&[(1, "a".into(), true), (2, "b".into(), false)]).await.unwrap(), 2);
         assert_eq!(s.put_many(&[(1, "a".into(), false)]).await.unwrap(), 0);
         assert_eq!(s.get_many(&[1, 2, 3]).await.unwrap(), vec![Some(true), Some(false), None]);
@@ -279,7 +281,7 @@ mod tests {
 
     #[tokio::test]
     async fn memory_store_keeps_preferences_and_marks_compared_captions() {
-        let s = LabelStore::open("memory", "j").await.unwrap();
+        let s = LabelStore::open(&StoreUrl::Memory, "j").await.unwrap();
         let p = |a: &str, b: &str, o: f64| Preference { a: a.into(), b: b.into(), outcome: o };
         s.put_preferences(&[(1, 2, p("a", "b", 1.0)), (3, 4, p("c", "d", 0.5))]).await.unwrap();
         assert_eq!(s.ranked_many(&[1, 4, 5]).await.unwrap(), vec![true, true, false]);

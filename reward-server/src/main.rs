@@ -23,7 +23,7 @@ struct Args {
     listen: String,
     /// Override reward.store (`memory` or a redis:// URL).
     #[arg(long, env = "SLUICE_REWARD_STORE")]
-    store: Option<String>,
+    store: Option<sluice_core::kinds::StoreUrl>,
     /// Bearer token every Reward call must carry (health stays open); none: no check.
     #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
     token: Option<String>,

@@ -148,7 +148,6 @@ pub fn run(
     tls: Option<&ServerFiles>,
     report: impl Fn(&ServerEvent),
 ) -> Result<()> {
-    job.validate()?;
     let tls = tls.map(ServerFiles::config).transpose().map_err(Error::Server)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -163,7 +162,7 @@ pub fn run(
         let addr = listener.local_addr().map_err(|e| Error::Io { what: "listener".into(), source: e })?;
         report(&ServerEvent::Listening {
             addr: addr.to_string(),
-            store: job.reward.store.clone(),
+            store: job.reward.store.to_string(),
             annotator: state.annotator_name.clone(),
         });
         tracing::info!(%addr, "reward server serving");

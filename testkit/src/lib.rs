@@ -213,6 +213,20 @@ impl Redis {
     }
 }
 
+/// The Python with `torch`, `transformers` and `tokenizers` that reference
+/// checks run: `SLUICE_PYTHON`, else the project's `.venv` (made by
+/// `scripts/setup.sh`).
+pub fn python() -> std::path::PathBuf {
+    match std::env::var_os("SLUICE_PYTHON") {
+        Some(p) => p.into(),
+        None => {
+            let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+            assert!(venv.exists(), "no Python with transformers: run ./scripts/setup.sh (it creates .venv) or set SLUICE_PYTHON");
+            venv
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -242,13 +242,13 @@ fn learner_reward_server_and_actor_talk_over_tls() {
     let (other_ca, _, _) = test_certificates(other.path());
     let untrusted = sluice_proto::tls::client_config(std::path::Path::new(&other_ca)).unwrap();
     for ep in [&https, &reward_ep] {
-        let r = runtime().block_on(sluice_actor::actor::channel(ep, Some(&untrusted)));
+        let r = runtime().block_on(sluice_actor::link::channel(ep, Some(&untrusted)));
         let err = r.expect_err("a server signed by an untrusted CA must be refused");
         eprintln!("{ep} with an untrusted CA: {err}");
     }
     // And the same client with the right CA gets through.
     let trusted = sluice_proto::tls::client_config(std::path::Path::new(&ca)).unwrap();
-    runtime().block_on(sluice_actor::actor::channel(&https, Some(&trusted))).expect("the right CA is trusted");
+    runtime().block_on(sluice_actor::link::channel(&https, Some(&trusted))).expect("the right CA is trusted");
     let mut a = actor(&job, &https, 0, 1, &["--reward", &reward_ep, "--tls-ca", &ca]);
     learner.wait_finished(Duration::from_secs(180));
     a.wait_line("done", Duration::from_secs(60), |v| v["event"] == "done");

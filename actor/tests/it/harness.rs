@@ -91,7 +91,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 pub async fn client(endpoint: &str) -> LearnerClient<Channel> {
-    sluice_actor::actor::connect(endpoint).await.unwrap()
+    sluice_actor::link::connect(endpoint).await.unwrap()
 }
 
 pub fn status(endpoint: &str) -> LearnerStatus {

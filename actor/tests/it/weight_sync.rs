@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use sluice_actor::sync::{apply, WeightSync};
 use sluice_core::config::JobConfig;
-use sluice_core::hf::{load_policy, Policy};
+use sluice_model::hf::{load_policy, Policy};
 
 use crate::harness::*;
 
@@ -148,7 +148,7 @@ fn trained_weights_reach_the_actor_bit_for_bit_in_f32_and_bf16() {
             rt.block_on(async { WeightSync::default().download(&mut client(&learner.endpoint).await, "trained").await }).unwrap();
         assert_eq!(synced.version, 3, "the newest version is served");
         let wire_kind = if wire == "bf16" { tch::Kind::BFloat16 } else { tch::Kind::Float };
-        let on_wire: HashMap<String, tch::Tensor> = sluice_core::weights::decode(&bytes).unwrap().into_iter().collect();
+        let on_wire: HashMap<String, tch::Tensor> = sluice_model::weights::decode(&bytes).unwrap().into_iter().collect();
         assert_eq!(on_wire.len(), trained.len());
         for (name, t) in &trained {
             let w = &on_wire[name];

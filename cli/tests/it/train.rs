@@ -225,9 +225,7 @@ fn init_model_writes_a_deterministic_loadable_directory() {
     assert!(a == b, "the same seed gives the same weights");
     assert!(a != c, "another seed gives other weights");
 
-    let python = std::env::var("SLUICE_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    let python = sluice_testkit::python();
     let script = "import sys\nfrom transformers import AutoModelForCausalLM\n\
         m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)\n\
         bad = {k: v for k, v in info.items() if v}\nassert not bad, bad\nprint(sum(p.numel() for p in m.parameters()))\n";

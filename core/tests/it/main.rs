@@ -1,4 +1,3 @@
 //! Integration tests of sluice-core against outside references.
 
-mod hf_parity;
 mod tokenizer;

@@ -32,7 +32,7 @@ fn qwen3_tokenizer_matches_python_tokenizers() {
     let script = "import json, sys\nfrom tokenizers import Tokenizer\n\
         t = Tokenizer.from_file(sys.argv[1])\ntexts = json.loads(sys.stdin.read())\n\
         print(json.dumps([t.encode(s, add_special_tokens=False).ids for s in texts]))\n";
-    let mut child = Command::new(crate::hf_parity::python())
+    let mut child = Command::new(sluice_testkit::python())
         .args(["-c", script])
         .arg(dir.join("tokenizer.json"))
         .stdin(std::process::Stdio::piped())

@@ -3,7 +3,7 @@
 //!
 //! A diffusion policy has no tractable sequence likelihood, so the importance
 //! ratio uses the ELBO B̂ = (1/n) Σ_j l_j estimated with n Monte Carlo samples
-//! (`sluice_core::diffusion::elbo`). The exact objective of a rollout with
+//! (`sluice_model::diffusion::elbo`). The exact objective of a rollout with
 //! advantage A is exp(B̂_θ − B̂_old)·A, whose gradient needs all n samples in one
 //! graph. BGPO maximises a lower bound made of per-sample terms (paper eq. 8–9):
 //!
@@ -19,13 +19,19 @@
 //! policy (d_j = 0) the bound's value and gradient equal the exact objective's.
 //! [`exact_backward`] is the exact-ratio objective, kept only to compare against.
 
-use rand::SeedableRng;
+use std::time::Instant;
+
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sluice_core::diffusion::{elbo, McSample};
-use sluice_core::model::Model;
+use sluice_core::config::JobConfig;
+use sluice_model::diffusion::{elbo, McSample};
+use sluice_model::model::Model;
 use tch::{Kind, Tensor};
 
+use super::{Objective, Scored};
+use crate::engine::{rng_for, Engine};
 use crate::error::Result;
+use crate::metrics::StepMetrics;
 
 /// Largest d_j used in exp(d_j): beyond it the sample's ratio is clamped (and counted).
 pub const MAX_LOG_RATIO: f64 = 20.0;
@@ -149,14 +155,87 @@ pub fn exact_backward(model: &Model, seqs: &[Sequence], samples: &[Vec<McSample>
     Ok(report)
 }
 
+/// The BGPO update: θ_old is the policy at the start of the step (as when old
+/// log-probs are recomputed on the learner); each micro-batch draws its Monte
+/// Carlo samples keyed by (seed, step, rollout), computes l_j(θ_old) without a
+/// graph, and runs one backward pass per sample; then one engine step.
+/// `clip_fraction` reports the share of clamped or skipped terms.
+#[derive(Debug, Clone)]
+pub struct Bgpo {
+    mc_samples: usize,
+    micro_batch_size: usize,
+    max_grad_norm: f64,
+    lr: f64,
+}
+
+impl Bgpo {
+    pub fn new(job: &JobConfig) -> Self {
+        Bgpo {
+            mc_samples: job.bgpo.mc_samples,
+            micro_batch_size: job.train.micro_batch_size.max(1),
+            max_grad_norm: job.train.max_grad_norm,
+            lr: job.train.lr,
+        }
+    }
+}
+
+impl Objective for Bgpo {
+    fn update(&mut self, engine: &mut Engine, s: &Scored<'_>, m: &mut StepMetrics) -> Result<()> {
+        let n = self.mc_samples;
+        let mut adv = s.advantages.iter();
+        let mut seqs = Vec::new();
+        for g in s.groups {
+            let weight = 1.0 / (g.rollouts.len() as f64 * s.n_groups.max(1.0));
+            for r in &g.rollouts {
+                let advantage = *adv.next().expect("one advantage per rollout");
+                if !r.response_tokens.is_empty() {
+                    seqs.push(Sequence { prompt: r.prompt_tokens.clone(), response: r.response_tokens.clone(), advantage, weight });
+                }
+            }
+        }
+        let t0 = Instant::now();
+        // Samples keyed by (seed, step, rollout): independent of how the batch
+        // is split over ranks and micro-batches.
+        let key = rng_for(s.seed, 2, s.step).next_u64();
+        engine.opt.cfg.lr = self.lr;
+        let (mut objective, mut odd, mut finite) = (0.0, 0usize, true);
+        for chunk in seqs.chunks(self.micro_batch_size) {
+            let model = engine.policy.model();
+            let samples = draw_keyed(chunk, n, key);
+            let old = old_elbos(model, chunk, &samples, engine.pad)?;
+            let r = bgpo_backward(model, chunk, &samples, &old, engine.pad)?;
+            if !r.objective.is_finite() {
+                finite = false;
+                break;
+            }
+            objective += r.objective;
+            odd += r.clamped + r.skipped;
+        }
+        let report = engine.step(finite, self.max_grad_norm)?;
+        let tokens: usize = seqs.iter().map(|s| s.response.len()).sum();
+        let mut parts = [objective, odd as f64, (seqs.len() * n) as f64, (tokens * n) as f64];
+        engine.all_reduce(&mut parts)?;
+        if report.skipped {
+            m.skipped_updates = 1;
+            tracing::warn!(step = s.step, "non-finite BGPO objective or gradient: optimizer step skipped");
+        } else {
+            m.pg_loss = -parts[0];
+            m.grad_norm = report.grad_norm;
+        }
+        m.clip_fraction = parts[1] / parts[2].max(1.0);
+        m.train_tokens_per_s = parts[3] / t0.elapsed().as_secs_f64().max(1e-9);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::algo::grpo::group_advantages;
     use crate::optim::{AdamW, AdamWConfig};
     use rand::Rng;
-    use sluice_core::diffusion::{generate, DiffusionSampling};
-    use sluice_core::model::ModelConfig;
+    use sluice_model::diffusion::{generate, DiffusionSampling};
+    use sluice_model::model::ModelConfig;
     use tch::{nn, Device};
 
     const PAD: i64 = 0;
@@ -166,7 +245,7 @@ mod tests {
         let mut c = ModelConfig::preset("tiny-diffusion", 20).unwrap();
         c.pad_token_id = Some(PAD);
         let m = Model::new(&vs.root(), &c);
-        sluice_core::model::init_parameters(&vs, seed as u64);
+        sluice_model::model::init_parameters(&vs, seed as u64);
         (vs, m)
     }
 

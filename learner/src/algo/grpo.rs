@@ -11,10 +11,19 @@
 //! * Dr. GRPO: Liu et al., "Understanding R1-Zero-Like Training" (arXiv 2503.20783), eq. 3:
 //!   no std division, token sum normalised by a constant budget.
 //!
-//! Every option lives in [`sluice_core::config::GrpoConfig`].
+//! Every option lives in [`sluice_core::config::GrpoConfig`]. [`Grpo`] is the
+//! update: advantages → epochs × mini-batches × micro-batches → engine step.
 
-use sluice_core::config::{GrpoConfig, LossAgg};
+use std::time::Instant;
+
+use sluice_core::config::{GrpoConfig, JobConfig, LossAgg};
+use sluice_core::rollout::Group;
 use tch::{Kind, Tensor};
+
+use super::{Objective, Scored};
+use crate::engine::{split_even, Batch, Engine, Row};
+use crate::error::Result;
+use crate::metrics::StepMetrics;
 
 /// DAPO overlong reward shaping (eq. 13) for a response of `len` tokens with
 /// maximum length `max_len` (L) and buffer `buffer` (L_c):
@@ -150,10 +159,134 @@ pub fn grpo_loss(x: &LossInputs, cfg: &GrpoConfig, d: Denominators) -> LossOutpu
     LossOutput { pg: pg_loss.double_value(&[]), loss, kl: kl_value, clipped_tokens }
 }
 
-/// Supervised fine-tuning (warm-up) loss: mean negative log-likelihood over the
-/// masked target tokens, normalised by `tokens` (the mini-batch total).
-pub fn sft_loss(logp: &Tensor, mask: &Tensor, tokens: f64) -> Tensor {
-    -(logp * mask).sum(Kind::Float) / tokens.max(1.0)
+/// Shapes each rollout's reward and normalises it within its group: returns
+/// one advantage per rollout (in group order) and how many rollouts are in
+/// groups with a non-zero advantage.
+pub fn advantages(groups: &[Group], cfg: &GrpoConfig, max_len: usize) -> (Vec<f64>, usize) {
+    let mut advantages = Vec::new();
+    let mut effective = 0usize;
+    for g in groups {
+        // DAPO eq. 13: overlong shaping is added to the reward before normalisation.
+        let shaped: Vec<f64> =
+            g.rollouts.iter().map(|r| r.reward + overlong_penalty(r.response_tokens.len(), max_len, cfg.overlong_buffer)).collect();
+        let adv = group_advantages(&shaped, cfg.norm_adv_by_std);
+        if adv.iter().any(|a| a.abs() > 1e-12) {
+            effective += adv.len();
+        }
+        advantages.extend(adv);
+    }
+    (advantages, effective)
+}
+
+/// The GRPO update (eq. 3 with the options above): `epochs × mini_batches`
+/// optimizer steps over this rank's rollouts, each mini-batch accumulated over
+/// micro-batches whose losses share the mini-batch's global denominators.
+#[derive(Debug, Clone)]
+pub struct Grpo {
+    cfg: GrpoConfig,
+    /// Dr. GRPO's constant token budget.
+    budget: f64,
+    micro_batch_size: usize,
+    max_grad_norm: f64,
+    lr: f64,
+    temperature: f64,
+}
+
+impl Grpo {
+    pub fn new(job: &JobConfig, temperature: f64) -> Self {
+        Grpo {
+            cfg: job.grpo.clone(),
+            budget: job.generation_budget() as f64,
+            micro_batch_size: job.train.micro_batch_size,
+            max_grad_norm: job.train.max_grad_norm,
+            lr: job.train.lr,
+            temperature,
+        }
+    }
+}
+
+impl Objective for Grpo {
+    fn update(&mut self, engine: &mut Engine, s: &Scored<'_>, m: &mut StepMetrics) -> Result<()> {
+        let c = &self.cfg;
+        let rows: Vec<Row> = s
+            .groups
+            .iter()
+            .flat_map(|g| &g.rollouts)
+            .zip(s.advantages)
+            .filter(|(r, _)| !r.response_tokens.is_empty())
+            .map(|(r, &a)| Row {
+                prompt: &r.prompt_tokens,
+                response: &r.response_tokens,
+                old_logp: Some(&r.logprobs),
+                loss_mask: &r.loss_mask,
+                advantage: a,
+            })
+            .collect();
+        let t0 = Instant::now();
+        let (mut trained_tokens, mut clipped, mut updates) = (0.0, 0.0, 0usize);
+        let device = engine.policy.device();
+        engine.opt.cfg.lr = self.lr;
+        for _epoch in 0..c.epochs {
+            // Exactly `mini_batches` parts on every rank (some may be empty), so
+            // all ranks make the same collective calls.
+            for mb in split_even(&rows, c.mini_batches) {
+                let mut den = [mb.iter().map(|r| r.trained_tokens()).sum::<f64>(), mb.len() as f64];
+                engine.all_reduce(&mut den)?;
+                if den[1] == 0.0 {
+                    continue;
+                }
+                let d = Denominators { tokens: den[0].max(1.0), seqs: den[1], budget: self.budget };
+                let mut finite = true;
+                let (mut pg, mut kl) = (0.0, 0.0);
+                for micro in mb.chunks(self.micro_batch_size) {
+                    let micro: Vec<&Row> = micro.iter().collect();
+                    let batch = Batch::new(&micro, engine.pad, device);
+                    let logp = Engine::logprobs(&engine.policy, &batch, self.temperature);
+                    let ref_logp =
+                        engine.reference.as_ref().map(|r| tch::no_grad(|| Engine::logprobs(r, &batch, self.temperature)));
+                    let x = LossInputs {
+                        logp: &logp,
+                        old_logp: &batch.old_logp,
+                        ref_logp: ref_logp.as_ref(),
+                        advantages: &batch.advantages,
+                        mask: &batch.mask,
+                    };
+                    let out = grpo_loss(&x, c, d);
+                    let value = out.loss.double_value(&[]);
+                    if !value.is_finite() {
+                        finite = false;
+                        break;
+                    }
+                    out.loss.backward();
+                    pg += out.pg;
+                    kl += out.kl;
+                    clipped += out.clipped_tokens;
+                    trained_tokens += batch.tokens;
+                }
+                let report = engine.step(finite, self.max_grad_norm)?;
+                let mut parts = [pg, kl];
+                engine.all_reduce(&mut parts)?;
+                if report.skipped {
+                    m.skipped_updates += 1;
+                    tracing::warn!(step = s.step, "non-finite loss or gradient: optimizer step skipped");
+                } else {
+                    updates += 1;
+                    m.pg_loss += parts[0];
+                    m.kl += parts[1];
+                    m.grad_norm += report.grad_norm;
+                }
+            }
+        }
+        let mut tokens = [clipped, trained_tokens];
+        engine.all_reduce(&mut tokens)?;
+        let n = updates.max(1) as f64;
+        m.pg_loss /= n;
+        m.kl /= n;
+        m.grad_norm /= n;
+        m.clip_fraction = tokens[0] / tokens[1].max(1.0);
+        m.train_tokens_per_s = tokens[1] / t0.elapsed().as_secs_f64().max(1e-9);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -14,87 +14,13 @@
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
+
+use sluice_core::rollout::FinishReason;
+use sluice_core::sampling::SamplingParams;
 
 use crate::error::{Error, Result};
 use crate::model::{token_logprobs, KvCache, Model};
-
-/// How to sample completions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SamplingParams {
-    /// Softmax temperature; 0 means greedy.
-    pub temperature: f64,
-    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
-    pub top_p: f64,
-    /// Keep only the `top_k` most likely tokens (0 = off).
-    pub top_k: i64,
-    /// Maximum number of generated tokens per completion.
-    pub max_new_tokens: i64,
-    /// Generation stops for a row once it samples one of these (the token is kept).
-    /// The tokenizer's end-of-sequence id is always added by the trainer.
-    pub stop_token_ids: Vec<i64>,
-    /// Diffusion policies only: denoising steps for the whole response
-    /// (`max_new_tokens` tokens, all generated); 0 means one per token.
-    pub diffusion_steps: usize,
-    /// Diffusion policies only: tokens per block, revealed left to right
-    /// (semi-autoregressive); 0 means one block.
-    pub block_length: usize,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            max_new_tokens: 16,
-            stop_token_ids: vec![],
-            diffusion_steps: 0,
-            block_length: 0,
-        }
-    }
-}
-
-impl SamplingParams {
-    pub fn validate(&self, prefix: &str) -> Result<()> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::config(format!("{prefix}.temperature"), "must be a finite number >= 0"));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::config(format!("{prefix}.top_p"), "must be in (0, 1]"));
-        }
-        if self.top_k < 0 {
-            return Err(Error::config(format!("{prefix}.top_k"), "must be >= 0"));
-        }
-        if self.max_new_tokens < 1 {
-            return Err(Error::config(format!("{prefix}.max_new_tokens"), "must be >= 1"));
-        }
-        self.diffusion().validate(prefix)
-    }
-
-    /// The diffusion sampler's settings (`sluice_core::diffusion`).
-    pub fn diffusion(&self) -> crate::diffusion::DiffusionSampling {
-        let len = self.max_new_tokens.max(1) as usize;
-        crate::diffusion::DiffusionSampling {
-            gen_length: len,
-            steps: if self.diffusion_steps == 0 { len } else { self.diffusion_steps },
-            block_length: if self.block_length == 0 { len } else { self.block_length },
-            temperature: self.temperature,
-        }
-    }
-}
-
-/// Why a completion ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// Sampled a stop token (included in `tokens`).
-    Stop,
-    /// Reached `max_new_tokens`.
-    Length,
-}
 
 /// One sampled continuation.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,24 +4,14 @@
 //! builds tiny random models, saves them with `save_pretrained` and records
 //! their logits; sluice loads the directory and must agree within 1e-4 (fp32).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::{json, Value};
-use sluice_core::hf::Policy;
-use sluice_core::Error;
+use sluice_model::hf::Policy;
+use sluice_model::Error;
+use sluice_testkit::python;
 use tch::{Device, Kind, Tensor};
-
-pub fn python() -> PathBuf {
-    match std::env::var_os("SLUICE_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-            assert!(venv.exists(), "no Python with transformers: run ./scripts/test.sh (it creates .venv) or set SLUICE_PYTHON");
-            venv
-        }
-    }
-}
 
 /// Runs the reference script; returns (model dir, HF logits, their shape).
 fn reference(dir: &Path, spec: &Value) -> (Vec<f32>, Vec<i64>) {

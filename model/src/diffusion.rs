@@ -20,41 +20,10 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
+pub use sluice_core::sampling::DiffusionSampling;
+
 use crate::error::{Error, Result};
 use crate::model::Model;
-
-/// How a diffusion policy samples a response.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DiffusionSampling {
-    /// Response tokens (fixed; the policy fills every position).
-    pub gen_length: usize,
-    /// Denoising steps over the whole response (divided evenly among blocks).
-    pub steps: usize,
-    /// Tokens per block; blocks are revealed left to right.
-    pub block_length: usize,
-    /// Sampling temperature; 0 is greedy.
-    pub temperature: f64,
-}
-
-impl DiffusionSampling {
-    pub fn validate(&self, field: &str) -> Result<()> {
-        let bad = |k: &str, why: &str| Err(Error::config(format!("{field}.{k}"), why));
-        if self.gen_length == 0 {
-            return bad("gen_length", "must be >= 1");
-        }
-        if self.block_length == 0 || !self.gen_length.is_multiple_of(self.block_length) {
-            return bad("block_length", "must divide the response length (max_new_tokens)");
-        }
-        let blocks = self.gen_length / self.block_length;
-        if self.steps == 0 || !self.steps.is_multiple_of(blocks) {
-            return bad("diffusion_steps", "must be a positive multiple of the number of blocks");
-        }
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad("temperature", "must be >= 0");
-        }
-        Ok(())
-    }
-}
 
 /// The mask token of a diffusion policy.
 pub fn mask_id(model: &Model) -> Result<i64> {

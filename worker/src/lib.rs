@@ -1,4 +1,5 @@
-//! The client side of the orchestrator, for workers (learners, actors) and the CLI.
+//! `sluice-worker`: the client side of the orchestrator, for workers
+//! (learners, actors) and the CLI. It links neither Redis nor libtorch.
 //!
 //! [`Link::register`] registers a worker for a job (waiting while the
 //! orchestrator is unreachable or has no job yet) and returns the job spec;
@@ -17,7 +18,9 @@ use sluice_proto::v1::{self, JobState};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
 
-use crate::error::{Error, Result};
+pub mod error;
+
+pub use error::{Error, Result};
 
 /// A gRPC client of the orchestrator (the CLI uses it directly).
 pub async fn connect(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<OrchestratorClient<Channel>> {

@@ -465,7 +465,7 @@ pub fn init_parameters(vs: &nn::VarStore, seed: u64) {
             continue;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(crate::fnv1a(name.as_bytes()));
+        rng.set_stream(sluice_core::fnv1a(name.as_bytes()));
         let n = t.numel();
         let mut values = Vec::with_capacity(n + 1);
         while values.len() < n {

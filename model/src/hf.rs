@@ -12,11 +12,10 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::config::ModelSection;
-use crate::device::parse_device;
+use sluice_core::config::ModelSection;
 use crate::error::{Error, Result};
 use crate::model::{init_parameters, Model, ModelConfig};
-use crate::tokenizer::{Tokenizer, DEFAULT_ALPHABET};
+use sluice_core::tokenizer::{Tokenizer, DEFAULT_ALPHABET};
 
 /// A decoder with its own parameter store.
 pub struct Policy {
@@ -27,15 +26,6 @@ pub struct Policy {
 impl std::fmt::Debug for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Policy").field("config", self.model.config()).field("kind", &self.kind()).finish()
-    }
-}
-
-/// Parses a dtype name as used in configs: `f32`/`float32`, `bf16`/`bfloat16`.
-pub fn parse_kind(s: &str) -> Option<Kind> {
-    match s {
-        "f32" | "fp32" | "float32" => Some(Kind::Float),
-        "bf16" | "bfloat16" => Some(Kind::BFloat16),
-        _ => None,
     }
 }
 
@@ -165,8 +155,7 @@ impl Policy {
 /// Builds the policy and tokenizer a job's `[model]` section names: a random-init
 /// preset with the character-level tokenizer, or a local Hugging Face directory.
 pub fn load_policy(m: &ModelSection) -> Result<(Policy, Tokenizer)> {
-    let device = parse_device(&m.device).map_err(|r| Error::config("model.device", r))?;
-    let kind = parse_kind(&m.dtype).ok_or_else(|| Error::config("model.dtype", "must be one of f32, bf16"))?;
+    let (device, kind) = (crate::device::device(m.device), crate::device::kind(m.dtype));
     if let Some(preset) = &m.preset {
         let tokenizer = Tokenizer::char_level(DEFAULT_ALPHABET)?;
         let mut mc = ModelConfig::preset(preset, tokenizer.vocab_size())?;
@@ -188,7 +177,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::Checkpoint { file: path.clone(), reason: format!("not valid JSON: {e}") })?;
     ModelConfig::from_hf_json(&v).map_err(|e| match e {
-        Error::Config { path: field, reason } => Error::Config { path: format!("{} ({field})", path.display()), reason },
+        Error::Core(sluice_core::Error::Config { path: field, reason }) => Error::config(format!("{} ({field})", path.display()), reason),
         other => other,
     })
 }

@@ -1,0 +1,98 @@
+//! Scoring through the reward server: verifier (or environment) reward plus
+//! the intrinsic (ONI) reward, for a batch of groups the actor sampled.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sluice_core::config::{JobConfig, ResponseCaptions};
+use sluice_proto::auth;
+use sluice_proto::v1::reward_client::RewardClient;
+use sluice_proto::v1;
+use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::Code;
+
+use crate::error::{Error, Result};
+use crate::link::{channel, Backoff};
+
+/// Replaces each rollout's reward with the reward server's total (verifier —
+/// or, for an episode, the environment's reward — plus intrinsic reward). Keeps one connection in `client`; reconnects and
+/// retries with backoff while the server is unreachable; false when stopped first.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rescore(
+    rt: &tokio::runtime::Runtime,
+    endpoint: &str,
+    token: Option<&str>,
+    tls: Option<&ClientTlsConfig>,
+    client: &mut Option<RewardClient<Channel>>,
+    cfg: &JobConfig,
+    task: &dyn sluice_core::tasks::Task,
+    problems: &[sluice_core::tasks::Problem],
+    groups: &mut [sluice_core::rollout::Group],
+    tokenizer: &sluice_core::tokenizer::Tokenizer,
+    stop: &AtomicBool,
+) -> Result<bool> {
+    let mut items = Vec::new();
+    let episodes = problems.first().is_some_and(|p| task.episode(p).is_some());
+    for (gi, (p, group)) in problems.iter().zip(groups.iter()).enumerate() {
+        for (ri, r) in group.rollouts.iter().enumerate() {
+            let id = format!("{gi}:{ri}");
+            if episodes {
+                // The environment scored the episode and named its captions.
+                items.push(v1::ScoreItem { id, env_reward: Some(r.extrinsic), captions: r.captions.clone(), ..Default::default() });
+                continue;
+            }
+            let response = tokenizer.decode(&r.response_tokens)?;
+            let captions = match cfg.reward.response_captions {
+                ResponseCaptions::None => Vec::new(),
+                ResponseCaptions::Lines => {
+                    response.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+                }
+            };
+            items.push(v1::ScoreItem {
+                id,
+                verifier: p.verifier.name().to_string(),
+                answer: p.answer.clone(),
+                response,
+                captions,
+                env_reward: None,
+            });
+        }
+    }
+    let request = v1::ScoreRequest { job_id: cfg.name.clone(), items };
+    let mut backoff = Backoff::new();
+    let scores = loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let attempt = rt.block_on(async {
+            if client.is_none() {
+                let c = channel(endpoint, tls).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                *client = Some(RewardClient::new(c));
+            }
+            let c = client.as_mut().expect("connected above");
+            c.score(auth::request(request.clone(), token)).await
+        });
+        match attempt {
+            Ok(r) => break r.into_inner().scores,
+            Err(s) if s.code() == Code::Unauthenticated => return Err(Error::Status(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "reward server unavailable; retrying");
+                *client = None;
+                backoff.wait(stop);
+            }
+        }
+    };
+    let mut it = scores.into_iter();
+    for group in groups.iter_mut() {
+        for r in &mut group.rollouts {
+            let s = it.next().ok_or_else(|| Error::Reward("it returned too few scores".into()))?;
+            if !s.error.is_empty() {
+                return Err(Error::Reward(format!("rollout {} refused: {}", s.id, s.error)));
+            }
+            r.reward = s.total;
+            r.extrinsic = s.extrinsic;
+            r.intrinsic = s.intrinsic;
+        }
+    }
+    Ok(true)
+}
+

@@ -1,0 +1,206 @@
+//! The step engine: what every objective's update shares. It owns the policy,
+//! the frozen reference policy (when a KL term needs one), AdamW and the
+//! collective, and it is the one place that
+//!
+//! * sums numbers and gradients over data-parallel ranks ([`Engine::all_reduce`]),
+//! * skips an optimizer step when any rank saw a non-finite loss, else clips
+//!   and steps ([`Engine::step`]),
+//! * turns rows (prompt, response, behaviour log-probs, advantage) into padded
+//!   tensors ([`Batch`]).
+//!
+//! Objectives (`crate::algo`) decide what the loss is and how the data is cut
+//! into epochs, mini-batches and micro-batches; they call the engine for the rest.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use sluice_model::hf::Policy;
+use sluice_model::model::token_logprobs;
+use tch::{Device, Tensor};
+
+use crate::checkpoint::TrainerState;
+use crate::collective::{all_reduce_f64, Collective};
+use crate::error::{Error, Result};
+use crate::optim::{AdamW, StepReport};
+
+/// The policy, its optimizer and the ranks it trains with.
+pub struct Engine {
+    pub policy: Policy,
+    /// Frozen copy of the initial policy, for the KL penalty (`grpo.kl_coef > 0`).
+    pub reference: Option<Policy>,
+    pub opt: AdamW,
+    comm: Box<dyn Collective>,
+    /// Token id of padding (never attended to, never trained on).
+    pub pad: i64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("policy", &self.policy).field("rank", &self.comm.rank()).finish()
+    }
+}
+
+impl Engine {
+    pub fn new(policy: Policy, reference: Option<Policy>, opt: AdamW, comm: Box<dyn Collective>, pad: i64) -> Self {
+        Engine { policy, reference, opt, comm, pad }
+    }
+
+    /// This rank and the world size.
+    pub fn rank(&self) -> (usize, usize) {
+        (self.comm.rank(), self.comm.world_size())
+    }
+
+    /// Sums `values` element-wise over all ranks, in place (a no-op on one rank).
+    pub fn all_reduce(&mut self, values: &mut [f64]) -> Result<()> {
+        all_reduce_f64(self.comm.as_mut(), values)
+    }
+
+    /// Sums gradients over ranks (and whether any rank saw a non-finite loss),
+    /// then takes the optimizer step every rank takes: clipped to `max_norm`,
+    /// or skipped (gradients zeroed) when any loss was not finite.
+    pub fn step(&mut self, finite: bool, max_norm: f64) -> Result<StepReport> {
+        let skipped = StepReport { grad_norm: f64::NAN, skipped: true };
+        if self.comm.world_size() == 1 {
+            if finite {
+                return Ok(self.opt.step(max_norm));
+            }
+            self.opt.zero_grad();
+            return Ok(skipped);
+        }
+        let mut bad = [if finite { 0.0 } else { 1.0 }];
+        self.all_reduce(&mut bad)?;
+        if bad[0] > 0.0 {
+            self.opt.zero_grad();
+            return Ok(skipped);
+        }
+        let mut grads = self.opt.grads();
+        self.comm.all_reduce_sum(&mut grads)?;
+        Ok(self.opt.step(max_norm))
+    }
+
+    /// Copies rank 0's parameters, optimizer state and counters to every rank.
+    pub fn sync_from_root(&mut self, state: &mut TrainerState) -> Result<()> {
+        let mut params: Vec<Tensor> = self.policy.named_parameters().into_iter().map(|(_, t)| t).collect();
+        self.comm.broadcast_from_root(&mut params)?;
+        let mut opt_state: Vec<Tensor> = self.opt.state_tensors().into_iter().map(|(_, t)| t).collect();
+        self.comm.broadcast_from_root(&mut opt_state)?;
+        let s = &*state;
+        let mut counters = [Tensor::from_slice(&[s.step as f64, s.sft_step as f64, s.cursor as f64, s.optimizer_t as f64])];
+        self.comm.broadcast_from_root(&mut counters)?;
+        let c = Vec::<f64>::try_from(&counters[0]).map_err(Error::from)?;
+        (state.step, state.sft_step, state.cursor) = (c[0] as u64, c[1] as u64, c[2] as u64);
+        state.optimizer_t = c[3] as i64;
+        self.opt.t = state.optimizer_t;
+        Ok(())
+    }
+
+    /// Log-probs of `batch.target` under `policy` (with gradient unless called under no_grad).
+    pub fn logprobs(policy: &Policy, batch: &Batch, temperature: f64) -> Tensor {
+        let logits = policy.model().forward(&batch.input);
+        token_logprobs(&logits, &batch.target, temperature)
+    }
+}
+
+/// The ChaCha stream of one (seed, phase, step): every random draw of
+/// training comes from one, so a resumed run repeats exactly what the
+/// uninterrupted run would have done.
+pub fn rng_for(seed: u64, phase: u64, step: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream((phase << 48) | step);
+    rng
+}
+
+/// One training sequence: prompt, response, behaviour log-probs and advantage.
+pub struct Row<'a> {
+    pub prompt: &'a [i64],
+    pub response: &'a [i64],
+    pub old_logp: Option<&'a [f32]>,
+    /// Per response token: train on it? Empty = every token.
+    pub loss_mask: &'a [bool],
+    pub advantage: f64,
+}
+
+impl Row<'_> {
+    /// Response tokens the loss trains on.
+    pub fn trained_tokens(&self) -> f64 {
+        if self.loss_mask.is_empty() {
+            self.response.len() as f64
+        } else {
+            self.loss_mask.iter().filter(|&&m| m).count() as f64
+        }
+    }
+}
+
+/// Right-padded tensors for a micro-batch of rows.
+pub struct Batch {
+    pub input: Tensor,
+    pub target: Tensor,
+    pub mask: Tensor,
+    pub old_logp: Tensor,
+    pub advantages: Tensor,
+    pub tokens: f64,
+}
+
+impl Batch {
+    /// `input` = (prompt ++ response)[..-1], `target` = [1..]; the mask covers response tokens.
+    pub fn new(rows: &[&Row], pad: i64, device: Device) -> Self {
+        let len = rows.iter().map(|r| r.prompt.len() + r.response.len() - 1).max().unwrap_or(1);
+        let b = rows.len();
+        let mut input = vec![pad; b * len];
+        let mut target = vec![pad; b * len];
+        let mut mask = vec![0f32; b * len];
+        let mut old = vec![0f32; b * len];
+        for (i, r) in rows.iter().enumerate() {
+            let seq: Vec<i64> = r.prompt.iter().chain(r.response).copied().collect();
+            let o = i * len;
+            input[o..o + seq.len() - 1].copy_from_slice(&seq[..seq.len() - 1]);
+            target[o..o + seq.len() - 1].copy_from_slice(&seq[1..]);
+            let start = o + r.prompt.len() - 1;
+            for (k, m) in mask[start..start + r.response.len()].iter_mut().enumerate() {
+                *m = if r.loss_mask.get(k).copied().unwrap_or(true) { 1.0 } else { 0.0 };
+            }
+            if let Some(lp) = r.old_logp {
+                old[start..start + r.response.len()].copy_from_slice(lp);
+            }
+        }
+        let shape = [b as i64, len as i64];
+        let adv: Vec<f32> = rows.iter().map(|r| r.advantage as f32).collect();
+        Batch {
+            input: Tensor::from_slice(&input).view(shape).to_device(device),
+            target: Tensor::from_slice(&target).view(shape).to_device(device),
+            tokens: mask.iter().map(|&m| m as f64).sum(),
+            mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+            old_logp: Tensor::from_slice(&old).view(shape).to_device(device),
+            advantages: Tensor::from_slice(&adv).to_device(device),
+        }
+    }
+}
+
+/// Splits `rows` into exactly `n` (at least 1) contiguous parts whose sizes
+/// differ by at most one (so some are empty when `rows` has fewer than `n`).
+pub fn split_even<T>(rows: &[T], n: usize) -> Vec<&[T]> {
+    let n = n.max(1);
+    let (q, r) = (rows.len() / n, rows.len() % n);
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    for i in 0..n {
+        let len = q + usize::from(i < r);
+        out.push(&rows[start..start + len]);
+        start += len;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_even_covers_all_rows() {
+        let rows: Vec<u32> = (0..10).collect();
+        let parts = split_even(&rows, 3);
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![4, 3, 3]);
+        assert_eq!(parts.concat(), rows);
+        // Data-parallel ranks need the same number of parts even with few rows.
+        assert_eq!(split_even(&rows[..2], 3).iter().map(|p| p.len()).collect::<Vec<_>>(), vec![1, 1, 0]);
+    }
+}

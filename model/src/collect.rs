@@ -1,0 +1,251 @@
+//! [`collect`]: the one way both the single-process trainer and the actor
+//! sample rollouts: [`collect_groups`] for single-turn tasks,
+//! [`collect_episodes`] for multi-turn environments.
+
+use std::time::Instant;
+
+use rand_chacha::ChaCha8Rng;
+use sluice_core::rollout::{FinishReason, Group, Rollout};
+use sluice_core::sampling::SamplingParams;
+use sluice_core::tasks::{Episode, Problem, Task};
+use sluice_core::tokenizer::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::generate::{generate, Completion};
+use crate::model::Model;
+
+/// Groups sampled in one batch, with the seconds generation took.
+#[derive(Debug)]
+pub struct Collected {
+    pub groups: Vec<Group>,
+    pub generate_s: f64,
+}
+
+/// Samples `sizes[i]` completions of problem `i` (all in one batch) and scores
+/// each with the problem's verifier. Every rollout is stamped with `version`.
+pub fn collect_groups(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    problems: &[Problem],
+    sizes: &[usize],
+    sampling: &SamplingParams,
+    version: u64,
+    rng: &mut ChaCha8Rng,
+) -> Result<Collected> {
+    let encoded = problems.iter().map(|p| tokenizer.encode(&p.prompt)).collect::<Result<Vec<_>, _>>()?;
+    check_sizes(problems, sizes)?;
+    let prompts: Vec<Vec<i64>> =
+        encoded.iter().zip(sizes).flat_map(|(p, &n)| std::iter::repeat_n(p.clone(), n)).collect();
+    let t0 = Instant::now();
+    let completions = if model.config().is_diffusion() {
+        // A diffusion policy fills a fixed-length response; no behaviour
+        // log-probs (BGPO recomputes the ELBO of the sampling policy).
+        let eos = tokenizer.eos_id();
+        crate::diffusion::generate(model, &prompts, &sampling.diffusion(), tokenizer.pad_id(), rng)?
+            .into_iter()
+            .map(|tokens| {
+                let finish = if tokens.contains(&eos) { FinishReason::Stop } else { FinishReason::Length };
+                Completion { logprobs: vec![0.0; tokens.len()], tokens, finish }
+            })
+            .collect()
+    } else {
+        generate(model, &prompts, sampling, tokenizer.pad_id(), rng)?
+    };
+    let generate_s = t0.elapsed().as_secs_f64();
+    let mut groups = Vec::with_capacity(problems.len());
+    let mut it = completions.into_iter();
+    for ((p, prompt), &n) in problems.iter().zip(encoded).zip(sizes) {
+        let mut rollouts = Vec::with_capacity(n);
+        for c in it.by_ref().take(n) {
+            // The answer ends at the first end-of-sequence token (a diffusion
+            // response may go on after it).
+            let end = c.tokens.iter().position(|&t| t == tokenizer.eos_id()).unwrap_or(c.tokens.len());
+            let text = tokenizer.decode(&c.tokens[..end])?;
+            let score = p.score(&text);
+            rollouts.push(Rollout {
+                prompt_id: p.id,
+                prompt_tokens: prompt.clone(),
+                reward: score,
+                extrinsic: score,
+                intrinsic: 0.0,
+                response_tokens: c.tokens,
+                logprobs: c.logprobs,
+                loss_mask: Vec::new(),
+                captions: Vec::new(),
+                version,
+                finish: c.finish,
+            });
+        }
+        groups.push(Group { prompt_id: p.id, rollouts });
+    }
+    Ok(Collected { groups, generate_s })
+}
+
+/// Samples `sizes[i]` rollouts of problem `i` of `task` (the group sizes:
+/// uniform, or from a budget allocation): one completion each for single-turn
+/// tasks ([`collect_groups`]), whole episodes for multi-turn ones ([`collect_episodes`]).
+#[allow(clippy::too_many_arguments)]
+pub fn collect(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    task: &dyn Task,
+    problems: &[Problem],
+    sizes: &[usize],
+    sampling: &SamplingParams,
+    version: u64,
+    rng: &mut ChaCha8Rng,
+) -> Result<Collected> {
+    if problems.first().is_some_and(|p| task.episode(p).is_some()) {
+        collect_episodes(model, tokenizer, task, problems, sizes, sampling, version, rng)
+    } else {
+        collect_groups(model, tokenizer, problems, sizes, sampling, version, rng)
+    }
+}
+
+fn check_sizes(problems: &[Problem], sizes: &[usize]) -> Result<()> {
+    if sizes.len() != problems.len() || sizes.contains(&0) {
+        return Err(Error::task(format!("{} group sizes for {} problems (each >= 1)", sizes.len(), problems.len())));
+    }
+    Ok(())
+}
+
+/// Plays `sizes[i]` episodes of problem `i`'s environment, all episodes in
+/// one batch: each turn samples an action (up to `sampling.max_new_tokens`
+/// tokens) for every episode still running, steps its environment and appends
+/// the observation. The response interleaves action tokens (trained on, with
+/// their behaviour log-probs) and observation tokens (`loss_mask` false,
+/// log-prob 0). The reward is the sum of the environment's rewards; an episode
+/// that ends by itself finishes with `Stop`, one cut at `max_turns` with `Length`.
+#[allow(clippy::too_many_arguments)]
+pub fn collect_episodes(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    task: &dyn Task,
+    problems: &[Problem],
+    sizes: &[usize],
+    sampling: &SamplingParams,
+    version: u64,
+    rng: &mut ChaCha8Rng,
+) -> Result<Collected> {
+    check_sizes(problems, sizes)?;
+    struct Live {
+        env: Box<dyn Episode>,
+        context: Vec<i64>,
+        rollout: Rollout,
+        done: bool,
+    }
+    let mut live = Vec::with_capacity(sizes.iter().sum());
+    for (p, &n) in problems.iter().zip(sizes) {
+        let prompt = tokenizer.encode(&p.prompt)?;
+        for _ in 0..n {
+            let env = task.episode(p).ok_or_else(|| Error::task(format!("{} is not a multi-turn task", task.name())))?;
+            live.push(Live {
+                env,
+                context: prompt.clone(),
+                rollout: Rollout {
+                    prompt_id: p.id,
+                    prompt_tokens: prompt.clone(),
+                    response_tokens: Vec::new(),
+                    logprobs: Vec::new(),
+                    loss_mask: Vec::new(),
+                    captions: Vec::new(),
+                    reward: 0.0,
+                    extrinsic: 0.0,
+                    intrinsic: 0.0,
+                    version,
+                    finish: FinishReason::Length,
+                },
+                done: false,
+            });
+        }
+    }
+    let mut generate_s = 0.0;
+    for _ in 0..task.max_turns() {
+        let running: Vec<usize> = (0..live.len()).filter(|&i| !live[i].done).collect();
+        if running.is_empty() {
+            break;
+        }
+        let contexts: Vec<Vec<i64>> = running.iter().map(|&i| live[i].context.clone()).collect();
+        let t0 = Instant::now();
+        let actions = generate(model, &contexts, sampling, tokenizer.pad_id(), rng)?;
+        generate_s += t0.elapsed().as_secs_f64();
+        for (&i, action) in running.iter().zip(actions) {
+            let l = &mut live[i];
+            let turn = l.env.step(&tokenizer.decode(&action.tokens)?);
+            let observation = tokenizer.encode(&turn.observation)?;
+            let r = &mut l.rollout;
+            r.loss_mask.extend(std::iter::repeat_n(true, action.tokens.len()));
+            r.loss_mask.extend(std::iter::repeat_n(false, observation.len()));
+            r.logprobs.extend(&action.logprobs);
+            r.logprobs.extend(std::iter::repeat_n(0.0, observation.len()));
+            r.response_tokens.extend(&action.tokens);
+            r.response_tokens.extend(&observation);
+            l.context.extend(&action.tokens);
+            l.context.extend(&observation);
+            r.reward += turn.reward;
+            r.extrinsic += turn.reward;
+            r.captions.extend(turn.captions);
+            if turn.done {
+                l.done = true;
+                r.finish = FinishReason::Stop;
+            }
+        }
+    }
+    let mut groups: Vec<Group> = Vec::with_capacity(problems.len());
+    let mut it = live.into_iter();
+    for (p, &n) in problems.iter().zip(sizes) {
+        groups.push(Group { prompt_id: p.id, rollouts: it.by_ref().take(n).map(|l| l.rollout).collect() });
+    }
+    Ok(Collected { groups, generate_s })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::config::AdventureConfig;
+    use crate::hf::Policy;
+    use crate::model::ModelConfig;
+    use sluice_core::tasks::{Adventure, Split};
+    use rand::SeedableRng;
+
+    #[test]
+    fn episodes_interleave_masked_observations_with_sampled_actions() {
+        let tok = Tokenizer::char_level(sluice_core::tokenizer::DEFAULT_ALPHABET).unwrap();
+        let cfg = ModelConfig::preset("tiny", tok.vocab_size()).unwrap();
+        let policy = Policy::random(&cfg, tch::Device::Cpu, tch::Kind::Float, 0);
+        let task = Adventure::new(AdventureConfig { rooms: 3, max_turns: 5, layouts: 0, seed: 2 }).unwrap();
+        let problems: Vec<Problem> = (0..2).map(|i| task.problem(Split::Train, i)).collect();
+        let sampling = SamplingParams { max_new_tokens: 1, ..Default::default() };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let c = collect(policy.model(), &tok, &task, &problems, &[3, 2], &sampling, 4, &mut rng).unwrap();
+        assert_eq!(c.groups.iter().map(|g| g.rollouts.len()).collect::<Vec<_>>(), vec![3, 2]);
+        for r in c.groups.iter().flat_map(|g| &g.rollouts) {
+            let n = r.response_tokens.len();
+            assert_eq!((r.logprobs.len(), r.loss_mask.len()), (n, n));
+            let actions = r.loss_mask.iter().filter(|&&m| m).count();
+            // One token per action; every action yields one caption; 5 turns unless the goal was reached.
+            assert_eq!(actions, r.captions.len());
+            assert!(actions == 5 || r.finish == FinishReason::Stop, "{actions} actions, {:?}", r.finish);
+            for (k, &m) in r.loss_mask.iter().enumerate() {
+                if m {
+                    assert!(r.logprobs[k] < 0.0 && r.logprobs[k].is_finite());
+                } else {
+                    assert_eq!(r.logprobs[k], 0.0);
+                }
+            }
+            // Replaying the actions in a fresh world gives the same captions and reward.
+            let mut world = task.world(&problems.iter().find(|p| p.id == r.prompt_id).unwrap().clone());
+            let mut replay = Vec::new();
+            let mut reward = 0.0;
+            for (k, &m) in r.loss_mask.iter().enumerate() {
+                if m {
+                    let t = sluice_core::tasks::Episode::step(&mut world, &tok.decode(&[r.response_tokens[k]]).unwrap());
+                    replay.extend(t.captions);
+                    reward += t.reward;
+                }
+            }
+            assert_eq!((replay, reward), (r.captions.clone(), r.reward));
+            assert_eq!(r.version, 4);
+        }
+    }
+}

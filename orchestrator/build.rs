@@ -1,2 +1,0 @@
-// Shared with every binary crate that links libtorch.
-include!("../build/link_libtorch.rs");
