@@ -309,6 +309,8 @@ fn train(job: PathBuf, overrides: &[String], out: Option<PathBuf>, steps: Option
     bar.set_position(done);
     // indicatif draws nothing when stderr is not a terminal; keep the log lines then.
     let say = |msg: String| if bar.is_hidden() { eprintln!("{msg}") } else { bar.println(msg) };
+    let p = trainer.policy();
+    say(format!("policy: {} parameters, {:?} on {:?}", p.config().num_params(), p.kind(), p.device()));
     if done > 0 {
         say(format!("resumed at sft step {} / grpo step {}", trainer.state().sft_step, trainer.state().step));
     }

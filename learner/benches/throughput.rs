@@ -91,7 +91,10 @@ fn main() {
     let train_tps = (batch * (plen + new - 1)) as f64 * iters as f64 / t.elapsed().as_secs_f64();
 
     let python = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/hf_baseline.py");
+    // Where it was built, else relative to the working directory (a binary
+    // carried to another machine runs from a copy of the repository).
+    let built = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/hf_baseline.py");
+    let script = if std::path::Path::new(built).exists() { built } else { "learner/benches/hf_baseline.py" };
     let out = Command::new(&python)
         .arg(script)
         .arg(dir.path())
