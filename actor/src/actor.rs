@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::link::{connect_with, read_acks, wait_for, Backoff, LearnerView};
 use crate::reward::rescore;
 use crate::sync::{apply, WeightSync};
-use crate::wire::{to_wire, Placement};
+use sluice_proto::codec::{encode, Placement};
 
 /// Who this actor is and where it sends.
 #[derive(Debug, Clone)]
@@ -272,7 +272,7 @@ pub fn run(
                 let at = Placement { job: &cfg.name, actor: &opts.actor_id, group_id: next_group_id, group_size: group.rollouts.len(), work_id };
                 next_group_id += 1;
                 for (i, r) in group.rollouts.iter().enumerate() {
-                    if tx.blocking_send(to_wire(r, at, i, Some(timings))).is_err() {
+                    if tx.blocking_send(encode(r, at, i, Some(timings))).is_err() {
                         continue 'connection;
                     }
                     rollouts += 1;

@@ -6,13 +6,11 @@
 //!   sample groups, score them with the task verifier, stream them to a learner.
 //! * [`link`] — the connection to a learner: channel, acks, backoff.
 //! * [`reward`] — scoring through the reward server.
-//! * [`wire`] — core rollouts to `sluice.v1` messages.
 
 pub mod actor;
 pub mod error;
 pub mod link;
 pub mod reward;
 pub mod sync;
-pub mod wire;
 
 pub use error::{Error, Result};

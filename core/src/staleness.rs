@@ -30,17 +30,6 @@ pub enum Verdict {
     Future { ahead: u64 },
 }
 
-impl Verdict {
-    /// The ack reason actors see for a refused group (`stale`, `future`); empty when fresh.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Verdict::Fresh { .. } => "",
-            Verdict::Stale { .. } => "stale",
-            Verdict::Future { .. } => "future",
-        }
-    }
-}
-
 impl Staleness {
     /// The bound; values above [`MAX_STALENESS`] are clamped (validation refuses them first).
     pub fn new(max: u64) -> Staleness {
@@ -94,7 +83,6 @@ mod tests {
         assert_eq!(s.verdict(3, 5), Verdict::Fresh { lag: 2 });
         assert_eq!(s.verdict(2, 5), Verdict::Stale { lag: 3 });
         assert_eq!(s.verdict(6, 5), Verdict::Future { ahead: 1 });
-        assert_eq!((s.verdict(2, 5).reason(), s.verdict(6, 5).reason(), s.verdict(5, 5).reason()), ("stale", "future", ""));
         assert!(!s.must_resync(3, 5) && s.must_resync(2, 5) && s.must_resync(6, 5));
         assert_eq!((s.open_rounds(), s.lags()), (3, 3));
         let sync = Staleness::new(0);

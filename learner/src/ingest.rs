@@ -8,9 +8,8 @@
 use std::collections::HashMap;
 
 use prost::Message;
-use sluice_core::rollout::FinishReason;
 use sluice_core::rollout::{Group, Rollout};
-use sluice_proto::{packed, v1};
+use sluice_proto::v1;
 
 /// Limits a learner enforces on every rollout.
 #[derive(Debug, Clone)]
@@ -44,10 +43,6 @@ fn check_tokens(what: &str, tokens: &[i64], vocab: usize) -> Result<(), Refusal>
     }
 }
 
-fn ragged(field: &str) -> Refusal {
-    refuse("shape", format!("{field} is not a whole number of 4-byte little-endian values"))
-}
-
 /// Validates one rollout message against the limits.
 pub fn check(r: &v1::Rollout, limits: &Limits) -> Result<Rollout, Refusal> {
     if r.job_id != limits.job {
@@ -69,59 +64,14 @@ pub fn check(r: &v1::Rollout, limits: &Limits) -> Result<Rollout, Refusal> {
     if r.index >= r.group_size {
         return Err(refuse("group_size", format!("index {} is not below group_size {}", r.index, r.group_size)));
     }
-    let prompt = packed::tokens_from(&r.prompt_tokens).ok_or_else(|| ragged("prompt_tokens"))?;
-    let response = packed::tokens_from(&r.response_tokens).ok_or_else(|| ragged("response_tokens"))?;
-    let logprobs = packed::floats_from(&r.logprobs).ok_or_else(|| ragged("logprobs"))?;
-    let loss_mask = packed::mask_from(&r.loss_mask)
-        .ok_or_else(|| refuse("shape", "loss_mask bytes must be 0 or 1"))?;
-    if prompt.is_empty() {
-        return Err(refuse("empty_prompt", "prompt_tokens is empty"));
-    }
-    let len = prompt.len() + response.len();
+    let rollout = Rollout::try_from(r).map_err(|m| refuse(m.kind, m.reason))?;
+    let len = rollout.prompt_tokens.len() + rollout.response_tokens.len();
     if len > limits.max_tokens {
         return Err(refuse("too_long", format!("{len} tokens exceed the model's {} positions", limits.max_tokens)));
     }
-    check_tokens("prompt", &prompt, limits.vocab_size)?;
-    check_tokens("response", &response, limits.vocab_size)?;
-    if logprobs.len() != response.len() {
-        return Err(refuse("shape", format!("{} logprobs for {} response tokens", logprobs.len(), response.len())));
-    }
-    if !loss_mask.is_empty() && loss_mask.len() != response.len() {
-        return Err(refuse(
-            "shape",
-            format!("loss_mask has {} entries for {} response tokens", loss_mask.len(), response.len()),
-        ));
-    }
-    if let Some(i) = logprobs.iter().position(|l| !l.is_finite()) {
-        return Err(refuse("non_finite", format!("logprob {} at position {i} is not finite", logprobs[i])));
-    }
-    if let Some(i) = logprobs.iter().position(|&l| l > 1e-3) {
-        return Err(refuse("bad_logprob", format!("logprob {} at position {i} is positive", logprobs[i])));
-    }
-    let Some(rewards) = r.rewards.as_ref() else {
-        return Err(refuse("bad_reward", "rewards are missing"));
-    };
-    if !rewards.total.is_finite() {
-        return Err(refuse("non_finite", format!("reward {} is not finite", rewards.total)));
-    }
-    let finish = match v1::FinishReason::try_from(r.finish) {
-        Ok(v1::FinishReason::Stop) => FinishReason::Stop,
-        Ok(v1::FinishReason::Length) => FinishReason::Length,
-        _ => return Err(refuse("finish", format!("finish reason {} is not STOP or LENGTH", r.finish))),
-    };
-    Ok(Rollout {
-        prompt_id: r.prompt_id,
-        prompt_tokens: prompt,
-        response_tokens: response,
-        logprobs,
-        loss_mask,
-        captions: Vec::new(),
-        reward: rewards.total,
-        extrinsic: rewards.extrinsic,
-        intrinsic: rewards.intrinsic,
-        version: r.policy_version,
-        finish,
-    })
+    check_tokens("prompt", &rollout.prompt_tokens, limits.vocab_size)?;
+    check_tokens("response", &rollout.response_tokens, limits.vocab_size)?;
+    Ok(rollout)
 }
 
 struct Partial {
@@ -180,6 +130,7 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_proto::packed;
 
     fn limits() -> Limits {
         Limits { job: "j".into(), vocab_size: 50, max_tokens: 64, max_rollout_bytes: 4096, max_group_size: 8 }

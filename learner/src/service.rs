@@ -16,7 +16,7 @@ use sluice_core::kinds::Dtype;
 use sluice_core::rollout::Group;
 use sluice_core::staleness::{Staleness, Verdict};
 use sluice_proto::v1::learner_server::Learner;
-use sluice_proto::v1::{self, LearnerStatus, PushAck, StatusRequest, WeightsChunk, WeightsRequest};
+use sluice_proto::v1::{self, AckReason, LearnerStatus, PushAck, StatusRequest, WeightsChunk, WeightsRequest};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -137,11 +137,11 @@ impl Shared {
         self.weights.lock().expect("weights lock").iter().find(|p| p.version == version).cloned()
     }
 
-    fn ack(&self, group_id: u64, accepted: bool, reason: &str) -> PushAck {
+    fn ack(&self, group_id: u64, accepted: bool, reason: AckReason) -> PushAck {
         PushAck {
             group_id,
             accepted,
-            reason: reason.to_string(),
+            reason: reason as i32,
             learner_version: self.version(),
             incarnation: self.incarnation,
             finished: self.finished.load(Ordering::SeqCst),
@@ -163,27 +163,32 @@ impl Shared {
     /// 0 for none), or the job is finished; returns the ack for the actor.
     async fn ingest(&self, group: Group, group_id: u64, work_id: u64) -> PushAck {
         if self.finished.load(Ordering::SeqCst) {
-            return self.ack(group_id, false, "finished");
+            return self.ack(group_id, false, AckReason::Finished);
         }
         let verdict = self.staleness.verdict(group.rollouts[0].version, self.version());
-        if !matches!(verdict, Verdict::Fresh { .. }) {
+        let refused = match verdict {
+            Verdict::Fresh { .. } => None,
+            Verdict::Stale { .. } => Some(AckReason::Stale),
+            Verdict::Future { .. } => Some(AckReason::Future),
+        };
+        if let Some(reason) = refused {
             self.count_drop(verdict);
-            return self.ack(group_id, false, verdict.reason());
+            return self.ack(group_id, false, reason);
         }
         if work_id != 0 && !self.work_ids.lock().expect("work ids lock").insert(work_id) {
             self.stats.lock().expect("stats lock").dropped_duplicate_groups += 1;
-            return self.ack(group_id, false, "duplicate");
+            return self.ack(group_id, false, AckReason::Duplicate);
         }
         let n = group.rollouts.len() as u64;
         if self.ingest.send(group).await.is_err() {
             // The training loop is done and closed the buffer.
-            return self.ack(group_id, false, "finished");
+            return self.ack(group_id, false, AckReason::Finished);
         }
         let mut s = self.stats.lock().expect("stats lock");
         s.accepted_groups += 1;
         s.accepted_rollouts += n;
         drop(s);
-        self.ack(group_id, true, "")
+        self.ack(group_id, true, AckReason::Accepted)
     }
 
     /// Groups waiting in the buffer.
@@ -243,7 +248,7 @@ async fn serve_push(shared: Arc<Shared>, mut inbound: Streaming<v1::Rollout>, tx
                 if changed.is_err() {
                     break;
                 }
-                let ack = shared.ack(0, false, "version");
+                let ack = shared.ack(0, false, AckReason::Version);
                 if tx.send(Ok(ack)).await.is_err() {
                     break;
                 }
@@ -268,7 +273,7 @@ impl Learner for LearnerService {
     ) -> Result<Response<Self::PushRolloutsStream>, Status> {
         let (tx, rx) = mpsc::channel(64);
         // The first message tells the actor where the learner stands.
-        let _ = tx.try_send(Ok(self.shared.ack(0, false, "version")));
+        let _ = tx.try_send(Ok(self.shared.ack(0, false, AckReason::Version)));
         tokio::spawn(serve_push(self.shared.clone(), request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -1,12 +1,15 @@
 //! `sluice-proto`: the `sluice.v1` wire types and gRPC services.
 //!
 //! The `.proto` files next to this crate are the source of truth; this crate
-//! only includes what `build.rs` generates from them.
+//! includes what `build.rs` generates from them, the rollout [`codec`], and
+//! what every server and client shares (auth, TLS, the shutdown signal).
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("sluice.v1");
 }
+
+pub mod codec;
 
 /// Largest gRPC message any sluice server or client decodes (a backstop; the
 /// servers apply their own, smaller, per-message limits with clear errors).

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use sluice_actor::wire::{to_wire, Placement};
+use sluice_proto::codec::{encode, Placement};
 use sluice_core::config::JobConfig;
 use sluice_model::hf::load_policy;
 use sluice_model::collect::collect_groups;
@@ -54,14 +54,14 @@ fn push(endpoint: &str, job: &str, groups: &[&Group]) {
         for (k, g) in groups.iter().enumerate() {
             let at = Placement { job, actor: "test", group_id: k as u64 + 1, group_size: g.rollouts.len(), work_id: 0 };
             for (i, r) in g.rollouts.iter().enumerate() {
-                tx.send(to_wire(r, at, i, None)).await.unwrap();
+                tx.send(encode(r, at, i, None)).await.unwrap();
             }
         }
         let mut accepted = 0;
         while accepted < groups.len() {
             let ack = acks.message().await.unwrap().expect("ack");
             if ack.group_id != 0 {
-                assert!(ack.accepted, "group {} refused: {}", ack.group_id, ack.reason);
+                assert!(ack.accepted, "group {} refused: {:?}", ack.group_id, ack.reason());
                 accepted += 1;
             }
         }

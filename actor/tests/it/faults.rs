@@ -96,7 +96,7 @@ fn malformed_rollouts_get_invalid_argument_and_the_learner_keeps_serving() {
     };
     assert!(send(ep, work(8), 1).unwrap()[0].accepted);
     let again = send(ep, work(9), 1).unwrap();
-    assert!(!again[0].accepted && again[0].reason == "duplicate", "{:?}", again[0]);
+    assert!(!again[0].accepted && again[0].reason() == sluice_proto::v1::AckReason::Duplicate, "{:?}", again[0]);
     let st = status(ep);
     assert_eq!((st.accepted_groups, st.dropped_duplicate_groups), (2, 1));
 }
