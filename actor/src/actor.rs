@@ -35,7 +35,7 @@ use tonic::Code;
 use crate::error::{Error, Result};
 use crate::link::{connect_with, read_acks, wait_for, Backoff, LearnerView};
 use crate::reward::rescore;
-use crate::sync::{apply, WeightSync};
+use crate::sync::{GrpcSubscriber, WeightSubscriber};
 use sluice_proto::codec::{encode, Placement};
 
 /// Who this actor is and where it sends.
@@ -115,8 +115,7 @@ pub fn run(
     let tls = opts.tls_ca.as_deref().map(sluice_proto::tls::client_config).transpose().map_err(|reason| {
         Error::Transport { endpoint: endpoint.clone(), reason }
     })?;
-    let mut sync = WeightSync::default();
-    sync.token = opts.token.clone();
+    let mut weights = GrpcSubscriber::new(&cfg.name, opts.token.clone(), rt.handle().clone());
     let token = opts.token.as_deref();
     let mut mine: Option<(u64, u64)> = None; // (version, incarnation) the policy holds
     let mut sent_at: Option<(u64, u64)> = None;
@@ -159,6 +158,7 @@ pub fn run(
             *v = LearnerView::default();
         }
         rt.spawn(read_acks(acks, view.clone(), notify.clone()));
+        weights.attach(client.clone());
         // The learner's first message says where it stands.
         if !wait_for(&rt, &view, &notify, &stop, |v| v.heard || v.closed.is_some()) {
             break;
@@ -195,9 +195,8 @@ pub fn run(
                 Some((v, inc)) => inc != linc || staleness.must_resync(v, lv),
             };
             if behind {
-                match rt.block_on(sync.download(&mut client, &cfg.name)) {
-                    Ok((s, bytes)) => {
-                        apply(&mut policy, &bytes, s.version)?;
+                match weights.pull(&mut policy) {
+                    Ok(s) => {
                         mine = Some((s.version, s.incarnation));
                         report(&ActorEvent::Synced {
                             version: s.version,
@@ -207,6 +206,8 @@ pub fn run(
                         });
                     }
                     Err(Error::Status(s)) if s.code() == Code::Unauthenticated => return Err(Error::Status(s)),
+                    // Weights that do not fit the policy will not fit next time either.
+                    Err(e @ (Error::Model(_) | Error::Torch(_))) => return Err(e),
                     Err(e) => {
                         report(&ActorEvent::Disconnected { reason: format!("weight sync: {e}") });
                         backoff.wait(&stop);

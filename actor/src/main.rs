@@ -63,12 +63,8 @@ struct Args {
     /// Stop after sending this many groups.
     #[arg(long)]
     max_groups: Option<u64>,
-    /// Bearer token for the learner and the reward server, when they require one.
-    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// CA certificate (PEM) that signed the servers' TLS certificates; use https:// endpoints.
-    #[arg(long, env = "SLUICE_TLS_CA")]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    security: sluice_proto::serve::ClientSecurity,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,8 +86,8 @@ fn main() -> anyhow::Result<()> {
     let actor_id = args.id.unwrap_or_else(|| format!("actor-{index}"));
     let conn = args.orchestrator.clone().map(|endpoint| Connection {
         endpoint,
-        token: args.token.clone(),
-        tls_ca: args.tls_ca.clone(),
+        token: args.security.token.clone(),
+        tls_ca: args.security.tls_ca.clone(),
     });
     let request = RegisterWorkerRequest {
         job_id: args.job_id.clone().unwrap_or_default(),
@@ -111,8 +107,8 @@ fn main() -> anyhow::Result<()> {
         seed: args.seed,
         max_groups: args.max_groups,
         reward: args.reward,
-        token: args.token,
-        tls_ca: args.tls_ca,
+        token: args.security.token,
+        tls_ca: args.security.tls_ca,
     };
     let result = actor::run(opts, session.as_ref(), stop, |e| println!("{}", serde_json::to_string(e).expect("events serialise")));
     if let Some(s) = session {

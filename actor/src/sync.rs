@@ -1,4 +1,7 @@
-//! Weight sync from a learner: a chunked, resumable download of one version's
+//! Weight sync, the actor's side: a [`WeightSubscriber`] brings the policy to
+//! the newest version a learner published (the learner's side is
+//! `sluice_learner::publish::WeightPublisher`). [`GrpcSubscriber`] is the
+//! `GetWeights` backend: a chunked, resumable download of one version's
 //! safetensors bytes. The policy is only touched once a version is complete, so
 //! an interrupted download leaves the actor on its previous version; the next
 //! attempt resumes at the byte it stopped at when the learner still has that
@@ -118,6 +121,44 @@ impl WeightSync {
                 return Ok((synced, p.buf));
             }
         }
+    }
+}
+
+/// How an actor gets a newer policy version.
+pub trait WeightSubscriber {
+    /// Brings `policy` to the newest published version (finishing an
+    /// interrupted fetch when it can) and says what it did; on error the
+    /// policy is untouched.
+    fn pull(&mut self, policy: &mut Policy) -> Result<Synced>;
+}
+
+/// [`WeightSubscriber`] over the learner's `GetWeights` stream. The download
+/// state outlives a connection: after a reconnect ([`GrpcSubscriber::attach`])
+/// it resumes where it stopped.
+pub struct GrpcSubscriber {
+    state: WeightSync,
+    client: Option<LearnerClient<Channel>>,
+    job: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl GrpcSubscriber {
+    pub fn new(job: &str, token: Option<String>, rt: tokio::runtime::Handle) -> Self {
+        GrpcSubscriber { state: WeightSync { partial: None, token }, client: None, job: job.to_string(), rt }
+    }
+
+    /// Fetches through this learner connection from now on.
+    pub fn attach(&mut self, client: LearnerClient<Channel>) {
+        self.client = Some(client);
+    }
+}
+
+impl WeightSubscriber for GrpcSubscriber {
+    fn pull(&mut self, policy: &mut Policy) -> Result<Synced> {
+        let client = self.client.as_mut().ok_or_else(|| Error::Sync("no learner connection".into()))?;
+        let (synced, bytes) = self.rt.block_on(self.state.download(client, &self.job))?;
+        apply(policy, &bytes, synced.version)?;
+        Ok(synced)
     }
 }
 

@@ -49,12 +49,8 @@ struct RemoteArgs {
     /// Orchestrator endpoint.
     #[arg(long, env = "SLUICE_ENDPOINT", default_value = "http://127.0.0.1:50071")]
     endpoint: String,
-    /// Bearer token, when the orchestrator requires one.
-    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// CA certificate (PEM) for an https:// endpoint.
-    #[arg(long, env = "SLUICE_TLS_CA")]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    security: sluice_proto::serve::ClientSecurity,
     /// Print JSON for scripts instead of text.
     #[arg(long)]
     json: bool,
@@ -62,7 +58,7 @@ struct RemoteArgs {
 
 impl RemoteArgs {
     fn remote(&self) -> Remote {
-        Remote { endpoint: self.endpoint.clone(), token: self.token.clone(), tls_ca: self.tls_ca.clone() }
+        Remote { endpoint: self.endpoint.clone(), token: self.security.token.clone(), tls_ca: self.security.tls_ca.clone() }
     }
 }
 

@@ -12,6 +12,7 @@
 //! * [`collective`] — all-reduce/broadcast between data-parallel ranks (TCP on CPU);
 //!   [`nccl`] — the NCCL backend for CUDA tensors.
 //! * [`ingest`] — checks wire rollouts and assembles complete groups.
+//! * [`publish`] — `WeightPublisher`: how each new version reaches actors (gRPC backend).
 //! * [`service`] — the `sluice.v1.Learner` gRPC service (ingest, weights, status).
 //! * [`node`] — a learner process: the service plus the training loop of one rank.
 
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod nccl;
 pub mod node;
 pub mod optim;
+pub mod publish;
 pub mod service;
 pub mod source;
 pub mod trainer;

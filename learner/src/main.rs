@@ -9,7 +9,6 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_learner::node::{self, CollectiveKind, NodeOptions};
 use sluice_worker::{load_job, Connection};
-use sluice_proto::tls::ServerFiles;
 use sluice_proto::v1::RegisterWorkerRequest;
 
 /// Serves the Learner gRPC service and trains on the rollouts actors stream in.
@@ -64,15 +63,8 @@ struct Args {
     /// Seconds to keep answering after the last step, so actors see the job end.
     #[arg(long, default_value_t = 3.0)]
     linger_s: f64,
-    /// Bearer token every Learner call must carry (health stays open); none: no check.
-    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Serve TLS: certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "SLUICE_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// Serve TLS: private key (PEM).
-    #[arg(long, env = "SLUICE_TLS_KEY")]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    security: sluice_proto::serve::ServerSecurity,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,7 +81,7 @@ fn main() -> anyhow::Result<()> {
     .context("installing the Ctrl-C handler")?;
     let conn = args.orchestrator.clone().map(|endpoint| Connection {
         endpoint,
-        token: args.token.clone(),
+        token: args.security.token.clone(),
         tls_ca: args.tls_ca.clone(),
     });
     let request = RegisterWorkerRequest {
@@ -112,8 +104,8 @@ fn main() -> anyhow::Result<()> {
         resume: !args.fresh,
         collective: args.collective,
         linger: Duration::from_secs_f64(args.linger_s.max(0.0)),
-        token: args.token,
-        tls: ServerFiles::from_options(args.tls_cert, args.tls_key).map_err(anyhow::Error::msg)?,
+        tls: args.security.tls().map_err(anyhow::Error::msg)?,
+        token: args.security.token,
         session,
     };
     node::run(opts, stop, |e| {

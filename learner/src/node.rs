@@ -23,7 +23,6 @@ use tch::Device;
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
 use sluice_proto::tls::ServerFiles;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::ServerTlsConfig;
 
 use crate::collective::{Collective, Single, TcpCollective};
@@ -32,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::ingest::Limits;
 use crate::service::{LearnerService, Shared};
 use crate::metrics::{Event, StepMetrics};
+use crate::publish::{GrpcPublisher, WeightPublisher};
 use crate::source::{informative, Drawn, RolloutSource};
 use crate::trainer::Trainer;
 
@@ -130,21 +130,7 @@ pub async fn serve(
         .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES);
     let svc = InterceptedService::new(svc, auth::Check::new(token));
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<LearnerServer<LearnerService>>().await;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    builder
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .max_frame_size(1 << 20)
-        .add_service(health)
-        .add_service(svc)
-        // Small replies (acks, scores) must not wait for Nagle's algorithm.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await
+    sluice_proto::serve::serve::<LearnerServer<LearnerService>>(listener, tls, shutdown, |s| s.add_service(svc)).await
 }
 
 fn build_runtime() -> Result<tokio::runtime::Runtime> {
@@ -221,13 +207,10 @@ fn run_rank(
     report(&NodeEvent::Listening { addr: addr.to_string(), rank: opts.rank, world_size: world, version: shared.version() });
     tracing::info!(%addr, rank = opts.rank, world, "learner serving");
 
-    let wire_kind = sluice_model::device::kind(cfg.rollout.weights_dtype);
+    let publisher = RefCell::new(GrpcPublisher::new(shared.clone(), cfg.rollout.weights_dtype));
     let publish = |trainer: &Trainer, report: &mut dyn FnMut(&NodeEvent)| -> Result<()> {
-        let t0 = Instant::now();
-        let bytes = sluice_model::weights::encode(&trainer.policy().named_parameters(), wire_kind)?;
-        let (version, n) = (trainer.state().step, bytes.len());
-        shared.publish(version, bytes, cfg.rollout.weights_dtype);
-        report(&NodeEvent::Published { version, bytes: n, seconds: t0.elapsed().as_secs_f64() });
+        let p = publisher.borrow_mut().publish(trainer.state().step, trainer.policy())?;
+        report(&NodeEvent::Published { version: p.version, bytes: p.bytes, seconds: p.seconds });
         Ok(())
     };
 

@@ -1,6 +1,5 @@
 //! `sluice-orchestrator`: jobs, worker leases and work dispatch (see `sluice_orchestrator`).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -25,15 +24,8 @@ struct Args {
     /// handed to another worker when it runs out.
     #[arg(long, env = "SLUICE_LEASE_S", default_value_t = 10.0)]
     lease_s: f64,
-    /// Bearer token every Orchestrator call must carry (health stays open); none: no check.
-    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Serve TLS: certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "SLUICE_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// Serve TLS: private key (PEM).
-    #[arg(long, env = "SLUICE_TLS_KEY")]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    security: sluice_proto::serve::ServerSecurity,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,8 +38,8 @@ fn main() -> anyhow::Result<()> {
         listen: args.listen,
         store: args.store,
         lease: Duration::from_secs_f64(args.lease_s),
-        token: args.token,
-        tls: sluice_proto::tls::ServerFiles::from_options(args.tls_cert, args.tls_key).map_err(anyhow::Error::msg)?,
+        tls: args.security.tls().map_err(anyhow::Error::msg)?,
+        token: args.security.token,
     };
     server::run(opts, |e| println!("{}", serde_json::to_string(e).expect("events serialise")))?;
     Ok(())

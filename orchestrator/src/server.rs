@@ -8,7 +8,6 @@ use serde::Serialize;
 use sluice_proto::tls::ServerFiles;
 use sluice_proto::v1::orchestrator_server::OrchestratorServer;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::ServerTlsConfig;
 
 use crate::error::{Error, Result};
@@ -42,22 +41,14 @@ pub async fn serve(
             }
         })
     };
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<OrchestratorServer<OrchestratorService>>().await;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    let out = builder
-        .add_service(health)
-        .add_service(InterceptedService::new(
-            OrchestratorServer::new(OrchestratorService::new(orch))
-                .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES),
-            sluice_proto::auth::Check::new(token),
-        ))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await;
+    let svc = InterceptedService::new(
+        OrchestratorServer::new(OrchestratorService::new(orch))
+            .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES),
+        sluice_proto::auth::Check::new(token),
+    );
+    let out =
+        sluice_proto::serve::serve::<OrchestratorServer<OrchestratorService>>(listener, tls, shutdown, |s| s.add_service(svc)).await;
     sweeper.abort();
     out
 }

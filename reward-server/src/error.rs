@@ -27,4 +27,16 @@ impl From<redis::RedisError> for Error {
     }
 }
 
+/// How an error reaches a gRPC client: a bad job spec is the caller's
+/// (`INVALID_ARGUMENT`), everything else a server-side condition that may pass
+/// (`UNAVAILABLE`).
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Core(e) => tonic::Status::invalid_argument(e.to_string()),
+            other => tonic::Status::unavailable(other.to_string()),
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -24,15 +24,8 @@ struct Args {
     /// Override reward.store (`memory` or a redis:// URL).
     #[arg(long, env = "SLUICE_REWARD_STORE")]
     store: Option<sluice_core::kinds::StoreUrl>,
-    /// Bearer token every Reward call must carry (health stays open); none: no check.
-    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Serve TLS: certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "SLUICE_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// Serve TLS: private key (PEM).
-    #[arg(long, env = "SLUICE_TLS_KEY")]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    security: sluice_proto::serve::ServerSecurity,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,8 +35,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(store) = args.store {
         job.reward.store = store;
     }
-    let tls = sluice_proto::tls::ServerFiles::from_options(args.tls_cert, args.tls_key).map_err(anyhow::Error::msg)?;
-    sluice_reward_server::server::run(job, &args.listen, args.token.as_deref(), tls.as_ref(), |e| {
+    let tls = args.security.tls().map_err(anyhow::Error::msg)?;
+    sluice_reward_server::server::run(job, &args.listen, args.security.token.as_deref(), tls.as_ref(), |e| {
         println!("{}", serde_json::to_string(e).expect("events serialise"));
     })?;
     Ok(())

@@ -10,7 +10,6 @@ use sluice_core::config::{IntrinsicModel, JobConfig};
 use sluice_proto::v1::reward_server::RewardServer;
 use tonic::service::interceptor::InterceptedService;
 use sluice_proto::tls::ServerFiles;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::ServerTlsConfig;
 
 use crate::annotator::{self, Annotator, Counters};
@@ -121,23 +120,13 @@ pub async fn serve(
     tls: Option<ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::result::Result<(), tonic::transport::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<RewardServer<RewardService>>().await;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    builder
-        .add_service(health)
-        .add_service(InterceptedService::new(
-            RewardServer::new(RewardService::new(state))
-                .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES),
-            sluice_proto::auth::Check::new(token),
-        ))
-        // Small replies (acks, scores) must not wait for Nagle's algorithm.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await
+    let svc = InterceptedService::new(
+        RewardServer::new(RewardService::new(state))
+            .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES),
+        sluice_proto::auth::Check::new(token),
+    );
+    sluice_proto::serve::serve::<RewardServer<RewardService>>(listener, tls, shutdown, |s| s.add_service(svc)).await
 }
 
 /// Runs the reward server for `job` on `listen` until Ctrl-C / SIGTERM.

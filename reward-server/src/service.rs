@@ -219,8 +219,8 @@ impl Reward for RewardService {
     ) -> Result<Response<AnnotationStats>, Status> {
         let s = &self.state;
         s.check_job(&request.into_inner().job_id)?;
-        let labelled = s.store.count().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        let preferences = s.store.preference_count().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let labelled = s.store.count().await?;
+        let preferences = s.store.preference_count().await?;
         Ok(Response::new(AnnotationStats {
             annotator: s.annotator_name.clone(),
             labelled,
