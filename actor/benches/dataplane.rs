@@ -65,6 +65,7 @@ fn start_learner(rt: &tokio::runtime::Runtime, chunk: usize) -> (String, Arc<Sha
         max_tokens: 1 << 16,
         max_rollout_bytes: 8 << 20,
         max_group_size: 1024,
+        needs_logprobs: true,
     };
     let (shared, mut rx) = Shared::new(limits, 0, 1, 0, 4, 8, 64, chunk);
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();

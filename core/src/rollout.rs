@@ -12,8 +12,12 @@ pub struct Rollout {
     pub prompt_tokens: Vec<i64>,
     /// Generated tokens, including a final stop token if one was sampled.
     pub response_tokens: Vec<i64>,
-    /// Behaviour log-prob of each response token under the policy that sampled it.
-    pub logprobs: Vec<f32>,
+    /// Behaviour log-prob of each response token under the policy that sampled
+    /// it; `None` for a policy that has none (masked diffusion: BGPO recomputes
+    /// the sampling policy's ELBO instead). Where `loss_mask` is false
+    /// (environment tokens) the value is 0 and means nothing: the loss never
+    /// reads it.
+    pub logprobs: Option<Vec<f32>>,
     /// Per response token: true where the loss trains (action tokens), false for
     /// environment tokens. Empty means every response token is an action.
     pub loss_mask: Vec<bool>,

@@ -20,6 +20,9 @@ pub struct Limits {
     pub max_tokens: usize,
     pub max_rollout_bytes: usize,
     pub max_group_size: usize,
+    /// The objective needs behaviour log-probs (GRPO's importance ratio); a
+    /// rollout without them is refused.
+    pub needs_logprobs: bool,
 }
 
 /// Why a rollout was refused: a short kind (counted in status) and a reason for the client.
@@ -65,6 +68,9 @@ pub fn check(r: &v1::Rollout, limits: &Limits) -> Result<Rollout, Refusal> {
         return Err(refuse("group_size", format!("index {} is not below group_size {}", r.index, r.group_size)));
     }
     let rollout = Rollout::try_from(r).map_err(|m| refuse(m.kind, m.reason))?;
+    if limits.needs_logprobs && rollout.logprobs.is_none() {
+        return Err(refuse("no_logprobs", "the rollout has no behaviour log-probs and this job's objective (GRPO) needs them"));
+    }
     let len = rollout.prompt_tokens.len() + rollout.response_tokens.len();
     if len > limits.max_tokens {
         return Err(refuse("too_long", format!("{len} tokens exceed the model's {} positions", limits.max_tokens)));
@@ -133,7 +139,7 @@ mod tests {
     use sluice_proto::packed;
 
     fn limits() -> Limits {
-        Limits { job: "j".into(), vocab_size: 50, max_tokens: 64, max_rollout_bytes: 4096, max_group_size: 8 }
+        Limits { job: "j".into(), vocab_size: 50, max_tokens: 64, max_rollout_bytes: 4096, max_group_size: 8, needs_logprobs: true }
     }
 
     fn rollout(index: u32) -> v1::Rollout {
@@ -187,6 +193,7 @@ mod tests {
             ("too_large", Box::new(|r| r.prompt_tokens = packed::tokens(&[1; 1500]))),
             ("too_long", Box::new(|r| r.prompt_tokens = packed::tokens(&[1; 100]))),
             ("bad_logprob", Box::new(|r| r.logprobs = packed::floats(&[0.5, -0.1]))),
+            ("no_logprobs", Box::new(|r| r.logprobs = Default::default())),
         ];
         for (kind, edit) in cases {
             let mut r = rollout(0);

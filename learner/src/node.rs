@@ -177,6 +177,7 @@ fn run_rank(
         max_tokens: mc.max_position_embeddings as usize,
         max_rollout_bytes: cfg.rollout.max_rollout_bytes,
         max_group_size: cfg.rollout.max_group_size,
+        needs_logprobs: cfg.algorithm == sluice_core::config::Algorithm::Grpo,
     };
     let per_rank = cfg.train.prompts_per_step / world;
     let (shared, mut rx) = Shared::new(

@@ -37,7 +37,8 @@ pub fn collect_groups(
     let prompts: Vec<Vec<i64>> =
         encoded.iter().zip(sizes).flat_map(|(p, &n)| std::iter::repeat_n(p.clone(), n)).collect();
     let t0 = Instant::now();
-    let completions = if model.config().is_diffusion() {
+    let diffusion = model.config().is_diffusion();
+    let completions = if diffusion {
         // A diffusion policy fills a fixed-length response; no behaviour
         // log-probs (BGPO recomputes the ELBO of the sampling policy).
         let eos = tokenizer.eos_id();
@@ -45,7 +46,7 @@ pub fn collect_groups(
             .into_iter()
             .map(|tokens| {
                 let finish = if tokens.contains(&eos) { FinishReason::Stop } else { FinishReason::Length };
-                Completion { logprobs: vec![0.0; tokens.len()], tokens, finish }
+                Completion { logprobs: Vec::new(), tokens, finish }
             })
             .collect()
     } else {
@@ -69,7 +70,7 @@ pub fn collect_groups(
                 extrinsic: score,
                 intrinsic: 0.0,
                 response_tokens: c.tokens,
-                logprobs: c.logprobs,
+                logprobs: (!diffusion).then_some(c.logprobs),
                 loss_mask: Vec::new(),
                 captions: Vec::new(),
                 version,
@@ -146,7 +147,7 @@ pub fn collect_episodes(
                     prompt_id: p.id,
                     prompt_tokens: prompt.clone(),
                     response_tokens: Vec::new(),
-                    logprobs: Vec::new(),
+                    logprobs: Some(Vec::new()),
                     loss_mask: Vec::new(),
                     captions: Vec::new(),
                     reward: 0.0,
@@ -176,8 +177,9 @@ pub fn collect_episodes(
             let r = &mut l.rollout;
             r.loss_mask.extend(std::iter::repeat_n(true, action.tokens.len()));
             r.loss_mask.extend(std::iter::repeat_n(false, observation.len()));
-            r.logprobs.extend(&action.logprobs);
-            r.logprobs.extend(std::iter::repeat_n(0.0, observation.len()));
+            let logprobs = r.logprobs.get_or_insert_with(Vec::new);
+            logprobs.extend(&action.logprobs);
+            logprobs.extend(std::iter::repeat_n(0.0, observation.len()));
             r.response_tokens.extend(&action.tokens);
             r.response_tokens.extend(&observation);
             l.context.extend(&action.tokens);
@@ -221,16 +223,17 @@ mod tests {
         assert_eq!(c.groups.iter().map(|g| g.rollouts.len()).collect::<Vec<_>>(), vec![3, 2]);
         for r in c.groups.iter().flat_map(|g| &g.rollouts) {
             let n = r.response_tokens.len();
-            assert_eq!((r.logprobs.len(), r.loss_mask.len()), (n, n));
+            let logprobs = r.logprobs.as_ref().expect("an autoregressive policy has behaviour log-probs");
+            assert_eq!((logprobs.len(), r.loss_mask.len()), (n, n));
             let actions = r.loss_mask.iter().filter(|&&m| m).count();
             // One token per action; every action yields one caption; 5 turns unless the goal was reached.
             assert_eq!(actions, r.captions.len());
             assert!(actions == 5 || r.finish == FinishReason::Stop, "{actions} actions, {:?}", r.finish);
             for (k, &m) in r.loss_mask.iter().enumerate() {
                 if m {
-                    assert!(r.logprobs[k] < 0.0 && r.logprobs[k].is_finite());
+                    assert!(logprobs[k] < 0.0 && logprobs[k].is_finite());
                 } else {
-                    assert_eq!(r.logprobs[k], 0.0);
+                    assert_eq!(logprobs[k], 0.0);
                 }
             }
             // Replaying the actions in a fresh world gives the same captions and reward.

@@ -32,7 +32,7 @@ pub fn encode(r: &Rollout, at: Placement<'_>, index: usize, timings: Option<v1::
         prompt_id: r.prompt_id,
         prompt_tokens: packed::tokens(&r.prompt_tokens),
         response_tokens: packed::tokens(&r.response_tokens),
-        logprobs: packed::floats(&r.logprobs),
+        logprobs: r.logprobs.as_deref().map(packed::floats).unwrap_or_default(),
         loss_mask: packed::mask(&r.loss_mask),
         rewards: Some(v1::Rewards { extrinsic: r.extrinsic, intrinsic: r.intrinsic, total: r.reward }),
         policy_version: r.version,
@@ -78,8 +78,11 @@ impl TryFrom<&v1::Rollout> for Rollout {
         if prompt.is_empty() {
             return Err(malformed("empty_prompt", "prompt_tokens is empty"));
         }
-        if logprobs.len() != response.len() {
-            return Err(malformed("shape", format!("{} logprobs for {} response tokens", logprobs.len(), response.len())));
+        // No bytes for a non-empty response: the policy has no behaviour log-probs.
+        let logprobs = (!(logprobs.is_empty() && !response.is_empty())).then_some(logprobs);
+        let lp = logprobs.as_deref().unwrap_or_default();
+        if logprobs.is_some() && lp.len() != response.len() {
+            return Err(malformed("shape", format!("{} logprobs for {} response tokens", lp.len(), response.len())));
         }
         if !loss_mask.is_empty() && loss_mask.len() != response.len() {
             return Err(malformed(
@@ -87,11 +90,11 @@ impl TryFrom<&v1::Rollout> for Rollout {
                 format!("loss_mask has {} entries for {} response tokens", loss_mask.len(), response.len()),
             ));
         }
-        if let Some(i) = logprobs.iter().position(|l| !l.is_finite()) {
-            return Err(malformed("non_finite", format!("logprob {} at position {i} is not finite", logprobs[i])));
+        if let Some(i) = lp.iter().position(|l| !l.is_finite()) {
+            return Err(malformed("non_finite", format!("logprob {} at position {i} is not finite", lp[i])));
         }
-        if let Some(i) = logprobs.iter().position(|&l| l > 1e-3) {
-            return Err(malformed("bad_logprob", format!("logprob {} at position {i} is positive", logprobs[i])));
+        if let Some(i) = lp.iter().position(|&l| l > 1e-3) {
+            return Err(malformed("bad_logprob", format!("logprob {} at position {i} is positive", lp[i])));
         }
         let Some(rewards) = r.rewards.as_ref() else {
             return Err(malformed("bad_reward", "rewards are missing"));
@@ -129,7 +132,7 @@ mod tests {
             prompt_id: 7,
             prompt_tokens: vec![1, 2, 3],
             response_tokens: vec![4, 5],
-            logprobs: vec![-0.25, -1.5],
+            logprobs: Some(vec![-0.25, -1.5]),
             loss_mask: vec![true, false],
             captions: Vec::new(),
             reward: 1.5,
@@ -146,6 +149,9 @@ mod tests {
         let wire = encode(&rollout(), at, 1, None);
         assert_eq!((wire.group_id, wire.group_size, wire.index, wire.work_id), (9, 2, 1, 4));
         assert_eq!(Rollout::try_from(&wire).unwrap(), rollout());
+        // A policy without behaviour log-probs says so, and it survives the wire.
+        let none = Rollout { logprobs: None, ..rollout() };
+        assert_eq!(Rollout::try_from(&encode(&none, at, 0, None)).unwrap(), none);
         let broken = |f: &dyn Fn(&mut v1::Rollout)| {
             let mut w = wire.clone();
             f(&mut w);

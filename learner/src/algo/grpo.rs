@@ -22,7 +22,7 @@ use tch::{Kind, Tensor};
 
 use super::{Objective, Scored};
 use crate::engine::{split_even, Batch, Engine, Row};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::StepMetrics;
 
 /// DAPO overlong reward shaping (eq. 13) for a response of `len` tokens with
@@ -217,11 +217,17 @@ impl Objective for Grpo {
             .map(|(r, &a)| Row {
                 prompt: &r.prompt_tokens,
                 response: &r.response_tokens,
-                old_logp: Some(&r.logprobs),
+                old_logp: r.logprobs.as_deref(),
                 loss_mask: &r.loss_mask,
                 advantage: a,
             })
             .collect();
+        if let Some(r) = rows.iter().find(|r| r.old_logp.is_none()) {
+            return Err(Error::Training(format!(
+                "GRPO needs behaviour log-probs; a rollout ({} prompt tokens) has none",
+                r.prompt.len()
+            )));
+        }
         let t0 = Instant::now();
         let (mut trained_tokens, mut clipped, mut updates) = (0.0, 0.0, 0usize);
         let device = engine.policy.device();
