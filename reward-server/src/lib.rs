@@ -5,14 +5,16 @@
 //!   are answered from the [`labels`] store, unlabelled ones go on the bounded
 //!   newest-first [`queue`], which an [`annotator`] drains in the background.
 //!   Scoring never waits for the annotator.
-//! * reward models: retrieval (label lookup), [`classifier`] (predicts labels),
-//!   [`ranker`] (Bradley-Terry on pairwise preferences).
+//! * reward models behind one trait, [`intrinsic::Intrinsic`]: retrieval (label
+//!   lookup), classification ([`classifier`] predicts labels), ranking
+//!   ([`ranker`], Bradley-Terry on pairwise preferences).
 //! * [`service`]: the `sluice.v1.Reward` gRPC service; [`server`]: the process.
 
 pub mod annotator;
 pub mod captions;
 pub mod classifier;
 pub mod error;
+pub mod intrinsic;
 pub mod labels;
 pub mod llm;
 pub mod queue;

@@ -2,22 +2,21 @@
 //! serve `sluice.v1.Reward` and gRPC health.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use sluice_core::config::{IntrinsicModel, JobConfig};
+use sluice_core::config::JobConfig;
 use sluice_proto::v1::reward_server::RewardServer;
 use tonic::service::interceptor::InterceptedService;
 use sluice_proto::tls::ServerFiles;
 use tonic::transport::ServerTlsConfig;
 
 use crate::annotator::{self, Annotator, Counters};
-use crate::classifier::Classifier;
 use crate::error::{Error, Result};
+use crate::intrinsic::Annotations;
 use crate::labels::LabelStore;
 use crate::queue::CaptionQueue;
-use crate::ranker::{Normaliser, Ranker};
 use crate::service::{RewardService, State};
 
 /// What the server prints as JSON lines.
@@ -41,16 +40,14 @@ pub async fn start(job: &JobConfig) -> Result<Arc<State>> {
         queue: queue.clone(),
         counters: counters.clone(),
         cfg: cfg.clone(),
-        classifier: RwLock::new(None),
-        ranker: RwLock::new(None),
-        normaliser: Normaliser::default(),
+        intrinsic: crate::intrinsic::build(&cfg),
         lookups: AtomicU64::new(0),
         hits: AtomicU64::new(0),
         store_errors: AtomicU64::new(0),
     });
-    let ranking = cfg.model == IntrinsicModel::Ranking;
-    tokio::spawn(annotator::run(queue, store, annotator, cfg.batch_size, ranking, counters));
-    if matches!(cfg.model, IntrinsicModel::Classification | IntrinsicModel::Ranking) {
+    let (pairwise, learns) = state.intrinsic.as_ref().map_or((false, false), |m| (m.pairwise(), m.learns()));
+    tokio::spawn(annotator::run(queue, store, annotator, cfg.batch_size, pairwise, counters));
+    if learns {
         tokio::spawn(train_model(state.clone()));
     }
     Ok(state)
@@ -63,7 +60,7 @@ const TRAIN_LABELS: usize = 5000;
 /// (preferences) changed — checked twice a second, once `train_min_labels`
 /// exist — then swaps it in and bumps the reward model's version.
 async fn train_model(state: Arc<State>) {
-    let ranking = state.cfg.model == IntrinsicModel::Ranking;
+    let ranking = state.intrinsic.as_ref().is_some_and(|m| m.pairwise());
     let mut trained = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -90,25 +87,20 @@ async fn train_model(state: Arc<State>) {
 
 /// One training run on the newest labels (preferences), in a blocking task.
 async fn retrain(state: &Arc<State>, ranking: bool) -> Result<()> {
-    let st = state.clone();
-    let task = if ranking {
-        let data = state.store.preferences(TRAIN_LABELS).await?;
-        tokio::task::spawn_blocking(move || {
-            let r = Ranker::train(&data, 200);
-            tracing::info!(preferences = r.trained_on, "ranker retrained");
-            *st.ranker.write().expect("ranker lock") = Some(Arc::new(r));
-            // Scores of the new ranker get statistics of their own.
-            st.normaliser.reset();
-        })
+    let data = if ranking {
+        Annotations::Preferences(state.store.preferences(TRAIN_LABELS).await?)
     } else {
-        let data = state.store.recent(TRAIN_LABELS).await?;
-        tokio::task::spawn_blocking(move || {
-            let c = Classifier::train(&data, 200);
-            tracing::info!(labels = c.trained_on, "classifier retrained");
-            *st.classifier.write().expect("classifier lock") = Some(Arc::new(c));
-        })
+        Annotations::Labels(state.store.recent(TRAIN_LABELS).await?)
     };
-    task.await.map_err(|e| Error::Annotator(format!("training task: {e}")))
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Some(model) = &st.intrinsic {
+            let n = model.train(data);
+            tracing::info!(model = model.name(), annotations = n, "reward model retrained");
+        }
+    })
+    .await
+    .map_err(|e| Error::Annotator(format!("training task: {e}")))
 }
 
 /// Serves until `shutdown` resolves. With a `token`, Reward calls without it

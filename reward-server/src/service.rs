@@ -14,9 +14,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use sluice_core::config::{IntrinsicModel, RewardConfig};
+use sluice_core::config::RewardConfig;
 use sluice_core::tasks::{Verifier, VERIFIER_NAMES};
 use sluice_proto::v1::reward_server::Reward;
 use sluice_proto::v1::{AnnotationStats, AnnotationStatsRequest, ItemScore, ScoreItem, ScoreRequest, ScoreResponse};
@@ -24,10 +24,9 @@ use tonic::{Request, Response, Status};
 
 use crate::annotator::Counters;
 use crate::captions;
-use crate::classifier::Classifier;
 use crate::labels::LabelStore;
 use crate::queue::CaptionQueue;
-use crate::ranker::{Normaliser, Ranker};
+use crate::intrinsic::Intrinsic;
 
 /// Most items one `Score` call may carry.
 pub const MAX_ITEMS: usize = 4096;
@@ -43,11 +42,8 @@ pub struct State {
     pub queue: Arc<CaptionQueue>,
     pub counters: Arc<Counters>,
     pub annotator_name: String,
-    /// The classification model, once trained.
-    pub classifier: RwLock<Option<Arc<Classifier>>>,
-    /// The ranking model, once trained, and the running statistics of its scores.
-    pub ranker: RwLock<Option<Arc<Ranker>>>,
-    pub normaliser: Normaliser,
+    /// The intrinsic reward model (`None`: `reward.model = "none"`).
+    pub intrinsic: Option<Box<dyn Intrinsic>>,
     pub lookups: AtomicU64,
     pub hits: AtomicU64,
     pub store_errors: AtomicU64,
@@ -102,11 +98,11 @@ impl State {
     /// Scores a batch (the work behind `Score`).
     pub async fn score(&self, items: &[ScoreItem]) -> Vec<ItemScore> {
         let checked: Vec<Result<Checked, String>> = items.iter().map(check_item).collect();
-        let intrinsic_on = self.cfg.model != IntrinsicModel::None;
+        let intrinsic_on = self.intrinsic.is_some();
         // One store round trip for every distinct caption of the batch; then
         // each caption's value r_int(c) before the count decay.
         let mut values: HashMap<u64, f64> = HashMap::new();
-        if intrinsic_on {
+        if let Some(model) = &self.intrinsic {
             let mut texts: HashMap<u64, &str> = HashMap::new();
             for c in checked.iter().flatten() {
                 for (text, h) in &c.captions {
@@ -115,8 +111,7 @@ impl State {
             }
             let hashes: Vec<u64> = texts.keys().copied().collect();
             self.lookups.fetch_add(hashes.len() as u64, Ordering::Relaxed);
-            let ranking = self.cfg.model == IntrinsicModel::Ranking;
-            let known = if ranking {
+            let known = if model.pairwise() {
                 self.store.ranked_many(&hashes).await.map(|r| r.into_iter().map(|k| k.then_some(true)).collect())
             } else {
                 self.store.get_many(&hashes).await
@@ -134,28 +129,8 @@ impl State {
                     self.queue.push(*h, texts[h].to_string());
                 }
             }
-            match self.cfg.model {
-                IntrinsicModel::Ranking => {
-                    let ranker = self.ranker.read().expect("ranker lock").clone();
-                    if let Some(r) = ranker {
-                        let raw: Vec<f64> = hashes.iter().map(|h| r.score(texts[h])).collect();
-                        values.extend(hashes.iter().copied().zip(self.normaliser.normalise(&raw)));
-                    }
-                }
-                _ => {
-                    let classifier = match self.cfg.model {
-                        IntrinsicModel::Classification => self.classifier.read().expect("classifier lock").clone(),
-                        _ => None,
-                    };
-                    for (h, label) in hashes.iter().zip(found) {
-                        // Classification answers for captions the annotator has not labelled yet.
-                        let predicted = || classifier.as_ref().map(|c| c.probability(texts[h]) > self.cfg.threshold);
-                        if label.or_else(predicted) == Some(true) {
-                            values.insert(*h, 1.0);
-                        }
-                    }
-                }
-            }
+            let captions: Vec<(u64, &str, Option<bool>)> = hashes.iter().zip(found).map(|(h, k)| (*h, texts[h], k)).collect();
+            values = model.values(&captions);
         }
         let (ext_coef, int_coef, beta) = (self.cfg.ext_coef, self.cfg.int_coef, self.cfg.beta);
         items
@@ -232,21 +207,10 @@ impl Reward for RewardService {
             lookups: s.lookups.load(Ordering::Relaxed),
             hits: s.hits.load(Ordering::Relaxed),
             reward_model_version: s.version(),
-            model: match s.cfg.model {
-                IntrinsicModel::None => "none",
-                IntrinsicModel::Retrieval => "retrieval",
-                IntrinsicModel::Classification => "classification",
-                IntrinsicModel::Ranking => "ranking",
-            }
-            .into(),
-            classifier_labels: s
-                .classifier
-                .read()
-                .expect("classifier lock")
-                .as_ref()
-                .map_or(0, |c| c.trained_on as u64),
+            model: s.intrinsic.as_ref().map_or("none", |m| m.name()).into(),
+            classifier_labels: s.intrinsic.as_ref().filter(|m| m.learns() && !m.pairwise()).map_or(0, |m| m.trained_on()),
             preferences,
-            ranker_preferences: s.ranker.read().expect("ranker lock").as_ref().map_or(0, |r| r.trained_on as u64),
+            ranker_preferences: s.intrinsic.as_ref().filter(|m| m.pairwise()).map_or(0, |m| m.trained_on()),
         }))
     }
 }
