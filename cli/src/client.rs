@@ -7,7 +7,7 @@ use sluice_core::config::JobConfig;
 use sluice_worker::connect;
 use sluice_proto::auth;
 use sluice_proto::v1::orchestrator_client::OrchestratorClient;
-use sluice_proto::v1::{self, JobState};
+use sluice_proto::v1::{self, event::Body, JobState};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -200,33 +200,21 @@ pub async fn cancel(remote: &Remote, id: &str, reason: &str, json: bool) -> Outc
 }
 
 /// One line for a job event in human output (None: not worth a line).
-pub fn describe(event: &serde_json::Value) -> Option<String> {
-    let f = |k: &str| event.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-    let u = |k: &str| event.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-    let s = |k: &str| event.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-    Some(match event.get("event")?.as_str()? {
-        "step" => format!(
+pub fn describe(event: &v1::Event) -> Option<String> {
+    Some(match event.body.as_ref()? {
+        Body::Step(m) => format!(
             "step {:>5}  reward {:.3}  extrinsic {:.3}  eff-grad {:.2}  staleness {:.2}  {:.0} train tok/s",
-            u("step"),
-            f("reward_mean"),
-            f("extrinsic_mean"),
-            f("effective_gradient_ratio"),
-            f("staleness_mean"),
-            f("train_tokens_per_s")
+            m.step, m.reward_mean, m.extrinsic_mean, m.effective_gradient_ratio, m.staleness_mean, m.train_tokens_per_s
         ),
-        "sft" => format!("sft {:>5}  loss {:.4}", u("sft_step"), f("loss")),
-        "eval" => format!("eval at step {}: held-out reward {:.3} on {} prompts", u("step"), f("reward_mean"), u("prompts")),
-        "checkpoint" => format!("checkpoint {} at step {}", s("path"), u("step")),
-        "state" => format!("job {}{}", s("state"), if s("message").is_empty() { String::new() } else { format!(": {}", s("message")) }),
-        "worker" => format!("worker {} ({} rank {}) joined", s("worker"), s("role"), u("rank")),
-        "worker_lost" => format!("worker {} lost its lease", s("worker")),
-        "redispatched" => format!(
-            "{} work item(s) of {} handed out again",
-            event.get("items").and_then(|v| v.as_array()).map_or(0, Vec::len),
-            s("worker")
-        ),
-        "submitted" => format!("submitted {}", s("job")),
-        _ => return None,
+        Body::Sft(m) => format!("sft {:>5}  loss {:.4}", m.sft_step, m.loss),
+        Body::Eval(e) => format!("eval at step {}: held-out reward {:.3} on {} prompts", e.step, e.reward_mean, e.prompts),
+        Body::Checkpoint(c) => format!("checkpoint {} at step {}", c.path, c.step),
+        Body::State(s) => format!("job {}{}", s.state, if s.message.is_empty() { String::new() } else { format!(": {}", s.message) }),
+        Body::Worker(w) => format!("worker {} ({} rank {}) joined", w.worker, w.role, w.rank),
+        Body::WorkerLost(w) => format!("worker {} lost its lease", w.worker),
+        Body::Redispatched(r) => format!("{} work item(s) of {} handed out again", r.items.len(), r.worker),
+        Body::Submitted(s) => format!("submitted {}", s.job),
+        Body::Round(_) => return None,
     })
 }
 
@@ -241,7 +229,7 @@ pub async fn logs(remote: &Remote, id: &str, follow: bool, json: bool) -> Outcom
         state = e.state;
         if json {
             println!("{}", e.json);
-        } else if let Some(line) = serde_json::from_str(&e.json).ok().as_ref().and_then(describe) {
+        } else if let Some(line) = e.event.as_ref().and_then(describe) {
             println!("{line}");
         }
     }

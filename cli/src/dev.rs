@@ -25,7 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sluice_core::config::JobConfig;
-use sluice_proto::v1::{self, JobState};
+use sluice_proto::v1::{self, event::Body, JobState};
 
 use crate::client::{describe, exit, state_name, Failure, Outcome, Remote};
 
@@ -219,7 +219,7 @@ fn wait_listening(
 
 /// Follows the job's events on a thread of its own (reconnecting after an
 /// orchestrator restart), sending `(seq, json, state)` to the returned channel.
-fn follow(remote: Remote, job: String, stop: Arc<AtomicBool>) -> mpsc::Receiver<(String, i32)> {
+fn follow(remote: Remote, job: String, stop: Arc<AtomicBool>) -> mpsc::Receiver<v1::JobEvent> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -232,7 +232,7 @@ fn follow(remote: Remote, job: String, stop: Arc<AtomicBool>) -> mpsc::Receiver<
                     let mut s = c.watch_job(remote.req(req)).await.map_err(|s| s.to_string())?.into_inner();
                     while let Some(e) = s.message().await.map_err(|s| s.to_string())? {
                         next = e.seq + 1;
-                        if tx.send((e.json, e.state)).is_err() {
+                        if tx.send(e).is_err() {
                             return Ok(true);
                         }
                     }
@@ -359,31 +359,31 @@ fn supervise(
 
     let events = follow(remote.clone(), job.id.clone(), stop.clone());
     let mut final_state: Option<i32> = None;
-    let mut last_step: Option<serde_json::Value> = None;
+    let mut last_step = 0u64;
     loop {
         if stop.load(Ordering::SeqCst) {
             say(opts.json, bar, serde_json::json!({"event": "interrupted", "source": "dev"}), "interrupted: stopping".into());
             return Ok(exit::INTERRUPTED);
         }
         while rx.try_recv().is_ok() {}
-        while let Ok((json, state)) = events.try_recv() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) else { continue };
-            if v["event"] == "step" {
-                bar.set_position(v["step"].as_u64().unwrap_or(0));
+        while let Ok(e) = events.try_recv() {
+            let (state, step) = (e.state, e.event.as_ref().and_then(|ev| match &ev.body {
+                Some(Body::Step(m)) => Some(m),
+                _ => None,
+            }));
+            if let Some(m) = step {
+                bar.set_position(m.step);
                 bar.set_message(format!(
                     "reward {:.3}  eff-grad {:.2}  staleness {:.2}  {:.0} train tok/s",
-                    v["reward_mean"].as_f64().unwrap_or(0.0),
-                    v["effective_gradient_ratio"].as_f64().unwrap_or(0.0),
-                    v["staleness_mean"].as_f64().unwrap_or(0.0),
-                    v["train_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    m.reward_mean, m.effective_gradient_ratio, m.staleness_mean, m.train_tokens_per_s,
                 ));
-                last_step = Some(v.clone());
+                last_step = m.step;
             }
             if opts.json {
-                println!("{v}");
-            } else if v["event"] != "step" || bar.is_hidden() {
-                if let Some(line) = describe(&v) {
-                    say(false, bar, v.clone(), line);
+                println!("{}", e.json);
+            } else if step.is_none() || bar.is_hidden() {
+                if let Some(line) = e.event.as_ref().and_then(describe) {
+                    say(false, bar, serde_json::Value::Null, line);
                 }
             }
             if matches!(JobState::try_from(state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled)) {
@@ -394,7 +394,7 @@ fn supervise(
             // Learners linger briefly so actors hear the end; then stop everything.
             sup.wait_exit(&["learner", "actor"], Duration::from_secs(30));
             let ok = state == JobState::Succeeded as i32;
-            let step = last_step.as_ref().and_then(|v| v["step"].as_u64()).unwrap_or(0);
+            let step = last_step;
             say(
                 opts.json,
                 bar,

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use sluice_proto::v1::{self, event::Body};
 
 use crate::error::{Error, Result};
 
@@ -58,6 +59,42 @@ pub enum Event {
     Checkpoint { step: u64, path: PathBuf },
 }
 
+impl From<&Event> for v1::Event {
+    /// The typed form an orchestrator keeps (`sluice logs`).
+    fn from(e: &Event) -> v1::Event {
+        let body = match e {
+            Event::Sft(m) => Body::Sft(v1::WarmupStep { sft_step: m.sft_step, loss: m.loss, grad_norm: m.grad_norm, skipped: m.skipped }),
+            Event::Step(m) => Body::Step(v1::TrainStep {
+                step: m.step,
+                reward_mean: m.reward_mean,
+                extrinsic_mean: m.extrinsic_mean,
+                effective_gradient_ratio: m.effective_gradient_ratio,
+                rollouts_sampled: m.rollouts_sampled as u64,
+                groups_trained: m.groups_trained as u64,
+                rollouts_trained: m.rollouts_trained as u64,
+                pg_loss: m.pg_loss,
+                kl: m.kl,
+                clip_fraction: m.clip_fraction,
+                grad_norm: m.grad_norm,
+                skipped_updates: m.skipped_updates as u64,
+                response_len_mean: m.response_len_mean,
+                generation_tokens_per_s: m.generation_tokens_per_s,
+                train_tokens_per_s: m.train_tokens_per_s,
+                step_seconds: m.step_seconds,
+                staleness_mean: m.staleness_mean,
+                wait_seconds: m.wait_seconds,
+            }),
+            Event::Eval { step, sft_step, reward_mean, prompts } => {
+                Body::Eval(v1::Evaluation { step: *step, sft_step: *sft_step, reward_mean: *reward_mean, prompts: *prompts as u64 })
+            }
+            Event::Checkpoint { step, path } => {
+                Body::Checkpoint(v1::CheckpointSaved { step: *step, path: path.display().to_string() })
+            }
+        };
+        v1::Event { body: Some(body) }
+    }
+}
+
 /// `<out_dir>/metrics.jsonl`: one JSON event per line, appended.
 pub struct EventLog {
     path: PathBuf,
@@ -76,5 +113,27 @@ impl EventLog {
     pub fn write(&mut self, e: &Event) -> Result<()> {
         let line = serde_json::to_string(e).expect("events serialise");
         writeln!(self.file, "{line}").map_err(|err| Error::io(&self.path, err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_jsonl_and_the_orchestrator_log_say_the_same() {
+        let step = StepMetrics { step: 4, reward_mean: 0.5, grad_norm: f64::NAN, rollouts_trained: 64, ..StepMetrics::default() };
+        let events = [
+            Event::Step(step),
+            Event::Sft(SftMetrics { sft_step: 2, loss: 1.25, grad_norm: 3.0, skipped: false }),
+            Event::Eval { step: 4, sft_step: 2, reward_mean: 0.75, prompts: 128 },
+            Event::Checkpoint { step: 4, path: PathBuf::from("runs/x/checkpoints/step-4") },
+        ];
+        for e in &events {
+            let local: serde_json::Value = serde_json::to_value(e).unwrap();
+            let line = sluice_proto::events::to_json(&v1::Event::from(e), None).unwrap();
+            let wire: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(local, wire);
+        }
     }
 }

@@ -18,7 +18,7 @@ use sluice_core::rollout::Group;
 use sluice_core::staleness::Verdict;
 use sluice_worker::Session;
 use sluice_proto::auth;
-use sluice_proto::v1::learner_server::LearnerServer;
+use sluice_proto::v1::{self, learner_server::LearnerServer};
 use tch::Device;
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
@@ -222,7 +222,7 @@ fn run_rank(
                 s.progress.step.store(m.step, Ordering::SeqCst);
             }
             if opts.rank == 0 {
-                s.event(serde_json::to_string(t).expect("events serialise"));
+                s.event(v1::Event::from(*t));
             }
         }
         report(e)

@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use sluice_core::budget::{self, History};
 use sluice_core::config::{BudgetStrategy, JobConfig, TaskConfig};
 use sluice_core::tasks::{self, Split, Task};
+use sluice_proto::events;
+use sluice_proto::v1::{self, event::Body};
 
 use crate::error::{Error, Result};
 
@@ -161,7 +163,8 @@ impl Job {
         };
         let mut job = Job::restore(rec, Vec::new(), History::new(cfg.budget.history), Vec::new())?;
         let mut ch = Changes { record: true, ..Changes::default() };
-        job.event(&mut ch, now_ms, serde_json::json!({"event": "submitted", "job": job.rec.id, "name": job.rec.name}));
+        let submitted = Body::Submitted(v1::JobSubmitted { job: job.rec.id.clone(), name: job.rec.name.clone() });
+        job.event(&mut ch, now_ms, submitted);
         Ok((job, ch))
     }
 
@@ -179,32 +182,31 @@ impl Job {
         Ok(job)
     }
 
-    fn event(&mut self, ch: &mut Changes, now_ms: u64, mut value: serde_json::Value) {
-        if let Some(o) = value.as_object_mut() {
-            o.insert("unix_ms".into(), now_ms.into());
-        }
-        let line = value.to_string();
+    /// Appends an event to the job's log (kept as its JSON line, `sluice_proto::events`).
+    pub fn event(&mut self, ch: &mut Changes, now_ms: u64, body: Body) {
+        let line = events::to_json(&events::event(body), Some(now_ms)).expect("an event with a body");
         self.events.push(line.clone());
         ch.events.push(line);
     }
 
-    /// Appends workers' events (JSON objects) to the job's log; step events move
-    /// the job's step counter.
-    pub fn add_events(&mut self, lines: &[String], now_ms: u64) -> Result<Changes> {
+    /// Appends workers' training events (step, sft, eval, checkpoint) to the
+    /// job's log; step events move the job's step counter. Anything else is
+    /// the orchestrator's to say and is refused.
+    pub fn add_events(&mut self, reported: &[v1::Event], now_ms: u64) -> Result<Changes> {
         let mut ch = Changes::default();
-        for line in lines {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| Error::Invalid(format!("event is not JSON: {e}")))?;
-            let Some(kind) = v.get("event").and_then(|k| k.as_str()) else {
-                return Err(Error::Invalid("event has no `event` field".into()));
-            };
-            if kind == "step" {
-                if let Some(step) = v.get("step").and_then(|s| s.as_u64()) {
-                    self.rec.progress.step = self.rec.progress.step.max(step);
+        for e in reported {
+            match &e.body {
+                Some(Body::Step(s)) => {
+                    self.rec.progress.step = self.rec.progress.step.max(s.step);
                     ch.record = true;
                 }
+                Some(Body::Sft(_) | Body::Eval(_) | Body::Checkpoint(_)) => {}
+                Some(other) => return Err(Error::Invalid(format!("workers report training events, not {other:?}"))),
+                None => return Err(Error::Invalid("an event without a body".into())),
             }
-            self.event(&mut ch, now_ms, v);
+        }
+        for e in reported {
+            self.event(&mut ch, now_ms, e.body.clone().expect("checked above"));
         }
         Ok(ch)
     }
@@ -223,11 +225,7 @@ impl Job {
             // Nothing more will be handed out.
             self.pending.clear();
         }
-        let mut e = serde_json::json!({"event": "state", "state": state.name()});
-        if !message.is_empty() {
-            e["message"] = message.into();
-        }
-        self.event(&mut ch, now_ms, e);
+        self.event(&mut ch, now_ms, Body::State(v1::StateChanged { state: state.name().into(), message: message.into() }));
         ch
     }
 
@@ -252,8 +250,8 @@ impl Job {
             BudgetStrategy::Uniform => "uniform",
             BudgetStrategy::Knapsack => "knapsack",
         };
-        let e = serde_json::json!({"event": "round", "round": round, "first_prompt": start, "strategy": strategy, "sizes": sizes});
-        self.event(ch, now_ms, e);
+        let sizes_wire = sizes.iter().map(|&n| n as u64).collect();
+        self.event(ch, now_ms, Body::Round(v1::RoundOpened { round, first_prompt: start, strategy: strategy.into(), sizes: sizes_wire }));
         self.rec.open_rounds.insert(round, k);
         for ((&prompt_index, &prompt_id), &n) in indices.iter().zip(&ids).zip(&sizes) {
             let item = Item { id: self.rec.next_item, round, prompt_index, prompt_id, n, attempt: 0, worker: None };
@@ -359,7 +357,7 @@ impl Job {
                 self.pending.push_front(id);
             }
         }
-        self.event(&mut ch, now_ms, serde_json::json!({"event": "redispatched", "worker": worker, "items": ids}));
+        self.event(&mut ch, now_ms, Body::Redispatched(v1::WorkRedispatched { worker: worker.into(), items: ids }));
         ch
     }
 
@@ -489,9 +487,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let mut j = job("");
-        assert!(j.add_events(&["not json".into()], 1).is_err());
-        assert!(j.add_events(&["{\"x\": 1}".into()], 1).is_err());
-        j.add_events(&["{\"event\": \"step\", \"step\": 3}".into()], 1).unwrap();
+        assert!(j.add_events(&[v1::Event { body: None }], 1).is_err());
+        // A worker cannot speak for the orchestrator.
+        let lost = events::event(Body::WorkerLost(v1::WorkerLost { worker: "w".into() }));
+        assert!(j.add_events(&[lost], 1).is_err());
+        let n = j.events.len();
+        let step = events::event(Body::Step(v1::TrainStep { step: 3, reward_mean: 0.25, ..Default::default() }));
+        let ch = j.add_events(&[step], 1).unwrap();
         assert_eq!(j.rec.progress.step, 3);
+        assert_eq!((j.events.len(), ch.events.len()), (n + 1, 1));
+        let stored: serde_json::Value = serde_json::from_str(&j.events[n]).unwrap();
+        assert_eq!((stored["event"].as_str(), stored["reward_mean"].as_f64()), (Some("step"), Some(0.25)));
     }
 }

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sluice_proto::v1::{self, orchestrator_server};
+use sluice_proto::v1::{self, event::Body, orchestrator_server};
 use tokio::sync::{mpsc, Mutex};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -227,14 +227,13 @@ impl Orchestrator {
         if job.rec.state == JobState::Queued {
             ch = job.set_state(JobState::Running, "", now);
         }
-        let mut more = job
-            .add_events(
-                &[serde_json::json!({"event": "worker", "worker": worker.id, "role": worker.role, "rank": worker.rank, "address": worker.address})
-                    .to_string()],
-                now,
-            )
-            .expect("well-formed event");
-        ch.events.append(&mut more.events);
+        let joined = v1::WorkerJoined {
+            worker: worker.id.clone(),
+            role: worker.role.clone(),
+            rank: worker.rank,
+            address: worker.address.clone(),
+        };
+        job.event(&mut ch, now, Body::Worker(joined));
         self.store.apply(job, &ch).await?;
         self.store.put_worker(&worker, self.lease_ms).await?;
         tracing::info!(worker = %worker.id, role = %worker.role, job = %job_id, "worker registered");
@@ -320,10 +319,7 @@ impl Orchestrator {
             if let Some(job) = st.jobs.get_mut(&live.worker.job) {
                 let mut ch = job.release(&live.worker.id, now);
                 counters().redispatched.add(ch.items.len() as u64, &[]);
-                let mut lost = job
-                    .add_events(&[serde_json::json!({"event": "worker_lost", "worker": live.worker.id}).to_string()], now)
-                    .expect("well-formed event");
-                ch.events.append(&mut lost.events);
+                job.event(&mut ch, now, Body::WorkerLost(v1::WorkerLost { worker: live.worker.id.clone() }));
                 self.store.apply(job, &ch).await?;
             }
             tracing::warn!(worker = %live.worker.id, "lease expired");
@@ -396,7 +392,8 @@ impl orchestrator_server::Orchestrator for OrchestratorService {
                     }
                 };
                 for (seq, json) in events {
-                    let e = v1::JobEvent { seq, unix_ms: now_ms(), json, state: state_wire(state) as i32 };
+                    let event = sluice_proto::events::from_json(&json).ok();
+                    let e = v1::JobEvent { seq, unix_ms: now_ms(), json, state: state_wire(state) as i32, event };
                     if tx.send(Ok(e)).await.is_err() {
                         return;
                     }

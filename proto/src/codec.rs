@@ -79,7 +79,7 @@ impl TryFrom<&v1::Rollout> for Rollout {
             return Err(malformed("empty_prompt", "prompt_tokens is empty"));
         }
         // No bytes for a non-empty response: the policy has no behaviour log-probs.
-        let logprobs = (!(logprobs.is_empty() && !response.is_empty())).then_some(logprobs);
+        let logprobs = (!logprobs.is_empty() || response.is_empty()).then_some(logprobs);
         let lp = logprobs.as_deref().unwrap_or_default();
         if logprobs.is_some() && lp.len() != response.len() {
             return Err(malformed("shape", format!("{} logprobs for {} response tokens", lp.len(), response.len())));

@@ -10,6 +10,7 @@ pub mod v1 {
 }
 
 pub mod codec;
+pub mod events;
 pub mod serve;
 
 /// Largest gRPC message any sluice server or client decodes (a backstop; the

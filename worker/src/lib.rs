@@ -154,7 +154,7 @@ impl Link {
         Ok(JobState::try_from(r.into_inner().state).unwrap_or(JobState::Unspecified))
     }
 
-    pub async fn report_events(&self, events: Vec<String>) -> Result<()> {
+    pub async fn report_events(&self, events: Vec<v1::Event>) -> Result<()> {
         self.with_worker(|worker_id| {
             let mut c = self.client.clone();
             let req = self.req(v1::ReportEventsRequest { worker_id, job_id: self.job_id.clone(), events: events.clone() });
@@ -215,7 +215,7 @@ pub struct Session {
     rt: tokio::runtime::Runtime,
     pub link: Link,
     pub progress: Arc<Progress>,
-    events: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<v1::Event>>,
     reporter: Option<tokio::task::JoinHandle<()>>,
     heartbeats: tokio::task::JoinHandle<()>,
 }
@@ -251,7 +251,7 @@ impl Session {
             let _guard = rt.enter();
             link.spawn_heartbeats(progress.clone(), stop)
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<v1::Event>();
         let reporter = {
             let link = link.clone();
             rt.spawn(async move {
@@ -279,10 +279,10 @@ impl Session {
         Ok((Session { rt, link, progress, events: Some(tx), reporter: Some(reporter), heartbeats }, job))
     }
 
-    /// Queues an event (a JSON object with an `event` field) for the job's log.
-    pub fn event(&self, json: String) {
+    /// Queues a training event for the job's log.
+    pub fn event(&self, event: v1::Event) {
         if let Some(tx) = &self.events {
-            let _ = tx.send(json);
+            let _ = tx.send(event);
         }
     }
 
