@@ -25,12 +25,9 @@ pub struct Limits {
     pub needs_logprobs: bool,
 }
 
-/// Why a rollout was refused: a short kind (counted in status) and a reason for the client.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refusal {
-    pub kind: &'static str,
-    pub reason: String,
-}
+/// Why a rollout was refused: a short kind (counted in status) and a reason
+/// for the client — the codec's own type, extended with this learner's limits.
+pub use sluice_proto::codec::Malformed as Refusal;
 
 fn refuse(kind: &'static str, reason: impl Into<String>) -> Refusal {
     Refusal { kind, reason: reason.into() }
@@ -67,7 +64,7 @@ pub fn check(r: &v1::Rollout, limits: &Limits) -> Result<Rollout, Refusal> {
     if r.index >= r.group_size {
         return Err(refuse("group_size", format!("index {} is not below group_size {}", r.index, r.group_size)));
     }
-    let rollout = Rollout::try_from(r).map_err(|m| refuse(m.kind, m.reason))?;
+    let rollout = Rollout::try_from(r)?;
     if limits.needs_logprobs && rollout.logprobs.is_none() {
         return Err(refuse("no_logprobs", "the rollout has no behaviour log-probs and this job's objective (GRPO) needs them"));
     }
