@@ -2,10 +2,7 @@
 //! a learner (see `sluice_actor::actor`).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Parser;
 use sluice_actor::actor::{self, ActorOptions};
 use sluice_worker::{load_job, Connection};
@@ -70,14 +67,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let _telemetry = sluice_core::telemetry::init("sluice-actor", "info");
     let args = Args::parse();
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    })
-    .context("installing the Ctrl-C handler")?;
+    let stop = sluice_core::signal::stop_flag(None).map_err(anyhow::Error::msg)?;
     let index = match (args.index, &args.id, &args.orchestrator) {
         (Some(i), _, _) => i,
         (None, Some(id), Some(_)) => stable_index(id),

@@ -28,7 +28,7 @@ pub mod exit {
     /// Refused: wrong or missing bearer token.
     pub const AUTH: i32 = 7;
     /// Stopped by Ctrl-C / SIGINT (after a clean stop: the step finished, checkpointed).
-    pub const INTERRUPTED: i32 = 130;
+    pub const INTERRUPTED: i32 = sluice_core::signal::INTERRUPTED;
 }
 
 /// An error with the exit code it maps to.

@@ -5,8 +5,7 @@ mod client;
 mod dev;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -207,15 +206,8 @@ fn dispatch(command: Command) -> client::Outcome<i32> {
             if !(lease_s > 0.0 && lease_s.is_finite()) {
                 return Err(Failure::new(exit::USAGE, format!("--lease-s must be > 0, not {lease_s}")));
             }
-            let stop = Arc::new(AtomicBool::new(false));
-            let flag = stop.clone();
-            ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-                eprintln!("\nstopping: learners and actors finish their step (Ctrl-C again to quit now)");
-            })
-            .map_err(|e| Failure::new(exit::ERROR, format!("installing the Ctrl-C handler: {e}")))?;
+            let stop = sluice_core::signal::stop_flag(Some("stopping: learners and actors finish their step (Ctrl-C again to quit now)"))
+                .map_err(|e| Failure::new(exit::ERROR, e))?;
             dev::run(dev::DevOptions { job, overrides: overrides.set, redis, bin_dir, json, lease_s, max_restarts }, stop)
         }
         Command::Submit { job, overrides, remote } => {
@@ -282,17 +274,8 @@ fn train(job: PathBuf, overrides: &[String], out: Option<PathBuf>, steps: Option
     if fresh && sluice_learner::checkpoint::latest(&cfg.train.out_dir)?.is_some() {
         bail!("{} already has checkpoints; pick another --out or drop --fresh to resume", cfg.train.out_dir.display());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nstopping after this step (Ctrl-C again to abort without a checkpoint)");
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
+    let stop = sluice_core::signal::stop_flag(Some("stopping after this step (Ctrl-C again to abort without a checkpoint)"))
+        .map_err(anyhow::Error::msg)?;
     let mut trainer = Trainer::new(cfg.clone(), !fresh)?;
     let t = &cfg.train;
     let total = t.sft_steps + t.steps;

@@ -8,6 +8,7 @@
 //! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL, adventure).
 //! * [`budget`] — rollouts per prompt: uniform or knapsack allocation.
 //! * [`staleness`] — the one rule on how old a rollout may be.
+//! * [`signal`] — Ctrl-C and SIGTERM, handled the same way by every process.
 //! * [`tokenizer`] — `tokenizer.json` through the `tokenizers` crate.
 //! * [`telemetry`] — logs, OpenTelemetry traces and metrics of every binary
 //!   (the one networked piece: an OTLP/gRPC exporter when configured).
@@ -22,6 +23,7 @@ pub mod kinds;
 pub mod telemetry;
 pub mod rollout;
 pub mod sampling;
+pub mod signal;
 pub mod staleness;
 pub mod tasks;
 pub mod tokenizer;

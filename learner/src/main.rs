@@ -1,11 +1,8 @@
 //! `sluice-learner`: one rank of a job's learner group (see `sluice_learner::node`).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use sluice_learner::node::{self, CollectiveKind, NodeOptions};
 use sluice_worker::{load_job, Connection};
@@ -70,15 +67,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let _telemetry = sluice_core::telemetry::init("sluice-learner", "info");
     let args = Args::parse();
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("stopping after the current step (press Ctrl-C again to quit now)");
-    })
-    .context("installing the Ctrl-C handler")?;
+    let stop = sluice_core::signal::stop_flag(Some("stopping after the current step (press Ctrl-C again to quit now)"))
+        .map_err(anyhow::Error::msg)?;
     let conn = args.orchestrator.clone().map(|endpoint| Connection {
         endpoint,
         token: args.security.token.clone(),

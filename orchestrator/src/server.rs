@@ -81,7 +81,7 @@ pub fn run(opts: Options, report: impl Fn(&ServerEvent)) -> Result<()> {
         let addr = listener.local_addr().map_err(|e| Error::Io { what: "listener".into(), source: e })?;
         report(&ServerEvent::Listening { addr: addr.to_string(), store: orch.store().describe(), jobs: orch.list().await.len() });
         tracing::info!(%addr, "orchestrator serving");
-        serve(orch, listener, opts.token.as_deref(), tls, sluice_proto::shutdown_signal())
+        serve(orch, listener, opts.token.as_deref(), tls, sluice_core::signal::shutdown())
             .await
             .map_err(|e| Error::Io { what: "gRPC server".into(), source: std::io::Error::other(e) })
     })

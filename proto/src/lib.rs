@@ -17,18 +17,6 @@ pub mod serve;
 /// servers apply their own, smaller, per-message limits with clear errors).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Resolves on Ctrl-C or SIGTERM: the graceful-shutdown signal every sluice
-/// server passes to tonic's `serve_with_incoming_shutdown`.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
-}
-
 /// Packed little-endian arrays, the encoding of `Rollout`'s token, log-prob and
 /// mask fields.
 pub mod packed {

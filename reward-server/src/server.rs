@@ -147,7 +147,7 @@ pub fn run(
             annotator: state.annotator_name.clone(),
         });
         tracing::info!(%addr, "reward server serving");
-        serve(state, listener, token, tls, sluice_proto::shutdown_signal())
+        serve(state, listener, token, tls, sluice_core::signal::shutdown())
             .await
             .map_err(|e| Error::Io { what: "gRPC server".into(), source: std::io::Error::other(e) })
     })
