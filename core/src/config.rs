@@ -314,6 +314,9 @@ impl Default for RolloutConfig {
     }
 }
 
+/// The random-init presets (`sluice_model::model::ModelConfig::preset` builds them).
+pub const PRESETS: &[&str] = &["tiny", "small", "qwen2-0.5b", "tiny-diffusion", "small-diffusion"];
+
 /// Which policy to start from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -684,10 +687,12 @@ impl JobConfig {
         check(t.sft_lr > 0.0 && t.sft_lr.is_finite(), "train.sft_lr", "must be > 0")?;
         check((0.0..1.0).contains(&t.beta1), "train.beta1", "must be in [0, 1)")?;
         check((0.0..1.0).contains(&t.beta2), "train.beta2", "must be in [0, 1)")?;
-        check(t.adam_eps > 0.0, "train.adam_eps", "must be > 0")?;
+        check(t.adam_eps > 0.0 && t.adam_eps.is_finite(), "train.adam_eps", "must be a finite number > 0")?;
+        check(t.weight_decay >= 0.0 && t.weight_decay.is_finite(), "train.weight_decay", "must be a finite number >= 0")?;
+        check(t.max_grad_norm.is_finite(), "train.max_grad_norm", "must be a finite number")?;
         check(t.max_grad_norm >= 0.0, "train.max_grad_norm", "must be >= 0")?;
-        check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")?;
-        check(t.sft_batch_size >= 1, "train.sft_batch_size", "must be >= 1")?;
+        check((1..=65_536).contains(&t.micro_batch_size), "train.micro_batch_size", "must be between 1 and 65536")?;
+        check((1..=65_536).contains(&t.sft_batch_size), "train.sft_batch_size", "must be between 1 and 65536")?;
         check((1..=1 << 20).contains(&t.eval_prompts), "train.eval_prompts", "must be between 1 and 1048576")?;
         check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")?;
         check(
@@ -697,7 +702,11 @@ impl JobConfig {
         )?;
         let r = &self.rollout;
         check(!self.name.is_empty() && self.name.len() <= 128, "name", "must be 1 to 128 characters")?;
-        check(r.buffer_groups >= 1, "rollout.buffer_groups", "must be >= 1")?;
+        check(!self.name.chars().any(char::is_control), "name", "must not contain control characters")?;
+        if let Some(p) = &m.preset {
+            check(PRESETS.contains(&p.as_str()), "model.preset", &format!("unknown preset; known: {}", PRESETS.join(", ")))?;
+        }
+        check((1..=1 << 20).contains(&r.buffer_groups), "rollout.buffer_groups", "must be between 1 and 1048576")?;
         check(
             r.max_staleness <= crate::staleness::MAX_STALENESS,
             "rollout.max_staleness",
@@ -729,7 +738,8 @@ impl JobConfig {
             "reward.model",
             "int_coef > 0 needs an intrinsic model (retrieval, classification, ranking)",
         )?;
-        check(w.queue_capacity >= 1, "reward.queue_capacity", "must be >= 1")?;
+        check((1..=1 << 24).contains(&w.queue_capacity), "reward.queue_capacity", "must be between 1 and 16777216")?;
+        check(w.batch_size <= 4096, "reward.batch_size", "must be at most 4096")?;
         check((0.0..1.0).contains(&w.threshold), "reward.threshold", "must be in [0, 1)")?;
         check(w.train_min_labels >= 2, "reward.train_min_labels", "must be >= 2")?;
         check(w.batch_size >= 1, "reward.batch_size", "must be >= 1")?;
@@ -872,6 +882,12 @@ mod tests {
             (format!("{MIN}[[reward.rubric]]\npattern = \"(\"\nlabel = \"helpful\"\n"), "reward.rubric[0].pattern"),
             (format!("{MIN}[[reward.rubric]]\npattern = \"x\"\nlabel = \"maybe\"\n"), "reward.rubric[0].label"),
             ("[model]\npreset = \"tiny\"\ndevice = \"tpu\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model.device"),
+            ("[model]\npreset = \"huge\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model.preset"),
+            (format!("{MIN}[train]\nweight_decay = nan\n"), "train.weight_decay"),
+            (format!("{MIN}[train]\nadam_eps = inf\n"), "train.adam_eps"),
+            (format!("name = \"a\\u0007b\"\n{MIN}"), "name"),
+            (format!("{MIN}[rollout]\nbuffer_groups = 9223372036854775807\n"), "rollout.buffer_groups"),
+            (format!("{MIN}[reward]\nqueue_capacity = 9223372036854775807\n"), "reward.queue_capacity"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"chess\"\n".to_string(), "task"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ndigit = 3\n".to_string(), "task"),
             ("[model]\ndtype = \"f32\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model"),

@@ -67,7 +67,7 @@ pub struct ModelConfig {
 
 /// Small random-init presets for tests, benchmarks and `sluice dev`. The
 /// `-diffusion` ones are masked diffusion LMs: one extra vocabulary row, the mask token.
-pub const PRESETS: &[&str] = &["tiny", "small", "qwen2-0.5b", "tiny-diffusion", "small-diffusion"];
+pub use sluice_core::config::PRESETS;
 
 impl ModelConfig {
     /// A named preset with the given vocabulary size.

@@ -99,8 +99,10 @@ impl TryFrom<&v1::Rollout> for Rollout {
         let Some(rewards) = r.rewards.as_ref() else {
             return Err(malformed("bad_reward", "rewards are missing"));
         };
-        if !rewards.total.is_finite() {
-            return Err(malformed("non_finite", format!("reward {} is not finite", rewards.total)));
+        for (what, x) in [("reward", rewards.total), ("extrinsic reward", rewards.extrinsic), ("intrinsic reward", rewards.intrinsic)] {
+            if !x.is_finite() {
+                return Err(malformed("non_finite", format!("{what} {x} is not finite")));
+            }
         }
         let finish = match v1::FinishReason::try_from(r.finish) {
             Ok(v1::FinishReason::Stop) => FinishReason::Stop,
@@ -162,6 +164,7 @@ mod tests {
         assert_eq!(broken(&|w| w.logprobs = packed::floats(&[-0.1, f32::NAN])), "non_finite");
         assert_eq!(broken(&|w| w.logprobs = packed::floats(&[-0.1, 0.5])), "bad_logprob");
         assert_eq!(broken(&|w| w.rewards = None), "bad_reward");
+        assert_eq!(broken(&|w| w.rewards.as_mut().unwrap().extrinsic = f64::NAN), "non_finite");
         assert_eq!(broken(&|w| w.finish = 99), "finish");
         assert_eq!(broken(&|w| w.prompt_tokens = Default::default()), "empty_prompt");
     }

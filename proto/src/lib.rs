@@ -102,7 +102,7 @@ pub mod auth {
 
     impl Check {
         pub fn new(token: Option<&str>) -> Self {
-            Check { expected: token.map(|t| format!("Bearer {t}").into_bytes()) }
+            Check { expected: token.map(|t| t.as_bytes().to_vec()) }
         }
     }
 
@@ -110,7 +110,12 @@ pub mod auth {
         fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
             let Some(expected) = &self.expected else { return Ok(req) };
             match req.metadata().get("authorization") {
-                Some(v) if same(v.as_bytes(), expected) => Ok(req),
+                // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+                Some(v) if v.as_bytes().get(..7).is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "))
+                    && same(&v.as_bytes()[7..], expected) =>
+                {
+                    Ok(req)
+                }
                 Some(_) => Err(Status::unauthenticated("wrong bearer token")),
                 None => Err(Status::unauthenticated("this server needs `authorization: Bearer <token>` (SLUICE_TOKEN)")),
             }
@@ -128,6 +133,12 @@ pub mod auth {
             let mut open = Check::new(None);
             assert!(open.call(to_unit(request(1u8, None))).is_ok());
             let mut closed = Check::new(Some("s3cret"));
+            let lower = {
+                let mut r = Request::new(());
+                r.metadata_mut().insert("authorization", "bearer s3cret".parse().unwrap());
+                r
+            };
+            assert!(closed.call(lower).is_ok(), "the scheme is case-insensitive");
             assert!(closed.call(to_unit(request(1u8, Some("s3cret")))).is_ok());
             let wrong = closed.call(to_unit(request(1u8, Some("guess")))).unwrap_err();
             assert_eq!(wrong.code(), tonic::Code::Unauthenticated);

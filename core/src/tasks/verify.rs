@@ -200,7 +200,13 @@ fn parse_decimal(s: &str) -> Option<Rational> {
     if frac.len() > 30 {
         return None;
     }
-    let digits: i128 = format!("{int}{frac}").trim_start_matches('0').parse().unwrap_or(0);
+    // All zeros is 0; digits beyond i128 are not an exact number (the caller
+    // falls back to floating point) and never silently 0.
+    let digits = format!("{int}{frac}");
+    let digits: i128 = match digits.trim_start_matches('0') {
+        "" => 0,
+        d => d.parse().ok()?,
+    };
     let den = 10i128.checked_pow(frac.len() as u32)?;
     Rational::new(if neg { -digits } else { digits }, den)
 }
@@ -275,6 +281,9 @@ mod tests {
             ("no number here", "1", 0.0),
             ("12", "-12", 0.0),
             ("\\boxed{1e-3}", "0.001", 1.0),
+            // Too many digits for an exact number: not 0 (a reward hack before).
+            ("#### 1000000000000000000000000000000000000000000000", "0", 0.0),
+            ("#### 0000000000000000000000000000000000000000000000", "0", 1.0),
         ];
         for (response, answer, want) in cases {
             assert_eq!(v.score(answer, response), want, "{response:?} vs {answer}");
