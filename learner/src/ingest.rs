@@ -5,7 +5,7 @@
 //! rollouts of one stream into complete groups. A group whose stream ends early
 //! is never released.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use prost::Message;
 use sluice_core::rollout::{Group, Rollout};
@@ -81,9 +81,16 @@ struct Partial {
     size: u32,
     prompt_id: u64,
     version: u64,
-    slots: Vec<Option<Rollout>>,
-    filled: usize,
+    /// Members that arrived, by index (nothing is reserved for those that have not).
+    slots: BTreeMap<u32, Rollout>,
 }
+
+/// Incomplete groups one stream may hold: an actor sends each group's
+/// rollouts together, so it never has more than one or two open.
+pub const MAX_PARTIAL_GROUPS: usize = 64;
+
+/// The refusal kind for a stream over [`MAX_PARTIAL_GROUPS`] (`RESOURCE_EXHAUSTED`).
+pub const TOO_MANY_PARTIAL_GROUPS: &str = "too_many_partial_groups";
 
 /// Collects the rollouts of one stream into complete groups.
 #[derive(Default)]
@@ -94,12 +101,17 @@ pub struct Assembler {
 impl Assembler {
     /// Adds a checked rollout; returns its group once all members have arrived.
     pub fn add(&mut self, wire: &v1::Rollout, r: Rollout) -> Result<Option<Group>, Refusal> {
+        if !self.partial.contains_key(&wire.group_id) && self.partial.len() >= MAX_PARTIAL_GROUPS {
+            return Err(refuse(
+                TOO_MANY_PARTIAL_GROUPS,
+                format!("more than {MAX_PARTIAL_GROUPS} incomplete groups on one stream (send each group's rollouts together)"),
+            ));
+        }
         let p = self.partial.entry(wire.group_id).or_insert_with(|| Partial {
             size: wire.group_size,
             prompt_id: r.prompt_id,
             version: r.version,
-            slots: (0..wire.group_size).map(|_| None).collect(),
-            filled: 0,
+            slots: BTreeMap::new(),
         });
         if p.size != wire.group_size || p.prompt_id != r.prompt_id || p.version != r.version {
             return Err(refuse(
@@ -110,17 +122,15 @@ impl Assembler {
                 ),
             ));
         }
-        let slot = &mut p.slots[wire.index as usize];
-        if slot.is_some() {
+        if p.slots.insert(wire.index, r).is_some() {
             return Err(refuse("group_mismatch", format!("group {}: index {} sent twice", wire.group_id, wire.index)));
         }
-        *slot = Some(r);
-        p.filled += 1;
-        if p.filled < p.size as usize {
+        if p.slots.len() < p.size as usize {
             return Ok(None);
         }
         let p = self.partial.remove(&wire.group_id).expect("present");
-        let rollouts: Vec<Rollout> = p.slots.into_iter().map(|s| s.expect("all filled")).collect();
+        // Indices are checked below `size` and distinct: all of 0..size, in order.
+        let rollouts: Vec<Rollout> = p.slots.into_values().collect();
         Ok(Some(Group { prompt_id: p.prompt_id, rollouts }))
     }
 
@@ -155,6 +165,34 @@ mod tests {
             finish: v1::FinishReason::Stop as i32,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_stream_cannot_hold_open_groups_without_bound() {
+        let lim = Limits { max_group_size: 1024, ..limits() };
+        let mut asm = Assembler::default();
+        let open = |id: u64| v1::Rollout { group_id: id, group_size: 1024, ..rollout(0) };
+        for id in 0..MAX_PARTIAL_GROUPS as u64 {
+            let r = open(id);
+            assert!(asm.add(&r, check(&r, &lim).unwrap()).unwrap().is_none());
+        }
+        let one_more = open(MAX_PARTIAL_GROUPS as u64);
+        let e = asm.add(&one_more, check(&one_more, &lim).unwrap()).unwrap_err();
+        assert_eq!(e.kind, TOO_MANY_PARTIAL_GROUPS);
+        // A group already open still takes its members.
+        let member = v1::Rollout { index: 1, ..open(0) };
+        assert!(asm.add(&member, check(&member, &lim).unwrap()).unwrap().is_none());
+        assert_eq!(asm.pending(), MAX_PARTIAL_GROUPS);
+    }
+
+    #[test]
+    fn members_arriving_out_of_order_are_put_in_index_order() {
+        let mut asm = Assembler::default();
+        let second = v1::Rollout { response_tokens: packed::tokens(&[7, 1]), ..rollout(1) };
+        assert!(asm.add(&second, check(&second, &limits()).unwrap()).unwrap().is_none());
+        let first = rollout(0);
+        let g = asm.add(&first, check(&first, &limits()).unwrap()).unwrap().unwrap();
+        assert_eq!((g.rollouts[0].response_tokens[0], g.rollouts[1].response_tokens[0]), (6, 7));
     }
 
     #[test]

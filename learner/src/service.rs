@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ingest::{check, Assembler, Limits};
+use crate::ingest::{check, Assembler, Limits, TOO_MANY_PARTIAL_GROUPS};
 
 /// One version's weights as safetensors bytes.
 #[derive(Debug)]
@@ -223,7 +223,9 @@ async fn serve_push(shared: Arc<Shared>, mut inbound: Streaming<v1::Rollout>, tx
                     Ok(Some(wire)) => wire,
                     Ok(None) => break,
                     Err(status) => {
-                        tracing::debug!(%status, "rollout stream ended with an error");
+                        // An undecodable or oversized message: the sender hears why.
+                        tracing::warn!(%status, "rollout stream ended with an error");
+                        let _ = tx.send(Err(Status::invalid_argument(format!("unreadable rollout stream: {}", status.message())))).await;
                         break;
                     }
                 };
@@ -232,7 +234,12 @@ async fn serve_push(shared: Arc<Shared>, mut inbound: Streaming<v1::Rollout>, tx
                     Err(refusal) => {
                         *shared.stats.lock().expect("stats lock").rejected.entry(refusal.kind.to_string()).or_default() += 1;
                         tracing::warn!(actor = %wire.actor_id, kind = refusal.kind, reason = %refusal.reason, "refused a rollout");
-                        let _ = tx.send(Err(Status::invalid_argument(refusal.reason))).await;
+                        let status = if refusal.kind == TOO_MANY_PARTIAL_GROUPS {
+                            Status::resource_exhausted(refusal.reason)
+                        } else {
+                            Status::invalid_argument(refusal.reason)
+                        };
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                     Ok(None) => {}
