@@ -81,7 +81,7 @@ fn state_wire(s: JobState) -> v1::JobState {
 
 impl State {
     fn job(&mut self, id: &str) -> Result<&mut Job> {
-        self.jobs.get_mut(id).ok_or_else(|| Error::NotFound(format!("job `{id}`")))
+        self.jobs.get_mut(id).ok_or_else(|| Error::NotFound(format!("job `{}`", clip(id))))
     }
 
     fn wire(&self, job: &Job) -> v1::Job {
@@ -113,9 +113,9 @@ impl State {
 
     /// The worker `id`, which must work for `job`.
     fn worker(&self, id: &str, job: &str) -> Result<&Live> {
-        let live = self.workers.get(id).ok_or_else(|| Error::NotFound(format!("worker `{id}` (register again)")))?;
+        let live = self.workers.get(id).ok_or_else(|| Error::NotFound(format!("worker `{}` (register again)", clip(id))))?;
         if live.worker.job != job {
-            return Err(Error::Invalid(format!("worker `{id}` works for job `{}`, not `{job}`", live.worker.job)));
+            return Err(Error::Invalid(format!("worker `{}` works for job `{}`, not `{}`", clip(id), live.worker.job, clip(job))));
         }
         Ok(live)
     }
@@ -161,7 +161,7 @@ impl Orchestrator {
 
     pub async fn get(&self, id: &str) -> Result<v1::Job> {
         let st = self.state.lock().await;
-        let job = st.jobs.get(id).ok_or_else(|| Error::NotFound(format!("job `{id}`")))?;
+        let job = st.jobs.get(id).ok_or_else(|| Error::NotFound(format!("job `{}`", clip(id))))?;
         Ok(st.wire(job))
     }
 
@@ -196,7 +196,12 @@ impl Orchestrator {
 
     pub async fn register(&self, req: v1::RegisterWorkerRequest) -> Result<v1::RegisterWorkerResponse> {
         if !matches!(req.role.as_str(), "actor" | "learner" | "reward") {
-            return Err(Error::Invalid(format!("role `{}` is not one of actor, learner, reward", req.role)));
+            return Err(Error::Invalid(format!("role `{}` is not one of actor, learner, reward", clip(&req.role))));
+        }
+        for (field, value) in [("name", &req.name), ("address", &req.address), ("job_id", &req.job_id)] {
+            if value.len() > MAX_NAME_BYTES {
+                return Err(Error::Invalid(format!("{field} is {} bytes, over the limit of {MAX_NAME_BYTES}", value.len())));
+            }
         }
         let mut st = self.state.lock().await;
         let job_id = if req.job_id.is_empty() {
@@ -342,6 +347,17 @@ impl OrchestratorService {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// Longest worker name, address or job id a request may carry.
+const MAX_NAME_BYTES: usize = 256;
+
+/// `s` cut to 64 characters for an error message (a client's ids are echoed, not its payloads).
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 fn need(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
         Err(Status::invalid_argument(format!("{field} is empty")))
@@ -384,6 +400,10 @@ impl orchestrator_server::Orchestrator for OrchestratorService {
         tokio::spawn(async move {
             let mut next = r.from_seq;
             loop {
+                // A watcher that went away stops the polling.
+                if tx.is_closed() {
+                    return;
+                }
                 let (events, state) = match inner.events(&r.job_id, next).await {
                     Ok(x) => x,
                     Err(e) => {

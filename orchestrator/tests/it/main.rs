@@ -154,3 +154,23 @@ fn expired_leases_requeue_work_and_the_worker_must_register_again() {
         assert!(events.iter().any(|(_, e)| e.contains("\"worker_lost\"") && e.contains(&w1)), "worker_lost event");
     });
 }
+
+#[test]
+fn oversized_names_are_refused_and_echoed_ids_are_clipped() {
+    rt().block_on(async {
+        let o = Orchestrator::open(Store::open("memory").await.unwrap(), LEASE).await.unwrap();
+        let job = o.submit(SPEC.into()).await.unwrap().id;
+        let huge = "x".repeat(1 << 20);
+        let req = v1::RegisterWorkerRequest { job_id: job.clone(), role: "actor".into(), name: huge.clone(), address: String::new(), rank: 0 };
+        match o.register(req).await {
+            Err(Error::Invalid(m)) => assert!(m.contains("name") && m.len() < 200, "{m}"),
+            other => panic!("a 1 MiB name must be refused, got {other:?}"),
+        }
+        // An unknown id comes back in the error, cut short.
+        let status = tonic::Status::from(o.get(&huge).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(status.message().len() < 200, "{} bytes echoed", status.message().len());
+        // Nothing of the refused worker stayed.
+        assert_eq!(o.get(&job).await.unwrap().progress.unwrap().live_workers, 0);
+    });
+}
