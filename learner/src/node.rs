@@ -32,7 +32,7 @@ use crate::ingest::Limits;
 use crate::service::{LearnerService, Shared};
 use crate::metrics::{Event, StepMetrics};
 use crate::publish::{GrpcPublisher, WeightPublisher};
-use crate::source::{informative, Drawn, RolloutSource};
+use crate::source::{informative, Drawn, Feed, RolloutSource};
 use crate::trainer::Trainer;
 
 /// Where this rank listens and how it finds the others.
@@ -311,7 +311,7 @@ struct ActorBuffer<'a> {
 }
 
 impl RolloutSource for ActorBuffer<'_> {
-    fn next(&mut self, t: &mut Trainer) -> Result<Option<Drawn>> {
+    fn next(&mut self, t: &mut dyn Feed) -> Result<Option<Drawn>> {
         let t0 = Instant::now();
         let version = t.state().step;
         let mut d = Drawn::default();

@@ -3,12 +3,15 @@
 //! distributed learner takes them from the actors' buffer (`crate::node`).
 //! Both apply DAPO dynamic sampling through [`informative`].
 
+use rand_chacha::ChaCha8Rng;
+use sluice_core::config::JobConfig;
 use sluice_core::rollout::Group;
+use sluice_core::tasks::Problem;
 
 use crate::algo::grpo;
+use crate::checkpoint::TrainerState;
 use crate::engine::rng_for;
 use crate::error::Result;
-use crate::trainer::Trainer;
 
 /// One step's worth of this rank's rollouts, and what it took to get them.
 #[derive(Debug, Default)]
@@ -42,10 +45,23 @@ impl Drawn {
     }
 }
 
+/// What a source may ask of the trainer it feeds (`crate::trainer::Trainer`
+/// implements it).
+pub trait Feed {
+    fn config(&self) -> &JobConfig;
+    /// Step (= policy version), seed and data cursor.
+    fn state(&self) -> &TrainerState;
+    /// The next `n` training problems (advances the data cursor).
+    fn next_problems(&mut self, n: usize) -> Vec<Problem>;
+    /// Samples and scores each problem's budget of rollouts with the trainer's
+    /// policy; returns the groups and the seconds generation took.
+    fn collect(&mut self, problems: &[Problem], rng: &mut ChaCha8Rng) -> Result<(Vec<Group>, f64)>;
+}
+
 /// Supplies each step's groups.
 pub trait RolloutSource {
     /// This rank's groups for the trainer's next step; `None` stops training.
-    fn next(&mut self, trainer: &mut Trainer) -> Result<Option<Drawn>>;
+    fn next(&mut self, trainer: &mut dyn Feed) -> Result<Option<Drawn>>;
 }
 
 /// DAPO dynamic sampling (eq. 11): with `grpo.filter_zero_variance`, only
@@ -62,11 +78,11 @@ pub fn informative(filter: bool, g: &Group) -> bool {
 pub struct LocalSampling;
 
 impl RolloutSource for LocalSampling {
-    fn next(&mut self, t: &mut Trainer) -> Result<Option<Drawn>> {
+    fn next(&mut self, t: &mut dyn Feed) -> Result<Option<Drawn>> {
         let mut rng = rng_for(t.state().seed, 1, t.state().step);
         let (want, filter) = (t.config().train.prompts_per_step, t.config().grpo.filter_zero_variance);
         let mut d = Drawn::default();
-        let mut sample = |t: &mut Trainer, n: usize, d: &mut Drawn| -> Result<Vec<Group>> {
+        let mut sample = |t: &mut dyn Feed, n: usize, d: &mut Drawn| -> Result<Vec<Group>> {
             let problems = t.next_problems(n);
             let (groups, generate_s) = t.collect(&problems, &mut rng)?;
             d.generate_s += generate_s;
@@ -102,7 +118,7 @@ impl Given {
 }
 
 impl RolloutSource for Given {
-    fn next(&mut self, _: &mut Trainer) -> Result<Option<Drawn>> {
+    fn next(&mut self, _: &mut dyn Feed) -> Result<Option<Drawn>> {
         Ok(self.0.take().map(|groups| {
             let mut d = Drawn::default();
             d.see(&groups);

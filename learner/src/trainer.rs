@@ -38,7 +38,7 @@ use crate::engine::{rng_for, Engine};
 use crate::error::Result;
 use crate::metrics::{Event, EventLog, SftMetrics, StepMetrics};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::source::{Given, LocalSampling, RolloutSource};
+use crate::source::{Feed, Given, LocalSampling, RolloutSource};
 
 pub struct Trainer {
     cfg: JobConfig,
@@ -364,6 +364,21 @@ impl Trainer {
             emit_now(Event::Checkpoint { step: self.state.step, path })?;
         }
         Ok(())
+    }
+}
+
+impl Feed for Trainer {
+    fn config(&self) -> &JobConfig {
+        &self.cfg
+    }
+    fn state(&self) -> &TrainerState {
+        &self.state
+    }
+    fn next_problems(&mut self, n: usize) -> Vec<Problem> {
+        Trainer::next_problems(self, n)
+    }
+    fn collect(&mut self, problems: &[Problem], rng: &mut ChaCha8Rng) -> Result<(Vec<Group>, f64)> {
+        Trainer::collect(self, problems, rng)
     }
 }
 
