@@ -1,8 +1,9 @@
 //! Ctrl-C and SIGTERM: the one place every sluice process handles them.
 //!
 //! * [`stop_flag`] for the synchronous loops (trainer, learner, actor, `sluice
-//!   dev`): the first Ctrl-C sets the flag (the loop finishes its step, saves what
-//!   it must and exits 130), a second one exits 130 at once.
+//!   dev`): the first Ctrl-C or SIGTERM (or SIGHUP) sets the flag (the loop
+//!   finishes its step, saves what it must and exits 130), a second one exits
+//!   130 at once.
 //! * [`shutdown`] for the async servers: resolves on Ctrl-C or SIGTERM, and is
 //!   what tonic's graceful shutdown waits on.
 

@@ -164,18 +164,28 @@ fn bad_job_files_name_the_field() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("clip_low = 0.2"), "defaults are printed");
 }
 
-/// Ctrl-C (SIGINT) lets the step in progress finish, writes a checkpoint of
-/// exactly that step, exits 130; running again continues at the next step.
+/// Ctrl-C (SIGINT) — and SIGTERM, what Kubernetes and `sluice dev` send — lets
+/// the step in progress finish, writes a checkpoint of exactly that step, exits
+/// 130; running again continues at the next step.
 #[test]
 fn ctrl_c_finishes_the_step_checkpoints_and_exits_130() {
+    interrupted_run_checkpoints("INT");
+}
+
+#[test]
+fn sigterm_is_handled_like_ctrl_c() {
+    interrupted_run_checkpoints("TERM");
+}
+
+fn interrupted_run_checkpoints(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let jb = job(dir.path(), 1000, 0, "checkpoint_every = 0");
     let mut cmd = sluice_testkit::Proc::command(env!("CARGO_BIN_EXE_sluice"));
     cmd.args(["train", "--json"]).arg(&jb);
     let mut p = sluice_testkit::Proc::spawn("sluice train", cmd);
     p.wait_line("step 2", Duration::from_secs(120), |v| v["event"] == "step" && v["step"].as_u64() >= Some(2));
-    p.signal("INT");
-    assert_eq!(p.wait_exit(Duration::from_secs(120)), 130, "an interrupted run exits 130");
+    p.signal(signal);
+    assert_eq!(p.wait_exit(Duration::from_secs(120)), 130, "an interrupted run exits 130 (SIG{signal})");
     let lines = p.lines();
     let last = lines.iter().filter(|v| v["event"] == "step").map(|v| v["step"].as_u64().unwrap()).max().unwrap();
     assert!(last < 1000, "stopped early");
