@@ -37,7 +37,8 @@ struct Args {
     #[arg(long, env = "SLUICE_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// gRPC listen address; port 0 picks a free port (printed in the `listening` line).
-    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:50051")]
+    /// Loopback by default; `0.0.0.0:PORT` serves other hosts (set a token, and TLS).
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
     /// This learner's rank, 0-based.
     #[arg(long, env = "SLUICE_RANK", default_value_t = 0)]

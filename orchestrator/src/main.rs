@@ -15,7 +15,8 @@ use sluice_orchestrator::server::{self, Options};
 #[command(version)]
 struct Args {
     /// gRPC listen address; port 0 picks a free port.
-    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:50071")]
+    /// Loopback by default; `0.0.0.0:PORT` serves other hosts (set a token, and TLS).
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:50071")]
     listen: String,
     /// State store: `memory` (lost on exit) or a redis:// URL (survives restarts).
     #[arg(long, env = "SLUICE_STORE", default_value = "memory")]

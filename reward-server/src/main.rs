@@ -19,7 +19,8 @@ struct Args {
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
     /// gRPC listen address; port 0 picks a free port.
-    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:50061")]
+    /// Loopback by default; `0.0.0.0:PORT` serves other hosts (set a token, and TLS).
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:50061")]
     listen: String,
     /// Override reward.store (`memory` or a redis:// URL).
     #[arg(long, env = "SLUICE_REWARD_STORE")]
