@@ -66,6 +66,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let _telemetry = sluice_core::telemetry::init("sluice-actor", "info");
+    sluice_core::signal::die_with_parent();
     let args = Args::parse();
     let stop = sluice_core::signal::stop_flag(None).map_err(anyhow::Error::msg)?;
     let index = match (args.index, &args.id, &args.orchestrator) {

@@ -93,6 +93,8 @@ impl Supervisor {
         let mut child = Command::new(bin)
             .args(args)
             .env("SLUICE_TOKEN", &self.token)
+            // Children die with `sluice dev`, even when it is killed with SIGKILL.
+            .env(sluice_core::signal::PARENT_ENV, std::process::id().to_string())
             .env("OMP_NUM_THREADS", std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| "1".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

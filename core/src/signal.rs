@@ -30,6 +30,26 @@ pub fn stop_flag(message: Option<&'static str>) -> Result<Arc<AtomicBool>, Strin
     Ok(stop)
 }
 
+/// Set by a supervisor (`sluice dev`) to its own pid in each child's
+/// environment: a child that sees it dies with its parent ([`die_with_parent`]).
+pub const PARENT_ENV: &str = "SLUICE_PARENT_PID";
+
+/// When [`PARENT_ENV`] names this process's parent, asks the kernel for SIGTERM
+/// when the parent dies (a `kill -9` of `sluice dev` leaves no orphans), and
+/// exits at once if the parent is already gone. Every sluice server and worker
+/// calls it first thing; without the variable it does nothing.
+pub fn die_with_parent() {
+    let Some(parent) = std::env::var(PARENT_ENV).ok().and_then(|p| p.parse::<i32>().ok()) else { return };
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
+        tracing::warn!(error = %e, "cannot ask to die with the parent process");
+        return;
+    }
+    // The parent may have died before the request: then we were re-parented.
+    if nix::unistd::getppid().as_raw() != parent {
+        std::process::exit(INTERRUPTED);
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -67,6 +67,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let _telemetry = sluice_core::telemetry::init("sluice-learner", "info");
+    sluice_core::signal::die_with_parent();
     let args = Args::parse();
     let stop = sluice_core::signal::stop_flag(Some("stopping after the current step (press Ctrl-C again to quit now)"))
         .map_err(anyhow::Error::msg)?;

@@ -31,6 +31,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let _telemetry = sluice_core::telemetry::init("sluice-orchestrator", "info");
+    sluice_core::signal::die_with_parent();
     let args = Args::parse();
     if !(args.lease_s > 0.0 && args.lease_s.is_finite()) {
         anyhow::bail!("--lease-s must be > 0, not {}", args.lease_s);

@@ -31,6 +31,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let _telemetry = sluice_core::telemetry::init("sluice-reward-server", "info");
+    sluice_core::signal::die_with_parent();
     let args = Args::parse();
     let (_, mut job) = JobConfig::load(&args.job, &args.set)?;
     if let Some(store) = args.store {

@@ -134,6 +134,11 @@ impl Proc {
     }
 
     /// Sends `signal` (e.g. "INT", "TERM", "KILL") to the process itself.
+    /// The child's process id.
+    pub fn pid(&self) -> u64 {
+        u64::from(self.child.id())
+    }
+
     pub fn signal(&self, signal: &str) {
         let ok = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap().success();
         assert!(ok, "kill -{signal} {} failed", self.child.id());

@@ -378,3 +378,32 @@ fn a_bgpo_job_on_a_diffusion_policy_runs_through_dev_mode() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("algorithm"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `kill -9` of `sluice dev` leaves no orphans: every child it started (in a
+/// process group of its own, so the terminal's Ctrl-C reaches only dev) gets
+/// SIGTERM from the kernel when dev dies and exits.
+#[test]
+fn children_die_with_a_killed_dev() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(dir.path(), "orphans", 10_000, "");
+    let mut cmd = sluice();
+    cmd.args(["dev", job.to_str().unwrap(), "--json"]);
+    let mut dev = spawn("sluice dev", cmd);
+    dev.wait_line("step 1", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(1));
+    let children: Vec<u64> =
+        dev.lines().iter().filter(|v| v["event"] == "started").filter_map(|v| v["pid"].as_u64()).collect();
+    assert!(children.len() >= 4, "orchestrator, reward server, learner, actor: {children:?}");
+    // Running, not a zombie waiting for whoever inherited it to reap it.
+    let alive = |pid: u64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    };
+    assert!(children.iter().all(|&p| alive(p)));
+    kill9(dev.pid());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while children.iter().any(|&p| alive(p)) {
+        let left: Vec<u64> = children.iter().copied().filter(|&p| alive(p)).collect();
+        assert!(Instant::now() < deadline, "children outlived a killed `sluice dev`: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
