@@ -314,6 +314,11 @@ impl Default for RolloutConfig {
     }
 }
 
+/// Largest job file (TOML text) any command or server accepts: job files name
+/// their data by path, so this leaves room for long rubrics and comments while
+/// keeping one file from filling an orchestrator's answers.
+pub const MAX_JOB_FILE_BYTES: usize = 1 << 20;
+
 /// The random-init presets (`sluice_model::model::ModelConfig::preset` builds them).
 pub const PRESETS: &[&str] = &["tiny", "small", "qwen2-0.5b", "tiny-diffusion", "small-diffusion"];
 
@@ -601,6 +606,9 @@ pub fn apply_overrides(text: &str, overrides: &[String]) -> Result<String> {
 impl JobConfig {
     /// Parses TOML text; errors name the offending field.
     pub fn from_toml(text: &str) -> Result<Self> {
+        if text.len() > MAX_JOB_FILE_BYTES {
+            return Err(Error::config("(file)", format!("{} bytes, over the limit of {MAX_JOB_FILE_BYTES}", text.len())));
+        }
         let de = toml::Deserializer::new(text);
         let cfg: JobConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -888,6 +896,7 @@ mod tests {
             (format!("name = \"a\\u0007b\"\n{MIN}"), "name"),
             (format!("{MIN}[rollout]\nbuffer_groups = 9223372036854775807\n"), "rollout.buffer_groups"),
             (format!("{MIN}[reward]\nqueue_capacity = 9223372036854775807\n"), "reward.queue_capacity"),
+            (format!("{MIN}# {}\n", "x".repeat(MAX_JOB_FILE_BYTES)), "(file)"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"chess\"\n".to_string(), "task"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ndigit = 3\n".to_string(), "task"),
             ("[model]\ndtype = \"f32\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model"),

@@ -146,10 +146,11 @@ impl Orchestrator {
     }
 
     pub async fn submit(&self, spec_toml: String) -> Result<v1::Job> {
+        // A bad (or oversized) spec is refused before it costs a job number or the lock.
+        let cfg = sluice_core::config::JobConfig::from_toml(&spec_toml)?;
         let mut st = self.state.lock().await;
         let n = self.store.next_job_number(st.next_job + 1).await?;
         st.next_job = n;
-        let cfg = sluice_core::config::JobConfig::from_toml(&spec_toml)?;
         let id = format!("{}-{n}", cfg.name);
         let (job, ch) = Job::submit(id.clone(), spec_toml, now_ms())?;
         self.store.apply(&job, &ch).await?;

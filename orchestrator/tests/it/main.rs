@@ -174,3 +174,18 @@ fn oversized_names_are_refused_and_echoed_ids_are_clipped() {
         assert_eq!(o.get(&job).await.unwrap().progress.unwrap().live_workers, 0);
     });
 }
+
+#[test]
+fn an_oversized_job_file_is_refused_before_it_costs_anything() {
+    rt().block_on(async {
+        let o = Orchestrator::open(Store::open("memory").await.unwrap(), LEASE).await.unwrap();
+        let huge = format!("{SPEC}# {}\n", "x".repeat(sluice_core::config::MAX_JOB_FILE_BYTES));
+        match o.submit(huge).await {
+            Err(Error::Core(sluice_core::Error::Config { path, .. })) => assert_eq!(path, "(file)"),
+            other => panic!("a job file over the limit must be refused, got {other:?}"),
+        }
+        assert!(o.list().await.is_empty(), "nothing was stored");
+        // The next job still gets the first number.
+        assert!(o.submit(SPEC.into()).await.unwrap().id.ends_with("-1"));
+    });
+}
