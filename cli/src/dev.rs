@@ -417,6 +417,16 @@ fn supervise(
                 p.done = true;
                 continue;
             }
+            if p.role == "orchestrator" && opts.redis.is_none() {
+                // Its memory store died with it: a new one would know no job and
+                // every worker would wait for one forever.
+                let msg = format!(
+                    "the orchestrator exited ({status}) and the job's state, kept in its memory, went with it; \
+                     run with --redis URL to survive an orchestrator restart"
+                );
+                say(opts.json, bar, serde_json::json!({"event": "failed", "source": "dev", "reason": msg}), msg.clone());
+                return Err(Failure::new(exit::JOB_FAILED, msg));
+            }
             if p.restarts >= opts.max_restarts {
                 let msg = format!("{} {} crashed {} times; giving up", p.role, p.rank, p.restarts + 1);
                 rt.block_on(async {

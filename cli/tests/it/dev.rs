@@ -407,3 +407,22 @@ fn children_die_with_a_killed_dev() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// With the in-memory store, an orchestrator that dies takes the job with it:
+/// `sluice dev` says so and fails (exit 6) instead of starting an empty one that
+/// every worker would wait on forever.
+#[test]
+fn a_dead_memory_orchestrator_fails_the_job_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(dir.path(), "memory", 10_000, "");
+    let mut cmd = sluice();
+    cmd.args(["dev", job.to_str().unwrap(), "--json"]);
+    let mut dev = spawn("sluice dev", cmd);
+    let orch = dev.wait_line("orchestrator", Duration::from_secs(60), |v| v["event"] == "started" && v["role"] == "orchestrator");
+    dev.wait_line("step 1", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(1));
+    kill9(orch["pid"].as_u64().unwrap());
+    let failed = dev.wait_line("failed", Duration::from_secs(60), |v| v["event"] == "failed");
+    assert!(failed["reason"].as_str().unwrap().contains("--redis"), "{failed}");
+    assert_eq!(dev.wait_exit(Duration::from_secs(180)), 6, "the job failed");
+    assert!(!dev.lines().iter().any(|v| v["event"] == "restarted" && v["role"] == "orchestrator"));
+}
