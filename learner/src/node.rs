@@ -314,8 +314,8 @@ impl RolloutSource for ActorBuffer<'_> {
     fn next(&mut self, t: &mut dyn Feed) -> Result<Option<Drawn>> {
         let t0 = Instant::now();
         let version = t.state().step;
-        let mut d = Drawn::default();
-        while d.groups.len() < self.need {
+        let (mut groups, mut lags) = (Vec::with_capacity(self.need), Vec::with_capacity(self.need));
+        while groups.len() < self.need {
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(None);
             }
@@ -329,21 +329,20 @@ impl RolloutSource for ActorBuffer<'_> {
                     tracing::debug!(prompt = g.prompt_id, "dropped a group without reward variance");
                 }
                 Verdict::Fresh { lag } => {
-                    d.lags.push(lag);
-                    d.groups.push(g);
+                    lags.push(lag);
+                    groups.push(g);
                 }
                 dropped => self.shared.count_drop(dropped),
             }
         }
         let mut s = self.shared.stats.lock().expect("stats lock");
-        for &lag in &d.lags {
+        for &lag in &lags {
             s.staleness_histogram[lag as usize] += 1;
         }
         drop(s);
         // The rewards the learner reports are those of the groups it trains on.
-        let groups = std::mem::take(&mut d.groups);
-        d.see(&groups);
-        d.groups = groups;
+        let mut d = Drawn::of(groups);
+        d.lags = lags;
         d.wait_s = t0.elapsed().as_secs_f64();
         Ok(Some(d))
     }

@@ -35,6 +35,14 @@ pub struct Drawn {
 }
 
 impl Drawn {
+    /// A step of exactly `groups` (all of them seen, none sampled here).
+    pub fn of(groups: Vec<Group>) -> Drawn {
+        let mut d = Drawn::default();
+        d.see(&groups);
+        d.groups = groups;
+        d
+    }
+
     /// Counts the rewards of `groups` as seen.
     pub fn see(&mut self, groups: &[Group]) {
         for r in groups.iter().flat_map(|g| &g.rollouts) {
@@ -119,11 +127,6 @@ impl Given {
 
 impl RolloutSource for Given {
     fn next(&mut self, _: &mut dyn Feed) -> Result<Option<Drawn>> {
-        Ok(self.0.take().map(|groups| {
-            let mut d = Drawn::default();
-            d.see(&groups);
-            d.groups = groups;
-            d
-        }))
+        Ok(self.0.take().map(Drawn::of))
     }
 }
