@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a project-local Python venv with torch 2.11.0 (+ transformers for
-# the parity tests), redis-server, then one debug build of the whole workspace.
+# the parity tests, pyarrow for the Parquet tests),
+# redis-server, then one debug build of the whole workspace.
 # Safe to re-run.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -8,15 +9,18 @@ cd "$SLUICE_ROOT"
 
 TORCH=2.11.0
 TRANSFORMERS=5.24.0
+# Writes the Parquet files the dataset tests read (the way `datasets` writes them).
+PYARROW=22.0.0
 need_python() {
   [ -x "$SLUICE_PYTHON" ] && "$SLUICE_PYTHON" - <<PY 2>/dev/null
-import torch, transformers, safetensors
+import torch, transformers, safetensors, pyarrow
 assert torch.__version__.split("+")[0] == "$TORCH", torch.__version__
 assert transformers.__version__ == "$TRANSFORMERS", transformers.__version__
 PY
 }
 if ! need_python; then
-  echo "setup: creating $SLUICE_VENV with torch==$TORCH (about 530 MB download, once)"
+  echo "setup: creating $SLUICE_VENV with torch==$TORCH (5 GB installed with its CUDA libraries, once)"
+  df -h "$SLUICE_ROOT" | tail -1 | awk '{print "setup: free disk where the venv goes: " $4}'
   if ! python3 -m venv "$SLUICE_VENV" 2>/dev/null; then
     # Debian's python3 needs python3-venv for `python3 -m venv`.
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -26,8 +30,9 @@ if ! need_python; then
     fi
     python3 -m venv "$SLUICE_VENV"
   fi
-  "$SLUICE_PYTHON" -m pip install --quiet --upgrade pip
-  "$SLUICE_PYTHON" -m pip install --quiet "torch==$TORCH" "transformers==$TRANSFORMERS" safetensors numpy
+  # No pip cache: the venv is the only copy kept (the cache would double the 5 GB).
+  "$SLUICE_PYTHON" -m pip install --quiet --no-cache-dir --upgrade pip
+  "$SLUICE_PYTHON" -m pip install --quiet --no-cache-dir "torch==$TORCH" "transformers==$TRANSFORMERS" safetensors numpy "pyarrow==$PYARROW"
 fi
 # redis-server: the reward server's label store (and the orchestrator's) in tests.
 if ! command -v redis-server >/dev/null; then

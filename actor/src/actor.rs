@@ -91,12 +91,11 @@ pub fn run(
 ) -> Result<()> {
     let cfg = &opts.job;
     let endpoint = opts.learners[opts.index % opts.learners.len().max(1)].clone();
-    let (mut policy, tokenizer) = load_policy(&cfg.model)?;
+    let (mut policy, mut tokenizer) = load_policy(&cfg.model)?;
+    tokenizer.set_prompt(&cfg.prompt)?;
     let task = tasks::build(&cfg.task)?;
     let mut sampling = cfg.sampling.clone();
-    if !sampling.stop_token_ids.contains(&tokenizer.eos_id()) {
-        sampling.stop_token_ids.push(tokenizer.eos_id());
-    }
+    sampling.stop_at(tokenizer.stop_ids());
     let g = cfg.grpo.group_size;
     let per_batch = if cfg.rollout.prompts_per_batch > 0 {
         cfg.rollout.prompts_per_batch

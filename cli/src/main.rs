@@ -1,6 +1,7 @@
 //! `sluice`: the command-line front end. Parses arguments and calls the
 //! libraries; `client` holds the job commands, `dev` the one-machine supervisor.
 
+mod check;
 mod client;
 mod dev;
 
@@ -166,7 +167,9 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// Check a job file and print it with all defaults filled in.
+    /// Check a job file: print it with all defaults filled in, then open its
+    /// model config, tokenizer and data files and show the first prompt as the
+    /// policy will see it (stderr; with --json: {"job": …, "opens": …}).
     Check {
         job: PathBuf,
         #[command(flatten)]
@@ -247,13 +250,15 @@ fn local_command(command: Command) -> Result<i32> {
         Command::InitModel { preset, out, dtype, seed } => init_model(&preset, &out, &dtype, seed).map(|()| 0),
         Command::Check { job, overrides, json } => {
             let (_, cfg) = JobConfig::load(&job, &overrides.set)?;
+            let report = check::report(&cfg)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&cfg)?);
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"job": cfg, "opens": report}))?);
             } else {
                 for o in &overrides.set {
                     println!("# --set {o}");
                 }
                 println!("{}", toml::to_string_pretty(&cfg)?);
+                check::print_text(&report);
             }
             Ok(0)
         }
@@ -330,12 +335,12 @@ fn init_model(preset: &str, out: &std::path::Path, dtype: &str, seed: i64) -> Re
     }
     let tok = Tokenizer::char_level(DEFAULT_ALPHABET)?;
     let mut cfg = ModelConfig::preset(preset, tok.vocab_size())?;
-    cfg.eos_token_id = Some(tok.eos_id());
+    cfg.eos_token_ids = vec![tok.eos_id()];
     cfg.pad_token_id = Some(tok.pad_id());
     let policy = Policy::random(&cfg, tch::Device::Cpu, kind, seed);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     policy.save(out)?;
-    tok.save(&out.join("tokenizer.json"))?;
+    tok.save_dir(out)?;
     println!("wrote {} ({} parameters) to {}", preset, cfg.num_params(), out.display());
     Ok(())
 }

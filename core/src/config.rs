@@ -23,6 +23,9 @@ pub struct JobConfig {
     pub model: ModelSection,
     /// Where prompts and rewards come from.
     pub task: TaskConfig,
+    /// How a problem becomes the prompt text: chat template or raw.
+    #[serde(default)]
+    pub prompt: PromptConfig,
     /// How rollouts are sampled.
     #[serde(default)]
     pub sampling: SamplingParams,
@@ -350,13 +353,34 @@ fn default_device() -> DeviceSpec {
     DeviceSpec::Auto
 }
 
+/// How problems become prompts.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptConfig {
+    /// Render prompts with the tokenizer's chat template (as one user turn, or
+    /// the task's own messages) with the assistant's turn opened. Unset: chat
+    /// exactly when the tokenizer has a template (real instruct checkpoints do,
+    /// the character-level presets do not); `true` without a template is an error.
+    #[serde(default)]
+    pub chat: Option<bool>,
+    /// A system turn put before every prompt (chat prompts only).
+    #[serde(default)]
+    pub system: Option<String>,
+    /// Extra template variables, as `apply_chat_template(**kwargs)` takes them
+    /// (Qwen3: `{ enable_thinking = false }`).
+    #[serde(default)]
+    pub template_vars: serde_json::Map<String, serde_json::Value>,
+}
+
 /// The task, selected by `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum TaskConfig {
     Arithmetic(ArithmeticConfig),
     Countdown(CountdownConfig),
-    Jsonl(JsonlConfig),
+    /// Rows of JSONL / Parquet files (`kind = "jsonl"` is the old name).
+    #[serde(alias = "jsonl")]
+    Dataset(DatasetConfig),
     Adventure(AdventureConfig),
 }
 
@@ -413,15 +437,61 @@ pub struct CountdownConfig {
     pub seed: u64,
 }
 
-/// Problems from JSONL files.
+/// Problems from dataset files (see `sluice_core::tasks::DatasetTask`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JsonlConfig {
-    /// Training rows: `{"prompt", "answer", "verifier"}` per line.
+pub struct DatasetConfig {
+    /// A `.jsonl` or `.parquet` file, or a directory of them (Hugging Face
+    /// layout: `train-*` files train, `test-*`/`validation-*` ones evaluate).
     pub path: PathBuf,
-    /// Held-out rows; the training rows when absent.
+    /// Held-out rows; else the directory's `test` files, else the training rows.
     #[serde(default)]
     pub eval_path: Option<PathBuf>,
+    /// The column with the prompt: text, or a list of `{role, content}` messages.
+    #[serde(default = "prompt_field")]
+    pub prompt_field: String,
+    /// The column with the reference answer (or a solution to extract it from).
+    #[serde(default = "answer_field")]
+    pub answer_field: String,
+    /// How to find the final answer in the answer column.
+    #[serde(default)]
+    pub answer_format: AnswerFormat,
+    /// Verifier of rows without a `verifier` column.
+    #[serde(default = "exact")]
+    pub verifier: crate::tasks::Verifier,
+    /// Shuffle the rows with this seed (the same order on every process); unset: file order.
+    #[serde(default)]
+    pub shuffle_seed: Option<u64>,
+}
+
+impl DatasetConfig {
+    /// The columns every row must have.
+    pub fn columns(&self) -> [&str; 2] {
+        [&self.prompt_field, &self.answer_field]
+    }
+}
+
+fn prompt_field() -> String {
+    "prompt".into()
+}
+fn answer_field() -> String {
+    "answer".into()
+}
+fn exact() -> crate::tasks::Verifier {
+    crate::tasks::Verifier::Exact
+}
+
+/// Where the final answer sits in a reference solution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerFormat {
+    /// The whole column, trimmed.
+    #[default]
+    Plain,
+    /// After the last `####` (GSM8K), thousands separators dropped.
+    Gsm8k,
+    /// Inside the last `\boxed{..}` (MATH).
+    Boxed,
 }
 
 fn one() -> u32 {

@@ -12,6 +12,14 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// A chat template failed to compile or render; `origin` names the file it came from.
+    #[error("chat template from {origin}: {reason}")]
+    Template { origin: String, reason: String },
+
+    /// A dataset file is unreadable or lacks what the job maps; `file` names it.
+    #[error("dataset {file}: {reason}")]
+    Dataset { file: PathBuf, reason: String },
+
     #[error("task: {0}")]
     Task(String),
 

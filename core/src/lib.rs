@@ -17,6 +17,7 @@
 //! `sluice-learner`.
 
 pub mod budget;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod kinds;

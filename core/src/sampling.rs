@@ -19,8 +19,11 @@ pub struct SamplingParams {
     /// Maximum number of generated tokens per completion.
     pub max_new_tokens: i64,
     /// Generation stops for a row once it samples one of these (the token is kept).
-    /// The tokenizer's end-of-sequence id is always added by the trainer.
+    /// Every end-of-sequence id of the checkpoint is always added (see [`SamplingParams::stop_at`]).
     pub stop_token_ids: Vec<i64>,
+    /// Generation also stops for a row once its text contains one of these; the
+    /// text scored ends before the stop string (tokens are kept as sampled).
+    pub stop: Vec<String>,
     /// Diffusion policies only: denoising steps for the whole response
     /// (`max_new_tokens` tokens, all generated); 0 means one per token.
     pub diffusion_steps: usize,
@@ -37,6 +40,7 @@ impl Default for SamplingParams {
             top_k: 0,
             max_new_tokens: 16,
             stop_token_ids: vec![],
+            stop: vec![],
             diffusion_steps: 0,
             block_length: 0,
         }
@@ -57,7 +61,25 @@ impl SamplingParams {
         if self.max_new_tokens < 1 {
             return Err(Error::config(format!("{prefix}.max_new_tokens"), "must be >= 1"));
         }
+        if let Some(i) = self.stop.iter().position(|s| s.is_empty() || s.len() > 256) {
+            return Err(Error::config(format!("{prefix}.stop[{i}]"), "must be 1 to 256 bytes"));
+        }
         self.diffusion().validate(prefix)
+    }
+
+    /// Adds `ids` (a tokenizer's stop ids) to `stop_token_ids`.
+    pub fn stop_at(&mut self, ids: &[i64]) {
+        for id in ids {
+            if !self.stop_token_ids.contains(id) {
+                self.stop_token_ids.push(*id);
+            }
+        }
+    }
+
+    /// `text` up to the first stop string in it.
+    pub fn cut_at_stop<'t>(&self, text: &'t str) -> &'t str {
+        let end = self.stop.iter().filter_map(|s| text.find(s.as_str())).min().unwrap_or(text.len());
+        &text[..end]
     }
 
     /// The diffusion sampler's settings (`sluice_model::diffusion`).

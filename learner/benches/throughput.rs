@@ -44,7 +44,7 @@ fn main() {
 
     let tok = Tokenizer::char_level(DEFAULT_ALPHABET).unwrap();
     let mut cfg = ModelConfig::preset(&preset, tok.vocab_size()).unwrap();
-    cfg.eos_token_id = Some(tok.eos_id());
+    cfg.eos_token_ids = vec![tok.eos_id()];
     let policy = Policy::random(&cfg, device, Kind::Float, 0);
     let dir = tempfile::tempdir().unwrap();
     policy.save(dir.path()).unwrap();

@@ -88,10 +88,17 @@ pub fn save(
     io(&tmp, fs::create_dir_all(&tmp))?;
 
     policy.save(&tmp)?;
-    tokenizer.save(&tmp.join("tokenizer.json"))?;
+    tokenizer.save_dir(&tmp)?;
     let opt_path = tmp.join("optimizer.safetensors");
     Tensor::write_safetensors(&opt.state_tensors(), &opt_path)?;
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "optimizer.safetensors",
+    ] {
         fsync_file(&tmp.join(f))?;
     }
     let history_json = serde_json::to_vec(history).expect("history serialises");

@@ -71,7 +71,8 @@ impl Trainer {
     /// checkpoint (when resuming) and then broadcasts parameters, optimizer state
     /// and counters, so every rank starts identical even without shared storage.
     pub fn with_collective(cfg: JobConfig, resume: bool, comm: Box<dyn Collective>) -> Result<Self> {
-        let (policy, tokenizer) = load_policy(&cfg.model)?;
+        let (policy, mut tokenizer) = load_policy(&cfg.model)?;
+        tokenizer.set_prompt(&cfg.prompt)?;
         match (cfg.algorithm, policy.config().is_diffusion()) {
             (Algorithm::Bgpo, false) => {
                 return Err(sluice_core::Error::config("algorithm", "`bgpo` needs a masked diffusion policy (config.json with mask_token_id)").into())
@@ -95,9 +96,7 @@ impl Trainer {
             AdamWConfig { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weight_decay: t.weight_decay };
         let opt = AdamW::new(policy.named_parameters(), opt_cfg);
         let mut sampling = cfg.sampling.clone();
-        if !sampling.stop_token_ids.contains(&tokenizer.eos_id()) {
-            sampling.stop_token_ids.push(tokenizer.eos_id());
-        }
+        sampling.stop_at(tokenizer.stop_ids());
         // Behaviour log-probs of greedy sampling are taken at temperature 1.
         let temperature = if sampling.temperature > 0.0 { sampling.temperature } else { 1.0 };
         let objective = algo::build(&cfg, temperature);

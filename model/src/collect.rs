@@ -11,7 +11,7 @@ use sluice_core::tasks::{Episode, Problem, Task};
 use sluice_core::tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::generate::{generate, Completion};
+use crate::generate::{generate_until, Completion};
 use crate::model::Model;
 
 /// Groups sampled in one batch, with the seconds generation took.
@@ -32,7 +32,7 @@ pub fn collect_groups(
     version: u64,
     rng: &mut ChaCha8Rng,
 ) -> Result<Collected> {
-    let encoded = problems.iter().map(|p| tokenizer.encode(&p.prompt)).collect::<Result<Vec<_>, _>>()?;
+    let encoded = problems.iter().map(|p| tokenizer.encode_problem(p)).collect::<Result<Vec<_>, _>>()?;
     check_sizes(problems, sizes)?;
     let prompts: Vec<Vec<i64>> =
         encoded.iter().zip(sizes).flat_map(|(p, &n)| std::iter::repeat_n(p.clone(), n)).collect();
@@ -50,7 +50,7 @@ pub fn collect_groups(
             })
             .collect()
     } else {
-        generate(model, &prompts, sampling, tokenizer.pad_id(), rng)?
+        generate_until(model, &prompts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t))?
     };
     let generate_s = t0.elapsed().as_secs_f64();
     let mut groups = Vec::with_capacity(problems.len());
@@ -58,11 +58,11 @@ pub fn collect_groups(
     for ((p, prompt), &n) in problems.iter().zip(encoded).zip(sizes) {
         let mut rollouts = Vec::with_capacity(n);
         for c in it.by_ref().take(n) {
-            // The answer ends at the first end-of-sequence token (a diffusion
-            // response may go on after it).
-            let end = c.tokens.iter().position(|&t| t == tokenizer.eos_id()).unwrap_or(c.tokens.len());
+            // The answer ends at the first stop token (a diffusion response may
+            // go on after it) or stop string.
+            let end = c.tokens.iter().position(|t| tokenizer.stop_ids().contains(t)).unwrap_or(c.tokens.len());
             let text = tokenizer.decode(&c.tokens[..end])?;
-            let score = p.score(&text);
+            let score = p.score(sampling.cut_at_stop(&text));
             rollouts.push(Rollout {
                 prompt_id: p.id,
                 prompt_tokens: prompt.clone(),
@@ -103,6 +103,16 @@ pub fn collect(
     }
 }
 
+/// True when the newest tokens complete one of the stop strings: the last few
+/// tokens (one more than the longest stop string has characters) are decoded.
+fn completes_stop(tokenizer: &Tokenizer, sampling: &SamplingParams, tokens: &[i64]) -> bool {
+    let Some(longest) = sampling.stop.iter().map(|s| s.chars().count()).max() else {
+        return false;
+    };
+    let tail = &tokens[tokens.len().saturating_sub(longest + 1)..];
+    tokenizer.decode(tail).is_ok_and(|text| sampling.stop.iter().any(|s| text.contains(s.as_str())))
+}
+
 fn check_sizes(problems: &[Problem], sizes: &[usize]) -> Result<()> {
     if sizes.len() != problems.len() || sizes.contains(&0) {
         return Err(Error::task(format!("{} group sizes for {} problems (each >= 1)", sizes.len(), problems.len())));
@@ -137,7 +147,7 @@ pub fn collect_episodes(
     }
     let mut live = Vec::with_capacity(sizes.iter().sum());
     for (p, &n) in problems.iter().zip(sizes) {
-        let prompt = tokenizer.encode(&p.prompt)?;
+        let prompt = tokenizer.encode_problem(p)?;
         for _ in 0..n {
             let env = task.episode(p).ok_or_else(|| Error::task(format!("{} is not a multi-turn task", task.name())))?;
             live.push(Live {
@@ -168,11 +178,12 @@ pub fn collect_episodes(
         }
         let contexts: Vec<Vec<i64>> = running.iter().map(|&i| live[i].context.clone()).collect();
         let t0 = Instant::now();
-        let actions = generate(model, &contexts, sampling, tokenizer.pad_id(), rng)?;
+        let actions =
+            generate_until(model, &contexts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t))?;
         generate_s += t0.elapsed().as_secs_f64();
         for (&i, action) in running.iter().zip(actions) {
             let l = &mut live[i];
-            let turn = l.env.step(&tokenizer.decode(&action.tokens)?);
+            let turn = l.env.step(sampling.cut_at_stop(&tokenizer.decode(&action.tokens)?));
             let observation = tokenizer.encode(&turn.observation)?;
             let r = &mut l.rollout;
             r.loss_mask.extend(std::iter::repeat_n(true, action.tokens.len()));

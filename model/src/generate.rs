@@ -39,6 +39,19 @@ pub fn generate(
     pad_id: i64,
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<Completion>> {
+    generate_until(model, prompts, params, pad_id, rng, &|_| false)
+}
+
+/// [`generate`], also ending a row (finish `Stop`) once `until` holds for its
+/// tokens so far (stop strings: see `collect`).
+pub fn generate_until(
+    model: &Model,
+    prompts: &[Vec<i64>],
+    params: &SamplingParams,
+    pad_id: i64,
+    rng: &mut ChaCha8Rng,
+    until: &dyn Fn(&[i64]) -> bool,
+) -> Result<Vec<Completion>> {
     params.validate("sampling")?;
     if prompts.is_empty() {
         return Ok(vec![]);
@@ -52,7 +65,7 @@ pub fn generate(
             return Err(Error::Generation(format!("prompt {i} has token id {t} outside the vocabulary 0..{vocab}")));
         }
     }
-    tch::no_grad(|| generate_inner(model, prompts, params, pad_id, rng))
+    tch::no_grad(|| generate_inner(model, prompts, params, pad_id, rng, until))
 }
 
 fn generate_inner(
@@ -61,6 +74,7 @@ fn generate_inner(
     params: &SamplingParams,
     pad_id: i64,
     rng: &mut ChaCha8Rng,
+    until: &dyn Fn(&[i64]) -> bool,
 ) -> Result<Vec<Completion>> {
     let device = model.device();
     let b = prompts.len() as i64;
@@ -109,7 +123,7 @@ fn generate_inner(
             }
             out[r].tokens.push(tok_v[r]);
             out[r].logprobs.push(lp_v[r]);
-            if params.stop_token_ids.contains(&tok_v[r]) {
+            if params.stop_token_ids.contains(&tok_v[r]) || until(&out[r].tokens) {
                 done[r] = true;
                 out[r].finish = FinishReason::Stop;
             }
@@ -196,15 +210,28 @@ mod tests {
 
     #[test]
     fn greedy_with_cache_equals_without_cache_on_a_padded_batch() {
-        let p = policy();
-        let prompts = vec![vec![5, 6, 7, 8, 9], vec![11, 3], vec![20, 21, 22]];
-        let params = SamplingParams { temperature: 0.0, max_new_tokens: 12, ..Default::default() };
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let got = tch::no_grad(|| generate(p.model(), &prompts, &params, 0, &mut rng)).unwrap();
-        for (prompt, c) in prompts.iter().zip(&got) {
-            let want = tch::no_grad(|| greedy_no_cache(p.model(), prompt, 12));
-            assert_eq!(c.tokens, want, "prompt {prompt:?}");
-            assert_eq!(c.finish, FinishReason::Length);
+        // Also with a sliding window shorter than the sequences (Mistral), per-head
+        // q/k norms (Qwen3) and Llama 3 frequency scaling: the window must slide
+        // the same way over the cache as over the whole sequence.
+        let mut windowed = ModelConfig::preset("tiny", 40).unwrap();
+        windowed.sliding_window = Some(4);
+        windowed.qk_norm = true;
+        windowed.rope_scaling = crate::model::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32.0,
+        };
+        for p in [policy(), Policy::random(&windowed, tch::Device::Cpu, Kind::Float, 4)] {
+            let prompts = vec![vec![5, 6, 7, 8, 9], vec![11, 3], vec![20, 21, 22]];
+            let params = SamplingParams { temperature: 0.0, max_new_tokens: 12, ..Default::default() };
+            let mut rng = ChaCha8Rng::seed_from_u64(0);
+            let got = tch::no_grad(|| generate(p.model(), &prompts, &params, 0, &mut rng)).unwrap();
+            for (prompt, c) in prompts.iter().zip(&got) {
+                let want = tch::no_grad(|| greedy_no_cache(p.model(), prompt, 12));
+                assert_eq!(c.tokens, want, "prompt {prompt:?}, {:?}", p.config().sliding_window);
+                assert_eq!(c.finish, FinishReason::Length);
+            }
         }
     }
 

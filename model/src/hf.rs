@@ -156,18 +156,40 @@ impl Policy {
 /// preset with the character-level tokenizer, or a local Hugging Face directory.
 pub fn load_policy(m: &ModelSection) -> Result<(Policy, Tokenizer)> {
     let (device, kind) = (crate::device::device(m.device), crate::device::kind(m.dtype));
+    let (config, tokenizer) = open_model(m)?;
+    let policy = match &m.path {
+        Some(dir) if m.preset.is_none() => {
+            let mut policy = Policy::unfilled(&config, device, kind);
+            policy.load_weights(dir)?;
+            policy
+        }
+        _ => Policy::random(&config, device, kind, m.init_seed),
+    };
+    Ok((policy, tokenizer))
+}
+
+/// The model config and tokenizer of a `[model]` section, without the weights
+/// (`sluice check`): a preset's, or a directory's `config.json` and tokenizer
+/// files, after checking that its weight files are there.
+pub fn open_model(m: &ModelSection) -> Result<(ModelConfig, Tokenizer)> {
     if let Some(preset) = &m.preset {
         let tokenizer = Tokenizer::char_level(DEFAULT_ALPHABET)?;
         let mut mc = ModelConfig::preset(preset, tokenizer.vocab_size())?;
-        mc.eos_token_id = Some(tokenizer.eos_id());
+        mc.eos_token_ids = vec![tokenizer.eos_id()];
         mc.pad_token_id = Some(tokenizer.pad_id());
-        Ok((Policy::random(&mc, device, kind, m.init_seed), tokenizer))
-    } else {
-        let dir = m.path.as_ref().ok_or_else(|| Error::config("model", "set `preset` or `path`"))?;
-        let policy = Policy::load(dir, device, kind)?;
-        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), policy.config().eos_token_id)?;
-        Ok((policy, tokenizer))
+        return Ok((mc, tokenizer));
     }
+    let dir = m.path.as_ref().ok_or_else(|| Error::config("model", "set `preset` or `path`"))?;
+    let config = read_config(dir)?;
+    weight_files(dir)?;
+    let tokenizer = Tokenizer::from_dir(dir, &config.eos_token_ids)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(Error::config(
+            format!("{} (vocab_size)", dir.join("config.json").display()),
+            format!("the tokenizer has {} tokens, more than the model's {}", tokenizer.vocab_size(), config.vocab_size),
+        ));
+    }
+    Ok((config, tokenizer))
 }
 
 /// Reads and validates `config.json` of a Hugging Face directory.

@@ -1,11 +1,16 @@
-//! Autoregressive decoder with the Qwen2 / Llama layout, in tch.
+//! Autoregressive decoder with the Qwen2 / Qwen3 / Llama / Mistral layout, in tch.
 //!
 //! Pre-norm transformer: token embedding, `num_hidden_layers` blocks of
 //! (RMSNorm → grouped-query self-attention with rotary position embeddings →
 //! residual, RMSNorm → SwiGLU MLP → residual), a final RMSNorm and a language
 //! model head that may share the embedding matrix (`tie_word_embeddings`).
-//! Qwen2 puts a bias on the q/k/v projections; Llama puts one on all four
-//! projections only when `attention_bias` is set.
+//! The families differ in a few switches, all in [`ModelConfig`]:
+//! * Qwen2 puts a bias on the q/k/v projections; Llama, Qwen3 and Mistral put one
+//!   on all four projections only when `attention_bias` is set.
+//! * Qwen3 normalises each query and key head (RMSNorm over `head_dim`, before
+//!   the rotary embedding; `q_norm`, `k_norm`).
+//! * Mistral attends over a sliding window of the last `sliding_window` positions.
+//! * Llama 3.1+ rescales the rotary frequencies (`rope_type: llama3`, see [`RopeScaling`]).
 //!
 //! Parameter paths equal the Hugging Face tensor names
 //! (`model.layers.3.self_attn.q_proj.weight`), so loading a checkpoint is a walk
@@ -22,18 +27,108 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 
-/// Architecture family; decides which projections carry a bias.
+/// Architecture family, as `config.json`'s `model_type` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Qwen2,
+    Qwen3,
     Llama,
+    Mistral,
 }
 
 impl Arch {
+    const ALL: [Arch; 4] = [Arch::Qwen2, Arch::Qwen3, Arch::Llama, Arch::Mistral];
+
     fn hf_names(self) -> (&'static str, &'static str) {
         match self {
             Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Arch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
             Arch::Llama => ("llama", "LlamaForCausalLM"),
+            Arch::Mistral => ("mistral", "MistralForCausalLM"),
+        }
+    }
+}
+
+/// How the rotary frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// `inv_freq[i] = theta^(-2i/d)`.
+    None,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1: low frequencies (wavelength above `original / low_freq_factor`)
+    /// divided by `factor`, high ones (below `original / high_freq_factor`) kept,
+    /// and the band between blended linearly in `original / wavelength`.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+impl RopeScaling {
+    /// The inverse frequencies of a `head_dim`-wide rotary embedding with base `theta`.
+    pub fn inv_freq(self, head_dim: i64, theta: f64) -> Vec<f64> {
+        let plain = (0..head_dim / 2).map(|i| theta.powf(-(2 * i) as f64 / head_dim as f64));
+        match self {
+            RopeScaling::None => plain.collect(),
+            RopeScaling::Linear { factor } => plain.map(|f| f / factor).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor: low, high_freq_factor: high, original_max_position_embeddings: old } => plain
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < old / high {
+                        f
+                    } else if wavelen > old / low {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The `rope_parameters` object of `config.json`.
+    fn to_hf_json(self, theta: f64) -> Value {
+        match self {
+            RopeScaling::None => json!({"rope_type": "default", "rope_theta": theta}),
+            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "rope_theta": theta, "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
+                "rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings as i64,
+            }),
+        }
+    }
+
+    /// Parses `rope_parameters` (transformers >= 5) or `rope_scaling` (older files);
+    /// `field` names the key in errors.
+    fn from_hf_json(r: &Value, field: &str) -> Result<Self> {
+        let ty = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let num = |k: &str| -> Result<f64> {
+            r.get(k)
+                .and_then(Value::as_f64)
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| Error::config(format!("config.json: {field}.{k}"), "missing or not a positive number"))
+        };
+        match ty {
+            "default" => Ok(RopeScaling::None),
+            "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(Error::config(
+                        format!("config.json: {field}.high_freq_factor"),
+                        format!("{high} must exceed low_freq_factor {low}"),
+                    ));
+                }
+                Ok(RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                })
+            }
+            other => Err(Error::config(
+                format!("config.json: {field}.rope_type"),
+                format!("`{other}` unsupported (supported: default, linear, llama3)"),
+            )),
         }
     }
 }
@@ -51,14 +146,20 @@ pub struct ModelConfig {
     pub head_dim: i64,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: i64,
     /// Bias on q/k/v (Qwen2 always; Llama when `attention_bias`).
     pub qkv_bias: bool,
-    /// Bias on o_proj (Llama with `attention_bias` only).
+    /// Bias on o_proj (`attention_bias` outside Qwen2).
     pub o_bias: bool,
+    /// Per-head RMSNorm on queries and keys (Qwen3).
+    pub qk_norm: bool,
+    /// Each position attends to at most this many positions, itself included (Mistral).
+    pub sliding_window: Option<i64>,
     pub bos_token_id: Option<i64>,
-    pub eos_token_id: Option<i64>,
+    /// `eos_token_id`: one id or several (Llama 3 instruct ends on any of three).
+    pub eos_token_ids: Vec<i64>,
     pub pad_token_id: Option<i64>,
     /// Set for a masked diffusion LM (LLaDA style, `sluice_core::diffusion`):
     /// the id of the mask token; the same blocks then attend bidirectionally.
@@ -102,12 +203,15 @@ impl ModelConfig {
             head_dim: hidden / heads,
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
             tie_word_embeddings: tie,
             max_position_embeddings: 4096,
             qkv_bias: true,
             o_bias: false,
+            qk_norm: false,
+            sliding_window: None,
             bos_token_id: None,
-            eos_token_id: None,
+            eos_token_ids: vec![],
             pad_token_id: None,
             mask_token_id: None,
         })
@@ -123,14 +227,13 @@ impl ModelConfig {
     /// name the field; purely informational fields are ignored.
     pub fn from_hf_json(v: &Value) -> Result<Self> {
         let arch = match v.get("model_type").and_then(Value::as_str) {
-            Some("qwen2") => Arch::Qwen2,
-            Some("llama") => Arch::Llama,
-            Some(other) => {
-                return Err(Error::config(
+            Some(name) => Arch::ALL.into_iter().find(|a| a.hf_names().0 == name).ok_or_else(|| {
+                let known: Vec<_> = Arch::ALL.iter().map(|a| a.hf_names().0).collect();
+                Error::config(
                     "config.json: model_type",
-                    format!("unsupported architecture `{other}` (supported: qwen2, llama)"),
-                ))
-            }
+                    format!("unsupported architecture `{name}` (supported: {})", known.join(", ")),
+                )
+            })?,
             None => return Err(Error::config("config.json: model_type", "missing")),
         };
         let int = |k: &str| -> Result<i64> {
@@ -166,18 +269,11 @@ impl ModelConfig {
         }
         // transformers >= 5 keeps rope settings in `rope_parameters`; older files in `rope_theta`/`rope_scaling`.
         let rope = v.get("rope_parameters").filter(|r| !r.is_null());
-        if let Some(r) = rope {
-            let ty = r.get("rope_type").and_then(Value::as_str).unwrap_or("default");
-            if ty != "default" {
-                return Err(Error::config("config.json: rope_parameters.rope_type", format!("`{ty}` unsupported, only default")));
-            }
-        }
-        if let Some(s) = v.get("rope_scaling").filter(|s| !s.is_null()) {
-            let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("?");
-            if ty != "default" {
-                return Err(Error::config("config.json: rope_scaling", format!("`{ty}` scaling unsupported")));
-            }
-        }
+        let rope_scaling = match (rope, v.get("rope_scaling").filter(|s| !s.is_null())) {
+            (Some(r), _) => RopeScaling::from_hf_json(r, "rope_parameters")?,
+            (None, Some(s)) => RopeScaling::from_hf_json(s, "rope_scaling")?,
+            (None, None) => RopeScaling::None,
+        };
         let rope_theta = rope
             .and_then(|r| r.get("rope_theta"))
             .or_else(|| v.get("rope_theta"))
@@ -186,7 +282,14 @@ impl ModelConfig {
         let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             Arch::Qwen2 => (true, false),
-            Arch::Llama => (attention_bias, attention_bias),
+            Arch::Qwen3 | Arch::Llama | Arch::Mistral => (attention_bias, attention_bias),
+        };
+        // Qwen2/3 keep a `sliding_window` size that only `use_sliding_window` (refused above) turns on.
+        let sliding_window = match (arch, v.get("sliding_window")) {
+            (Arch::Mistral, Some(Value::Number(n))) => Some(n.as_i64().filter(|w| *w > 0).ok_or_else(|| {
+                Error::config("config.json: sliding_window", format!("{n} is not a positive integer"))
+            })?),
+            _ => None,
         };
         Ok(ModelConfig {
             arch,
@@ -199,12 +302,15 @@ impl ModelConfig {
             head_dim: opt_int("head_dim").unwrap_or(hidden_size / heads),
             rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
             rope_theta,
+            rope_scaling,
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             max_position_embeddings: opt_int("max_position_embeddings").unwrap_or(4096),
             qkv_bias,
             o_bias,
+            qk_norm: arch == Arch::Qwen3,
+            sliding_window,
             bos_token_id: opt_int("bos_token_id"),
-            eos_token_id: opt_int("eos_token_id"),
+            eos_token_ids: sluice_core::tokenizer::token_ids(v.get("eos_token_id")),
             pad_token_id: opt_int("pad_token_id"),
             mask_token_id: opt_int("mask_token_id"),
         })
@@ -227,7 +333,7 @@ impl ModelConfig {
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": self.rope_scaling.to_hf_json(self.rope_theta),
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "use_sliding_window": false,
@@ -236,11 +342,18 @@ impl ModelConfig {
             "torch_dtype": dtype,
             "dtype": dtype,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": match self.eos_token_ids.as_slice() {
+                [] => Value::Null,
+                [one] => json!(one),
+                many => json!(many),
+            },
             "pad_token_id": self.pad_token_id,
         });
-        if self.arch == Arch::Llama {
+        if self.arch != Arch::Qwen2 {
             v["attention_bias"] = json!(self.o_bias);
+        }
+        if self.arch == Arch::Mistral {
+            v["sliding_window"] = json!(self.sliding_window);
         }
         if let Some(m) = self.mask_token_id {
             v["mask_token_id"] = json!(m);
@@ -252,7 +365,11 @@ impl ModelConfig {
     pub fn num_params(&self) -> i64 {
         let (d, f, h, kv, hd) =
             (self.hidden_size, self.intermediate_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim);
-        let attn = d * h * hd * 2 + d * kv * hd * 2 + if self.qkv_bias { h * hd + 2 * kv * hd } else { 0 };
+        let attn = d * h * hd * 2
+            + d * kv * hd * 2
+            + if self.qkv_bias { h * hd + 2 * kv * hd } else { 0 }
+            + if self.o_bias { d } else { 0 }
+            + if self.qk_norm { 2 * hd } else { 0 };
         let layer = attn + 3 * d * f + 2 * d;
         let emb = self.vocab_size * d * if self.tie_word_embeddings { 1 } else { 2 };
         emb + self.num_hidden_layers * layer + d
@@ -286,11 +403,9 @@ struct Rotary {
 }
 
 impl Rotary {
-    /// `positions`: [B, T] int64. Tables come out as [B, 1, T, head_dim] in `kind`.
-    fn new(positions: &Tensor, head_dim: i64, theta: f64, kind: Kind) -> Self {
-        let device = positions.device();
-        let idx = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float);
-        let inv_freq = Tensor::pow_scalar(theta, &(idx / head_dim as f64)).reciprocal();
+    /// `positions`: [B, T] int64; `inv_freq`: [head_dim / 2] fp32. Tables come out
+    /// as [B, 1, T, head_dim] in `kind`.
+    fn new(positions: &Tensor, inv_freq: &Tensor, kind: Kind) -> Self {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
         Rotary { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
@@ -320,6 +435,8 @@ struct Attention {
     k_proj: nn::Linear,
     v_proj: nn::Linear,
     o_proj: nn::Linear,
+    /// Qwen3's per-head norms.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -333,6 +450,9 @@ impl Attention {
             k_proj: linear(&vs / "k_proj", d, kv * hd, c.qkv_bias),
             v_proj: linear(&vs / "v_proj", d, kv * hd, c.qkv_bias),
             o_proj: linear(&vs / "o_proj", h * hd, d, c.o_bias),
+            qk_norm: c.qk_norm.then(|| {
+                (RmsNorm::new(&vs / "q_norm", hd, c.rms_norm_eps), RmsNorm::new(&vs / "k_norm", hd, c.rms_norm_eps))
+            }),
             heads: h,
             kv_heads: kv,
             head_dim: hd,
@@ -341,8 +461,12 @@ impl Attention {
 
     fn forward(&self, xs: &Tensor, rope: &Rotary, mask: Option<&Tensor>, cache: Option<LayerCache>) -> Tensor {
         let (b, t, _) = xs.size3().expect("attention input is [B, T, D]");
-        let q = self.q_proj.forward(xs).view([b, t, self.heads, self.head_dim]).transpose(1, 2);
-        let k = self.k_proj.forward(xs).view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+        let mut q = self.q_proj.forward(xs).view([b, t, self.heads, self.head_dim]);
+        let mut k = self.k_proj.forward(xs).view([b, t, self.kv_heads, self.head_dim]);
+        if let Some((qn, kn)) = &self.qk_norm {
+            (q, k) = (qn.forward(&q), kn.forward(&k));
+        }
+        let (q, k) = (q.transpose(1, 2), k.transpose(1, 2));
         let v = self.v_proj.forward(xs).view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
         let q = rope.apply(&q);
         let k = rope.apply(&k);
@@ -489,6 +613,8 @@ pub struct Model {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Option<nn::Linear>,
+    /// Rotary inverse frequencies `[head_dim / 2]`, fp32 on the model's device.
+    inv_freq: Tensor,
     config: ModelConfig,
 }
 
@@ -504,7 +630,10 @@ impl Model {
         let norm = RmsNorm::new(&m / "norm", config.hidden_size, config.rms_norm_eps);
         let lm_head = (!config.tie_word_embeddings)
             .then(|| linear(vs / "lm_head", config.hidden_size, config.vocab_size, false));
-        Model { embed_tokens, layers, norm, lm_head, config: config.clone() }
+        let inv_freq: Vec<f32> =
+            config.rope_scaling.inv_freq(config.head_dim, config.rope_theta).into_iter().map(|f| f as f32).collect();
+        let inv_freq = Tensor::from_slice(&inv_freq).to_device(vs.device());
+        Model { embed_tokens, layers, norm, lm_head, inv_freq, config: config.clone() }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -526,10 +655,25 @@ impl Model {
     ///   causal mask over an unpadded / right-padded batch without cache.
     /// * `cache`: when given, keys/values are written at `cache.len()` and the
     ///   cache advances by `T`.
+    ///
+    /// A sliding window (Mistral) is laid over the mask by index in the batch
+    /// (cache slot), as `transformers` does.
     pub fn hidden(&self, input_ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Tensor {
         let t = input_ids.size()[1];
+        let offset = cache.as_deref().map_or(0, |c| c.len);
+        let windowed = self.config.sliding_window.filter(|w| offset + t > *w).map(|w| {
+            let device = input_ids.device();
+            let q = Tensor::arange_start(offset, offset + t, (Kind::Int64, device)).view([t, 1]);
+            let k = Tensor::arange(offset + t, (Kind::Int64, device)).view([1, offset + t]);
+            let window = k.le_tensor(&q).logical_and(&k.gt_tensor(&(&q - w))).view([1, 1, t, offset + t]);
+            match mask {
+                Some(m) => m.logical_and(&window),
+                None => window,
+            }
+        });
+        let mask = windowed.as_ref().or(mask);
         let mut xs = self.embed_tokens.forward(input_ids);
-        let rope = Rotary::new(positions, self.config.head_dim, self.config.rope_theta, xs.kind());
+        let rope = Rotary::new(positions, &self.inv_freq, xs.kind());
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref().map(|c| LayerCache { k: &c.k[i], v: &c.v[i], offset: c.len });
             xs = layer.forward(&xs, &rope, mask, lc);

@@ -87,6 +87,61 @@ fn llama_untied_attention_bias_explicit_head_dim_matches_transformers() {
 }
 
 #[test]
+fn llama3_rope_scaling_matches_transformers_and_matters() {
+    // Llama 3.1's frequency rescaling with a small original context (16), so that
+    // positions 0..12 span the low, blended and high frequency bands of head_dim 16.
+    let spec = json!({"name": "llama3-rope", "arch": "llama", "seed": 6, "ids": ids(), "config": {
+        "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": true,
+        "max_position_embeddings": 128, "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0,
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}});
+    check(spec.clone(), Kind::Float, 1e-4);
+    // The same weights without the scaling give other logits: the test sees it.
+    let dir = tempfile::tempdir().unwrap();
+    let (want, shape) = reference(dir.path(), &spec);
+    let path = dir.path().join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(cfg["rope_parameters"]["rope_type"], "llama3", "{cfg}");
+    cfg["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 10000.0});
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let plain = Policy::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    let got = tch::no_grad(|| plain.model().forward(&Tensor::from_slice(&ids().concat()).view([2, 12])));
+    let diff = (got - Tensor::from_slice(&want).view(shape.as_slice())).abs().max().double_value(&[]);
+    assert!(diff > 1e-2, "unscaled rope gave the same logits (max diff {diff:e})");
+    // Older files spell it `rope_scaling` next to `rope_theta`; an unknown type names the field.
+    cfg["rope_parameters"] = Value::Null;
+    cfg["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let e = Policy::load(dir.path(), Device::Cpu, Kind::Float).unwrap_err().to_string();
+    assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn") && e.contains("llama3"), "{e}");
+}
+
+#[test]
+fn qwen3_qk_norm_untied_matches_transformers() {
+    check(
+        json!({"name": "qwen3-qknorm", "arch": "qwen3", "seed": 7, "ids": ids(), "config": {
+            "vocab_size": 103, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": false,
+            "rope_theta": 1000000.0, "max_position_embeddings": 128, "rms_norm_eps": 1e-6}}),
+        Kind::Float,
+        1e-4,
+    );
+}
+
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    // A window of 5 over 12 tokens: positions 5.. no longer see the start.
+    check(
+        json!({"name": "mistral-window5", "arch": "mistral", "seed": 8, "ids": ids(), "config": {
+            "vocab_size": 91, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "tie_word_embeddings": false,
+            "sliding_window": 5, "max_position_embeddings": 128, "rms_norm_eps": 1e-5}}),
+        Kind::Float,
+        1e-4,
+    );
+}
+
+#[test]
 fn bf16_weights_match_transformers_bf16_loosely() {
     // bf16 keeps 8 bits of mantissa; both sides round differently inside matmuls.
     // Documented tolerance: 0.1 absolute on logits of scale ~3-5.
@@ -112,6 +167,7 @@ fn save_then_load_round_trips_and_bad_checkpoints_name_the_tensor() {
     let again = tempfile::tempdir().unwrap();
     a.save(again.path()).unwrap();
     let b = Policy::load(again.path(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(a.config(), b.config());
     for ((na, ta), (nb, tb)) in a.named_parameters().iter().zip(b.named_parameters()) {
         assert_eq!(na, &nb);
         assert!(ta.equal(&tb), "{na} changed in the round trip");

@@ -2,17 +2,23 @@
 and records its logits on fixed token ids, for the Rust parity test.
 
 usage: hf_reference.py OUT_DIR SPEC_JSON
-SPEC_JSON: {"arch": "qwen2"|"llama", "seed": int, "config": {...}, "ids": [[...], ...], "dtype": "float32"|"bfloat16"}
+SPEC_JSON: {"arch": "qwen2"|"qwen3"|"llama"|"mistral", "seed": int, "config": {...}, "ids": [[...], ...], "dtype": "float32"|"bfloat16"}
 """
 import json
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 out, spec = sys.argv[1], json.loads(sys.argv[2])
 torch.manual_seed(spec["seed"])
-cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[spec["arch"]]
+cls = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}[spec["arch"]]
 config = cls[0](**spec["config"])
 model = cls[1](config).float().eval()
 # Default init (std 0.02, unit norms, zero biases) hides loading mistakes; use

@@ -77,6 +77,7 @@ impl Task for Adventure {
             prompt: format!("Find the treasure. Commands: n s e w take open.\n{}\n>", world.describe(0)),
             answer: format!("{seed:x}"),
             verifier: Verifier::Exact,
+            messages: vec![],
         }
     }
 

@@ -38,7 +38,7 @@ impl Task for Arithmetic {
         // Usual precedence (* before + -), evaluated by the same parser the verifiers use.
         let value = parse_expression(&prompt).ok().and_then(|e| e.eval()).expect("generated expression is valid");
         prompt.push('=');
-        Problem { id: index, prompt, answer: value.to_string(), verifier: Verifier::Numeric }
+        Problem { id: index, prompt, answer: value.to_string(), verifier: Verifier::Numeric, messages: vec![] }
     }
 }
 

@@ -61,6 +61,7 @@ impl Task for Countdown {
                 prompt: format!("Use {} to make {acc}. Expression:", list.join(" ")),
                 answer: format!("{acc}:{}", list.join(",")),
                 verifier: Verifier::Countdown,
+                messages: vec![],
             };
         }
     }

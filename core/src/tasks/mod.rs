@@ -14,14 +14,14 @@ mod adventure;
 mod arithmetic;
 mod countdown;
 mod expr;
-mod jsonl;
+mod dataset;
 mod verify;
 
 pub use adventure::{Adventure, World};
 pub use arithmetic::Arithmetic;
 pub use countdown::Countdown;
 pub use expr::{parse_expression, Expr, Rational};
-pub use jsonl::JsonlTask;
+pub use dataset::{DatasetSummary, DatasetTask};
 pub use verify::{extract_answer, parse_number, Number, Verifier, VERIFIER_NAMES};
 
 use rand::SeedableRng;
@@ -47,6 +47,10 @@ pub struct Problem {
     /// Reference answer, in the verifier's format.
     pub answer: String,
     pub verifier: Verifier,
+    /// A conversation to render with the chat template instead of `prompt`
+    /// (datasets with a `messages` column); `prompt` then holds its last user turn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<crate::chat::Message>,
 }
 
 impl Problem {
@@ -108,7 +112,7 @@ pub fn build(cfg: &TaskConfig) -> Result<Box<dyn Task>> {
     Ok(match cfg {
         TaskConfig::Arithmetic(c) => Box::new(Arithmetic::new(c.clone())?),
         TaskConfig::Countdown(c) => Box::new(Countdown::new(c.clone())?),
-        TaskConfig::Jsonl(c) => Box::new(JsonlTask::open(c)?),
+        TaskConfig::Dataset(c) => Box::new(DatasetTask::open(c)?),
         TaskConfig::Adventure(c) => Box::new(Adventure::new(c.clone())?),
     })
 }

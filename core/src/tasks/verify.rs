@@ -105,7 +105,7 @@ fn build_regex(pattern: &str) -> Result<regex::Regex, String> {
 }
 
 /// The content of the last balanced `\boxed{...}` in `text`.
-fn last_boxed(text: &str) -> Option<&str> {
+pub(crate) fn last_boxed(text: &str) -> Option<&str> {
     let start = text.rfind("\\boxed{")? + "\\boxed{".len();
     let mut depth = 1;
     for (i, c) in text[start..].char_indices() {

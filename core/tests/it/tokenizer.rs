@@ -7,7 +7,7 @@ use std::process::Command;
 
 use sluice_core::tokenizer::Tokenizer;
 
-fn qwen3_dir() -> PathBuf {
+pub fn qwen3_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/tokenizers/qwen3");
     assert!(dir.join("tokenizer.json").exists(), "{} is missing: run ./scripts/setup.sh (it fetches it)", dir.display());
     dir
