@@ -88,12 +88,23 @@ enum Command {
     },
     /// Write a random-init preset as a Hugging Face directory (config.json, model.safetensors, tokenizer.json).
     InitModel {
-        /// One of: tiny, small, qwen2-0.5b.
+        /// Shapes: tiny, small, qwen2-0.5b, tiny-diffusion, small-diffusion.
         #[arg(long, default_value = "tiny")]
         preset: String,
-        /// Output directory (created).
+        /// Output directory (created; an existing non-empty one is refused unless --force).
         #[arg(long)]
         out: PathBuf,
+        /// Take the tokenizer (tokenizer.json, tokenizer_config.json with its chat
+        /// template, generation_config.json) from this checkpoint directory instead
+        /// of the character-level one; the vocabulary follows it.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Architecture written to config.json: qwen2, qwen3, llama or mistral.
+        #[arg(long, default_value = "qwen2")]
+        arch: String,
+        /// Write into a non-empty --out.
+        #[arg(long)]
+        force: bool,
         /// f32 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
@@ -247,7 +258,9 @@ fn is_config_error(e: &anyhow::Error) -> bool {
 fn local_command(command: Command) -> Result<i32> {
     match command {
         Command::Train { job, overrides, out, steps, fresh, json } => train(job, &overrides.set, out, steps, fresh, json),
-        Command::InitModel { preset, out, dtype, seed } => init_model(&preset, &out, &dtype, seed).map(|()| 0),
+        Command::InitModel { preset, out, tokenizer, arch, force, dtype, seed } => {
+            init_model(&preset, &out, tokenizer.as_deref(), &arch, force, &dtype, seed).map(|()| 0)
+        }
         Command::Check { job, overrides, json } => {
             let (_, cfg) = JobConfig::load(&job, &overrides.set)?;
             let report = check::report(&cfg)?;
@@ -328,14 +341,30 @@ fn train(job: PathBuf, overrides: &[String], out: Option<PathBuf>, steps: Option
     Ok(if stop.load(Ordering::SeqCst) { exit::INTERRUPTED } else { 0 })
 }
 
-fn init_model(preset: &str, out: &std::path::Path, dtype: &str, seed: i64) -> Result<()> {
+fn init_model(
+    preset: &str,
+    out: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+    arch: &str,
+    force: bool,
+    dtype: &str,
+    seed: i64,
+) -> Result<()> {
     let kind = sluice_model::device::kind(dtype.parse::<sluice_core::kinds::Dtype>().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?);
     if !PRESETS.contains(&preset) {
         bail!("--preset `{preset}` is not one of {}", PRESETS.join(", "));
     }
-    let tok = Tokenizer::char_level(DEFAULT_ALPHABET)?;
+    if !force && std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) {
+        bail!("{} exists and is not empty; pick another --out or pass --force", out.display());
+    }
+    let tok = match tokenizer {
+        Some(dir) => Tokenizer::from_dir(dir, &[])?,
+        None => Tokenizer::char_level(DEFAULT_ALPHABET)?,
+    };
     let mut cfg = ModelConfig::preset(preset, tok.vocab_size())?;
-    cfg.eos_token_ids = vec![tok.eos_id()];
+    cfg.set_arch(arch)?;
+    cfg.eos_token_ids = tok.stop_ids().to_vec();
+    cfg.bos_token_id = tok.bos_id();
     cfg.pad_token_id = Some(tok.pad_id());
     let policy = Policy::random(&cfg, tch::Device::Cpu, kind, seed);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

@@ -588,8 +588,14 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Prompts drawn per GRPO step; each gets `grpo.group_size` completions.
     pub prompts_per_step: usize,
-    /// AdamW learning rate.
+    /// AdamW learning rate (the peak, when a schedule is set).
     pub lr: f64,
+    /// GRPO steps over which the learning rate rises linearly from lr/warmup_steps to lr.
+    pub warmup_steps: u64,
+    /// After warm-up: `constant`, or `linear` / `cosine` decay to `lr * min_lr_ratio` at the last step.
+    pub lr_schedule: LrSchedule,
+    /// Where the decay ends, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
     /// AdamW decoupled weight decay.
     pub weight_decay: f64,
     pub beta1: f64,
@@ -619,12 +625,43 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
 }
 
+/// How the learning rate moves after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl TrainConfig {
+    /// The learning rate of GRPO step `step` (0-based): a pure function of the
+    /// step, so a resumed run continues the schedule where it stopped.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1);
+        let p = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+        let keep = match self.lr_schedule {
+            LrSchedule::Constant => return self.lr,
+            LrSchedule::Linear => 1.0 - p,
+            LrSchedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
+        };
+        self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * keep)
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             steps: 50,
             prompts_per_step: 8,
             lr: 1e-4,
+            warmup_steps: 0,
+            lr_schedule: LrSchedule::Constant,
+            min_lr_ratio: 0.0,
             weight_decay: 0.0,
             beta1: 0.9,
             beta2: 0.999,
@@ -745,6 +782,11 @@ impl JobConfig {
             r.reward_server || self.reward.model == IntrinsicModel::None,
             "resources.reward_server",
             "must be true when reward.model sets an intrinsic reward",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.train.min_lr_ratio),
+            "train.min_lr_ratio",
+            "must be in [0, 1]",
         )?;
         check(g.clip_low >= 0.0 && g.clip_low < 1.0, "grpo.clip_low", "must be in [0, 1)")?;
         check(g.clip_high >= 0.0, "grpo.clip_high", "must be >= 0")?;
@@ -892,6 +934,19 @@ mod override_tests {
         let p = dir.path().join("job.toml");
         std::fs::write(&p, JOB).unwrap();
         JobConfig::load(&p, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map(|(_, c)| c)
+    }
+
+    #[test]
+    fn lr_schedules_warm_up_then_decay_to_the_floor() {
+        let mut t = TrainConfig { lr: 1.0, steps: 110, warmup_steps: 10, ..TrainConfig::default() };
+        assert_eq!((t.lr_at(0), t.lr_at(4), t.lr_at(9), t.lr_at(50)), (0.1, 0.5, 1.0, 1.0));
+        t.lr_schedule = LrSchedule::Cosine;
+        t.min_lr_ratio = 0.1;
+        assert!((t.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!((t.lr_at(60) - 0.55).abs() < 1e-12, "{}", t.lr_at(60));
+        assert!((t.lr_at(110) - 0.1).abs() < 1e-12 && (t.lr_at(500) - 0.1).abs() < 1e-12);
+        t.lr_schedule = LrSchedule::Linear;
+        assert!((t.lr_at(35) - (0.1 + 0.9 * 0.75)).abs() < 1e-12, "{}", t.lr_at(35));
     }
 
     #[test]

@@ -93,11 +93,90 @@ impl Engine {
         Ok(())
     }
 
-    /// Log-probs of `batch.target` under `policy` (with gradient unless called under no_grad).
-    pub fn logprobs(policy: &Policy, batch: &Batch, temperature: f64) -> Tensor {
-        let logits = policy.model().forward(&batch.input);
-        token_logprobs(&logits, &batch.target, temperature)
+    /// Log-probs of `batch.target` under `policy`, the vocabulary projected
+    /// [`HEAD_CHUNK_TOKENS`] positions at a time (see [`TokenLogprobs`]). With
+    /// gradient unless called under no_grad; then finish with
+    /// [`TokenLogprobs::backward`] instead of `loss.backward()`.
+    pub fn logprobs(policy: &Policy, batch: &Batch, temperature: f64) -> TokenLogprobs {
+        TokenLogprobs::new(policy, &batch.input, &batch.target, temperature)
     }
+}
+
+/// Positions whose vocabulary logits exist at once in the learner: 1,024 ×
+/// 151,936 fp32 logits are 0.6 GB, where a whole micro-batch would hold
+/// `[B, T, V]` (and autograd would keep it for the backward pass).
+pub const HEAD_CHUNK_TOKENS: i64 = 1024;
+
+/// Token log-probs whose `[B, T, V]` logits are never held at once, not even
+/// for the backward pass. Forward: the decoder's hidden states `[B, T, D]`
+/// (with their graph), then logits and log-probs chunk by chunk without a graph;
+/// `logp` is a leaf the loss is built on. Backward ([`TokenLogprobs::backward`]):
+/// the loss's gradient reaches `logp`; each chunk's logits are recomputed with a
+/// graph and back-propagated with that gradient (into the head's weights and the
+/// hidden states' gradient), then the hidden states' graph is back-propagated
+/// once. The gradients are those of the unchunked computation; the cost is one
+/// more vocabulary projection.
+pub struct TokenLogprobs {
+    /// `[B, T]` fp32; a leaf requiring grad when the policy is being trained.
+    pub logp: Tensor,
+    /// The decoder output with its graph, and a detached leaf copy the head reads.
+    hidden: Option<(Tensor, Tensor)>,
+    target: Tensor,
+    temperature: f64,
+}
+
+impl TokenLogprobs {
+    pub fn new(policy: &Policy, input: &Tensor, target: &Tensor, temperature: f64) -> Self {
+        let (b, t) = input.size2().expect("input is [B, T]");
+        let positions = Tensor::arange(t, (tch::Kind::Int64, input.device())).unsqueeze(0).expand([b, t], false);
+        let hidden = policy.model().hidden(input, &positions, None, None);
+        let target = target.reshape([b * t]);
+        let graph = hidden.requires_grad();
+        let leaf = hidden.detach().reshape([b * t, -1]).set_requires_grad(graph);
+        let logp = tch::no_grad(|| {
+            let parts: Vec<Tensor> =
+                chunks(b * t).map(|(s, len)| chunk_logp(policy, &leaf, &target, s, len, temperature)).collect();
+            Tensor::cat(&parts, 0).reshape([b, t])
+        });
+        if !graph {
+            return TokenLogprobs { logp, hidden: None, target, temperature };
+        }
+        TokenLogprobs { logp: logp.set_requires_grad(true), hidden: Some((hidden, leaf)), target, temperature }
+    }
+
+    /// Back-propagates `loss` (built on `logp`) into `policy`'s parameters
+    /// (the policy these log-probs came from).
+    pub fn backward(self, policy: &Policy, loss: &Tensor) {
+        loss.backward();
+        let Some((hidden, leaf)) = self.hidden else { return };
+        let grad = self.logp.grad();
+        if !grad.defined() {
+            return;
+        }
+        let grad = grad.reshape([-1]);
+        // Chunk by chunk: recompute the logits with a graph and send the loss's
+        // gradient through them; each chunk's graph is freed before the next.
+        for (s, len) in chunks(grad.size()[0]) {
+            let lp = chunk_logp(policy, &leaf, &self.target, s, len, self.temperature);
+            (lp * grad.narrow(0, s, len)).sum(tch::Kind::Float).backward();
+        }
+        let hidden_grad = leaf.grad();
+        if hidden_grad.defined() {
+            let shape = hidden.size();
+            (hidden * hidden_grad.reshape(shape.as_slice())).sum(tch::Kind::Float).backward();
+        }
+    }
+}
+
+/// `(start, len)` of each chunk of `n` flattened positions.
+fn chunks(n: i64) -> impl Iterator<Item = (i64, i64)> {
+    (0..n).step_by(HEAD_CHUNK_TOKENS as usize).map(move |s| (s, HEAD_CHUNK_TOKENS.min(n - s)))
+}
+
+/// Log-probs of `target[s..s+len]` from the flattened hidden states `[N, D]`.
+fn chunk_logp(policy: &Policy, flat: &Tensor, target: &Tensor, s: i64, len: i64, temperature: f64) -> Tensor {
+    let logits = policy.model().logits(&flat.narrow(0, s, len));
+    token_logprobs(&logits, &target.narrow(0, s, len), temperature)
 }
 
 /// The ChaCha stream of one (seed, phase, step): every random draw of
@@ -193,6 +272,45 @@ pub fn split_even<T>(rows: &[T], n: usize) -> Vec<&[T]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunked log-probs with the head recomputed in backward give the values
+    /// and gradients of the plain `[B, T, V]` computation, over three chunks.
+    #[test]
+    fn chunked_head_matches_the_whole_vocabulary_at_once() {
+        use sluice_model::model::ModelConfig;
+        let mut cfg = ModelConfig::preset("tiny", 53).unwrap();
+        cfg.tie_word_embeddings = false;
+        let policy = Policy::random(&cfg, Device::Cpu, tch::Kind::Float, 11);
+        let (b, t) = (3, 700);
+        let ids: Vec<i64> = (0..b * t).map(|i| (i * 7 + i / 5) % 53).collect();
+        let input = Tensor::from_slice(&ids).view([b, t]);
+        let target = input.roll([-1], [1]);
+        let weights = Tensor::from_slice(&(0..b * t).map(|i| ((i % 13) as f32 - 6.0) / 10.0).collect::<Vec<_>>()).view([b, t]);
+        let grads = |p: &Policy| -> Vec<Tensor> {
+            p.named_parameters().iter().map(|(_, v)| v.grad().copy()).collect()
+        };
+        let zero = |p: &Policy| p.named_parameters().into_iter().for_each(|(_, mut v)| v.zero_grad());
+        // Plain: the whole vocabulary at once.
+        let plain = token_logprobs(&policy.model().forward(&input), &target, 0.7);
+        (&plain * &weights).sum(tch::Kind::Float).backward();
+        let want = grads(&policy);
+        zero(&policy);
+        // Chunked, recomputed in backward.
+        let lp = TokenLogprobs::new(&policy, &input, &target, 0.7);
+        assert!(b * t > 2 * HEAD_CHUNK_TOKENS, "three chunks at least");
+        let value_diff = (&lp.logp - &plain).abs().max().double_value(&[]);
+        assert!(value_diff < 1e-5, "log-probs differ by {value_diff}");
+        let loss = (&lp.logp * &weights).sum(tch::Kind::Float);
+        lp.backward(&policy, &loss);
+        for ((name, _), (g, w)) in policy.named_parameters().iter().zip(grads(&policy).iter().zip(&want)) {
+            let scale = w.abs().max().double_value(&[]).max(1e-6);
+            let diff = (g - w).abs().max().double_value(&[]);
+            assert!(diff <= 1e-4 * scale, "{name}: gradient differs by {diff:e} (scale {scale:e})");
+        }
+        // Under no_grad there is no graph: values only.
+        let frozen = tch::no_grad(|| TokenLogprobs::new(&policy, &input, &target, 0.7));
+        assert!(!frozen.logp.requires_grad() && frozen.hidden.is_none());
+    }
 
     #[test]
     fn split_even_covers_all_rows() {

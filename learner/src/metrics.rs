@@ -14,6 +14,10 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StepMetrics {
     pub step: u64,
+    /// When the step ended (seconds since the Unix epoch).
+    pub unix_time: f64,
+    /// Learning rate the step used (after warm-up and schedule).
+    pub lr: f64,
     /// Mean reward the loss used (extrinsic plus intrinsic, before shaping) over all sampled rollouts.
     pub reward_mean: f64,
     /// Mean of the task's own reward (verifier or environment) over the same rollouts.
@@ -38,6 +42,11 @@ pub struct StepMetrics {
     pub staleness_mean: f64,
     /// Seconds the step waited for rollouts (distributed learner).
     pub wait_seconds: f64,
+}
+
+/// Seconds since the Unix epoch, for metrics lines.
+pub fn unix_time() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// What happened in one supervised warm-up step.
@@ -83,6 +92,8 @@ impl From<&Event> for v1::Event {
                 step_seconds: m.step_seconds,
                 staleness_mean: m.staleness_mean,
                 wait_seconds: m.wait_seconds,
+                unix_time: m.unix_time,
+                lr: m.lr,
             }),
             Event::Eval { step, sft_step, reward_mean, prompts } => {
                 Body::Eval(v1::Evaluation { step: *step, sft_step: *sft_step, reward_mean: *reward_mean, prompts: *prompts as u64 })

@@ -207,6 +207,7 @@ impl Trainer {
         m.step_seconds = (t0.elapsed().as_secs_f64() - d.wait_s).max(0.0);
         self.state.step += 1;
         m.step = self.state.step;
+        m.unix_time = crate::metrics::unix_time();
         Ok(Some(m))
     }
 
@@ -237,7 +238,9 @@ impl Trainer {
         if n_rows == 0.0 {
             return Ok(m);
         }
-        let scored = Scored { groups, advantages: &advantages, n_groups, step: self.state.step, seed: self.state.seed };
+        let lr = self.cfg.train.lr_at(self.state.step);
+        m.lr = lr;
+        let scored = Scored { groups, advantages: &advantages, n_groups, step: self.state.step, seed: self.state.seed, lr };
         self.objective.update(&mut self.engine, &scored, &mut m)?;
         self.state.optimizer_t = self.engine.opt.t;
         Ok(m)

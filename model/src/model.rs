@@ -217,6 +217,20 @@ impl ModelConfig {
         })
     }
 
+    /// Switches a preset to another family's layout (`qwen2`, `qwen3`, `llama`,
+    /// `mistral`): the biases and q/k norms that family has.
+    pub fn set_arch(&mut self, name: &str) -> Result<()> {
+        let arch = Arch::ALL.into_iter().find(|a| a.hf_names().0 == name).ok_or_else(|| {
+            let known: Vec<_> = Arch::ALL.iter().map(|a| a.hf_names().0).collect();
+            Error::config("arch", format!("`{name}` is not one of {}", known.join(", ")))
+        })?;
+        self.arch = arch;
+        self.qkv_bias = arch == Arch::Qwen2;
+        self.o_bias = false;
+        self.qk_norm = arch == Arch::Qwen3;
+        Ok(())
+    }
+
     /// True for a masked diffusion LM.
     pub fn is_diffusion(&self) -> bool {
         self.mask_token_id.is_some()

@@ -165,7 +165,6 @@ pub struct Bgpo {
     mc_samples: usize,
     micro_batch_size: usize,
     max_grad_norm: f64,
-    lr: f64,
 }
 
 impl Bgpo {
@@ -174,7 +173,6 @@ impl Bgpo {
             mc_samples: job.bgpo.mc_samples,
             micro_batch_size: job.train.micro_batch_size.max(1),
             max_grad_norm: job.train.max_grad_norm,
-            lr: job.train.lr,
         }
     }
 }
@@ -197,7 +195,7 @@ impl Objective for Bgpo {
         // Samples keyed by (seed, step, rollout): independent of how the batch
         // is split over ranks and micro-batches.
         let key = rng_for(s.seed, 2, s.step).next_u64();
-        engine.opt.cfg.lr = self.lr;
+        engine.opt.cfg.lr = s.lr;
         let (mut objective, mut odd, mut finite) = (0.0, 0usize, true);
         for chunk in seqs.chunks(self.micro_batch_size) {
             let model = engine.policy.model();

@@ -188,7 +188,6 @@ pub struct Grpo {
     budget: f64,
     micro_batch_size: usize,
     max_grad_norm: f64,
-    lr: f64,
     temperature: f64,
 }
 
@@ -199,7 +198,6 @@ impl Grpo {
             budget: job.generation_budget() as f64,
             micro_batch_size: job.train.micro_batch_size,
             max_grad_norm: job.train.max_grad_norm,
-            lr: job.train.lr,
             temperature,
         }
     }
@@ -231,7 +229,7 @@ impl Objective for Grpo {
         let t0 = Instant::now();
         let (mut trained_tokens, mut clipped, mut updates) = (0.0, 0.0, 0usize);
         let device = engine.policy.device();
-        engine.opt.cfg.lr = self.lr;
+        engine.opt.cfg.lr = s.lr;
         for _epoch in 0..c.epochs {
             // Exactly `mini_batches` parts on every rank (some may be empty), so
             // all ranks make the same collective calls.
@@ -248,10 +246,12 @@ impl Objective for Grpo {
                     let micro: Vec<&Row> = micro.iter().collect();
                     let batch = Batch::new(&micro, engine.pad, device);
                     let logp = Engine::logprobs(&engine.policy, &batch, self.temperature);
-                    let ref_logp =
-                        engine.reference.as_ref().map(|r| tch::no_grad(|| Engine::logprobs(r, &batch, self.temperature)));
+                    let ref_logp = engine
+                        .reference
+                        .as_ref()
+                        .map(|r| tch::no_grad(|| Engine::logprobs(r, &batch, self.temperature).logp));
                     let x = LossInputs {
-                        logp: &logp,
+                        logp: &logp.logp,
                         old_logp: &batch.old_logp,
                         ref_logp: ref_logp.as_ref(),
                         advantages: &batch.advantages,
@@ -263,7 +263,7 @@ impl Objective for Grpo {
                         finite = false;
                         break;
                     }
-                    out.loss.backward();
+                    logp.backward(&engine.policy, &out.loss);
                     pg += out.pg;
                     kl += out.kl;
                     clipped += out.clipped_tokens;

@@ -32,6 +32,8 @@ pub struct Scored<'a> {
     pub step: u64,
     /// The job's seed (objectives that draw samples key them by seed and step).
     pub seed: u64,
+    /// The learning rate of this step (`train.lr` through warm-up and schedule).
+    pub lr: f64,
 }
 
 /// A policy-gradient objective.

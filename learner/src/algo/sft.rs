@@ -73,12 +73,12 @@ impl Sft {
             let micro: Vec<&Row> = micro.iter().collect();
             let batch = Batch::new(&micro, engine.pad, engine.policy.device());
             let logp = Engine::logprobs(&engine.policy, &batch, 1.0);
-            let loss = sft_loss(&logp, &batch.mask, tokens);
+            let loss = sft_loss(&logp.logp, &batch.mask, tokens);
             let v = loss.double_value(&[]);
             if !v.is_finite() {
                 return (loss_sum, false);
             }
-            loss.backward();
+            logp.backward(&engine.policy, &loss);
             loss_sum += v;
         }
         (loss_sum, true)
