@@ -61,5 +61,5 @@ fi
 TORCH_LIB="$("$SLUICE_PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
-echo "setup: building the workspace (first build takes about 8 minutes on 2 cores)"
+echo "setup: building the workspace (the first build took about 13 minutes on 2 cores, 2026-12-04)"
 cargo build --workspace --all-targets --quiet

@@ -221,6 +221,39 @@ mod tests {
     use sluice_core::tasks::{Adventure, Split};
     use rand::SeedableRng;
 
+    /// A row ends at the token that completes a stop string, and only there.
+    #[test]
+    fn stop_strings_end_rows_where_they_complete() {
+        let tok = Tokenizer::char_level(sluice_core::tokenizer::DEFAULT_ALPHABET).unwrap();
+        let cfg = ModelConfig::preset("tiny", tok.vocab_size()).unwrap();
+        let policy = Policy::random(&cfg, tch::Device::Cpu, tch::Kind::Float, 5);
+        let cfg_a = sluice_core::config::ArithmeticConfig { digits: 1, operands: 2, operators: vec!['+'], seed: 0, train_size: 0 };
+        let task = sluice_core::tasks::Arithmetic::new(cfg_a).unwrap();
+        let problems: Vec<Problem> = (0..8).map(|i| task.problem(Split::Train, i)).collect();
+        let stop = vec!["ab".to_string(), "7".to_string(), "= ".to_string()];
+        let sampling = SamplingParams { max_new_tokens: 48, stop: stop.clone(), ..Default::default() };
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let c = collect_groups(policy.model(), &tok, &problems, &[4; 8], &sampling, 0, &mut rng).unwrap();
+        let has_stop = |t: &str| stop.iter().any(|s| t.contains(s.as_str()));
+        let mut stopped = 0;
+        for r in c.groups.iter().flat_map(|g| &g.rollouts) {
+            let n = r.response_tokens.len();
+            let text = tok.decode(&r.response_tokens).unwrap();
+            assert!(!has_stop(&tok.decode(&r.response_tokens[..n - 1]).unwrap()), "went on past a stop string: {text:?}");
+            match r.finish {
+                FinishReason::Stop if r.response_tokens[n - 1] != tok.eos_id() => {
+                    assert!(has_stop(&text), "stopped without a stop string: {text:?}");
+                    stopped += 1;
+                }
+                FinishReason::Length => assert!(!has_stop(&text) && n == 48, "{text:?}"),
+                _ => {}
+            }
+        }
+        assert!(stopped > 0, "no row hit a stop string; the test needs another seed");
+        assert_eq!(sampling.cut_at_stop("x = 12ab7"), "x ", "the earliest stop string cuts");
+        assert_eq!(sampling.cut_at_stop("1+2"), "1+2");
+    }
+
     #[test]
     fn episodes_interleave_masked_observations_with_sampled_actions() {
         let tok = Tokenizer::char_level(sluice_core::tokenizer::DEFAULT_ALPHABET).unwrap();
