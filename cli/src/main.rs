@@ -4,6 +4,7 @@
 mod check;
 mod client;
 mod dev;
+mod eval;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -178,6 +179,26 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Evaluate a checkpoint (default: the job's model) on the job's held-out
+    /// problems: greedy accuracy and pass@k (k = 1, 2, 4, … ≤ --samples, the
+    /// unbiased estimator) at the job's sampling temperature.
+    Eval {
+        job: PathBuf,
+        /// A Hugging Face directory (e.g. runs/x/checkpoints/step-00000100).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Held-out problems to evaluate.
+        #[arg(long, default_value_t = 64)]
+        problems: usize,
+        /// Samples per problem for pass@k.
+        #[arg(long, default_value_t = 8)]
+        samples: usize,
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a job file: print it with all defaults filled in, then open its
     /// model config, tokenizer and data files and show the first prompt as the
     /// policy will see it (stderr; with --json: {"job": …, "opens": …}).
@@ -260,6 +281,19 @@ fn local_command(command: Command) -> Result<i32> {
         Command::Train { job, overrides, out, steps, fresh, json } => train(job, &overrides.set, out, steps, fresh, json),
         Command::InitModel { preset, out, tokenizer, arch, force, dtype, seed } => {
             init_model(&preset, &out, tokenizer.as_deref(), &arch, force, &dtype, seed).map(|()| 0)
+        }
+        Command::Eval { job, checkpoint, problems, samples, overrides, json } => {
+            let (_, cfg) = JobConfig::load(&job, &overrides.set)?;
+            let r = eval::run(cfg, &eval::EvalOptions { checkpoint, problems, samples })?;
+            if json {
+                println!("{r}");
+            } else {
+                println!("{}: greedy accuracy {:.3} on {} problems", r["model"].as_str().unwrap_or("?"), r["greedy_accuracy"].as_f64().unwrap_or(0.0), r["problems"]);
+                for (k, v) in r["pass_at_k"].as_object().into_iter().flatten() {
+                    println!("{k} = {:.3} ({} samples at temperature {})", v.as_f64().unwrap_or(0.0), r["samples"], r["temperature"]);
+                }
+            }
+            Ok(0)
         }
         Command::Check { job, overrides, json } => {
             let (_, cfg) = JobConfig::load(&job, &overrides.set)?;

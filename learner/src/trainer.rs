@@ -254,7 +254,7 @@ impl Trainer {
         let eos = self.tokenizer.eos_id();
         let mut data = Vec::with_capacity(problems.len());
         for p in problems.iter().skip(rank).step_by(world) {
-            let prompt = self.tokenizer.encode(&p.prompt)?;
+            let prompt = self.tokenizer.encode_problem(p)?;
             let mut response = self.tokenizer.encode(&self.task.demonstration(p))?;
             response.push(eos);
             data.push((prompt, response));
@@ -280,14 +280,14 @@ impl Trainer {
             let total: f64 = c.groups.iter().flat_map(Group::rewards).sum();
             return Ok(total / n.max(1) as f64);
         }
-        let prompts = problems.iter().map(|p| self.tokenizer.encode(&p.prompt)).collect::<Result<Vec<_>, _>>()?;
+        let prompts = problems.iter().map(|p| self.tokenizer.encode_problem(p)).collect::<Result<Vec<_>, _>>()?;
         let params = SamplingParams { temperature: 0.0, ..self.sampling.clone() };
         let mut rng = rng_for(0, 0, 0);
         let mut total = 0.0;
         for (ps, chunk) in problems.chunks(256).zip(prompts.chunks(256)) {
             let out = generate(self.engine.policy.model(), chunk, &params, self.tokenizer.pad_id(), &mut rng)?;
             for (p, c) in ps.iter().zip(out) {
-                total += p.score(&self.tokenizer.decode(&c.tokens)?);
+                total += p.score(params.cut_at_stop(&self.tokenizer.decode(&c.tokens)?));
             }
         }
         Ok(total / n.max(1) as f64)

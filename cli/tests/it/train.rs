@@ -349,4 +349,20 @@ fn gsm8k_example_checks_and_trains() {
     let gc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("generation_config.json")).unwrap()).unwrap();
     // One id is written as a number, several as a list (both as transformers writes them).
     assert_eq!(gc["eos_token_id"], serde_json::json!(151_645), "{gc}");
+
+    // `sluice eval` on that checkpoint: held-out rows, prompts rendered as in training.
+    let mut eval = sluice();
+    eval.args(["eval", "--json", "--problems", "3", "--samples", "4", "--checkpoint"]).arg(&ckpt);
+    for s in sets.iter().map(String::as_str).chain(["model.dtype=f32", "model.device=cpu", "sampling.max_new_tokens=4"]) {
+        eval.args(["--set", s]);
+    }
+    let o = eval.arg(&example).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((r["problems"].as_u64(), r["model"].as_str()), (Some(3), Some(ckpt.to_str().unwrap())));
+    let shown = r["first_prompt"].as_str().unwrap();
+    let n: u32 = shown.split("Tom has ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok()).unwrap();
+    assert!((100..110).contains(&n), "a held-out (test shard) row: {shown}");
+    let p: Vec<f64> = ["pass@1", "pass@2", "pass@4"].iter().map(|k| r["pass_at_k"][k].as_f64().unwrap()).collect();
+    assert!(p.windows(2).all(|w| w[0] <= w[1] + 1e-12) && p.iter().all(|x| (0.0..=1.0).contains(x)), "{r}");
 }

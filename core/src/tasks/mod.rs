@@ -29,6 +29,17 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TaskConfig;
+
+#[cfg(test)]
+mod pass_tests {
+    #[test]
+    fn pass_at_k_matches_the_binomial_form() {
+        use super::pass_at_k;
+        assert!((pass_at_k(5, 2, 1) - 0.4).abs() < 1e-12);
+        assert!((pass_at_k(5, 2, 2) - 0.7).abs() < 1e-12, "1 - C(3,2)/C(5,2)");
+        assert_eq!((pass_at_k(5, 0, 3), pass_at_k(5, 3, 3), pass_at_k(4, 4, 1)), (0.0, 1.0, 1.0));
+    }
+}
 use crate::error::Result;
 
 /// Which stream of problems to draw from.
@@ -94,6 +105,17 @@ pub struct Turn {
 /// A running multi-turn environment.
 pub trait Episode: Send {
     fn step(&mut self, action: &str) -> Turn;
+}
+
+/// The unbiased pass@k estimate for one problem from `n` samples of which `c`
+/// were correct (Chen et al. 2021, "Evaluating Large Language Models Trained on
+/// Code", eq. 1): `1 - C(n-c, k) / C(n, k)`, as a stable product.
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
+    assert!(k >= 1 && k <= n && c <= n, "pass@{k} from {c}/{n}");
+    if n - c < k {
+        return 1.0;
+    }
+    1.0 - ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
 }
 
 /// The RNG for one problem: a pure function of (seed, split, index).
