@@ -9,6 +9,10 @@ export PATH="$SLUICE_VENV/bin:$HOME/.cargo/bin:$PATH"
 # `source scripts/env.sh` in a shell: the built binaries on PATH and the venv's
 # libtorch on the loader path, so `sluice …` runs as the README writes it.
 export PATH="$ROOT/target/debug:$PATH"
+# (An `if`, not `[ … ] &&`: before setup made the venv the test is false, and a
+# sourced script must not end on a failing command under `set -e`.)
 for lib in "$SLUICE_VENV"/lib/python3*/site-packages/torch/lib; do
-  [ -d "$lib" ] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  if [ -d "$lib" ]; then
+    export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
 done
