@@ -1,10 +1,12 @@
 //! Compiles `sluice/v1/*.proto` with protox (pure Rust, no protoc) and generates
 //! the prost messages and tonic clients/servers.
 
-const EVENT_BODIES: [&str; 10] = [
+/// Messages with a JSON form: the event bodies and what they hold.
+const EVENT_BODIES: [&str; 11] = [
     "TrainStep",
     "WarmupStep",
     "Evaluation",
+    "EvalSample",
     "CheckpointSaved",
     "JobSubmitted",
     "StateChanged",

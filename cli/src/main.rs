@@ -5,6 +5,7 @@ mod check;
 mod client;
 mod dev;
 mod eval;
+mod generate;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -199,6 +200,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Sample completions from a checkpoint, prompts rendered with its chat
+    /// template as in training: given prompts, a prompt file, standard input,
+    /// or an interactive chat on a terminal.
+    Generate(generate::GenerateOptions),
     /// Check a job file: print it with all defaults filled in, then open its
     /// model config, tokenizer and data files and show the first prompt as the
     /// policy will see it (stderr; with --json: {"job": …, "opens": …}).
@@ -295,6 +300,7 @@ fn local_command(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Generate(o) => generate::run(&o),
         Command::Check { job, overrides, json } => {
             let (_, cfg) = JobConfig::load(&job, &overrides.set)?;
             let report = check::report(&cfg)?;
@@ -362,7 +368,7 @@ fn train(job: PathBuf, overrides: &[String], out: Option<PathBuf>, steps: Option
                     m.reward_mean, m.effective_gradient_ratio, m.generation_tokens_per_s
                 ));
             }
-            Event::Eval { step, sft_step, reward_mean, prompts } => {
+            Event::Eval { step, sft_step, reward_mean, prompts, .. } => {
                 say(format!("eval (sft {sft_step}, step {step}): mean reward {reward_mean:.3} on {prompts} held-out prompts"))
             }
             Event::Checkpoint { path, .. } => say(format!("checkpoint {}", path.display())),

@@ -605,6 +605,10 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     /// Sequences per forward/backward pass (gradient accumulation inside a mini-batch).
     pub micro_batch_size: usize,
+    /// Keep only each decoder layer's input in the forward pass and recompute
+    /// the layer in the backward pass: activation memory of one layer instead
+    /// of all of them, for one more forward pass.
+    pub activation_checkpointing: bool,
     /// Seed of sampling and data order.
     pub seed: u64,
     /// Supervised warm-up steps on task demonstrations before GRPO (0 = none).
@@ -668,6 +672,7 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             max_grad_norm: 1.0,
             micro_batch_size: 64,
+            activation_checkpointing: false,
             seed: 0,
             sft_steps: 0,
             sft_batch_size: 32,

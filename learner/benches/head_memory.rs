@@ -1,12 +1,14 @@
 //! Peak memory of the learner's log-prob + backward on a real vocabulary: the
-//! whole `[B, T, V]` at once (the baseline, as before) vs the chunked head that
-//! recomputes its logits in backward (`engine::TokenLogprobs`), each in its own
-//! process so each peak (VmHWM) is its own. Prints both, with the ratios.
+//! whole `[B, T, V]` at once (the baseline, as before), the chunked head that
+//! recomputes its logits in backward (`engine::TokenLogprobs`), and the chunked
+//! head with activation checkpointing per decoder layer, each in its own
+//! process so each peak (VmHWM) is its own. Prints each, with the ratios to
+//! the baseline.
 //!
 //! usage: cargo bench -p sluice-learner --bench head_memory -- [--vocab 151936]
-//!        [--hidden 896] [--layers 2] [--batch 4] [--len 1024]
-//! Defaults: Qwen2.5-0.5B's hidden size and vocabulary (fp32, untied head),
-//! with fewer layers so a CPU run takes a minute; the head is what differs.
+//!        [--hidden 896] [--layers 4] [--batch 4] [--len 1024]
+//! Defaults: Qwen2.5-0.5B's hidden size, heads and vocabulary (fp32, untied
+//! head), with 4 of its 24 layers so a CPU run takes about a minute.
 
 use std::process::Command;
 use std::time::Instant;
@@ -30,7 +32,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str, d: &str| -> i64 { arg(&args, k, d).parse().unwrap() };
     let (vocab, hidden, layers, batch, len) =
-        (get("--vocab", "151936"), get("--hidden", "896"), get("--layers", "2"), get("--batch", "4"), get("--len", "1024"));
+        (get("--vocab", "151936"), get("--hidden", "896"), get("--layers", "4"), get("--batch", "4"), get("--len", "1024"));
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
     if let Some(mode) = args.iter().position(|a| a == "--mode").map(|i| args[i + 1].clone()) {
         let mut cfg = ModelConfig::preset("qwen2-0.5b", vocab).unwrap();
@@ -45,7 +47,7 @@ fn main() {
             let lp = token_logprobs(&policy.model().forward(&ids), &target, 1.0);
             lp.mean(Kind::Float).backward();
         } else {
-            let lp = TokenLogprobs::new(&policy, &ids, &target, 1.0);
+            let lp = TokenLogprobs::new(&policy, &ids, &target, 1.0, mode == "checkpointed");
             let loss = lp.logp.mean(Kind::Float);
             lp.backward(&policy, &loss);
         }
@@ -62,13 +64,15 @@ fn main() {
     };
     println!("head memory: vocab {vocab}, hidden {hidden}, {layers} layers, batch {batch} x {len} tokens, fp32, CPU");
     let (pb, pp, pt) = run("plain");
-    let (cb, cp, ct) = run("chunked");
-    println!("plain   (whole [B,T,V]):   peak {pp:.2} GiB (after building the model: {pb:.2} GiB), step {pt:.2} s");
-    println!("chunked (recompute head):  peak {cp:.2} GiB (after building the model: {cb:.2} GiB), step {ct:.2} s");
-    println!(
-        "ratio chunked/plain: peak {:.2}x, step memory above the model {:.2}x, time {:.2}x",
-        cp / pp,
-        (cp - cb) / (pp - pb).max(1e-9),
-        ct / pt
-    );
+    println!("plain        (whole [B,T,V]):            peak {pp:.2} GiB (after building the model: {pb:.2} GiB), step {pt:.2} s");
+    for (mode, label) in [("chunked", "chunked      (recompute head):         "), ("checkpointed", "checkpointed (+ recompute each layer): ")] {
+        let (b, p, t) = run(mode);
+        println!("{label} peak {p:.2} GiB (after building the model: {b:.2} GiB), step {t:.2} s");
+        println!(
+            "  ratio {mode}/plain: peak {:.2}x, step memory above the model {:.2}x, time {:.2}x",
+            p / pp,
+            (p - b) / (pp - pb).max(1e-9),
+            t / pt
+        );
+    }
 }

@@ -14,7 +14,7 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sluice_model::hf::Policy;
-use sluice_model::model::token_logprobs;
+use sluice_model::model::{token_logprobs, LayerCheckpoints};
 use tch::{Device, Tensor};
 
 use crate::checkpoint::TrainerState;
@@ -31,6 +31,9 @@ pub struct Engine {
     comm: Box<dyn Collective>,
     /// Token id of padding (never attended to, never trained on).
     pub pad: i64,
+    /// Recompute each decoder layer in the backward pass instead of keeping
+    /// its activations (`train.activation_checkpointing`).
+    pub checkpoint_layers: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -41,7 +44,7 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     pub fn new(policy: Policy, reference: Option<Policy>, opt: AdamW, comm: Box<dyn Collective>, pad: i64) -> Self {
-        Engine { policy, reference, opt, comm, pad }
+        Engine { policy, reference, opt, comm, pad, checkpoint_layers: false }
     }
 
     /// This rank and the world size.
@@ -98,7 +101,13 @@ impl Engine {
     /// gradient unless called under no_grad; then finish with
     /// [`TokenLogprobs::backward`] instead of `loss.backward()`.
     pub fn logprobs(policy: &Policy, batch: &Batch, temperature: f64) -> TokenLogprobs {
-        TokenLogprobs::new(policy, &batch.input, &batch.target, temperature)
+        TokenLogprobs::new(policy, &batch.input, &batch.target, temperature, false)
+    }
+
+    /// [`Engine::logprobs`] of the trained policy, with activation
+    /// checkpointing per decoder layer when the job asks for it.
+    pub fn train_logprobs(&self, batch: &Batch, temperature: f64) -> TokenLogprobs {
+        TokenLogprobs::new(&self.policy, &batch.input, &batch.target, temperature, self.checkpoint_layers)
     }
 }
 
@@ -116,22 +125,42 @@ pub const HEAD_CHUNK_TOKENS: i64 = 1024;
 /// hidden states' gradient), then the hidden states' graph is back-propagated
 /// once. The gradients are those of the unchunked computation; the cost is one
 /// more vocabulary projection.
+///
+/// With `checkpoint_layers` the decoder itself runs without a graph too and
+/// keeps only each layer's input ([`LayerCheckpoints`]); the backward pass
+/// recomputes one layer at a time (the cost: one more decoder forward).
 pub struct TokenLogprobs {
     /// `[B, T]` fp32; a leaf requiring grad when the policy is being trained.
     pub logp: Tensor,
-    /// The decoder output with its graph, and a detached leaf copy the head reads.
-    hidden: Option<(Tensor, Tensor)>,
+    /// How the decoder's graph is reached, and a detached leaf copy of its
+    /// output `[B·T, D]` that the head reads.
+    hidden: Option<(DecoderGraph, Tensor)>,
     target: Tensor,
     temperature: f64,
 }
 
+/// The decoder's part of the backward pass.
+enum DecoderGraph {
+    /// The output with autograd's graph.
+    Kept(Tensor),
+    /// Layer inputs to recompute from.
+    Checkpointed(LayerCheckpoints),
+}
+
 impl TokenLogprobs {
-    pub fn new(policy: &Policy, input: &Tensor, target: &Tensor, temperature: f64) -> Self {
+    pub fn new(policy: &Policy, input: &Tensor, target: &Tensor, temperature: f64, checkpoint_layers: bool) -> Self {
         let (b, t) = input.size2().expect("input is [B, T]");
         let positions = Tensor::arange(t, (tch::Kind::Int64, input.device())).unsqueeze(0).expand([b, t], false);
-        let hidden = policy.model().hidden(input, &positions, None, None);
+        let (hidden, decoder) = if checkpoint_layers && grad_mode() {
+            let (h, ck) = policy.model().hidden_checkpointed(input, &positions);
+            (h, DecoderGraph::Checkpointed(ck))
+        } else {
+            let h = policy.model().hidden(input, &positions, None, None);
+            let kept = h.shallow_clone();
+            (h, DecoderGraph::Kept(kept))
+        };
+        let graph = matches!(decoder, DecoderGraph::Checkpointed(_)) || hidden.requires_grad();
         let target = target.reshape([b * t]);
-        let graph = hidden.requires_grad();
         let leaf = hidden.detach().reshape([b * t, -1]).set_requires_grad(graph);
         let logp = tch::no_grad(|| {
             let parts: Vec<Tensor> =
@@ -141,14 +170,14 @@ impl TokenLogprobs {
         if !graph {
             return TokenLogprobs { logp, hidden: None, target, temperature };
         }
-        TokenLogprobs { logp: logp.set_requires_grad(true), hidden: Some((hidden, leaf)), target, temperature }
+        TokenLogprobs { logp: logp.set_requires_grad(true), hidden: Some((decoder, leaf)), target, temperature }
     }
 
     /// Back-propagates `loss` (built on `logp`) into `policy`'s parameters
     /// (the policy these log-probs came from).
     pub fn backward(self, policy: &Policy, loss: &Tensor) {
         loss.backward();
-        let Some((hidden, leaf)) = self.hidden else { return };
+        let Some((decoder, leaf)) = self.hidden else { return };
         let grad = self.logp.grad();
         if !grad.defined() {
             return;
@@ -162,10 +191,25 @@ impl TokenLogprobs {
         }
         let hidden_grad = leaf.grad();
         if hidden_grad.defined() {
-            let shape = hidden.size();
-            (hidden * hidden_grad.reshape(shape.as_slice())).sum(tch::Kind::Float).backward();
+            match decoder {
+                DecoderGraph::Kept(hidden) => {
+                    let shape = hidden.size();
+                    (hidden * hidden_grad.reshape(shape.as_slice())).sum(tch::Kind::Float).backward();
+                }
+                DecoderGraph::Checkpointed(ck) => {
+                    let shape = leaf.size();
+                    let (b, t) = self.logp.size2().expect("logp is [B, T]");
+                    ck.backward(policy.model(), &hidden_grad.reshape([b, t, shape[1]]));
+                }
+            }
         }
     }
+}
+
+/// Whether autograd records operations here (false inside `tch::no_grad`);
+/// tch does not expose the flag, so a one-element probe asks.
+fn grad_mode() -> bool {
+    (Tensor::zeros([1], (tch::Kind::Float, Device::Cpu)).set_requires_grad(true) * 1.0).requires_grad()
 }
 
 /// `(start, len)` of each chunk of `n` flattened positions.
@@ -296,7 +340,7 @@ mod tests {
         let want = grads(&policy);
         zero(&policy);
         // Chunked, recomputed in backward.
-        let lp = TokenLogprobs::new(&policy, &input, &target, 0.7);
+        let lp = TokenLogprobs::new(&policy, &input, &target, 0.7, false);
         assert!(b * t > 2 * HEAD_CHUNK_TOKENS, "three chunks at least");
         let value_diff = (&lp.logp - &plain).abs().max().double_value(&[]);
         assert!(value_diff < 1e-5, "log-probs differ by {value_diff}");
@@ -307,9 +351,24 @@ mod tests {
             let diff = (g - w).abs().max().double_value(&[]);
             assert!(diff <= 1e-4 * scale, "{name}: gradient differs by {diff:e} (scale {scale:e})");
         }
+        // Activation checkpointing per layer: the same values and gradients.
+        zero(&policy);
+        let lp = TokenLogprobs::new(&policy, &input, &target, 0.7, true);
+        assert!(matches!(lp.hidden, Some((DecoderGraph::Checkpointed(_), _))));
+        let value_diff = (&lp.logp - &plain).abs().max().double_value(&[]);
+        assert!(value_diff < 1e-5, "checkpointed log-probs differ by {value_diff}");
+        let loss = (&lp.logp * &weights).sum(tch::Kind::Float);
+        lp.backward(&policy, &loss);
+        for ((name, _), (g, w)) in policy.named_parameters().iter().zip(grads(&policy).iter().zip(&want)) {
+            let scale = w.abs().max().double_value(&[]).max(1e-6);
+            let diff = (g - w).abs().max().double_value(&[]);
+            assert!(diff <= 1e-4 * scale, "{name}: checkpointed gradient differs by {diff:e} (scale {scale:e})");
+        }
         // Under no_grad there is no graph: values only.
-        let frozen = tch::no_grad(|| TokenLogprobs::new(&policy, &input, &target, 0.7));
-        assert!(!frozen.logp.requires_grad() && frozen.hidden.is_none());
+        for checkpoint in [false, true] {
+            let frozen = tch::no_grad(|| TokenLogprobs::new(&policy, &input, &target, 0.7, checkpoint));
+            assert!(!frozen.logp.requires_grad() && frozen.hidden.is_none());
+        }
     }
 
     #[test]

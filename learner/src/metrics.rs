@@ -58,13 +58,23 @@ pub struct SftMetrics {
     pub skipped: bool,
 }
 
+/// A held-out prompt with its greedy completion, shown with an evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalSample {
+    /// As the policy saw it (chat template applied).
+    pub prompt: String,
+    /// The response text the verifier scored.
+    pub completion: String,
+    pub reward: f64,
+}
+
 /// Events the trainer reports while it runs (also appended to `metrics.jsonl`).
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     Sft(SftMetrics),
     Step(StepMetrics),
-    Eval { step: u64, sft_step: u64, reward_mean: f64, prompts: usize },
+    Eval { step: u64, sft_step: u64, reward_mean: f64, prompts: usize, samples: Vec<EvalSample> },
     Checkpoint { step: u64, path: PathBuf },
 }
 
@@ -95,9 +105,16 @@ impl From<&Event> for v1::Event {
                 unix_time: m.unix_time,
                 lr: m.lr,
             }),
-            Event::Eval { step, sft_step, reward_mean, prompts } => {
-                Body::Eval(v1::Evaluation { step: *step, sft_step: *sft_step, reward_mean: *reward_mean, prompts: *prompts as u64 })
-            }
+            Event::Eval { step, sft_step, reward_mean, prompts, samples } => Body::Eval(v1::Evaluation {
+                step: *step,
+                sft_step: *sft_step,
+                reward_mean: *reward_mean,
+                prompts: *prompts as u64,
+                samples: samples
+                    .iter()
+                    .map(|s| v1::EvalSample { prompt: s.prompt.clone(), completion: s.completion.clone(), reward: s.reward })
+                    .collect(),
+            }),
             Event::Checkpoint { step, path } => {
                 Body::Checkpoint(v1::CheckpointSaved { step: *step, path: path.display().to_string() })
             }
@@ -137,7 +154,13 @@ mod tests {
         let events = [
             Event::Step(step),
             Event::Sft(SftMetrics { sft_step: 2, loss: 1.25, grad_norm: 3.0, skipped: false }),
-            Event::Eval { step: 4, sft_step: 2, reward_mean: 0.75, prompts: 128 },
+            Event::Eval {
+                step: 4,
+                sft_step: 2,
+                reward_mean: 0.75,
+                prompts: 128,
+                samples: vec![EvalSample { prompt: "2+2=".into(), completion: "4".into(), reward: 1.0 }],
+            },
             Event::Checkpoint { step: 4, path: PathBuf::from("runs/x/checkpoints/step-4") },
         ];
         for e in &events {

@@ -26,8 +26,7 @@ use sluice_core::rollout::Group;
 use sluice_core::sampling::SamplingParams;
 use sluice_core::tasks::{self, Problem, Split, Task};
 use sluice_core::tokenizer::Tokenizer;
-use sluice_model::collect::collect;
-use sluice_model::generate::generate;
+use sluice_model::collect::{collect, complete};
 use sluice_model::hf::{load_policy, Policy};
 
 use crate::algo::sft::Sft;
@@ -36,9 +35,12 @@ use crate::checkpoint::{self, TrainerState};
 use crate::collective::{Collective, Single};
 use crate::engine::{rng_for, Engine};
 use crate::error::Result;
-use crate::metrics::{Event, EventLog, SftMetrics, StepMetrics};
+use crate::metrics::{EvalSample, Event, EventLog, SftMetrics, StepMetrics};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::source::{Feed, Given, LocalSampling, RolloutSource};
+
+/// Held-out prompts shown, with their greedy completions, in each evaluation event.
+pub const EVAL_SAMPLES: usize = 3;
 
 pub struct Trainer {
     cfg: JobConfig,
@@ -104,7 +106,8 @@ impl Trainer {
         let state = TrainerState { step: 0, sft_step: 0, cursor: 0, seed: t.seed, optimizer_t: 0 };
         let out_dir = t.out_dir.clone();
         let history = History::new(cfg.budget.history);
-        let engine = Engine::new(policy, reference, opt, comm, tokenizer.pad_id());
+        let mut engine = Engine::new(policy, reference, opt, comm, tokenizer.pad_id());
+        engine.checkpoint_layers = t.activation_checkpointing;
         let mut trainer = Trainer { cfg, engine, objective, sft, tokenizer, task, state, sampling, out_dir, history };
         let (rank, world) = trainer.rank();
         if resume && rank == 0 {
@@ -266,31 +269,39 @@ impl Trainer {
     }
 
     /// Mean reward of greedy answers to the first `n` held-out problems (for a
-    /// multi-turn task: of one greedy episode each, i.e. the success rate).
-    pub fn evaluate(&self, n: usize) -> Result<f64> {
+    /// multi-turn task: of one greedy episode each, i.e. the success rate),
+    /// with the first [`EVAL_SAMPLES`] prompts and their completions.
+    pub fn evaluate(&self, n: usize) -> Result<(f64, Vec<EvalSample>)> {
         let problems: Vec<Problem> = (0..n as u64).map(|i| self.task.problem(Split::Eval, i)).collect();
-        // Episodes and diffusion policies go through `collect` (greedy); plain
-        // autoregressive completions are batched here directly.
-        let episodes = problems.first().is_some_and(|p| self.task.episode(p).is_some());
-        if episodes || self.engine.policy.config().is_diffusion() {
-            let params = SamplingParams { temperature: 0.0, ..self.sampling.clone() };
-            let mut rng = rng_for(0, 0, 0);
-            let ones = vec![1; problems.len()];
-            let c = collect(self.engine.policy.model(), &self.tokenizer, self.task.as_ref(), &problems, &ones, &params, 0, &mut rng)?;
-            let total: f64 = c.groups.iter().flat_map(Group::rewards).sum();
-            return Ok(total / n.max(1) as f64);
-        }
-        let prompts = problems.iter().map(|p| self.tokenizer.encode_problem(p)).collect::<Result<Vec<_>, _>>()?;
         let params = SamplingParams { temperature: 0.0, ..self.sampling.clone() };
         let mut rng = rng_for(0, 0, 0);
+        let model = self.engine.policy.model();
+        let mut samples = Vec::new();
         let mut total = 0.0;
-        for (ps, chunk) in problems.chunks(256).zip(prompts.chunks(256)) {
-            let out = generate(self.engine.policy.model(), chunk, &params, self.tokenizer.pad_id(), &mut rng)?;
-            for (p, c) in ps.iter().zip(out) {
-                total += p.score(params.cut_at_stop(&self.tokenizer.decode(&c.tokens)?));
+        if problems.first().is_some_and(|p| self.task.episode(p).is_some()) {
+            // Episodes: one greedy episode per problem; the sample shows the
+            // whole exchange (actions and observations).
+            let ones = vec![1; problems.len()];
+            let c = collect(model, &self.tokenizer, self.task.as_ref(), &problems, &ones, &params, 0, &mut rng)?;
+            for (p, r) in problems.iter().zip(c.groups.iter().flat_map(|g| &g.rollouts)) {
+                total += r.reward;
+                if samples.len() < EVAL_SAMPLES {
+                    let completion = self.tokenizer.decode(&r.response_tokens)?;
+                    samples.push(EvalSample { prompt: self.tokenizer.render_problem(p)?, completion, reward: r.reward });
+                }
+            }
+        } else {
+            for chunk in problems.chunks(256) {
+                for (p, s) in chunk.iter().zip(complete(model, &self.tokenizer, chunk, &params, &mut rng)?) {
+                    let reward = p.score(&s.text);
+                    total += reward;
+                    if samples.len() < EVAL_SAMPLES {
+                        samples.push(EvalSample { prompt: s.prompt, completion: s.text, reward });
+                    }
+                }
             }
         }
-        Ok(total / n.max(1) as f64)
+        Ok((total / n.max(1) as f64, samples))
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
@@ -328,8 +339,9 @@ impl Trainer {
         let t = self.cfg.train.clone();
         let eval = |tr: &Self, emit: &mut dyn FnMut(Event) -> Result<()>| -> Result<()> {
             if lead {
-                let reward_mean = tr.evaluate(t.eval_prompts)?;
-                emit(Event::Eval { step: tr.state.step, sft_step: tr.state.sft_step, reward_mean, prompts: t.eval_prompts })?;
+                let (reward_mean, samples) = tr.evaluate(t.eval_prompts)?;
+                let (step, sft_step, prompts) = (tr.state.step, tr.state.sft_step, t.eval_prompts);
+                emit(Event::Eval { step, sft_step, reward_mean, prompts, samples })?;
             }
             Ok(())
         };

@@ -37,32 +37,14 @@ pub fn collect_groups(
     let prompts: Vec<Vec<i64>> =
         encoded.iter().zip(sizes).flat_map(|(p, &n)| std::iter::repeat_n(p.clone(), n)).collect();
     let t0 = Instant::now();
-    let diffusion = model.config().is_diffusion();
-    let completions = if diffusion {
-        // A diffusion policy fills a fixed-length response; no behaviour
-        // log-probs (BGPO recomputes the ELBO of the sampling policy).
-        let eos = tokenizer.eos_id();
-        crate::diffusion::generate(model, &prompts, &sampling.diffusion(), tokenizer.pad_id(), rng)?
-            .into_iter()
-            .map(|tokens| {
-                let finish = if tokens.contains(&eos) { FinishReason::Stop } else { FinishReason::Length };
-                Completion { logprobs: Vec::new(), tokens, finish }
-            })
-            .collect()
-    } else {
-        generate_until(model, &prompts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t))?
-    };
+    let completions = sample(model, tokenizer, &prompts, sampling, rng)?;
     let generate_s = t0.elapsed().as_secs_f64();
     let mut groups = Vec::with_capacity(problems.len());
     let mut it = completions.into_iter();
     for ((p, prompt), &n) in problems.iter().zip(encoded).zip(sizes) {
         let mut rollouts = Vec::with_capacity(n);
         for c in it.by_ref().take(n) {
-            // The answer ends at the first stop token (a diffusion response may
-            // go on after it) or stop string.
-            let end = c.tokens.iter().position(|t| tokenizer.stop_ids().contains(t)).unwrap_or(c.tokens.len());
-            let text = tokenizer.decode(&c.tokens[..end])?;
-            let score = p.score(sampling.cut_at_stop(&text));
+            let score = p.score(&response_text(tokenizer, sampling, &c.tokens)?);
             rollouts.push(Rollout {
                 prompt_id: p.id,
                 prompt_tokens: prompt.clone(),
@@ -70,7 +52,7 @@ pub fn collect_groups(
                 extrinsic: score,
                 intrinsic: 0.0,
                 response_tokens: c.tokens,
-                logprobs: (!diffusion).then_some(c.logprobs),
+                logprobs: (!model.config().is_diffusion()).then_some(c.logprobs),
                 loss_mask: Vec::new(),
                 captions: Vec::new(),
                 version,
@@ -80,6 +62,67 @@ pub fn collect_groups(
         groups.push(Group { prompt_id: p.id, rollouts });
     }
     Ok(Collected { groups, generate_s })
+}
+
+/// One completion per prompt id list: autoregressive with stop ids and stop
+/// strings, or a diffusion policy's fixed-length response (no behaviour
+/// log-probs: BGPO recomputes the ELBO of the sampling policy).
+fn sample(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<i64>],
+    sampling: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Completion>> {
+    if !model.config().is_diffusion() {
+        return generate_until(model, prompts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t));
+    }
+    let eos = tokenizer.eos_id();
+    Ok(crate::diffusion::generate(model, prompts, &sampling.diffusion(), tokenizer.pad_id(), rng)?
+        .into_iter()
+        .map(|tokens| {
+            let finish = if tokens.contains(&eos) { FinishReason::Stop } else { FinishReason::Length };
+            Completion { logprobs: Vec::new(), tokens, finish }
+        })
+        .collect())
+}
+
+/// The text a verifier scores: the response up to its first stop token (a
+/// diffusion response may go on after it), cut at the first stop string.
+pub fn response_text(tokenizer: &Tokenizer, sampling: &SamplingParams, tokens: &[i64]) -> Result<String> {
+    let end = tokens.iter().position(|t| tokenizer.stop_ids().contains(t)).unwrap_or(tokens.len());
+    Ok(sampling.cut_at_stop(&tokenizer.decode(&tokens[..end])?).to_string())
+}
+
+/// A prompt as the policy saw it and the completion it gave.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// The rendered prompt (chat template applied when the tokenizer's prompts are chat).
+    pub prompt: String,
+    /// The response text ([`response_text`]).
+    pub text: String,
+    pub completion: Completion,
+}
+
+/// One completion of each problem's prompt, rendered as in training (no
+/// verifier runs): `sluice generate`, and the samples shown with evaluations.
+pub fn complete(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    problems: &[Problem],
+    sampling: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Sample>> {
+    let rendered = problems.iter().map(|p| tokenizer.render_problem(p)).collect::<Result<Vec<_>, _>>()?;
+    let prompts = problems.iter().map(|p| tokenizer.encode_problem(p)).collect::<Result<Vec<_>, _>>()?;
+    let completions = sample(model, tokenizer, &prompts, sampling, rng)?;
+    rendered
+        .into_iter()
+        .zip(completions)
+        .map(|(prompt, completion)| {
+            Ok(Sample { prompt, text: response_text(tokenizer, sampling, &completion.tokens)?, completion })
+        })
+        .collect()
 }
 
 /// Samples `sizes[i]` rollouts of problem `i` of `task` (the group sizes:

@@ -65,17 +65,7 @@ pub fn generate_until(
             return Err(Error::Generation(format!("prompt {i} has token id {t} outside the vocabulary 0..{vocab}")));
         }
     }
-    tch::no_grad(|| generate_inner(model, prompts, params, pad_id, rng, until))
-}
-
-fn generate_inner(
-    model: &Model,
-    prompts: &[Vec<i64>],
-    params: &SamplingParams,
-    pad_id: i64,
-    rng: &mut ChaCha8Rng,
-    until: &dyn Fn(&[i64]) -> bool,
-) -> Result<Vec<Completion>> {
+    let _no_grad = tch::no_grad_guard();
     let device = model.device();
     let b = prompts.len() as i64;
     let p = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;

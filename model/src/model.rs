@@ -675,16 +675,7 @@ impl Model {
     pub fn hidden(&self, input_ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Tensor {
         let t = input_ids.size()[1];
         let offset = cache.as_deref().map_or(0, |c| c.len);
-        let windowed = self.config.sliding_window.filter(|w| offset + t > *w).map(|w| {
-            let device = input_ids.device();
-            let q = Tensor::arange_start(offset, offset + t, (Kind::Int64, device)).view([t, 1]);
-            let k = Tensor::arange(offset + t, (Kind::Int64, device)).view([1, offset + t]);
-            let window = k.le_tensor(&q).logical_and(&k.gt_tensor(&(&q - w))).view([1, 1, t, offset + t]);
-            match mask {
-                Some(m) => m.logical_and(&window),
-                None => window,
-            }
-        });
+        let windowed = self.windowed(mask, t, offset, input_ids.device());
         let mask = windowed.as_ref().or(mask);
         let mut xs = self.embed_tokens.forward(input_ids);
         let rope = Rotary::new(positions, &self.inv_freq, xs.kind());
@@ -696,6 +687,43 @@ impl Model {
             c.len += t;
         }
         self.norm.forward(&xs)
+    }
+
+    /// `mask` with the sliding window laid over it, when the window is shorter
+    /// than the `offset + t` keys (`None`: `mask` applies as it is).
+    fn windowed(&self, mask: Option<&Tensor>, t: i64, offset: i64, device: Device) -> Option<Tensor> {
+        self.config.sliding_window.filter(|w| offset + t > *w).map(|w| {
+            let q = Tensor::arange_start(offset, offset + t, (Kind::Int64, device)).view([t, 1]);
+            let k = Tensor::arange(offset + t, (Kind::Int64, device)).view([1, offset + t]);
+            let window = k.le_tensor(&q).logical_and(&k.gt_tensor(&(&q - w))).view([1, 1, t, offset + t]);
+            match mask {
+                Some(m) => m.logical_and(&window),
+                None => window,
+            }
+        })
+    }
+
+    /// [`Model::hidden`] of an unpadded or right-padded batch (causal mask, no
+    /// cache) with activation checkpointing per decoder layer: the forward pass
+    /// runs without a graph and keeps only each layer's input `[B, T, D]`;
+    /// [`LayerCheckpoints::backward`] recomputes one layer at a time with a
+    /// graph. The returned hidden states carry no graph.
+    pub fn hidden_checkpointed(&self, input_ids: &Tensor, positions: &Tensor) -> (Tensor, LayerCheckpoints) {
+        tch::no_grad(|| {
+            let mut xs = self.embed_tokens.forward(input_ids);
+            let rope = Rotary::new(positions, &self.inv_freq, xs.kind());
+            let mask = self.windowed(None, input_ids.size()[1], 0, input_ids.device());
+            let mut inputs = Vec::with_capacity(self.layers.len() + 1);
+            for layer in &self.layers {
+                let next = layer.forward(&xs, &rope, mask.as_ref(), None);
+                inputs.push(xs);
+                xs = next;
+            }
+            let out = self.norm.forward(&xs);
+            inputs.push(xs);
+            let ck = LayerCheckpoints { input_ids: input_ids.shallow_clone(), positions: positions.shallow_clone(), mask, inputs };
+            (out, ck)
+        })
     }
 
     /// Vocabulary logits for hidden states `[.., D]` → `[.., V]`, in the parameter dtype.
@@ -711,6 +739,40 @@ impl Model {
         let (b, t) = input_ids.size2().expect("input_ids is [B, T]");
         let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand([b, t], false);
         self.logits(&self.hidden(input_ids, &positions, None, None))
+    }
+}
+
+/// What [`Model::hidden_checkpointed`] kept: the token ids, positions and mask,
+/// and the input of each decoder layer plus the final norm's (`L + 1` tensors
+/// `[B, T, D]`), in place of every activation autograd would hold.
+#[derive(Debug)]
+pub struct LayerCheckpoints {
+    input_ids: Tensor,
+    positions: Tensor,
+    mask: Option<Tensor>,
+    inputs: Vec<Tensor>,
+}
+
+impl LayerCheckpoints {
+    /// Back-propagates `grad` (the loss's gradient with respect to the hidden
+    /// states `hidden_checkpointed` returned) into `model`'s parameters, from
+    /// the final norm down to the embeddings, one recomputed layer at a time;
+    /// each layer's graph and checkpoint are freed before the next. The
+    /// gradients are those of [`Model::hidden`] with a graph.
+    pub fn backward(mut self, model: &Model, grad: &Tensor) {
+        let rope = Rotary::new(&self.positions, &model.inv_freq, model.kind());
+        let through = |x: Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> Tensor| -> Tensor {
+            let x = x.detach().set_requires_grad(true);
+            (f(&x).to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float).backward();
+            x.grad()
+        };
+        let last = self.inputs.pop().expect("the final norm's input is kept");
+        let mut g = through(last, grad, &|x| model.norm.forward(x));
+        for (layer, x) in model.layers.iter().zip(std::mem::take(&mut self.inputs)).rev() {
+            g = through(x, &g, &|x| layer.forward(x, &rope, self.mask.as_ref(), None));
+        }
+        let emb = model.embed_tokens.forward(&self.input_ids);
+        (emb.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float).backward();
     }
 }
 

@@ -15,7 +15,18 @@ fn evals(ev: &[serde_json::Value]) -> Vec<(u64, u64, f64)> {
 fn grpo_raises_held_out_reward() {
     let dir = tempfile::tempdir().unwrap();
     let out = sluice().args(["train", "--json"]).arg(job(dir.path(), 300, 40, "eval_every = 50")).output().unwrap();
-    let ev = evals(&events(&out));
+    let all = events(&out);
+    // Each evaluation shows its first three held-out prompts with their greedy
+    // completions and rewards.
+    for e in all.iter().filter(|e| e["event"] == "eval") {
+        let samples = e["samples"].as_array().unwrap();
+        assert_eq!(samples.len(), 3, "{e}");
+        for s in samples {
+            let (prompt, reward) = (s["prompt"].as_str().unwrap(), s["reward"].as_f64().unwrap());
+            assert!(prompt.ends_with('=') && s["completion"].is_string() && (reward == 0.0 || reward == 1.0), "{s}");
+        }
+    }
+    let ev = evals(&all);
     eprintln!("evaluations (sft_step, step, reward): {ev:?}");
     let after_sft = ev.iter().find(|e| e.0 == 40 && e.1 == 0).expect("eval after warm-up").2;
     let last = ev.last().unwrap();
@@ -30,6 +41,34 @@ fn grpo_raises_held_out_reward() {
     assert!(late.iter().all(|&r| r - after_sft >= 0.15), "a late evaluation fell back: {ev:?}");
     assert!(last.2 - after_sft >= 0.35, "GRPO moved held-out reward from {after_sft:.3} to {:.3}", last.2);
     assert!(last.2 >= peak - 0.2, "the run collapsed from its peak {peak:.3} to {:.3}", last.2);
+}
+
+/// `train.activation_checkpointing` (decoder layers recomputed in backward)
+/// trains the same steps: losses, gradient norms and rewards agree with the
+/// plain run to float tolerance.
+#[test]
+fn activation_checkpointing_trains_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let jb = job(dir.path(), 3, 2, "");
+    let run = |on: bool| -> Vec<serde_json::Value> {
+        let o = sluice()
+            .args(["train", "--json", "--fresh", "--set", &format!("train.activation_checkpointing={on}"), "--out"])
+            .arg(dir.path().join(format!("run-{on}")))
+            .arg(&jb)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        events(&o).into_iter().filter(|e| e["event"] == "step" || e["event"] == "sft").collect()
+    };
+    let (plain, ckpt) = (run(false), run(true));
+    assert_eq!(plain.len(), 5, "2 warm-up and 3 GRPO steps");
+    assert_eq!(plain.len(), ckpt.len());
+    for (a, b) in plain.iter().zip(&ckpt) {
+        for key in ["loss", "grad_norm", "pg_loss", "reward_mean"] {
+            let (Some(x), Some(y)) = (a[key].as_f64(), b[key].as_f64()) else { continue };
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{key}: {x} vs {y}\n{a}\n{b}");
+        }
+    }
 }
 
 fn file(dir: &std::path::Path, run: &str, name: &str) -> Vec<u8> {
@@ -365,4 +404,41 @@ fn gsm8k_example_checks_and_trains() {
     assert!((100..110).contains(&n), "a held-out (test shard) row: {shown}");
     let p: Vec<f64> = ["pass@1", "pass@2", "pass@4"].iter().map(|k| r["pass_at_k"][k].as_f64().unwrap()).collect();
     assert!(p.windows(2).all(|w| w[0] <= w[1] + 1e-12) && p.iter().all(|x| (0.0..=1.0).contains(x)), "{r}");
+
+    // `sluice generate` on that checkpoint: a prompt file with a plain line and
+    // a conversation, a system turn, seeded sampling.
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "What is 3 + 4?\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello\"}, {\"role\": \"user\", \"content\": \"Add 1 and 2\"}]}\n",
+    )
+    .unwrap();
+    let generate = || {
+        let o = sluice()
+            .args(["generate", "--json", "--max-new-tokens", "5", "--temperature", "1", "--seed", "7", "--system", "Be brief."])
+            .arg("--prompt-file")
+            .arg(&prompts)
+            .arg(&ckpt)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let first = generate();
+    let lines: Vec<serde_json::Value> = first.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{first}");
+    let p0 = lines[0]["prompt"].as_str().unwrap();
+    assert!(p0.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 3 + 4?<|im_end|>"), "{p0}");
+    let p1 = lines[1]["prompt"].as_str().unwrap();
+    assert!(p1.contains("<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nAdd 1 and 2<|im_end|>"), "{p1}");
+    assert!(p1.ends_with("<|im_start|>assistant\n"), "the assistant's turn is opened: {p1}");
+    for l in &lines {
+        assert!(l["tokens"].as_u64().unwrap() <= 5 && ["stop", "length"].contains(&l["finish"].as_str().unwrap()), "{l}");
+    }
+    assert_eq!(generate(), first, "the same seed samples the same completions");
+    // A malformed prompt line names the file and line, before any model loads.
+    std::fs::write(&prompts, "fine\n{\"text\": 1}\n").unwrap();
+    let o = sluice().arg("generate").arg("--prompt-file").arg(&prompts).arg(&ckpt).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("prompts.txt:2") && err.contains("messages"), "{err}");
 }

@@ -245,7 +245,7 @@ impl Objective for Grpo {
                 for micro in mb.chunks(self.micro_batch_size) {
                     let micro: Vec<&Row> = micro.iter().collect();
                     let batch = Batch::new(&micro, engine.pad, device);
-                    let logp = Engine::logprobs(&engine.policy, &batch, self.temperature);
+                    let logp = engine.train_logprobs(&batch, self.temperature);
                     let ref_logp = engine
                         .reference
                         .as_ref()

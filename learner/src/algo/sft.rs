@@ -72,7 +72,7 @@ impl Sft {
         for micro in rows.chunks(self.micro_batch_size) {
             let micro: Vec<&Row> = micro.iter().collect();
             let batch = Batch::new(&micro, engine.pad, engine.policy.device());
-            let logp = Engine::logprobs(&engine.policy, &batch, 1.0);
+            let logp = engine.train_logprobs(&batch, 1.0);
             let loss = sft_loss(&logp.logp, &batch.mask, tokens);
             let v = loss.double_value(&[]);
             if !v.is_finite() {
