@@ -3,6 +3,8 @@
 //! A Python helper (run with the project venv's interpreter, `SLUICE_PYTHON`)
 //! builds tiny random models, saves them with `save_pretrained` and records
 //! their logits; sluice loads the directory and must agree within 1e-4 (fp32).
+//! `SLUICE_TEST_DEVICE=cuda` loads the sluice side on the GPU (the reference
+//! stays on the CPU in fp32): the GPU check script runs this binary that way.
 
 use std::path::Path;
 use std::process::Command;
@@ -15,7 +17,10 @@ use tch::{Device, Kind, Tensor};
 
 /// Runs the reference script; returns (model dir, HF logits, their shape).
 fn reference(dir: &Path, spec: &Value) -> (Vec<f32>, Vec<i64>) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_reference.py");
+    // Where it was built, else relative to the working directory (the GPU check
+    // carries this binary to another machine and runs it from the repository root).
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_reference.py");
+    let script = if built.exists() { built } else { Path::new("model/tests/hf_reference.py").to_path_buf() };
     let out = Command::new(python())
         .arg(&script)
         .arg(dir)
@@ -35,18 +40,31 @@ fn ids() -> Vec<Vec<i64>> {
     vec![vec![1, 5, 9, 2, 33, 17, 4, 8, 60, 3, 11, 7], vec![0, 44, 21, 21, 13, 50, 6, 90, 2, 2, 70, 19]]
 }
 
+/// The device the parity checks load sluice's side on (`SLUICE_TEST_DEVICE`).
+fn test_device() -> Device {
+    match std::env::var("SLUICE_TEST_DEVICE").as_deref() {
+        Ok("cuda") => {
+            assert!(tch::Cuda::is_available(), "SLUICE_TEST_DEVICE=cuda but libtorch sees no CUDA device");
+            Device::Cuda(0)
+        }
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => panic!("SLUICE_TEST_DEVICE must be cpu or cuda, not {other:?}"),
+    }
+}
+
 fn check(spec: Value, kind: Kind, tol: f64) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let (want, shape) = reference(dir.path(), &spec);
-    let policy = Policy::load(dir.path(), Device::Cpu, kind).unwrap();
-    let input = Tensor::from_slice(&ids().concat()).view([2, 12]);
-    let got = tch::no_grad(|| policy.model().forward(&input)).to_kind(Kind::Float);
+    let device = test_device();
+    let policy = Policy::load(dir.path(), device, kind).unwrap();
+    let input = Tensor::from_slice(&ids().concat()).view([2, 12]).to_device(device);
+    let got = tch::no_grad(|| policy.model().forward(&input)).to_kind(Kind::Float).to_device(Device::Cpu);
     assert_eq!(got.size(), shape);
     let want = Tensor::from_slice(&want).view(shape.as_slice());
     let diff = (&got - &want).abs().max().double_value(&[]);
     let scale = want.abs().max().double_value(&[]);
     assert!(diff <= tol, "{spec}: max |logit diff| {diff:e} > {tol:e} (logits up to {scale:.2})");
-    eprintln!("parity {}: max |diff| = {diff:.2e} (logit scale {scale:.2})", spec["name"]);
+    eprintln!("parity {} on {device:?} ({kind:?}): max |diff| = {diff:.2e} (logit scale {scale:.2})", spec["name"]);
     diff
 }
 
