@@ -61,6 +61,8 @@ struct Args {
     #[arg(long)]
     max_groups: Option<u64>,
     #[command(flatten)]
+    roots: sluice_worker::RootArgs,
+    #[command(flatten)]
     security: sluice_proto::serve::ClientSecurity,
 }
 
@@ -87,7 +89,7 @@ fn main() -> anyhow::Result<()> {
         address: String::new(),
         rank: index as u32,
     };
-    let (job, session) = load_job(args.job.as_deref(), &args.set, conn, request, stop.clone())?;
+    let (job, session) = load_job(args.job.as_deref(), &args.set, conn, &args.roots, request, stop.clone())?;
     let actors = args.actors.unwrap_or(job.resources.actors).max(1);
     let opts = ActorOptions {
         job,

@@ -275,6 +275,7 @@ pub fn run(opts: DevOptions, stop: Arc<AtomicBool>) -> Outcome<i32> {
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}").expect("valid template"),
     );
+    let text = absolute_paths(&text).map_err(|e| Failure::new(exit::USAGE, e))?;
     let result = supervise(&opts, &cfg, &text, &mut sup, &rx, &bar, &token, stop.clone());
     bar.finish_and_clear();
     match &result {
@@ -286,6 +287,28 @@ pub fn run(opts: DevOptions, stop: Arc<AtomicBool>) -> Outcome<i32> {
         eprintln!("logs: {}   checkpoints and metrics.jsonl: {}", logs.display(), cfg.train.out_dir.display());
     }
     result
+}
+
+/// The job's input paths made absolute (against the working directory), so the
+/// submitted spec means what the file meant. Dev's workers then take `/` as their
+/// models and data root: the file and the machine are the user's own.
+fn absolute_paths(text: &str) -> Result<String, String> {
+    let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    let cwd = std::env::current_dir().map_err(|e| format!("working directory: {e}"))?;
+    let fields: [&[&str]; 4] = [&["model", "path"], &["task", "path"], &["task", "eval_path"], &["reward", "llm", "prompt_file"]];
+    for field in fields {
+        let (last, parents) = field.split_last().expect("non-empty");
+        let mut table = Some(&mut doc);
+        for key in parents {
+            table = table.and_then(|t| t.get_mut(*key)).and_then(toml::Value::as_table_mut);
+        }
+        if let Some(toml::Value::String(p)) = table.and_then(|t| t.get_mut(*last)) {
+            if Path::new(p.as_str()).is_relative() {
+                *p = cwd.join(&*p).display().to_string();
+            }
+        }
+    }
+    toml::to_string(&doc).map_err(|e| e.to_string())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -320,6 +343,7 @@ fn supervise(
     );
     let worker_args = |role_args: Vec<String>| {
         let mut a = vec![s("--orchestrator"), remote.endpoint.clone(), s("--job-id"), job.id.clone()];
+        a.extend([s("--models-root"), s("/"), s("--data-root"), s("/")]);
         a.extend(role_args);
         a
     };
@@ -339,6 +363,8 @@ fn supervise(
     for rank in 0..world {
         let port = free_port()?;
         let mut a = vec![s("--listen"), format!("127.0.0.1:{port}"), s("--rank"), rank.to_string(), s("--world-size"), world.to_string()];
+        // The run directory is the job file's (an orchestrated job's would be <runs-root>/<job id>).
+        a.extend([s("--out"), cfg.train.out_dir.display().to_string()]);
         if world > 1 {
             a.extend([s("--rendezvous"), rendezvous.clone()]);
         }

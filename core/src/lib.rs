@@ -21,6 +21,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod kinds;
+pub mod paths;
 pub mod telemetry;
 pub mod rollout;
 pub mod sampling;

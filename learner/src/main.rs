@@ -52,7 +52,8 @@ struct Args {
     /// Gradient collective between ranks: auto (NCCL for CUDA policies, else TCP), tcp, nccl.
     #[arg(long, env = "SLUICE_COLLECTIVE", default_value = "auto")]
     collective: CollectiveKind,
-    /// Override the job's train.out_dir.
+    /// The run directory (checkpoints, metrics): instead of the job file's
+    /// train.out_dir, or of <runs-root>/<job id> for a job from an orchestrator.
     #[arg(long, env = "SLUICE_OUT")]
     out: Option<PathBuf>,
     /// Start from scratch instead of resuming from the newest checkpoint.
@@ -61,6 +62,8 @@ struct Args {
     /// Seconds to keep answering after the last step, so actors see the job end.
     #[arg(long, default_value_t = 3.0)]
     linger_s: f64,
+    #[command(flatten)]
+    roots: sluice_worker::RootArgs,
     #[command(flatten)]
     security: sluice_proto::serve::ServerSecurity,
 }
@@ -83,7 +86,7 @@ fn main() -> anyhow::Result<()> {
         address: args.listen.clone(),
         rank: args.rank as u32,
     };
-    let (mut job, session) = load_job(args.job.as_deref(), &args.set, conn, request, stop.clone())?;
+    let (mut job, session) = load_job(args.job.as_deref(), &args.set, conn, &args.roots, request, stop.clone())?;
     if let Some(out) = args.out {
         job.train.out_dir = out;
     }

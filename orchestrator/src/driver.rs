@@ -121,7 +121,10 @@ pub struct Changes {
 pub struct Job {
     pub rec: JobRecord,
     pub cfg: JobConfig,
-    task: Box<dyn Task>,
+    /// The task when it is generated from the spec alone; `None` for datasets,
+    /// whose files the orchestrator never opens (they live on the workers, under
+    /// their data root).
+    task: Option<Box<dyn Task>>,
     pub items: BTreeMap<u64, Item>,
     pending: VecDeque<u64>,
     pub history: History,
@@ -172,7 +175,10 @@ impl Job {
     /// is pending again (a worker that still holds one reports it or loses it).
     pub fn restore(rec: JobRecord, items: Vec<Item>, history: History, events: Vec<String>) -> Result<Job> {
         let cfg = JobConfig::from_toml(&rec.spec_toml)?;
-        let task = tasks::build(&cfg.task)?;
+        let task = match cfg.task {
+            TaskConfig::Dataset(_) => None,
+            _ => Some(tasks::build(&cfg.task)?),
+        };
         let items: BTreeMap<u64, Item> = items.into_iter().map(|i| (i.id, i)).collect();
         let pending = items.keys().copied().collect();
         let mut job = Job { rec, cfg, task, items, pending, history, events };
@@ -242,7 +248,12 @@ impl Job {
             self.rec.progress.epoch = pass + 1;
         }
         let indices: Vec<u64> = (start..start + k).collect();
-        let ids: Vec<u64> = indices.iter().map(|&i| self.task.problem(Split::Train, i).id).collect();
+        // A dataset's problems are identified by their index in the training
+        // order (the knapsack history then spans one pass over the data).
+        let ids: Vec<u64> = match &self.task {
+            Some(task) => indices.iter().map(|&i| task.problem(Split::Train, i).id).collect(),
+            None => indices.clone(),
+        };
         let sizes = self.budgets(&ids);
         let round = self.rec.next_round;
         self.rec.next_round += 1;

@@ -325,14 +325,41 @@ impl Session {
     }
 }
 
+/// Where a job from an orchestrator may read and write on this host (flags of
+/// every worker binary; see `sluice_core::paths`). A job from a file given on
+/// the command line is the operator's own and is not confined.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RootArgs {
+    /// Each orchestrated job writes only to `<runs-root>/<job id>` (checkpoints,
+    /// metrics); its `train.out_dir` is ignored.
+    #[arg(long, env = "SLUICE_RUNS_ROOT", default_value = "runs")]
+    pub runs_root: std::path::PathBuf,
+    /// A submitted job's `model.path` must resolve under this directory
+    /// (relative paths are joined to it); without it, no model path is accepted.
+    #[arg(long, env = "SLUICE_MODELS_ROOT")]
+    pub models_root: Option<std::path::PathBuf>,
+    /// A submitted job's `task.path`, `task.eval_path` and judge prompt file
+    /// must resolve under this directory; without it, none is accepted.
+    #[arg(long, env = "SLUICE_DATA_ROOT")]
+    pub data_root: Option<std::path::PathBuf>,
+}
+
+impl RootArgs {
+    pub fn roots(&self) -> sluice_core::paths::Roots {
+        sluice_core::paths::Roots { runs: self.runs_root.clone(), models: self.models_root.clone(), data: self.data_root.clone() }
+    }
+}
+
 /// A worker's job: from its file, or — with an orchestrator connection — from
 /// the orchestrator it registers with (`request`), which then also gets the
-/// worker's session. `overrides` (`--set section.key=value`) change a job file;
-/// an orchestrator's job was fixed when it was submitted.
+/// worker's session; that job's paths are confined to `roots`. `overrides`
+/// (`--set section.key=value`) change a job file; an orchestrator's job was
+/// fixed when it was submitted.
 pub fn load_job(
     file: Option<&std::path::Path>,
     overrides: &[String],
     orchestrator: Option<Connection>,
+    roots: &RootArgs,
     request: v1::RegisterWorkerRequest,
     stop: Arc<AtomicBool>,
 ) -> Result<(sluice_core::config::JobConfig, Option<Session>)> {
@@ -342,8 +369,16 @@ pub fn load_job(
         }
         (_, Some(conn)) => {
             let (session, job) = Session::start(&conn, request, stop)?;
-            let cfg = sluice_core::config::JobConfig::from_toml(&job.spec_toml)?;
-            Ok((cfg, Some(session)))
+            let confined = sluice_core::config::JobConfig::from_toml(&job.spec_toml)
+                .and_then(|mut cfg| roots.roots().apply(&mut cfg, &job.id).map(|()| cfg));
+            match confined {
+                Ok(cfg) => Ok((cfg, Some(session))),
+                Err(e) => {
+                    // The job cannot run on this worker: say so, so it fails with the reason.
+                    session.finish(false, Some(e.to_string()));
+                    Err(e.into())
+                }
+            }
         }
         (Some(path), None) => Ok((sluice_core::config::JobConfig::load(path, overrides)?.1, None)),
         (None, None) => Err(Error::Invalid("give a job file or --orchestrator".into())),

@@ -260,6 +260,7 @@ fn orchestrator_restart_with_redis_recovers_the_job() {
     let worker = |binary: &str, extra: &[&str]| {
         let mut cmd = Command::new(bin(binary));
         cmd.args(["--orchestrator", &endpoint, "--job-id", &id]).args(extra);
+        cmd.arg("--runs-root").arg(dir.path().join("runs"));
         spawn(if binary == "sluice-learner" { "learner" } else { "actor" }, cmd)
     };
     let mut learner = worker("sluice-learner", &["--listen", "127.0.0.1:0"]);
@@ -274,7 +275,9 @@ fn orchestrator_restart_with_redis_recovers_the_job() {
     assert_eq!(actor.wait_exit(Duration::from_secs(60)), 0);
     let status = json_of(&cli(&endpoint, &["status", &id]));
     check_accounting(&status, steps);
-    assert_eq!(trained_groups(&dir.path().join("run-restart")), vec![PPS; steps as usize]);
+    // A submitted job's run directory is <runs-root>/<job id>, not its out_dir.
+    assert!(!dir.path().join("run-restart").exists());
+    assert_eq!(trained_groups(&dir.path().join("runs").join(&id)), vec![PPS; steps as usize]);
     // Every round keeps the total (16 prompts x 8); once prompts have history,
     // knapsack moves rollouts between them.
     let rounds = rounds(&endpoint, &id);
@@ -294,7 +297,7 @@ fn cancel_stops_the_workers() {
     let (_orch, endpoint) = orchestrator("memory", 0);
     let id = json_of(&cli(&endpoint, &["submit", job.to_str().unwrap()]))["id"].as_str().unwrap().to_string();
     let mut cmd = Command::new(bin("sluice-learner"));
-    cmd.args(["--orchestrator", &endpoint, "--listen", "127.0.0.1:0"]);
+    cmd.args(["--orchestrator", &endpoint, "--listen", "127.0.0.1:0"]).arg("--runs-root").arg(dir.path().join("runs"));
     let mut learner = spawn("learner", cmd);
     let addr = learner.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening")["addr"].as_str().unwrap().to_string();
     let mut cmd = Command::new(bin("sluice-actor"));
@@ -313,6 +316,74 @@ fn cancel_stops_the_workers() {
     assert_eq!(s["message"], "test says stop");
     let logs = sluice().args(["logs", &id, "--follow", "--endpoint", &endpoint]).env("SLUICE_TOKEN", TOKEN).output().unwrap();
     assert_eq!(logs.status.code(), Some(6), "following a cancelled job exits 6");
+}
+
+/// A submitted job names paths on hosts it does not own: the orchestrator opens
+/// none of them (a FIFO as `task.path` does not block it), and a worker keeps
+/// the job inside its roots — the run directory is `<runs-root>/<job id>`
+/// whatever `out_dir` says, and a model path outside `--models-root` fails the
+/// job with the field named.
+#[test]
+fn submitted_jobs_stay_inside_the_workers_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_orch, endpoint) = orchestrator("memory", 0);
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // A FIFO nobody writes to: opening it would block forever.
+    let fifo = dir.path().join("fifo.jsonl");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let data_job = write(
+        "fifo.toml",
+        &format!("name = \"fifo\"\n[model]\npreset = \"tiny\"\n[task]\nkind = \"dataset\"\npath = {:?}\n", fifo.display().to_string()),
+    );
+    let t = Instant::now();
+    let sub = json_of(&cli(&endpoint, &["submit", &data_job]));
+    assert_eq!(sub["state"], "queued");
+    assert!(t.elapsed() < Duration::from_secs(10), "submit took {:?}", t.elapsed());
+    assert_eq!(json_of(&cli(&endpoint, &["list"])).as_array().map(Vec::len), Some(1));
+    cli(&endpoint, &["cancel", sub["id"].as_str().unwrap()]);
+
+    let common = "[model]\npreset = \"tiny\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\ndigits = 1\n\
+        [sampling]\nmax_new_tokens = 4\n[grpo]\ngroup_size = 4\n";
+    let escape = write(
+        "escape.toml",
+        &format!("name = \"escape\"\n{common}[train]\nsteps = 2\nprompts_per_step = 4\nsft_steps = 0\ncheckpoint_every = 1\nout_dir = \"../victim\"\n"),
+    );
+    let id = json_of(&cli(&endpoint, &["submit", &escape]))["id"].as_str().unwrap().to_string();
+    let runs = dir.path().join("runs");
+    let worker = |binary: &str, args: &[&str]| {
+        let mut cmd = Command::new(bin(binary));
+        cmd.args(["--orchestrator", &endpoint, "--job-id", &id]).args(args).arg("--runs-root").arg(&runs);
+        cmd.current_dir(dir.path());
+        spawn(binary, cmd)
+    };
+    let mut learner = worker("sluice-learner", &["--listen", "127.0.0.1:0"]);
+    let addr = learner.wait_line("listening", Duration::from_secs(60), |v| v["event"] == "listening")["addr"].as_str().unwrap().to_string();
+    let mut actor = worker("sluice-actor", &["--learner", &format!("http://{addr}")]);
+    assert_eq!(learner.wait_exit(Duration::from_secs(300)), 0);
+    assert_eq!(actor.wait_exit(Duration::from_secs(60)), 0);
+    assert!(runs.join(&id).join("checkpoints").is_dir(), "the run directory is <runs-root>/<job id>");
+    assert!(!dir.path().join("victim").exists() && !dir.path().parent().unwrap().join("victim").exists());
+
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let outside = write(
+        "outside.toml",
+        "name = \"outside\"\n[model]\npath = \"/etc\"\n[task]\nkind = \"arithmetic\"\n[train]\nsteps = 2\n",
+    );
+    let id = json_of(&cli(&endpoint, &["submit", &outside]))["id"].as_str().unwrap().to_string();
+    let mut cmd = Command::new(bin("sluice-learner"));
+    cmd.args(["--orchestrator", &endpoint, "--job-id", &id, "--listen", "127.0.0.1:0"]);
+    cmd.arg("--runs-root").arg(&runs).arg("--models-root").arg(&models);
+    let out = cmd.env("SLUICE_TOKEN", TOKEN).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("model.path") && err.contains("outside"), "{err}");
+    let status = json_of(&cli(&endpoint, &["status", &id]));
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(status["message"].as_str().unwrap().contains("model.path"), "{status}");
 }
 
 #[test]
