@@ -81,6 +81,21 @@ redis://{{ include "sluice.fullname" . }}-redis.{{ .Release.Namespace }}.svc:637
 {{- end }}
 {{- end -}}
 
+{{/* Where a submitted job may read and write on a worker (learners, actors):
+see `--runs-root`, `--models-root`, `--data-root`. */}}
+{{- define "sluice.rootsEnv" -}}
+- name: SLUICE_RUNS_ROOT
+  value: /data/runs
+{{- with .Values.roots.models }}
+- name: SLUICE_MODELS_ROOT
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.roots.data }}
+- name: SLUICE_DATA_ROOT
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
 {{/* Pod-level settings shared by every workload. */}}
 {{- define "sluice.podSpecCommon" -}}
 serviceAccountName: {{ include "sluice.serviceAccountName" . }}
