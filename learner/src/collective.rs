@@ -8,6 +8,12 @@
 //!   results); runs on any machine and is what multi-rank tests use;
 //! * `NcclCollective` (feature `nccl`) — NCCL on CUDA tensors.
 //!
+//! Joining is authenticated: rank 0 sends each connection a fresh nonce, and a
+//! rank answers with an HMAC-SHA256, keyed by the job's bearer token, over the
+//! group (the job id), the world size, its rank and the nonce ([`GroupAuth`]).
+//! A connection that cannot prove it is dropped and rank 0 keeps waiting; only
+//! an authenticated rank that disagrees (world size, duplicate rank) is an error.
+//!
 //! Every call must be made by every rank in the same order with the same
 //! tensor shapes; a mismatch is detected (op tag and byte count travel with each
 //! frame) and reported as an error instead of summing garbage.
@@ -49,7 +55,56 @@ impl Collective for Single {
     }
 }
 
-const MAGIC: &[u8; 8] = b"SLUICE01";
+const MAGIC: &[u8; 8] = b"SLUICE02";
+const NONCE: usize = 16;
+const MAC: usize = 32;
+
+/// What a rank proves when it joins: that it holds `key` (the job's bearer
+/// token; empty when the servers run without one) and belongs to `group`.
+#[derive(Debug, Clone, Default)]
+pub struct GroupAuth {
+    pub key: Vec<u8>,
+    pub group: String,
+}
+
+impl GroupAuth {
+    pub fn new(token: Option<&str>, group: &str) -> Self {
+        GroupAuth { key: token.unwrap_or_default().as_bytes().to_vec(), group: group.to_string() }
+    }
+
+    fn mac(&self, world: u32, rank: u32, nonce: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        m.update(b"sluice collective hello\0");
+        m.update(&(self.group.len() as u64).to_le_bytes());
+        m.update(self.group.as_bytes());
+        m.update(&world.to_le_bytes());
+        m.update(&rank.to_le_bytes());
+        m.update(nonce);
+        m
+    }
+
+    /// The hello a rank sends in answer to `nonce`.
+    fn hello(&self, world: u32, rank: u32, nonce: &[u8]) -> Vec<u8> {
+        use hmac::Mac;
+        let mut out = MAGIC.to_vec();
+        out.extend(rank.to_le_bytes());
+        out.extend(world.to_le_bytes());
+        out.extend(self.mac(world, rank, nonce).finalize().into_bytes());
+        out
+    }
+
+    /// The (rank, world) a hello proves, or `None` (constant-time comparison).
+    fn verify(&self, hello: &[u8; 16 + MAC], nonce: &[u8]) -> Option<(u32, u32)> {
+        use hmac::Mac;
+        if &hello[..8] != MAGIC {
+            return None;
+        }
+        let r = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes"));
+        let w = u32::from_le_bytes(hello[12..16].try_into().expect("4 bytes"));
+        self.mac(w, r, nonce).verify_slice(&hello[16..]).ok().map(|()| (r, w))
+    }
+}
 const OP_ALL_REDUCE: u8 = 1;
 const OP_BROADCAST: u8 = 2;
 
@@ -69,7 +124,7 @@ fn comm_err(what: impl std::fmt::Display) -> Error {
 
 impl TcpCollective {
     /// Forms the group. Blocks until all `world` ranks have joined or `timeout` passes.
-    pub fn connect(rank: usize, world: usize, rendezvous: &str, timeout: Duration) -> Result<Self> {
+    pub fn connect(rank: usize, world: usize, rendezvous: &str, auth: &GroupAuth, timeout: Duration) -> Result<Self> {
         if world == 0 || rank >= world {
             return Err(comm_err(format!("rank {rank} is not in a world of size {world}")));
         }
@@ -84,14 +139,15 @@ impl TcpCollective {
                 match listener.accept() {
                     Ok((mut s, from)) => {
                         s.set_nonblocking(false).map_err(comm_err)?;
-                        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(comm_err)?;
-                        let mut hello = [0u8; 16];
-                        if s.read_exact(&mut hello).is_err() || &hello[..8] != MAGIC {
-                            tracing::warn!(%from, "ignoring a connection that is not a sluice rank");
+                        s.set_read_timeout(Some(Duration::from_secs(5))).map_err(comm_err)?;
+                        let nonce: [u8; NONCE] = rand::random();
+                        let mut hello = [0u8; 16 + MAC];
+                        let proven = s.write_all(&nonce).and_then(|()| s.read_exact(&mut hello)).ok().and_then(|()| auth.verify(&hello, &nonce));
+                        let Some((r, w)) = proven else {
+                            tracing::warn!(%from, "dropping a collective connection that did not prove the job token");
                             continue;
-                        }
-                        let r = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes")) as usize;
-                        let w = u32::from_le_bytes(hello[12..16].try_into().expect("4 bytes")) as usize;
+                        };
+                        let (r, w) = (r as usize, w as usize);
                         if w != world || r == 0 || r >= world || slots[r - 1].is_some() {
                             return Err(comm_err(format!(
                                 "rank {r} of world {w} joined a world of size {world} (duplicate or out of range)"
@@ -129,10 +185,11 @@ impl TcpCollective {
                     Err(e) => return Err(comm_err(format!("rank {rank} cannot reach rank 0 at {rendezvous}: {e}"))),
                 }
             };
-            let mut hello = MAGIC.to_vec();
-            hello.extend((rank as u32).to_le_bytes());
-            hello.extend((world as u32).to_le_bytes());
-            s.write_all(&hello).map_err(comm_err)?;
+            s.set_read_timeout(Some(Duration::from_secs(30))).map_err(comm_err)?;
+            let mut nonce = [0u8; NONCE];
+            s.read_exact(&mut nonce).map_err(|e| comm_err(format!("rank 0 at {rendezvous} sent no challenge: {e}")))?;
+            s.write_all(&auth.hello(world as u32, rank as u32, &nonce)).map_err(comm_err)?;
+            s.set_read_timeout(None).map_err(comm_err)?;
             s.set_nodelay(true).map_err(comm_err)?;
             peers.push(s);
         }
@@ -270,6 +327,57 @@ mod tests {
         l.local_addr().unwrap().to_string()
     }
 
+    fn auth() -> GroupAuth {
+        GroupAuth::new(Some("job-token"), "job-1")
+    }
+
+    #[test]
+    fn forged_and_garbage_hellos_are_dropped_and_the_group_still_forms() {
+        use std::io::{Read, Write};
+        let addr = free_addr();
+        let a0 = addr.clone();
+        let root = std::thread::spawn(move || {
+            let mut c = TcpCollective::connect(0, 2, &a0, &auth(), Duration::from_secs(30)).unwrap();
+            let mut t = [Tensor::from_slice(&[1.0f32])];
+            c.all_reduce_sum(&mut t).unwrap();
+            Vec::<f32>::try_from(&t[0]).unwrap()
+        });
+        let connect = || loop {
+            if let Ok(s) = TcpStream::connect(&addr) {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The old unauthenticated hello of rank 1 (this made rank 0 exit before).
+        let mut s = connect();
+        let mut nonce = [0u8; NONCE];
+        s.read_exact(&mut nonce).unwrap();
+        let mut old = b"SLUICE01".to_vec();
+        old.extend(1u32.to_le_bytes());
+        old.extend(2u32.to_le_bytes());
+        let _ = s.write_all(&old);
+        drop(s);
+        // A rank with the wrong token, and one for another job, with a valid shape.
+        for wrong in [GroupAuth::new(Some("guess"), "job-1"), GroupAuth::new(Some("job-token"), "job-2")] {
+            let mut s = connect();
+            s.read_exact(&mut nonce).unwrap();
+            s.write_all(&wrong.hello(2, 1, &nonce)).unwrap();
+            // Dropped: the next read sees the connection closed.
+            let mut b = [0u8; 1];
+            assert_eq!(s.read(&mut b).unwrap_or(0), 0);
+        }
+        // Random bytes.
+        let mut s = connect();
+        s.read_exact(&mut nonce).unwrap();
+        let _ = s.write_all(&[7u8; 48]);
+        drop(s);
+        let mut c = TcpCollective::connect(1, 2, &addr, &auth(), Duration::from_secs(30)).unwrap();
+        let mut t = [Tensor::from_slice(&[2.0f32])];
+        c.all_reduce_sum(&mut t).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t[0]).unwrap(), vec![3.0]);
+        assert_eq!(root.join().unwrap(), vec![3.0]);
+    }
+
     #[test]
     fn three_ranks_sum_and_broadcast() {
         let addr = free_addr();
@@ -277,7 +385,7 @@ mod tests {
             .map(|rank| {
                 let addr = addr.clone();
                 std::thread::spawn(move || {
-                    let mut c = TcpCollective::connect(rank, 3, &addr, Duration::from_secs(20)).unwrap();
+                    let mut c = TcpCollective::connect(rank, 3, &addr, &auth(), Duration::from_secs(20)).unwrap();
                     let r = rank as f32;
                     let mut ts = [Tensor::from_slice(&[r, 2.0 * r]), Tensor::from_slice(&[1.0f32, r, r * r]).view([3, 1])];
                     c.all_reduce_sum(&mut ts).unwrap();
@@ -305,10 +413,10 @@ mod tests {
         let addr = free_addr();
         let a2 = addr.clone();
         let peer = std::thread::spawn(move || {
-            let mut c = TcpCollective::connect(1, 2, &a2, Duration::from_secs(20)).unwrap();
+            let mut c = TcpCollective::connect(1, 2, &a2, &auth(), Duration::from_secs(20)).unwrap();
             let _ = c.all_reduce_sum(&mut [Tensor::from_slice(&[1.0f32, 2.0, 3.0])]);
         });
-        let mut c = TcpCollective::connect(0, 2, &addr, Duration::from_secs(20)).unwrap();
+        let mut c = TcpCollective::connect(0, 2, &addr, &auth(), Duration::from_secs(20)).unwrap();
         let err = c.all_reduce_sum(&mut [Tensor::from_slice(&[1.0f32])]).unwrap_err().to_string();
         assert!(err.contains("disagree"), "{err}");
         drop(c);

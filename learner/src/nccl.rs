@@ -261,6 +261,7 @@ impl Drop for NcclCollective {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collective::GroupAuth;
     use std::time::Duration;
 
     /// On a GPU machine: a one-rank communicator all-reduces and broadcasts real
@@ -277,7 +278,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
-        let tcp = TcpCollective::connect(0, 1, &addr, Duration::from_secs(10)).unwrap();
+        let tcp = TcpCollective::connect(0, 1, &addr, &GroupAuth::default(), Duration::from_secs(10)).unwrap();
         let mut c = NcclCollective::new(tcp, 0).unwrap();
         eprintln!("NCCL {} from {:?}", c.version, loaded_nccl_libraries());
         let dev = Device::Cuda(0);
@@ -299,6 +300,7 @@ mod tests {
 #[cfg(test)]
 mod multi_rank {
     use super::*;
+    use crate::collective::GroupAuth;
     use std::time::Duration;
 
     /// On a machine with at least two GPUs: one rank per GPU (threads of this
@@ -323,7 +325,7 @@ mod multi_rank {
                 .map(|rank| {
                     let addr = addr.clone();
                     s.spawn(move || {
-                        let tcp = TcpCollective::connect(rank, world, &addr, Duration::from_secs(30)).unwrap();
+                        let tcp = TcpCollective::connect(rank, world, &addr, &GroupAuth::default(), Duration::from_secs(30)).unwrap();
                         let mut c = NcclCollective::new(tcp, rank).unwrap();
                         let dev = Device::Cuda(rank);
                         let scale = (rank + 1) as f64;

@@ -25,7 +25,7 @@ use tonic::service::interceptor::InterceptedService;
 use sluice_proto::tls::ServerFiles;
 use tonic::transport::ServerTlsConfig;
 
-use crate::collective::{Collective, Single, TcpCollective};
+use crate::collective::{Collective, GroupAuth, Single, TcpCollective};
 use crate::nccl::NcclCollective;
 use crate::error::{Error, Result};
 use crate::ingest::Limits;
@@ -84,7 +84,9 @@ impl std::str::FromStr for CollectiveKind {
     }
 }
 
-fn build_collective(opts: &NodeOptions, world: usize) -> Result<Box<dyn Collective>> {
+/// The ranks' group: they prove the job's token and agree on the job (its
+/// orchestrator id, or its name for a job file) and the world size.
+fn build_collective(opts: &NodeOptions, session: Option<&Session>, world: usize) -> Result<Box<dyn Collective>> {
     if world == 1 {
         return Ok(Box::new(Single));
     }
@@ -92,7 +94,9 @@ fn build_collective(opts: &NodeOptions, world: usize) -> Result<Box<dyn Collecti
         .rendezvous
         .as_deref()
         .ok_or_else(|| Error::Collective("a rendezvous address is required with more than one rank".into()))?;
-    let tcp = TcpCollective::connect(opts.rank, world, addr, Duration::from_secs(300))?;
+    let group = session.map_or(opts.job.name.as_str(), |s| s.link.job_id.as_str());
+    let auth = GroupAuth::new(opts.token.as_deref(), group);
+    let tcp = TcpCollective::connect(opts.rank, world, addr, &auth, Duration::from_secs(300))?;
     let device = sluice_model::device::device(opts.job.model.device);
     match (opts.collective, device) {
         (CollectiveKind::Tcp, _) | (CollectiveKind::Auto, Device::Cpu) => Ok(Box::new(tcp)),
@@ -168,7 +172,7 @@ fn run_rank(
         )
         .into());
     }
-    let comm = build_collective(opts, world)?;
+    let comm = build_collective(opts, session, world)?;
     let mut trainer = Trainer::with_collective(cfg.clone(), opts.resume, comm)?;
     let mc = trainer.policy().config().clone();
     let limits = Limits {

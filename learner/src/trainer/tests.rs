@@ -100,7 +100,7 @@ fn bgpo_on_two_ranks_equals_one_rank_with_uneven_groups() {
             let (addr, start, cfg) = (addr.clone(), start.clone(), cfg(&format!("rank{rank}")));
             let mine: Vec<Group> = groups[rank * 2..rank * 2 + 2].to_vec();
             std::thread::spawn(move || {
-                let comm = TcpCollective::connect(rank, 2, &addr, std::time::Duration::from_secs(30)).unwrap();
+                let comm = TcpCollective::connect(rank, 2, &addr, &crate::collective::GroupAuth::default(), std::time::Duration::from_secs(30)).unwrap();
                 let mut t = Trainer::with_collective(cfg, false, Box::new(comm)).unwrap();
                 let named = sluice_model::weights::decode(&start).unwrap().into_iter().collect();
                 t.engine.policy.set_parameters(named, Path::new("test")).unwrap();
