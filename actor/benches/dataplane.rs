@@ -67,7 +67,7 @@ fn start_learner(rt: &tokio::runtime::Runtime, chunk: usize) -> (String, Arc<Sha
         max_group_size: 1024,
         needs_logprobs: true,
     };
-    let (shared, mut rx) = Shared::new(limits, 0, 1, 0, 4, 8, 64, chunk);
+    let (shared, mut rx) = Shared::new(limits, 0, 1, 0, 4, 8, 64, chunk, Default::default());
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     rt.spawn(async move { while rx.recv().await.is_some() {} });

@@ -40,6 +40,9 @@ pub struct Rollout {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Group {
     pub prompt_id: u64,
+    /// The orchestrator work item it answers (0: none, e.g. sampled in process);
+    /// a learner trains at most one group per work item, across restarts.
+    pub work_id: u64,
     pub rollouts: Vec<Rollout>,
 }
 

@@ -8,6 +8,8 @@
 //!   model.safetensors       policy weights             } and by `Policy::load`
 //!   tokenizer.json
 //!   optimizer.safetensors   AdamW moments (m.*, v.*, master.*)
+//!   budget_history.json     per-prompt outcomes (knapsack budgets)
+//!   work_ids.json           orchestrator work items trained on (ranges)
 //!   trainer_state.json      step counters, data cursor, seed, optimizer t
 //! latest                    name of the newest complete checkpoint
 //! ```
@@ -28,6 +30,7 @@ use sluice_core::tokenizer::Tokenizer;
 use tch::Tensor;
 
 use crate::error::{Error, Result};
+use crate::ingest::WorkIds;
 use crate::optim::AdamW;
 
 /// Counters that, with the weights and optimizer state, determine the rest of the run.
@@ -47,6 +50,15 @@ pub struct TrainerState {
 
 /// Per-prompt outcomes for knapsack budgets, in each checkpoint.
 const HISTORY: &str = "budget_history.json";
+/// The orchestrator work items trained on, in each checkpoint.
+const WORK_IDS: &str = "work_ids.json";
+
+/// What a run has recorded besides counters and tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct Records<'a> {
+    pub history: &'a History,
+    pub work_ids: &'a WorkIds,
+}
 
 pub fn checkpoints_dir(out_dir: &Path) -> PathBuf {
     out_dir.join("checkpoints")
@@ -77,7 +89,7 @@ pub fn save(
     tokenizer: &Tokenizer,
     opt: &AdamW,
     state: &TrainerState,
-    history: &History,
+    records: Records<'_>,
     keep: usize,
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(out_dir);
@@ -101,8 +113,8 @@ pub fn save(
     ] {
         fsync_file(&tmp.join(f))?;
     }
-    let history_json = serde_json::to_vec(history).expect("history serialises");
-    write_synced(&tmp.join(HISTORY), &history_json)?;
+    write_synced(&tmp.join(HISTORY), &serde_json::to_vec(records.history).expect("history serialises"))?;
+    write_synced(&tmp.join(WORK_IDS), &serde_json::to_vec(records.work_ids).expect("work ids serialise"))?;
     // Written last: its presence marks the directory complete.
     let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
     write_synced(&tmp.join("trainer_state.json"), &state_json)?;
@@ -175,14 +187,24 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))
 }
 
-/// The knapsack outcome history of a checkpoint (empty for checkpoints written before it was saved).
-pub fn read_history(dir: &Path) -> Result<History> {
-    let path = dir.join(HISTORY);
+/// A JSON record of a checkpoint; the default for checkpoints written before it was saved.
+fn read_record<T: Default + serde::de::DeserializeOwned>(dir: &Path, name: &str) -> Result<T> {
+    let path = dir.join(name);
     match fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(History::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
         Err(e) => Err(Error::io(path, e)),
     }
+}
+
+/// The knapsack outcome history of a checkpoint.
+pub fn read_history(dir: &Path) -> Result<History> {
+    read_record(dir, HISTORY)
+}
+
+/// The work items a checkpoint's run had trained on.
+pub fn read_work_ids(dir: &Path) -> Result<WorkIds> {
+    read_record(dir, WORK_IDS)
 }
 
 /// Restores weights and optimizer moments from a checkpoint directory.

@@ -318,6 +318,32 @@ pub fn all_reduce_f64(comm: &mut dyn Collective, values: &mut [f64]) -> Result<(
     Ok(())
 }
 
+/// Every rank's `mine`, concatenated in rank order, on every rank (two sums:
+/// the lengths, then the values each in its rank's slot; exact for any u64).
+pub fn all_gather_u64(comm: &mut dyn Collective, mine: &[u64]) -> Result<Vec<u64>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    if world == 1 {
+        return Ok(mine.to_vec());
+    }
+    let mut lens = vec![0i64; world];
+    lens[rank] = mine.len() as i64;
+    let mut t = [Tensor::from_slice(&lens)];
+    comm.all_reduce_sum(&mut t)?;
+    let lens = Vec::<i64>::try_from(&t[0]).map_err(comm_err)?;
+    let total: i64 = lens.iter().sum();
+    if total == 0 {
+        return Ok(Vec::new());
+    }
+    let offset: i64 = lens[..rank].iter().sum();
+    let mut slots = vec![0i64; total as usize];
+    for (i, &v) in mine.iter().enumerate() {
+        slots[offset as usize + i] = v as i64;
+    }
+    let mut t = [Tensor::from_slice(&slots)];
+    comm.all_reduce_sum(&mut t)?;
+    Ok(Vec::<i64>::try_from(&t[0]).map_err(comm_err)?.into_iter().map(|v| v as u64).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,6 +423,9 @@ mod tests {
                     let mut v = [rank as f64 + 0.5];
                     all_reduce_f64(&mut c, &mut v).unwrap();
                     assert_eq!(v, [4.5]);
+                    let mine: Vec<u64> = (0..rank as u64).map(|i| u64::MAX - i * 10 - rank as u64).collect();
+                    let all = all_gather_u64(&mut c, &mine).unwrap();
+                    assert_eq!(all, vec![u64::MAX - 1, u64::MAX - 2, u64::MAX - 12]);
                     let mut bt = [Tensor::from_slice(&[r + 10.0])];
                     c.broadcast_from_root(&mut bt).unwrap();
                     assert_eq!(Vec::<f32>::try_from(&bt[0]).unwrap(), vec![10.0]);

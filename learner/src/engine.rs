@@ -53,6 +53,11 @@ impl Engine {
     }
 
     /// Sums `values` element-wise over all ranks, in place (a no-op on one rank).
+    /// The ranks' collective (for gathers that are not sums of numbers).
+    pub fn comm(&mut self) -> &mut dyn Collective {
+        self.comm.as_mut()
+    }
+
     pub fn all_reduce(&mut self, values: &mut [f64]) -> Result<()> {
         all_reduce_f64(self.comm.as_mut(), values)
     }

@@ -193,6 +193,7 @@ fn run_rank(
         per_rank,
         cfg.rollout.buffer_groups,
         cfg.rollout.weight_chunk_bytes,
+        trainer.work_ids().clone(),
     );
 
     let rt = build_runtime()?;

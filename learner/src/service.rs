@@ -6,7 +6,7 @@
 //! handler stops reading, HTTP/2 flow control fills up, and the actor's sends
 //! block), and the loop publishes each new version's weights here.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ingest::{check, Assembler, Limits, TOO_MANY_PARTIAL_GROUPS};
+use crate::ingest::{check, Assembler, Limits, WorkIds, TOO_MANY_PARTIAL_GROUPS};
 
 /// One version's weights as safetensors bytes.
 #[derive(Debug)]
@@ -61,8 +61,9 @@ pub struct Shared {
     ingest: mpsc::Sender<Group>,
     pub stats: Mutex<Stats>,
     pub finished: AtomicBool,
-    /// Orchestrator work ids of the groups accepted so far (at most one group per id).
-    work_ids: Mutex<HashSet<u64>>,
+    /// Orchestrator work ids of the groups accepted so far, starting from those
+    /// the checkpoint says were trained (at most one group per id, across restarts).
+    work_ids: Mutex<WorkIds>,
 }
 
 /// Versions whose weights stay downloadable (so a download that started just
@@ -81,6 +82,7 @@ impl Shared {
         groups_per_step: usize,
         capacity: usize,
         chunk_bytes: usize,
+        trained: WorkIds,
     ) -> (Arc<Self>, mpsc::Receiver<Group>) {
         let (tx, rx) = mpsc::channel(capacity);
         let incarnation = rand::random::<u64>() | 1;
@@ -100,7 +102,7 @@ impl Shared {
             ingest: tx,
             stats: Mutex::new(stats),
             finished: AtomicBool::new(false),
-            work_ids: Mutex::new(HashSet::new()),
+            work_ids: Mutex::new(trained),
         };
         (Arc::new(shared), rx)
     }

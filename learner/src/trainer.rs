@@ -32,9 +32,10 @@ use sluice_model::hf::{load_policy, Policy};
 use crate::algo::sft::Sft;
 use crate::algo::{self, grpo, Objective, Scored};
 use crate::checkpoint::{self, TrainerState};
-use crate::collective::{Collective, Single};
+use crate::collective::{all_gather_u64, Collective, Single};
 use crate::engine::{rng_for, Engine};
 use crate::error::Result;
+use crate::ingest::WorkIds;
 use crate::metrics::{EvalSample, Event, EventLog, SftMetrics, StepMetrics};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::source::{Feed, Given, LocalSampling, RolloutSource};
@@ -51,6 +52,8 @@ pub struct Trainer {
     task: Box<dyn Task>,
     /// Recent rewards per prompt, for knapsack budgets (saved in checkpoints).
     history: History,
+    /// Orchestrator work items trained on by any rank (saved in checkpoints).
+    work_ids: WorkIds,
     state: TrainerState,
     sampling: SamplingParams,
     out_dir: PathBuf,
@@ -108,17 +111,24 @@ impl Trainer {
         let history = History::new(cfg.budget.history);
         let mut engine = Engine::new(policy, reference, opt, comm, tokenizer.pad_id());
         engine.checkpoint_layers = t.activation_checkpointing;
-        let mut trainer = Trainer { cfg, engine, objective, sft, tokenizer, task, state, sampling, out_dir, history };
+        let work_ids = WorkIds::default();
+        let mut trainer = Trainer { cfg, engine, objective, sft, tokenizer, task, state, sampling, out_dir, history, work_ids };
         let (rank, world) = trainer.rank();
         if resume && rank == 0 {
             if let Some(dir) = checkpoint::latest(&trainer.out_dir)? {
                 trainer.state = checkpoint::restore(&dir, &mut trainer.engine.policy, &mut trainer.engine.opt)?;
                 trainer.history = checkpoint::read_history(&dir)?;
+                trainer.work_ids = checkpoint::read_work_ids(&dir)?;
                 tracing::info!(checkpoint = %dir.display(), step = trainer.state.step, "resumed");
             }
         }
         if world > 1 {
             trainer.engine.sync_from_root(&mut trainer.state)?;
+            // Rank 0's restored set, on every rank (the others add nothing).
+            let mine: Vec<u64> = trainer.work_ids.ids().collect();
+            for id in all_gather_u64(trainer.engine.comm(), &mine)? {
+                trainer.work_ids.insert(id);
+            }
         }
         Ok(trainer)
     }
@@ -126,6 +136,11 @@ impl Trainer {
     /// This trainer's rank and the world size.
     pub fn rank(&self) -> (usize, usize) {
         self.engine.rank()
+    }
+
+    /// The orchestrator work items trained on so far (restored from the checkpoint).
+    pub fn work_ids(&self) -> &WorkIds {
+        &self.work_ids
     }
 
     pub fn state(&self) -> &TrainerState {
@@ -198,6 +213,11 @@ impl Trainer {
     pub fn step(&mut self, source: &mut dyn RolloutSource) -> Result<Option<StepMetrics>> {
         let t0 = Instant::now();
         let Some(d) = source.next(self)? else { return Ok(None) };
+        // Every rank records every rank's work items, so rank 0's checkpoint has them all.
+        let mine: Vec<u64> = d.groups.iter().map(|g| g.work_id).filter(|&id| id != 0).collect();
+        for id in all_gather_u64(self.engine.comm(), &mine)? {
+            self.work_ids.insert(id);
+        }
         let mut sums = [d.reward_sum, d.extrinsic_sum, d.rollouts_seen as f64];
         self.engine.all_reduce(&mut sums)?;
         let mut m = self.train_on(&d.groups)?;
@@ -306,7 +326,8 @@ impl Trainer {
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let (s, keep) = (&self.state, self.cfg.train.keep_checkpoints);
-        checkpoint::save(&self.out_dir, &self.engine.policy, &self.tokenizer, &self.engine.opt, s, &self.history, keep)
+        let records = checkpoint::Records { history: &self.history, work_ids: &self.work_ids };
+        checkpoint::save(&self.out_dir, &self.engine.policy, &self.tokenizer, &self.engine.opt, s, records, keep)
     }
 
     /// Runs the rest of the job with rollouts sampled by this process:

@@ -59,7 +59,7 @@ pub fn collect_groups(
                 finish: c.finish,
             });
         }
-        groups.push(Group { prompt_id: p.id, rollouts });
+        groups.push(Group { prompt_id: p.id, work_id: 0, rollouts });
     }
     Ok(Collected { groups, generate_s })
 }
@@ -250,7 +250,7 @@ pub fn collect_episodes(
     let mut groups: Vec<Group> = Vec::with_capacity(problems.len());
     let mut it = live.into_iter();
     for (p, &n) in problems.iter().zip(sizes) {
-        groups.push(Group { prompt_id: p.id, rollouts: it.by_ref().take(n).map(|l| l.rollout).collect() });
+        groups.push(Group { prompt_id: p.id, work_id: 0, rollouts: it.by_ref().take(n).map(|l| l.rollout).collect() });
     }
     Ok(Collected { groups, generate_s })
 }

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use serde_json::Value;
+
 use sluice_proto::{packed, v1};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -99,6 +101,40 @@ fn malformed_rollouts_get_invalid_argument_and_the_learner_keeps_serving() {
     assert!(!again[0].accepted && again[0].reason() == sluice_proto::v1::AckReason::Duplicate, "{:?}", again[0]);
     let st = status(ep);
     assert_eq!((st.accepted_groups, st.dropped_duplicate_groups), (2, 1));
+}
+
+/// The work items a learner trained on are in its checkpoint: after a restart
+/// it still refuses a second group for one of them (a re-dispatched item whose
+/// first group was trained before the restart), and takes new ones.
+#[test]
+fn a_restarted_learner_still_refuses_work_it_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{TINY}[grpo]\ngroup_size = 2\n[train]\nsteps = 1\nprompts_per_step = 2\nsft_steps = 0\ncheckpoint_every = 1\n");
+    let job = write_job(dir.path(), "ids", &body);
+    let out = dir.path().join("out");
+    let group = |work_id: u64, group_id: u64, version: u64| -> Vec<v1::Rollout> {
+        (0..2)
+            .map(|i| {
+                let mut r = v1::Rollout { work_id, policy_version: version, ..good("ids", group_id, 2, i) };
+                r.rewards = Some(v1::Rewards { extrinsic: i as f64, intrinsic: 0.0, total: i as f64 });
+                r
+            })
+            .collect()
+    };
+    let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--fresh", "--linger-s", "0"]);
+    let both = [group(101, 1, 0), group(102, 2, 0)].concat();
+    assert!(send(&learner.endpoint, both, 2).unwrap().iter().all(|a| a.accepted));
+    assert_eq!(learner.proc.wait_exit(Duration::from_secs(120)), 0, "one step, checkpointed");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000001/work_ids.json")).unwrap()).unwrap();
+    assert_eq!(saved, serde_json::json!({"101": 102}), "one range, 101..=102");
+
+    let learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--set", "train.steps=2"]);
+    assert_eq!(status(&learner.endpoint).version, 1, "resumed after step 1");
+    let again = send(&learner.endpoint, group(101, 3, 1), 1).unwrap();
+    assert!(!again[0].accepted && again[0].reason() == v1::AckReason::Duplicate, "{:?}", again[0]);
+    let fresh = send(&learner.endpoint, group(103, 4, 1), 1).unwrap();
+    assert!(fresh[0].accepted, "{:?}", fresh[0]);
+    assert_eq!(status(&learner.endpoint).dropped_duplicate_groups, 1);
 }
 
 #[test]
