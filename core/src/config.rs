@@ -372,6 +372,27 @@ pub struct PromptConfig {
     pub template_vars: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Where inside `[task]` a job file fails, by parsing the table as the variant
+/// its `kind` names (serde's internally tagged enums report only `task`).
+fn task_error(text: &str) -> Option<Error> {
+    fn variant<T: serde::de::DeserializeOwned>(table: toml::Table) -> Option<Error> {
+        let e = serde_path_to_error::deserialize::<_, T>(toml::Value::Table(table)).err()?;
+        let path = e.path().to_string();
+        let field = if path == "." { "task".to_string() } else { format!("task.{path}") };
+        Some(Error::config(field, e.into_inner().message().to_string()))
+    }
+    let doc: toml::Table = toml::from_str(text).ok()?;
+    let mut table = doc.get("task")?.as_table()?.clone();
+    let kind = table.remove("kind")?;
+    match kind.as_str() {
+        Some("arithmetic") => variant::<ArithmeticConfig>(table),
+        Some("countdown") => variant::<CountdownConfig>(table),
+        Some("dataset" | "jsonl") => variant::<DatasetConfig>(table),
+        Some("adventure") => variant::<AdventureConfig>(table),
+        _ => Some(Error::config("task.kind", format!("{kind} is not one of arithmetic, countdown, dataset, adventure"))),
+    }
+}
+
 /// The task, selected by `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -725,6 +746,12 @@ impl JobConfig {
         let cfg: JobConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
+            if path == "task" {
+                // The tagged enum hides where inside `[task]` it failed; ask the variant.
+                if let Some(precise) = task_error(text) {
+                    return precise;
+                }
+            }
             Error::config(if path == "." { "(root)".to_string() } else { path }, inner.message().to_string())
         })?;
         cfg.validate()?;
@@ -1040,5 +1067,22 @@ mod tests {
         }
         let e = JobConfig::from_toml(&format!("{MIN}[grpo]\nclip_hgh = 0.3\n")).unwrap_err().to_string();
         assert!(e.contains("clip_hgh"), "{e}");
+        // Inside `[task]` the error names the field itself, not just `task`.
+        let task = |body: &str| format!("[model]\npreset = \"tiny\"\n[task]\n{body}\n");
+        for (text, field, words) in [
+            (task("kind = \"arithmetic\"\ndigits = \"two\""), "task.digits", "expected u32"),
+            (task("kind = \"arithmetic\"\ndigit = 3"), "task.digit", "unknown field `digit`"),
+            (task("kind = \"chess\""), "task.kind", "chess"),
+            (task("kind = \"dataset\"\npath = \"a.jsonl\"\nanswer_format = \"latex\""), "task.answer_format", "latex"),
+            (task("kind = \"jsonl\"\npath = 3"), "task.path", "expected"),
+        ] {
+            match JobConfig::from_toml(&text) {
+                Err(Error::Config { path, reason }) => {
+                    assert_eq!(path, field, "{text}: {reason}");
+                    assert!(reason.contains(words), "{text}: {reason}");
+                }
+                other => panic!("{text}: expected a config error, got {other:?}"),
+            }
+        }
     }
 }
