@@ -21,6 +21,10 @@ struct Args {
     /// State store: `memory` (lost on exit) or a redis:// URL (survives restarts).
     #[arg(long, env = "SLUICE_STORE", default_value = "memory")]
     store: String,
+    /// Prefix of every Redis key this orchestrator writes: give each
+    /// orchestrator that shares a Redis its own.
+    #[arg(long, env = "SLUICE_STORE_PREFIX", default_value = sluice_orchestrator::store::DEFAULT_PREFIX)]
+    store_prefix: String,
     /// Seconds a worker's lease lasts after each heartbeat; its work is
     /// handed to another worker when it runs out.
     #[arg(long, env = "SLUICE_LEASE_S", default_value_t = 10.0)]
@@ -39,6 +43,7 @@ fn main() -> anyhow::Result<()> {
     let opts = Options {
         listen: args.listen,
         store: args.store,
+        store_prefix: args.store_prefix,
         lease: Duration::from_secs_f64(args.lease_s),
         tls: args.security.tls().map_err(anyhow::Error::msg)?,
         token: args.security.token,

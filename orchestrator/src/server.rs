@@ -59,6 +59,8 @@ pub struct Options {
     pub listen: String,
     /// `memory` or a `redis://` URL.
     pub store: String,
+    /// Prefix of every Redis key (one per orchestrator sharing a Redis).
+    pub store_prefix: String,
     pub lease: Duration,
     pub token: Option<String>,
     pub tls: Option<ServerFiles>,
@@ -73,13 +75,13 @@ pub fn run(opts: Options, report: impl Fn(&ServerEvent)) -> Result<()> {
         .build()
         .map_err(|e| Error::Io { what: "async runtime".into(), source: e })?;
     rt.block_on(async {
-        let store = Store::open(&opts.store).await?;
+        let store = Store::open_prefixed(&opts.store, &opts.store_prefix).await?;
         let orch = Arc::new(Orchestrator::open(store, opts.lease).await?);
         let listener = tokio::net::TcpListener::bind(&opts.listen)
             .await
             .map_err(|e| Error::Io { what: format!("listen address {}", opts.listen), source: e })?;
         let addr = listener.local_addr().map_err(|e| Error::Io { what: "listener".into(), source: e })?;
-        report(&ServerEvent::Listening { addr: addr.to_string(), store: orch.store().describe(), jobs: orch.list().await.len() });
+        report(&ServerEvent::Listening { addr: addr.to_string(), store: orch.store().describe(), jobs: orch.list().await?.len() });
         tracing::info!(%addr, "orchestrator serving");
         serve(orch, listener, opts.token.as_deref(), tls, sluice_core::signal::shutdown())
             .await

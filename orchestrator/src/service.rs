@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sluice_proto::v1::{self, event::Body, orchestrator_server};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, MutexGuard};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -124,8 +124,17 @@ impl State {
 impl Orchestrator {
     /// Opens the orchestrator over `store`, restoring whatever it holds.
     pub async fn open(store: Store, lease: Duration) -> Result<Orchestrator> {
-        let snap = store.load().await?;
         let lease_ms = lease.as_millis().max(1) as u64;
+        let state = Self::restore(&store, lease_ms).await?;
+        if !state.jobs.is_empty() {
+            tracing::info!(jobs = state.jobs.len(), workers = state.workers.len(), "restored state from {}", store.describe());
+        }
+        Ok(Orchestrator { state: Mutex::new(state), store, lease_ms })
+    }
+
+    /// The state as the store holds it.
+    async fn restore(store: &Store, lease_ms: u64) -> Result<State> {
+        let snap = store.load().await?;
         let now = now_ms();
         let mut state = State { next_job: snap.next_job, ..State::default() };
         for job in snap.jobs {
@@ -135,10 +144,28 @@ impl Orchestrator {
         for w in snap.workers {
             state.workers.insert(w.id.clone(), Live { worker: w, deadline_ms: now + lease_ms });
         }
-        if !state.jobs.is_empty() {
-            tracing::info!(jobs = state.jobs.len(), workers = state.workers.len(), "restored state from {}", store.describe());
+        Ok(state)
+    }
+
+    /// The state, read back from the store first if a write failed since the
+    /// last call (memory may then hold changes the store does not: they are
+    /// dropped, as the RPC that made them was answered UNAVAILABLE). While the
+    /// store stays unreachable every call fails UNAVAILABLE.
+    async fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let mut st = self.state.lock().await;
+        if self.store.take_failed() {
+            match Self::restore(&self.store, self.lease_ms).await {
+                Ok(fresh) => {
+                    tracing::warn!(jobs = fresh.jobs.len(), "state read back from {} after a store failure", self.store.describe());
+                    *st = fresh;
+                }
+                Err(e) => {
+                    self.store.mark_failed();
+                    return Err(e);
+                }
+            }
         }
-        Ok(Orchestrator { state: Mutex::new(state), store, lease_ms })
+        Ok(st)
     }
 
     pub fn store(&self) -> &Store {
@@ -148,7 +175,7 @@ impl Orchestrator {
     pub async fn submit(&self, spec_toml: String) -> Result<v1::Job> {
         // A bad (or oversized) spec is refused before it costs a job number or the lock.
         let cfg = sluice_core::config::JobConfig::from_toml(&spec_toml)?;
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         let n = self.store.next_job_number(st.next_job + 1).await?;
         st.next_job = n;
         let id = format!("{}-{n}", cfg.name);
@@ -161,20 +188,20 @@ impl Orchestrator {
     }
 
     pub async fn get(&self, id: &str) -> Result<v1::Job> {
-        let st = self.state.lock().await;
+        let st = self.lock().await?;
         let job = st.jobs.get(id).ok_or_else(|| Error::NotFound(format!("job `{}`", clip(id))))?;
         Ok(st.wire(job))
     }
 
-    pub async fn list(&self) -> Vec<v1::Job> {
-        let st = self.state.lock().await;
+    pub async fn list(&self) -> Result<Vec<v1::Job>> {
+        let st = self.lock().await?;
         let mut jobs: Vec<v1::Job> = st.jobs.values().map(|j| st.wire(j)).collect();
         jobs.sort_by(|a, b| b.created_unix_ms.cmp(&a.created_unix_ms).then(b.id.cmp(&a.id)));
-        jobs
+        Ok(jobs)
     }
 
     pub async fn cancel(&self, id: &str, reason: &str) -> Result<v1::Job> {
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         let job = st.job(id)?;
         if job.rec.state.is_final() {
             return Err(Error::Precondition(format!("job `{id}` already {}", job.rec.state.name())));
@@ -189,7 +216,7 @@ impl Orchestrator {
 
     /// Events from `from` on, and the job's state.
     pub async fn events(&self, id: &str, from: u64) -> Result<(Vec<(u64, String)>, JobState)> {
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         let job = st.job(id)?;
         let out = job.events.iter().enumerate().skip(from as usize).map(|(i, e)| (i as u64, e.clone())).collect();
         Ok((out, job.rec.state))
@@ -204,7 +231,7 @@ impl Orchestrator {
                 return Err(Error::Invalid(format!("{field} is {} bytes, over the limit of {MAX_NAME_BYTES}", value.len())));
             }
         }
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         let job_id = if req.job_id.is_empty() {
             st.jobs
                 .values()
@@ -249,7 +276,7 @@ impl Orchestrator {
     }
 
     pub async fn heartbeat(&self, req: v1::HeartbeatRequest) -> Result<v1::HeartbeatResponse> {
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         let now = now_ms();
         let worker = st.worker(&req.worker_id, &req.job_id)?.worker.clone();
         st.workers.get_mut(&req.worker_id).expect("found above").deadline_ms = now + self.lease_ms;
@@ -275,7 +302,7 @@ impl Orchestrator {
     }
 
     pub async fn report_events(&self, req: v1::ReportEventsRequest) -> Result<u64> {
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         st.worker(&req.worker_id, &req.job_id)?;
         let job = st.job(&req.job_id)?;
         let ch = job.add_events(&req.events, now_ms())?;
@@ -285,7 +312,7 @@ impl Orchestrator {
 
     #[tracing::instrument(skip_all, fields(job = %req.job_id, worker = %req.worker_id))]
     pub async fn next_work(&self, req: v1::NextWorkRequest) -> Result<v1::NextWorkResponse> {
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         st.worker(&req.worker_id, &req.job_id)?;
         let job = st.job(&req.job_id)?;
         if job.rec.state.is_final() {
@@ -305,7 +332,7 @@ impl Orchestrator {
 
     #[tracing::instrument(skip_all, fields(job = %req.job_id, work = req.work_id))]
     pub async fn report_outcome(&self, req: v1::ReportOutcomeRequest) -> Result<bool> {
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         // A worker whose lease expired may still report: the first outcome counts.
         let job = st.job(&req.job_id)?;
         let (counted, ch) = job.outcome(req.work_id, &req.rewards, now_ms())?;
@@ -317,7 +344,7 @@ impl Orchestrator {
 
     /// Drops workers whose lease ran out at `now` and re-queues their work.
     pub async fn sweep(&self, now: u64) -> Result<usize> {
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         let expired: Vec<Live> = st.workers.values().filter(|l| l.deadline_ms < now).cloned().collect();
         for live in &expired {
             st.workers.remove(&live.worker.id);
@@ -382,7 +409,7 @@ impl orchestrator_server::Orchestrator for OrchestratorService {
     }
 
     async fn list_jobs(&self, _: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
-        Ok(Response::new(v1::ListJobsResponse { jobs: self.inner.list().await }))
+        Ok(Response::new(v1::ListJobsResponse { jobs: self.inner.list().await? }))
     }
 
     async fn cancel_job(&self, r: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {

@@ -184,37 +184,78 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A private `redis-server` on loopback (no persistence), killed on drop.
+/// A private `redis-server` on loopback, killed on drop: no persistence
+/// ([`Redis::start`]) or an append-only file fsynced on every write
+/// ([`Redis::start_durable`]), which survives [`Redis::kill9`] and [`Redis::restart`].
 pub struct Redis {
     pub proc: Proc,
     pub port: u16,
     pub url: String,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Redis {
     /// Starts one on a free port; if the port was taken in between, tries another.
     pub fn start() -> Redis {
+        Redis::start_in(None)
+    }
+
+    /// Starts one that keeps every acknowledged write in `dir` (AOF, `appendfsync always`).
+    pub fn start_durable(dir: &std::path::Path) -> Redis {
+        Redis::start_in(Some(dir.to_path_buf()))
+    }
+
+    fn start_in(dir: Option<std::path::PathBuf>) -> Redis {
         for _ in 0..10 {
             let port = free_port();
-            let mut cmd = Command::new("redis-server");
-            cmd.args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]);
-            let mut proc = Proc::spawn("redis-server", cmd);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    // Ours, not a squatter: the child is still alive.
-                    if proc.child.try_wait().unwrap().is_none() {
-                        return Redis { proc, port, url: format!("redis://127.0.0.1:{port}") };
-                    }
-                }
-                if proc.child.try_wait().unwrap().is_some() {
-                    break; // port taken: try another
-                }
-                assert!(Instant::now() < deadline, "redis-server did not start (scripts/setup.sh installs it)");
-                std::thread::sleep(Duration::from_millis(20));
+            if let Some(proc) = Redis::spawn(port, dir.as_deref()) {
+                return Redis { proc, port, url: format!("redis://127.0.0.1:{port}"), dir };
             }
         }
         panic!("redis-server could not bind a free port in 10 tries (is it installed? scripts/setup.sh does)");
+    }
+
+    /// A `redis-server` on `port`, once it answers; `None` if the port was taken.
+    fn spawn(port: u16, dir: Option<&std::path::Path>) -> Option<Proc> {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--save", "", "--bind", "127.0.0.1"]);
+        match dir {
+            Some(d) => cmd.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"]).arg(d),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        let mut proc = Proc::spawn("redis-server", cmd);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Ours, not a squatter: the child is still alive.
+                if proc.child.try_wait().unwrap().is_none() {
+                    return Some(proc);
+                }
+            }
+            if proc.child.try_wait().unwrap().is_some() {
+                return None; // port taken
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start (scripts/setup.sh installs it)");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server with SIGKILL (no shutdown save).
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    /// Starts the server again on the same port (and directory, if durable).
+    pub fn restart(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(proc) = Redis::spawn(self.port, self.dir.as_deref()) {
+                self.proc = proc;
+                return;
+            }
+            assert!(Instant::now() < deadline, "port {} stayed taken after redis-server was killed", self.port);
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

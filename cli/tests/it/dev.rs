@@ -237,11 +237,16 @@ fn rounds(endpoint: &str, id: &str) -> Vec<Vec<u64>> {
         .collect()
 }
 
+/// Two faults in one job: the orchestrator killed with SIGKILL and started
+/// again on the same Redis at step 4, then Redis itself killed with SIGKILL for
+/// two seconds and started again from its append-only file at step 12. The
+/// job finishes with every work item accounted for and every step trained on
+/// exactly `prompts_per_step` groups.
 #[test]
-fn orchestrator_restart_with_redis_recovers_the_job() {
-    let redis = Redis::start();
-    let url = redis.url.clone();
+fn orchestrator_restart_and_a_redis_outage_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start_durable(dir.path());
+    let url = redis.url.clone();
     let steps = 40;
     // Knapsack budgets over 32 prompts that come round every other step.
     let job = job_file_with(
@@ -269,7 +274,15 @@ fn orchestrator_restart_with_redis_recovers_the_job() {
     learner.wait_line("step 4", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(4));
 
     orch.kill9();
-    let _orch = orchestrator(&url, port);
+    let (_orch, _) = orchestrator(&url, port);
+
+    learner.wait_line("step 12", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(12));
+    redis.kill9();
+    // While Redis is down the orchestrator answers UNAVAILABLE (exit 5), not a stale state.
+    let down = cli(&endpoint, &["status", &id]);
+    assert_eq!(down.status.code(), Some(5), "{}", String::from_utf8_lossy(&down.stderr));
+    std::thread::sleep(Duration::from_secs(2));
+    redis.restart();
 
     assert_eq!(learner.wait_exit(Duration::from_secs(600)), 0);
     assert_eq!(actor.wait_exit(Duration::from_secs(60)), 0);

@@ -184,8 +184,57 @@ fn an_oversized_job_file_is_refused_before_it_costs_anything() {
             Err(Error::Core(sluice_core::Error::Config { path, .. })) => assert_eq!(path, "(file)"),
             other => panic!("a job file over the limit must be refused, got {other:?}"),
         }
-        assert!(o.list().await.is_empty(), "nothing was stored");
+        assert!(o.list().await.unwrap().is_empty(), "nothing was stored");
         // The next job still gets the first number.
         assert!(o.submit(SPEC.into()).await.unwrap().id.ends_with("-1"));
+    });
+}
+
+/// Redis killed with SIGKILL, then started again on its append-only file:
+/// while it is down every call fails UNAVAILABLE within seconds (no hang);
+/// the work a failed `NextWork` made in memory is thrown away (Redis never
+/// had it); once Redis is back the orchestrator reconnects by itself, reads
+/// its state back and the job goes on with every count intact.
+#[test]
+fn a_redis_outage_fails_calls_unavailable_and_keeps_only_what_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start_durable(dir.path());
+    rt().block_on(async {
+        let o = Orchestrator::open(Store::open(&redis.url).await.unwrap(), LEASE).await.unwrap();
+        let job = o.submit(SPEC.into()).await.unwrap().id;
+        let w = register(&o, &job, "a").await;
+        drive(&o, &job, &w, 2).await;
+        let before = o.get(&job).await.unwrap().progress.unwrap();
+
+        redis.kill9();
+        let unavailable = |e: Error| {
+            let s = tonic::Status::from(e);
+            assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+        };
+        let t = std::time::Instant::now();
+        let req = v1::NextWorkRequest { job_id: job.clone(), worker_id: w.clone(), max_items: 4096 };
+        unavailable(o.next_work(req).await.unwrap_err());
+        // Memory now holds a dispatched round that Redis never saw: nothing is
+        // answered from it.
+        unavailable(o.get(&job).await.unwrap_err());
+        unavailable(o.submit(SPEC.into()).await.unwrap_err());
+        assert!(t.elapsed() < Duration::from_secs(15), "calls hung for {:?} while Redis was down", t.elapsed());
+
+        redis.restart();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let after = loop {
+            match o.get(&job).await {
+                Ok(j) => break j.progress.unwrap(),
+                Err(e) => assert!(std::time::Instant::now() < deadline, "no reconnect within 30 s: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(after, before, "the state after the outage is the durable state before it");
+        // The job goes on: the next rounds are the ones the failed call had taken.
+        drive(&o, &job, &w, 2).await;
+        let p = o.get(&job).await.unwrap().progress.unwrap();
+        assert_eq!((p.work_created, p.work_completed, p.work_outstanding), (4 * 16, 4 * 16, 0), "{p:?}");
+        assert_eq!(p.duplicate_outcomes, 0, "{p:?}");
+        assert_eq!(o.list().await.unwrap().len(), 1, "the submit that failed left no job");
     });
 }
