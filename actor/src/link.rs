@@ -58,8 +58,8 @@ pub async fn connect(endpoint: &str) -> Result<LearnerClient<Channel>> {
 /// [`connect`], over TLS when `tls` is given (the endpoint is then `https://`).
 pub async fn connect_with(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<LearnerClient<Channel>> {
     Ok(LearnerClient::new(channel(endpoint, tls).await?)
-        .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES))
 }
 
 /// The channel every client of the actor uses: short connect timeout, no Nagle,

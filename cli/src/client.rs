@@ -121,7 +121,7 @@ pub fn job_json(j: &v1::Job, with_spec: bool) -> serde_json::Value {
             "work_completed": p.work_completed, "work_redispatched": p.work_redispatched,
             "work_outstanding": p.work_outstanding,
             "duplicate_outcomes": p.duplicate_outcomes, "rollouts_completed": p.rollouts_completed,
-            "live_workers": p.live_workers,
+            "live_workers": p.live_workers, "events_dropped": p.events_dropped,
         },
     });
     if with_spec {
@@ -158,9 +158,20 @@ pub async fn submit(remote: &Remote, path: &std::path::Path, overrides: &[String
     Ok(())
 }
 
-pub async fn list(remote: &Remote, json: bool) -> Outcome {
+pub async fn list(remote: &Remote, limit: Option<usize>, json: bool) -> Outcome {
     let mut c = remote.client().await?;
-    let jobs = c.list_jobs(remote.req(v1::ListJobsRequest {})).await?.into_inner().jobs;
+    let limit = limit.unwrap_or(usize::MAX);
+    let (mut jobs, mut page_token) = (Vec::new(), String::new());
+    while jobs.len() < limit {
+        let page_size = (limit - jobs.len()).min(sluice_core::limits::MAX_LIST_PAGE) as u32;
+        let r = c.list_jobs(remote.req(v1::ListJobsRequest { page_size, page_token })).await?.into_inner();
+        jobs.extend(r.jobs);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        page_token = r.next_page_token;
+    }
+    jobs.truncate(limit);
     if json {
         println!("{}", serde_json::Value::Array(jobs.iter().map(|j| job_json(j, false)).collect()));
         return Ok(());
@@ -184,6 +195,20 @@ pub async fn status(remote: &Remote, id: &str, json: bool) -> Outcome {
         println!("{}", job_json(&job, true));
     } else {
         print_job(&job);
+    }
+    Ok(())
+}
+
+/// Deletes each job in turn; stops at the first refusal (its exit code).
+pub async fn delete(remote: &Remote, ids: &[String], json: bool) -> Outcome {
+    let mut c = remote.client().await?;
+    for id in ids {
+        c.delete_job(remote.req(v1::DeleteJobRequest { job_id: id.clone() })).await?;
+        if json {
+            println!("{}", serde_json::json!({ "deleted": id }));
+        } else {
+            println!("deleted {id}");
+        }
     }
     Ok(())
 }

@@ -149,8 +149,11 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// List the orchestrator's jobs, newest first.
+    /// List the orchestrator's jobs, newest first (fetched a page at a time).
     List {
+        /// Show at most this many (the newest).
+        #[arg(long)]
+        limit: Option<usize>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -177,6 +180,15 @@ enum Command {
         /// Why (shown in status).
         #[arg(long, default_value = "")]
         reason: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Delete ended jobs: their records, work items, outcome history and
+    /// events (not their run directories on the workers). A queued or running
+    /// job is refused (exit 4): cancel it first.
+    Delete {
+        #[arg(required = true)]
+        job_ids: Vec<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -253,7 +265,8 @@ fn dispatch(command: Command) -> client::Outcome<i32> {
         Command::Submit { job, overrides, remote } => {
             on_runtime(client::submit(&remote.remote(), &job, &overrides.set, remote.json)).map(ok)
         }
-        Command::List { remote } => on_runtime(client::list(&remote.remote(), remote.json)).map(ok),
+        Command::List { limit, remote } => on_runtime(client::list(&remote.remote(), limit, remote.json)).map(ok),
+        Command::Delete { job_ids, remote } => on_runtime(client::delete(&remote.remote(), &job_ids, remote.json)).map(ok),
         Command::Status { job_id, remote } => on_runtime(client::status(&remote.remote(), &job_id, remote.json)).map(ok),
         Command::Logs { job_id, follow, remote } => {
             on_runtime(client::logs(&remote.remote(), &job_id, follow, remote.json)).map(ok)

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::kinds::{DeviceSpec, Dtype, Label, StoreUrl};
+use crate::limits as L;
 use crate::sampling::SamplingParams;
 
 /// A whole training job.
@@ -317,10 +318,6 @@ impl Default for RolloutConfig {
     }
 }
 
-/// Largest job file (TOML text) any command or server accepts: job files name
-/// their data by path, so this leaves room for long rubrics and comments while
-/// keeping one file from filling an orchestrator's answers.
-pub const MAX_JOB_FILE_BYTES: usize = 1 << 20;
 
 /// The random-init presets (`sluice_model::model::ModelConfig::preset` builds them).
 pub const PRESETS: &[&str] = &["tiny", "small", "qwen2-0.5b", "tiny-diffusion", "small-diffusion"];
@@ -736,11 +733,16 @@ pub fn apply_overrides(text: &str, overrides: &[String]) -> Result<String> {
     toml::to_string(&root).map_err(|e| Error::config("(root)", e.to_string()))
 }
 
+/// "must be between lo and hi", for the bounds in [`crate::limits`].
+fn between(lo: usize, hi: usize) -> String {
+    format!("must be between {lo} and {hi}")
+}
+
 impl JobConfig {
     /// Parses TOML text; errors name the offending field.
     pub fn from_toml(text: &str) -> Result<Self> {
-        if text.len() > MAX_JOB_FILE_BYTES {
-            return Err(Error::config("(file)", format!("{} bytes, over the limit of {MAX_JOB_FILE_BYTES}", text.len())));
+        if text.len() > L::MAX_JOB_FILE_BYTES {
+            return Err(Error::config("(file)", format!("{} bytes, over the limit of {}", text.len(), L::MAX_JOB_FILE_BYTES)));
         }
         let de = toml::Deserializer::new(text);
         let cfg: JobConfig = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -833,8 +835,8 @@ impl JobConfig {
         )?;
         let t = &self.train;
         // Upper bounds keep one job file from asking a process for terabytes.
-        check((1..=65_536).contains(&t.prompts_per_step), "train.prompts_per_step", "must be between 1 and 65536")?;
-        check(g.group_size <= 4096, "grpo.group_size", "must be at most 4096")?;
+        check((1..=L::MAX_PROMPTS_PER_STEP).contains(&t.prompts_per_step), "train.prompts_per_step", &between(1, L::MAX_PROMPTS_PER_STEP))?;
+        check(g.group_size <= L::MAX_GROUP_SIZE, "grpo.group_size", &format!("must be at most {}", L::MAX_GROUP_SIZE))?;
         check(t.lr > 0.0 && t.lr.is_finite(), "train.lr", "must be > 0")?;
         check(t.sft_lr > 0.0 && t.sft_lr.is_finite(), "train.sft_lr", "must be > 0")?;
         check((0.0..1.0).contains(&t.beta1), "train.beta1", "must be in [0, 1)")?;
@@ -843,9 +845,9 @@ impl JobConfig {
         check(t.weight_decay >= 0.0 && t.weight_decay.is_finite(), "train.weight_decay", "must be a finite number >= 0")?;
         check(t.max_grad_norm.is_finite(), "train.max_grad_norm", "must be a finite number")?;
         check(t.max_grad_norm >= 0.0, "train.max_grad_norm", "must be >= 0")?;
-        check((1..=65_536).contains(&t.micro_batch_size), "train.micro_batch_size", "must be between 1 and 65536")?;
-        check((1..=65_536).contains(&t.sft_batch_size), "train.sft_batch_size", "must be between 1 and 65536")?;
-        check((1..=1 << 20).contains(&t.eval_prompts), "train.eval_prompts", "must be between 1 and 1048576")?;
+        check((1..=L::MAX_BATCH_SIZE).contains(&t.micro_batch_size), "train.micro_batch_size", &between(1, L::MAX_BATCH_SIZE))?;
+        check((1..=L::MAX_BATCH_SIZE).contains(&t.sft_batch_size), "train.sft_batch_size", &between(1, L::MAX_BATCH_SIZE))?;
+        check((1..=L::MAX_EVAL_PROMPTS).contains(&t.eval_prompts), "train.eval_prompts", &between(1, L::MAX_EVAL_PROMPTS))?;
         check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")?;
         check(
             t.prompts_per_step.saturating_mul(g.group_size) >= g.mini_batches,
@@ -853,26 +855,21 @@ impl JobConfig {
             "more mini-batches than rollouts per step",
         )?;
         let r = &self.rollout;
-        check(!self.name.is_empty() && self.name.len() <= 128, "name", "must be 1 to 128 characters")?;
+        let name_chars = self.name.chars().count();
+        check((1..=L::MAX_JOB_NAME_CHARS).contains(&name_chars), "name", &format!("must be 1 to {} characters", L::MAX_JOB_NAME_CHARS))?;
         check(!self.name.chars().any(char::is_control), "name", "must not contain control characters")?;
         if let Some(p) = &m.preset {
             check(PRESETS.contains(&p.as_str()), "model.preset", &format!("unknown preset; known: {}", PRESETS.join(", ")))?;
         }
-        check((1..=1 << 20).contains(&r.buffer_groups), "rollout.buffer_groups", "must be between 1 and 1048576")?;
-        check(
-            r.max_staleness <= crate::staleness::MAX_STALENESS,
-            "rollout.max_staleness",
-            "must be at most 1024",
-        )?;
+        check((1..=L::MAX_BUFFER_GROUPS).contains(&r.buffer_groups), "rollout.buffer_groups", &between(1, L::MAX_BUFFER_GROUPS))?;
+        check(r.max_staleness <= L::MAX_STALENESS, "rollout.max_staleness", &format!("must be at most {}", L::MAX_STALENESS))?;
         check(r.weight_chunk_bytes >= 1024, "rollout.weight_chunk_bytes", "must be >= 1024")?;
-        check(
-            r.weight_chunk_bytes <= 32 << 20,
-            "rollout.weight_chunk_bytes",
-            "must be <= 33554432 (32 MiB)",
-        )?;
+        let chunk = format!("must be <= {} (32 MiB)", L::MAX_CHUNK_BYTES);
+        check(r.weight_chunk_bytes <= L::MAX_CHUNK_BYTES, "rollout.weight_chunk_bytes", &chunk)?;
         check(r.max_rollout_bytes >= 1024, "rollout.max_rollout_bytes", "must be >= 1024")?;
-        check(r.max_rollout_bytes <= 32 << 20, "rollout.max_rollout_bytes", "must be <= 33554432 (32 MiB)")?;
+        check(r.max_rollout_bytes <= L::MAX_CHUNK_BYTES, "rollout.max_rollout_bytes", &chunk)?;
         check(r.max_group_size >= g.group_size, "rollout.max_group_size", "must be >= grpo.group_size")?;
+        check(r.max_group_size <= L::MAX_GROUP_SIZE, "rollout.max_group_size", &format!("must be at most {}", L::MAX_GROUP_SIZE))?;
         let b = &self.budget;
         check(b.n_low >= 2, "budget.n_low", "must be >= 2 (a group of one has no advantage)")?;
         check(b.n_low <= g.group_size, "budget.n_low", "must be <= grpo.group_size (the default N)")?;
@@ -890,8 +887,8 @@ impl JobConfig {
             "reward.model",
             "int_coef > 0 needs an intrinsic model (retrieval, classification, ranking)",
         )?;
-        check((1..=1 << 24).contains(&w.queue_capacity), "reward.queue_capacity", "must be between 1 and 16777216")?;
-        check(w.batch_size <= 4096, "reward.batch_size", "must be at most 4096")?;
+        check((1..=L::MAX_QUEUE_CAPACITY).contains(&w.queue_capacity), "reward.queue_capacity", &between(1, L::MAX_QUEUE_CAPACITY))?;
+        check(w.batch_size <= L::MAX_REWARD_BATCH, "reward.batch_size", &format!("must be at most {}", L::MAX_REWARD_BATCH))?;
         check((0.0..1.0).contains(&w.threshold), "reward.threshold", "must be in [0, 1)")?;
         check(w.train_min_labels >= 2, "reward.train_min_labels", "must be >= 2")?;
         check(w.batch_size >= 1, "reward.batch_size", "must be >= 1")?;
@@ -1053,7 +1050,7 @@ mod tests {
             (format!("name = \"a\\u0007b\"\n{MIN}"), "name"),
             (format!("{MIN}[rollout]\nbuffer_groups = 9223372036854775807\n"), "rollout.buffer_groups"),
             (format!("{MIN}[reward]\nqueue_capacity = 9223372036854775807\n"), "reward.queue_capacity"),
-            (format!("{MIN}# {}\n", "x".repeat(MAX_JOB_FILE_BYTES)), "(file)"),
+            (format!("{MIN}# {}\n", "x".repeat(L::MAX_JOB_FILE_BYTES)), "(file)"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"chess\"\n".to_string(), "task"),
             ("[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ndigit = 3\n".to_string(), "task"),
             ("[model]\ndtype = \"f32\"\n[task]\nkind = \"arithmetic\"\n".to_string(), "model"),

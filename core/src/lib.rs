@@ -8,6 +8,7 @@
 //! * [`tasks`] — environments with verifiers (arithmetic, Countdown, JSONL, adventure).
 //! * [`budget`] — rollouts per prompt: uniform or knapsack allocation.
 //! * [`staleness`] — the one rule on how old a rollout may be.
+//! * [`limits`] — every bound a job file, a message or a client is held to.
 //! * [`signal`] — Ctrl-C and SIGTERM, handled the same way by every process.
 //! * [`tokenizer`] — `tokenizer.json` through the `tokenizers` crate.
 //! * [`telemetry`] — logs, OpenTelemetry traces and metrics of every binary
@@ -21,6 +22,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod kinds;
+pub mod limits;
 pub mod paths;
 pub mod telemetry;
 pub mod rollout;

@@ -58,11 +58,18 @@ impl SamplingParams {
         if self.top_k < 0 {
             return Err(Error::config(format!("{prefix}.top_k"), "must be >= 0"));
         }
-        if self.max_new_tokens < 1 {
-            return Err(Error::config(format!("{prefix}.max_new_tokens"), "must be >= 1"));
+        use crate::limits::{MAX_NEW_TOKENS, MAX_STOP_BYTES, MAX_STOP_STRINGS};
+        if !(1..=MAX_NEW_TOKENS).contains(&self.max_new_tokens) {
+            return Err(Error::config(format!("{prefix}.max_new_tokens"), format!("must be between 1 and {MAX_NEW_TOKENS}")));
         }
-        if let Some(i) = self.stop.iter().position(|s| s.is_empty() || s.len() > 256) {
-            return Err(Error::config(format!("{prefix}.stop[{i}]"), "must be 1 to 256 bytes"));
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(Error::config(format!("{prefix}.stop"), format!("at most {MAX_STOP_STRINGS} stop strings")));
+        }
+        if let Some(i) = self.stop.iter().position(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+            return Err(Error::config(format!("{prefix}.stop[{i}]"), format!("must be 1 to {MAX_STOP_BYTES} bytes")));
+        }
+        if self.stop_token_ids.len() > MAX_STOP_STRINGS {
+            return Err(Error::config(format!("{prefix}.stop_token_ids"), format!("at most {MAX_STOP_STRINGS} ids")));
         }
         self.diffusion().validate(prefix)
     }

@@ -9,9 +9,7 @@
 //! learner's can only come from another incarnation of the learner (a restart
 //! from an older checkpoint) and is never trained.
 
-/// Longest `rollout.max_staleness` a job may ask for (validation refuses more:
-/// per-lag counters and open rounds are sized by it).
-pub const MAX_STALENESS: u64 = 1024;
+pub use crate::limits::MAX_STALENESS;
 
 /// A job's staleness bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

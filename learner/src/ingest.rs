@@ -6,8 +6,11 @@
 //! is never released.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use prost::Message;
+use sluice_core::limits::{MAX_PARTIAL_GROUPS, MAX_PARTIAL_GROUPS_PER_STREAM};
 use sluice_core::rollout::{Group, Rollout};
 use sluice_proto::v1;
 
@@ -135,27 +138,49 @@ struct Partial {
     slots: BTreeMap<u32, Rollout>,
 }
 
-/// Incomplete groups one stream may hold: an actor sends each group's
-/// rollouts together, so it never has more than one or two open.
-pub const MAX_PARTIAL_GROUPS: usize = 64;
-
-/// The refusal kind for a stream over [`MAX_PARTIAL_GROUPS`] (`RESOURCE_EXHAUSTED`).
+/// The refusal kind for a stream over [`MAX_PARTIAL_GROUPS_PER_STREAM`], or
+/// a learner over [`MAX_PARTIAL_GROUPS`] (`RESOURCE_EXHAUSTED`). An actor sends
+/// each group's rollouts together, so it never has more than one or two open.
 pub const TOO_MANY_PARTIAL_GROUPS: &str = "too_many_partial_groups";
 
-/// Collects the rollouts of one stream into complete groups.
+/// Collects the rollouts of one stream into complete groups; `open` counts the
+/// incomplete groups of every stream of the learner.
 #[derive(Default)]
 pub struct Assembler {
     partial: HashMap<u64, Partial>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Assembler {
+    fn drop(&mut self) {
+        self.open.fetch_sub(self.partial.len(), Ordering::SeqCst);
+    }
 }
 
 impl Assembler {
+    /// An assembler whose incomplete groups count toward `open` (shared by all streams).
+    pub fn new(open: Arc<AtomicUsize>) -> Assembler {
+        Assembler { partial: HashMap::new(), open }
+    }
+
     /// Adds a checked rollout; returns its group once all members have arrived.
     pub fn add(&mut self, wire: &v1::Rollout, r: Rollout) -> Result<Option<Group>, Refusal> {
-        if !self.partial.contains_key(&wire.group_id) && self.partial.len() >= MAX_PARTIAL_GROUPS {
-            return Err(refuse(
-                TOO_MANY_PARTIAL_GROUPS,
-                format!("more than {MAX_PARTIAL_GROUPS} incomplete groups on one stream (send each group's rollouts together)"),
-            ));
+        if !self.partial.contains_key(&wire.group_id) {
+            if self.partial.len() >= MAX_PARTIAL_GROUPS_PER_STREAM {
+                return Err(refuse(
+                    TOO_MANY_PARTIAL_GROUPS,
+                    format!(
+                        "more than {MAX_PARTIAL_GROUPS_PER_STREAM} incomplete groups on one stream (send each group's rollouts together)"
+                    ),
+                ));
+            }
+            if self.open.fetch_add(1, Ordering::SeqCst) >= MAX_PARTIAL_GROUPS {
+                self.open.fetch_sub(1, Ordering::SeqCst);
+                return Err(refuse(
+                    TOO_MANY_PARTIAL_GROUPS,
+                    format!("this learner holds {MAX_PARTIAL_GROUPS} incomplete groups across its streams; try again later"),
+                ));
+            }
         }
         let p = self.partial.entry(wire.group_id).or_insert_with(|| Partial {
             size: wire.group_size,
@@ -179,6 +204,7 @@ impl Assembler {
             return Ok(None);
         }
         let p = self.partial.remove(&wire.group_id).expect("present");
+        self.open.fetch_sub(1, Ordering::SeqCst);
         // Indices are checked below `size` and distinct: all of 0..size, in order.
         let rollouts: Vec<Rollout> = p.slots.into_values().collect();
         Ok(Some(Group { prompt_id: p.prompt_id, work_id: wire.work_id, rollouts }))
@@ -241,17 +267,44 @@ mod tests {
         let lim = Limits { max_group_size: 1024, ..limits() };
         let mut asm = Assembler::default();
         let open = |id: u64| v1::Rollout { group_id: id, group_size: 1024, ..rollout(0) };
-        for id in 0..MAX_PARTIAL_GROUPS as u64 {
+        for id in 0..MAX_PARTIAL_GROUPS_PER_STREAM as u64 {
             let r = open(id);
             assert!(asm.add(&r, check(&r, &lim).unwrap()).unwrap().is_none());
         }
-        let one_more = open(MAX_PARTIAL_GROUPS as u64);
+        let one_more = open(MAX_PARTIAL_GROUPS_PER_STREAM as u64);
         let e = asm.add(&one_more, check(&one_more, &lim).unwrap()).unwrap_err();
         assert_eq!(e.kind, TOO_MANY_PARTIAL_GROUPS);
         // A group already open still takes its members.
         let member = v1::Rollout { index: 1, ..open(0) };
         assert!(asm.add(&member, check(&member, &lim).unwrap()).unwrap().is_none());
-        assert_eq!(asm.pending(), MAX_PARTIAL_GROUPS);
+        assert_eq!(asm.pending(), MAX_PARTIAL_GROUPS_PER_STREAM);
+    }
+
+    /// Many streams together cannot hold more than the learner's total; a
+    /// closed stream's groups no longer count.
+    #[test]
+    fn all_streams_together_cannot_hold_open_groups_without_bound() {
+        let lim = Limits { max_group_size: 1024, ..limits() };
+        let shared = Arc::new(AtomicUsize::new(0));
+        let open = |id: u64| v1::Rollout { group_id: id, group_size: 1024, ..rollout(0) };
+        let streams = MAX_PARTIAL_GROUPS / MAX_PARTIAL_GROUPS_PER_STREAM;
+        let mut asms: Vec<Assembler> = (0..streams).map(|_| Assembler::new(shared.clone())).collect();
+        for asm in &mut asms {
+            for id in 0..MAX_PARTIAL_GROUPS_PER_STREAM as u64 {
+                assert!(asm.add(&open(id), check(&open(id), &lim).unwrap()).unwrap().is_none());
+            }
+        }
+        assert_eq!(shared.load(Ordering::SeqCst), MAX_PARTIAL_GROUPS);
+        let mut late = Assembler::new(shared.clone());
+        let e = late.add(&open(0), check(&open(0), &lim).unwrap()).unwrap_err();
+        assert_eq!(e.kind, TOO_MANY_PARTIAL_GROUPS);
+        assert!(e.reason.contains("across its streams"), "{}", e.reason);
+        // A group that completes and a stream that closes give their places back.
+        let one = v1::Rollout { group_id: 7, group_size: 1, ..rollout(0) };
+        drop(asms.pop());
+        assert_eq!(shared.load(Ordering::SeqCst), MAX_PARTIAL_GROUPS - MAX_PARTIAL_GROUPS_PER_STREAM);
+        assert!(late.add(&one, check(&one, &lim).unwrap()).unwrap().is_some());
+        assert_eq!(shared.load(Ordering::SeqCst), MAX_PARTIAL_GROUPS - MAX_PARTIAL_GROUPS_PER_STREAM);
     }
 
     #[test]

@@ -131,8 +131,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::result::Result<(), tonic::transport::Error> {
     let svc = LearnerServer::new(LearnerService::new(shared))
-        .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES);
     let svc = InterceptedService::new(svc, auth::Check::new(token));
     sluice_proto::serve::serve::<LearnerServer<LearnerService>>(listener, tls, shutdown, |s| s.add_service(svc)).await
 }

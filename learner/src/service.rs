@@ -64,6 +64,9 @@ pub struct Shared {
     /// Orchestrator work ids of the groups accepted so far, starting from those
     /// the checkpoint says were trained (at most one group per id, across restarts).
     work_ids: Mutex<WorkIds>,
+    /// Incomplete groups held by all rollout streams (bounded by
+    /// `sluice_core::limits::MAX_PARTIAL_GROUPS`).
+    pub open_groups: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Versions whose weights stay downloadable (so a download that started just
@@ -103,6 +106,7 @@ impl Shared {
             stats: Mutex::new(stats),
             finished: AtomicBool::new(false),
             work_ids: Mutex::new(trained),
+            open_groups: Arc::default(),
         };
         (Arc::new(shared), rx)
     }
@@ -215,7 +219,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 /// Reads one actor stream until it ends, answering on `tx`.
 async fn serve_push(shared: Arc<Shared>, mut inbound: Streaming<v1::Rollout>, tx: mpsc::Sender<Result<PushAck, Status>>) {
-    let mut asm = Assembler::default();
+    let mut asm = Assembler::new(shared.open_groups.clone());
     let mut versions = shared.version.subscribe();
     versions.mark_unchanged();
     loop {

@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use sluice_core::budget::{self, History};
 use sluice_core::config::{BudgetStrategy, JobConfig, TaskConfig};
+use sluice_core::limits::MAX_EVENTS_PER_JOB;
 use sluice_core::tasks::{self, Split, Task};
 use sluice_proto::events;
 use sluice_proto::v1::{self, event::Body};
@@ -71,6 +72,8 @@ pub struct Progress {
     pub duplicate_outcomes: u64,
     pub rollouts_completed: u64,
     pub epoch: u64,
+    #[serde(default)]
+    pub events_dropped: u64,
 }
 
 /// What the store keeps of a job besides its items, history and events.
@@ -189,7 +192,13 @@ impl Job {
     }
 
     /// Appends an event to the job's log (kept as its JSON line, `sluice_proto::events`).
+    /// A log at [`MAX_EVENTS_PER_JOB`] keeps only state changes; the rest are counted.
     pub fn event(&mut self, ch: &mut Changes, now_ms: u64, body: Body) {
+        if self.events.len() >= MAX_EVENTS_PER_JOB && !matches!(body, Body::State(_)) {
+            self.rec.progress.events_dropped += 1;
+            ch.record = true;
+            return;
+        }
         let line = events::to_json(&events::event(body), Some(now_ms)).expect("an event with a body");
         self.events.push(line.clone());
         ch.events.push(line);
@@ -509,5 +518,22 @@ mod tests {
         assert_eq!((j.events.len(), ch.events.len()), (n + 1, 1));
         let stored: serde_json::Value = serde_json::from_str(&j.events[n]).unwrap();
         assert_eq!((stored["event"].as_str(), stored["reward_mean"].as_f64()), (Some("step"), Some(0.25)));
+    }
+
+    /// A job's log stops growing at the limit: later training events are
+    /// counted, not kept, the step counter still moves, and state changes are
+    /// always kept.
+    #[test]
+    fn the_event_log_is_bounded() {
+        let mut j = job("");
+        let filler = vec![j.events.last().cloned().unwrap_or_else(|| "{}".into()); MAX_EVENTS_PER_JOB];
+        j.events = filler;
+        let step = events::event(Body::Step(v1::TrainStep { step: 9, ..Default::default() }));
+        let ch = j.add_events(&[step.clone(), step], 1).unwrap();
+        assert!(ch.events.is_empty() && ch.record);
+        assert_eq!((j.events.len(), j.rec.progress.events_dropped, j.rec.progress.step), (MAX_EVENTS_PER_JOB, 2, 9));
+        let ch = j.set_state(JobState::Cancelled, "by user", 2);
+        assert_eq!(ch.events.len(), 1, "a state change is kept past the limit");
+        assert_eq!(j.events.len(), MAX_EVENTS_PER_JOB + 1);
     }
 }

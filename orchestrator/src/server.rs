@@ -43,8 +43,8 @@ pub async fn serve(
     };
     let svc = InterceptedService::new(
         OrchestratorServer::new(OrchestratorService::new(orch))
-            .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES),
         sluice_proto::auth::Check::new(token),
     );
     let out =
@@ -81,7 +81,7 @@ pub fn run(opts: Options, report: impl Fn(&ServerEvent)) -> Result<()> {
             .await
             .map_err(|e| Error::Io { what: format!("listen address {}", opts.listen), source: e })?;
         let addr = listener.local_addr().map_err(|e| Error::Io { what: "listener".into(), source: e })?;
-        report(&ServerEvent::Listening { addr: addr.to_string(), store: orch.store().describe(), jobs: orch.list().await?.len() });
+        report(&ServerEvent::Listening { addr: addr.to_string(), store: orch.store().describe(), jobs: orch.job_count().await? });
         tracing::info!(%addr, "orchestrator serving");
         serve(orch, listener, opts.token.as_deref(), tls, sluice_core::signal::shutdown())
             .await

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use sluice_core::limits::{ECHOED_ID_CHARS, MAX_ID_BYTES, MAX_LIST_PAGE, MAX_WORK_ITEMS_PER_CALL};
 use sluice_proto::v1::{self, event::Body, orchestrator_server};
 use tokio::sync::{mpsc, Mutex, MutexGuard};
 use tokio_stream::wrappers::ReceiverStream;
@@ -107,6 +108,7 @@ impl State {
                 live_workers: live,
                 epoch: p.epoch,
                 work_outstanding: job.items.len() as u64,
+                events_dropped: p.events_dropped,
             }),
         }
     }
@@ -193,11 +195,64 @@ impl Orchestrator {
         Ok(st.wire(job))
     }
 
-    pub async fn list(&self) -> Result<Vec<v1::Job>> {
+    /// One page of job summaries (no spec), newest first, and the token of
+    /// the next page (empty after the last). `token` is the previous page's.
+    pub async fn list(&self, page_size: usize, token: &str) -> Result<(Vec<v1::Job>, String)> {
+        let after = if token.is_empty() {
+            None
+        } else {
+            let bad = || Error::Invalid(format!("page_token `{}` is not one this orchestrator gave", clip(token)));
+            let (ms, id) = token.split_once(':').ok_or_else(bad)?;
+            Some((ms.parse::<u64>().map_err(|_| bad())?, id.to_string()))
+        };
+        let size = if page_size == 0 { 100 } else { page_size.min(MAX_LIST_PAGE) };
         let st = self.lock().await?;
-        let mut jobs: Vec<v1::Job> = st.jobs.values().map(|j| st.wire(j)).collect();
-        jobs.sort_by(|a, b| b.created_unix_ms.cmp(&a.created_unix_ms).then(b.id.cmp(&a.id)));
-        Ok(jobs)
+        let mut keys: Vec<(u64, &String)> = st.jobs.values().map(|j| (j.rec.created_ms, &j.rec.id)).collect();
+        // Newest first; ties by id, so the order (and the token) is total.
+        keys.sort_by(|a, b| b.cmp(a));
+        let start = match &after {
+            None => 0,
+            Some((ms, id)) => keys.partition_point(|&(m, i)| (m, i) >= (*ms, id)),
+        };
+        let page: Vec<v1::Job> = keys[start..]
+            .iter()
+            .take(size)
+            .map(|(_, id)| {
+                let mut job = st.wire(&st.jobs[*id]);
+                job.spec_toml.clear();
+                job
+            })
+            .collect();
+        let next = match page.last() {
+            Some(last) if start + page.len() < keys.len() => format!("{}:{}", last.created_unix_ms, last.id),
+            _ => String::new(),
+        };
+        Ok((page, next))
+    }
+
+    /// How many jobs the orchestrator holds.
+    pub async fn job_count(&self) -> Result<usize> {
+        Ok(self.lock().await?.jobs.len())
+    }
+
+    /// Forgets an ended job and everything stored with it.
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        let mut st = self.lock().await?;
+        let job = st.job(id)?;
+        if !job.rec.state.is_final() {
+            return Err(Error::Precondition(format!(
+                "job `{id}` is {}: cancel it first (sluice cancel {id})",
+                job.rec.state.name()
+            )));
+        }
+        let workers: Vec<String> = st.workers.values().filter(|l| l.worker.job == id).map(|l| l.worker.id.clone()).collect();
+        self.store.delete_job(id, &workers).await?;
+        for w in &workers {
+            st.workers.remove(w);
+        }
+        st.jobs.remove(id);
+        tracing::info!(job = %id, "deleted");
+        Ok(())
     }
 
     pub async fn cancel(&self, id: &str, reason: &str) -> Result<v1::Job> {
@@ -227,8 +282,8 @@ impl Orchestrator {
             return Err(Error::Invalid(format!("role `{}` is not one of actor, learner, reward", clip(&req.role))));
         }
         for (field, value) in [("name", &req.name), ("address", &req.address), ("job_id", &req.job_id)] {
-            if value.len() > MAX_NAME_BYTES {
-                return Err(Error::Invalid(format!("{field} is {} bytes, over the limit of {MAX_NAME_BYTES}", value.len())));
+            if value.len() > MAX_ID_BYTES {
+                return Err(Error::Invalid(format!("{field} is {} bytes, over the limit of {MAX_ID_BYTES}", value.len())));
             }
         }
         let mut st = self.lock().await?;
@@ -318,7 +373,7 @@ impl Orchestrator {
         if job.rec.state.is_final() {
             return Ok(v1::NextWorkResponse { done: true, ..Default::default() });
         }
-        let max = (req.max_items as usize).clamp(1, 4096);
+        let max = (req.max_items as usize).clamp(1, MAX_WORK_ITEMS_PER_CALL);
         let (items, ch) = job.next_work(&req.worker_id, max, now_ms());
         self.store.apply(job, &ch).await?;
         counters().dispatched.add(items.len() as u64, &[]);
@@ -375,12 +430,10 @@ impl OrchestratorService {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Longest worker name, address or job id a request may carry.
-const MAX_NAME_BYTES: usize = 256;
 
 /// `s` cut to 64 characters for an error message (a client's ids are echoed, not its payloads).
 fn clip(s: &str) -> String {
-    match s.char_indices().nth(64) {
+    match s.char_indices().nth(ECHOED_ID_CHARS) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
     }
@@ -408,8 +461,17 @@ impl orchestrator_server::Orchestrator for OrchestratorService {
         Ok(Response::new(self.inner.get(&r.job_id).await?))
     }
 
-    async fn list_jobs(&self, _: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
-        Ok(Response::new(v1::ListJobsResponse { jobs: self.inner.list().await? }))
+    async fn list_jobs(&self, r: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let r = r.into_inner();
+        let (jobs, next_page_token) = self.inner.list(r.page_size as usize, &r.page_token).await?;
+        Ok(Response::new(v1::ListJobsResponse { jobs, next_page_token }))
+    }
+
+    async fn delete_job(&self, r: Request<v1::DeleteJobRequest>) -> Result<Response<v1::DeleteJobResponse>, Status> {
+        let r = r.into_inner();
+        need("job_id", &r.job_id)?;
+        self.inner.delete(&r.job_id).await?;
+        Ok(Response::new(v1::DeleteJobResponse {}))
     }
 
     async fn cancel_job(&self, r: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {

@@ -198,6 +198,20 @@ impl Store {
         r.run(|mut c| async move { redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await }).await
     }
 
+    /// Removes a job with its items, history and events, and the workers named.
+    pub async fn delete_job(&self, id: &str, workers: &[String]) -> Result<()> {
+        let Store::Redis(r) = self else { return Ok(()) };
+        let key = format!("{}:job:{id}", r.prefix);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("SREM").arg(format!("{}:jobs", r.prefix)).arg(id).ignore();
+        pipe.cmd("DEL").arg(&key).arg(format!("{key}:items")).arg(format!("{key}:history")).arg(format!("{key}:events")).ignore();
+        for w in workers {
+            pipe.cmd("DEL").arg(format!("{}:worker:{w}", r.prefix)).ignore();
+        }
+        r.run(|mut c| async move { pipe.query_async::<()>(&mut c).await }).await
+    }
+
     /// Every job (with items, history and events) and every worker whose lease is alive.
     pub async fn load(&self) -> Result<Snapshot> {
         let Store::Redis(r) = self else { return Ok(Snapshot::default()) };

@@ -13,9 +13,6 @@ pub mod codec;
 pub mod events;
 pub mod serve;
 
-/// Largest gRPC message any sluice server or client decodes (a backstop; the
-/// servers apply their own, smaller, per-message limits with clear errors).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Packed little-endian arrays, the encoding of `Rollout`'s token, log-prob and
 /// mask fields.

@@ -1,8 +1,7 @@
 //! Captions: normalised text and a stable 64-bit hash (FNV-1a), so the same
 //! message is one label however it was spaced or capitalised.
 
-/// Longest caption accepted, in bytes (after normalisation).
-pub const MAX_CAPTION_BYTES: usize = 4096;
+use sluice_core::limits::MAX_CAPTION_BYTES;
 
 /// Lower-cases, trims and collapses runs of whitespace to one space.
 pub fn normalise(text: &str) -> String {

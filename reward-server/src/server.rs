@@ -114,8 +114,8 @@ pub async fn serve(
 ) -> std::result::Result<(), tonic::transport::Error> {
     let svc = InterceptedService::new(
         RewardServer::new(RewardService::new(state))
-            .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES),
         sluice_proto::auth::Check::new(token),
     );
     sluice_proto::serve::serve::<RewardServer<RewardService>>(listener, tls, shutdown, |s| s.add_service(svc)).await

@@ -28,10 +28,7 @@ use crate::labels::LabelStore;
 use crate::queue::CaptionQueue;
 use crate::intrinsic::Intrinsic;
 
-/// Most items one `Score` call may carry.
-pub const MAX_ITEMS: usize = 4096;
-/// Longest response text accepted, in bytes.
-pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+use sluice_core::limits::{MAX_RESPONSE_BYTES, MAX_SCORE_ITEMS};
 
 /// Everything the service shares with the annotator loop.
 #[derive(Debug)]
@@ -179,8 +176,8 @@ impl Reward for RewardService {
     async fn score(&self, request: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
         let req = request.into_inner();
         self.state.check_job(&req.job_id)?;
-        if req.items.len() > MAX_ITEMS {
-            return Err(Status::invalid_argument(format!("{} items, over the limit of {MAX_ITEMS}", req.items.len())));
+        if req.items.len() > MAX_SCORE_ITEMS {
+            return Err(Status::invalid_argument(format!("{} items, over the limit of {MAX_SCORE_ITEMS}", req.items.len())));
         }
         let span = tracing::info_span!("score", items = req.items.len());
         let scores = tracing::Instrument::instrument(self.state.score(&req.items), span).await;

@@ -36,8 +36,8 @@ pub async fn connect(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Or
         .await
         .map_err(|e| transport(format!("{e} (is the orchestrator running?)")))?;
     Ok(OrchestratorClient::new(channel)
-        .max_decoding_message_size(sluice_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(sluice_proto::MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES))
 }
 
 /// What a worker tells the orchestrator on each heartbeat.

@@ -319,6 +319,9 @@ fn cancel_stops_the_workers() {
     // Cancel while both are at work: the learner has trained, the actor has sent.
     learner.wait_line("a step", Duration::from_secs(300), |v| v["event"] == "step");
     actor.wait_line("a sent batch", Duration::from_secs(60), |v| v["event"] == "sent");
+    let running = cli(&endpoint, &["delete", &id]);
+    assert_eq!(running.status.code(), Some(4), "a running job is not deleted");
+    assert!(String::from_utf8_lossy(&running.stderr).contains("cancel it first"));
     let c = json_of(&cli(&endpoint, &["cancel", &id, "--reason", "test says stop"]));
     assert_eq!(c["state"], "cancelled");
     assert_eq!(learner.wait_exit(Duration::from_secs(120)), 0, "the learner stops after its step");
@@ -329,6 +332,13 @@ fn cancel_stops_the_workers() {
     assert_eq!(s["message"], "test says stop");
     let logs = sluice().args(["logs", &id, "--follow", "--endpoint", &endpoint]).env("SLUICE_TOKEN", TOKEN).output().unwrap();
     assert_eq!(logs.status.code(), Some(6), "following a cancelled job exits 6");
+    // Ended, it can be deleted; then it is gone (exit 3), and so is a second delete.
+    let listed = json_of(&cli(&endpoint, &["list", "--limit", "5"]));
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(json_of(&cli(&endpoint, &["delete", &id]))["deleted"], id.as_str());
+    assert_eq!(cli(&endpoint, &["status", &id]).status.code(), Some(3));
+    assert_eq!(cli(&endpoint, &["delete", &id]).status.code(), Some(3));
+    assert_eq!(json_of(&cli(&endpoint, &["list"])), serde_json::json!([]));
 }
 
 /// A submitted job names paths on hosts it does not own: the orchestrator opens

@@ -179,12 +179,12 @@ fn oversized_names_are_refused_and_echoed_ids_are_clipped() {
 fn an_oversized_job_file_is_refused_before_it_costs_anything() {
     rt().block_on(async {
         let o = Orchestrator::open(Store::open("memory").await.unwrap(), LEASE).await.unwrap();
-        let huge = format!("{SPEC}# {}\n", "x".repeat(sluice_core::config::MAX_JOB_FILE_BYTES));
+        let huge = format!("{SPEC}# {}\n", "x".repeat(sluice_core::limits::MAX_JOB_FILE_BYTES));
         match o.submit(huge).await {
             Err(Error::Core(sluice_core::Error::Config { path, .. })) => assert_eq!(path, "(file)"),
             other => panic!("a job file over the limit must be refused, got {other:?}"),
         }
-        assert!(o.list().await.unwrap().is_empty(), "nothing was stored");
+        assert!(o.list(0, "").await.unwrap().0.is_empty(), "nothing was stored");
         // The next job still gets the first number.
         assert!(o.submit(SPEC.into()).await.unwrap().id.ends_with("-1"));
     });
@@ -235,6 +235,59 @@ fn a_redis_outage_fails_calls_unavailable_and_keeps_only_what_is_durable() {
         let p = o.get(&job).await.unwrap().progress.unwrap();
         assert_eq!((p.work_created, p.work_completed, p.work_outstanding), (4 * 16, 4 * 16, 0), "{p:?}");
         assert_eq!(p.duplicate_outcomes, 0, "{p:?}");
-        assert_eq!(o.list().await.unwrap().len(), 1, "the submit that failed left no job");
+        assert_eq!(o.list(0, "").await.unwrap().0.len(), 1, "the submit that failed left no job");
+    });
+}
+
+/// `ListJobs` pages through summaries (no spec) newest first, each job once;
+/// `DeleteJob` refuses a running job and forgets an ended one everywhere,
+/// Redis included, so a restarted orchestrator does not bring it back.
+#[test]
+fn jobs_list_in_pages_and_ended_jobs_can_be_deleted() {
+    let redis = Redis::start();
+    rt().block_on(async {
+        let o = Orchestrator::open(Store::open(&redis.url).await.unwrap(), LEASE).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..7 {
+            ids.push(o.submit(SPEC.into()).await.unwrap().id);
+        }
+        let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let (page, next) = o.list(3, &token).await.unwrap();
+            assert!(page.len() <= 3);
+            assert!(page.iter().all(|j| j.spec_toml.is_empty() && j.progress.is_some()), "summaries only");
+            seen.extend(page.into_iter().map(|j| j.id));
+            pages += 1;
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(pages, 3);
+        let mut want = ids.clone();
+        want.sort_by_key(|id| std::cmp::Reverse(id.rsplit('-').next().unwrap().parse::<u64>().unwrap()));
+        let mut got = seen.clone();
+        got.sort_by_key(|id| std::cmp::Reverse(id.rsplit('-').next().unwrap().parse::<u64>().unwrap()));
+        assert_eq!(got, want, "every job exactly once");
+        assert!(matches!(o.list(3, "garbage").await, Err(Error::Invalid(_))));
+
+        let victim = &ids[2];
+        let w = register(&o, victim, "a").await;
+        next_work(&o, victim, &w).await;
+        assert!(matches!(o.delete(victim).await, Err(Error::Precondition(m)) if m.contains("cancel it first")));
+        o.cancel(victim, "").await.unwrap();
+        o.delete(victim).await.unwrap();
+        assert!(matches!(o.get(victim).await, Err(Error::NotFound(_))));
+        assert!(matches!(o.delete(victim).await, Err(Error::NotFound(_))));
+        assert_eq!(o.list(0, "").await.unwrap().0.len(), 6);
+        drop(o);
+        let o = Orchestrator::open(Store::open(&redis.url).await.unwrap(), LEASE).await.unwrap();
+        assert!(matches!(o.get(victim).await, Err(Error::NotFound(_))), "a deleted job stays deleted after a restart");
+        assert_eq!(o.list(0, "").await.unwrap().0.len(), 6);
+        // Nothing of it is left in Redis.
+        let client = redis::Client::open(redis.url.as_str()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("*{victim}*")).query_async(&mut c).await.unwrap();
+        assert!(keys.is_empty(), "{keys:?}");
     });
 }
