@@ -350,7 +350,7 @@ fn supervise(
     // Reward server.
     let reward = if cfg.resources.reward_server {
         let port = free_port()?;
-        let args = vec![opts.job.display().to_string(), s("--listen"), format!("127.0.0.1:{port}")];
+        let args = vec![opts.job.display().to_string(), s("--listen"), format!("127.0.0.1:{port}"), s("--job-id"), job.id.clone()];
         sup.start("reward", 0, "sluice-reward-server", args, bar)?;
         Some(format!("http://{}", wait_listening(rx, sup, "reward", 0, Duration::from_secs(60))?))
     } else {

@@ -40,7 +40,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn serve(rt: &tokio::runtime::Runtime, job: &JobConfig) -> String {
-    let state = rt.block_on(sluice_reward_server::server::start(job)).unwrap();
+    let state = rt.block_on(sluice_reward_server::server::start(job, "bench")).unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     rt.spawn(sluice_reward_server::server::serve(state, listener, None, None, std::future::pending()));

@@ -2,13 +2,13 @@
 //! kept for reward models that learn from labels.
 //!
 //! `memory` lives and dies with the process (dev mode); `redis://` keeps labels
-//! across reward-server restarts under `sluice:<job>:label:<hash>` (JSON
-//! `{"helpful": bool, "caption": text}`), with `sluice:<job>:labels` counting them.
+//! across reward-server restarts under `sluice:labels:<job id>:label:<hash>` (JSON
+//! `{"helpful": bool, "caption": text}`), with `sluice:labels:<job id>:labels` counting them.
 //! A label, once written, is never overwritten (`SET NX`).
 //!
 //! The ranking model learns from pairwise [`Preference`]s instead: Redis keeps
-//! them in the list `sluice:<job>:prefs` (JSON, oldest first) and the hashes of
-//! captions already compared in the set `sluice:<job>:ranked`.
+//! them in the list `sluice:labels:<job id>:prefs` (JSON, oldest first) and the hashes of
+//! captions already compared in the set `sluice:labels:<job id>:ranked`.
 
 use sluice_core::kinds::StoreUrl;
 use std::collections::{HashMap, HashSet};
@@ -45,7 +45,9 @@ pub struct Memory {
 
 pub enum LabelStore {
     Memory(Mutex<Memory>),
-    Redis { conn: redis::aio::MultiplexedConnection, prefix: String },
+    /// The connection reconnects by itself after Redis restarts (a call during
+    /// the outage fails; scoring goes on without intrinsic values meanwhile).
+    Redis { conn: redis::aio::ConnectionManager, prefix: String },
 }
 
 impl std::fmt::Debug for LabelStore {
@@ -65,11 +67,15 @@ impl LabelStore {
             StoreUrl::Redis(url) => url.as_str(),
         };
         let client = redis::Client::open(spec).map_err(|e| Error::Store(format!("{spec}: {e}")))?;
-        let conn = client
-            .get_multiplexed_async_connection()
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_max_delay(1000)
+            .set_number_of_retries(1)
+            .set_connection_timeout(std::time::Duration::from_secs(2))
+            .set_response_timeout(std::time::Duration::from_secs(3));
+        let conn = redis::aio::ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| Error::Store(format!("cannot connect to {spec}: {e}")))?;
-        Ok(LabelStore::Redis { conn, prefix: format!("sluice:{job}") })
+        Ok(LabelStore::Redis { conn, prefix: format!("sluice:labels:{job}") })
     }
 
     fn key(prefix: &str, hash: u64) -> String {

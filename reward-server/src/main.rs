@@ -25,6 +25,11 @@ struct Args {
     /// Override reward.store (`memory` or a redis:// URL).
     #[arg(long, env = "SLUICE_REWARD_STORE")]
     store: Option<sluice_core::kinds::StoreUrl>,
+    /// The job's id at the orchestrator (or any name unique to this run):
+    /// labels are stored under it, so two jobs with the same `name` keep
+    /// separate labels. Without it, the job's `name`.
+    #[arg(long, env = "SLUICE_JOB_ID")]
+    job_id: Option<String>,
     #[command(flatten)]
     security: sluice_proto::serve::ServerSecurity,
 }
@@ -38,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         job.reward.store = store;
     }
     let tls = args.security.tls().map_err(anyhow::Error::msg)?;
-    sluice_reward_server::server::run(job, &args.listen, args.security.token.as_deref(), tls.as_ref(), |e| {
+    sluice_reward_server::server::run(job, args.job_id.as_deref(), &args.listen, args.security.token.as_deref(), tls.as_ref(), |e| {
         println!("{}", serde_json::to_string(e).expect("events serialise"));
     })?;
     Ok(())

@@ -27,9 +27,11 @@ pub enum ServerEvent {
 }
 
 /// Builds the shared state and starts the annotator loop on the current runtime.
-pub async fn start(job: &JobConfig) -> Result<Arc<State>> {
+/// Labels are stored under `labels_of` — the job's id when an orchestrator gave
+/// one, so two jobs with the same name never share (or poison) labels.
+pub async fn start(job: &JobConfig, labels_of: &str) -> Result<Arc<State>> {
     let cfg = job.reward.clone();
-    let store = Arc::new(LabelStore::open(&cfg.store, &job.name).await?);
+    let store = Arc::new(LabelStore::open(&cfg.store, labels_of).await?);
     let queue = Arc::new(CaptionQueue::new(cfg.queue_capacity));
     let annotator = Arc::new(Annotator::from_config(&cfg)?);
     let counters = Arc::new(Counters::default());
@@ -122,8 +124,11 @@ pub async fn serve(
 }
 
 /// Runs the reward server for `job` on `listen` until Ctrl-C / SIGTERM.
+/// Runs the server until Ctrl-C / SIGTERM; labels are kept under `job_id`
+/// (else the job's name, for a job run without an orchestrator).
 pub fn run(
     job: JobConfig,
+    job_id: Option<&str>,
     listen: &str,
     token: Option<&str>,
     tls: Option<&ServerFiles>,
@@ -136,7 +141,7 @@ pub fn run(
         .build()
         .map_err(|e| Error::Io { what: "async runtime".into(), source: e })?;
     rt.block_on(async {
-        let state = start(&job).await?;
+        let state = start(&job, job_id.unwrap_or(&job.name)).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| Error::Io { what: format!("listen address {listen}"), source: e })?;

@@ -135,7 +135,7 @@ fn labels_are_learned_in_the_background_and_survive_a_restart_in_redis() {
     let dir = tempfile::tempdir().unwrap();
     let (_redis, url) = redis();
     let job = job(dir.path(), ONI);
-    let (mut s1, ep) = server(&job, &url);
+    let (mut s1, ep) = server_with(&job, &url, &["--job-id", "rw-1"]);
     let episode = || vec![item("e", "", "", "", &["You found a KEY.", "a wall", "you found a key."])];
     // Unlabelled: intrinsic 0 now, nothing waits.
     let (first, v0) = score(&ep, episode());
@@ -149,11 +149,15 @@ fn labels_are_learned_in_the_background_and_survive_a_restart_in_redis() {
     assert!(v1 >= 1 && v1 >= v0, "the reward model version moves when labels arrive ({v0} -> {v1})");
     // A new reward-server process answers from the labels in Redis at once.
     drop(std::mem::replace(&mut s1, Killed(Command::new("true").spawn().unwrap())));
-    let (_s2, ep2) = server(&job, &url);
+    let (_s2, ep2) = server_with(&job, &url, &["--job-id", "rw-1"]);
     let (third, _) = score(&ep2, episode());
     assert!((third[0].intrinsic - 1.125).abs() < 1e-12, "{:?}", third[0]);
     let st2 = stats(&ep2);
     assert_eq!((st2.labelled, st2.annotated), (2, 0), "{st2:?}");
+    // Another job with the same name starts from no labels: labels are kept per job id.
+    let (_s3, ep3) = server_with(&job, &url, &["--job-id", "rw-2"]);
+    let (fourth, _) = score(&ep3, episode());
+    assert_eq!(fourth[0].intrinsic, 0.0, "job rw-2 saw job rw-1's labels: {:?}", fourth[0]);
 }
 
 /// With a token, every Reward call without it (or with another) is refused
