@@ -91,10 +91,27 @@ fn check_item(item: &ScoreItem) -> Result<Checked, String> {
     Ok(Checked { extrinsic, captions })
 }
 
+/// Checks and verifies every item on a blocking thread (regexes and long
+/// responses must not hold up the async runtime, which also answers health
+/// probes); an item whose verifier panicked fails alone, with a reason.
+async fn check_items(items: Vec<ScoreItem>) -> (Vec<ScoreItem>, Vec<Result<Checked, String>>) {
+    let work = tokio::task::spawn_blocking(move || {
+        let checked = items
+            .iter()
+            .map(|item| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check_item(item)))
+                    .unwrap_or_else(|_| Err(format!("verifier `{}` failed on this item (internal error)", item.verifier)))
+            })
+            .collect();
+        (items, checked)
+    });
+    work.await.expect("the checking thread returns (panics are caught per item)")
+}
+
 impl State {
     /// Scores a batch (the work behind `Score`).
-    pub async fn score(&self, items: &[ScoreItem]) -> Vec<ItemScore> {
-        let checked: Vec<Result<Checked, String>> = items.iter().map(check_item).collect();
+    pub async fn score(&self, items: Vec<ScoreItem>) -> Vec<ItemScore> {
+        let (items, checked) = check_items(items).await;
         let intrinsic_on = self.intrinsic.is_some();
         // One store round trip for every distinct caption of the batch; then
         // each caption's value r_int(c) before the count decay.
@@ -180,7 +197,7 @@ impl Reward for RewardService {
             return Err(Status::invalid_argument(format!("{} items, over the limit of {MAX_SCORE_ITEMS}", req.items.len())));
         }
         let span = tracing::info_span!("score", items = req.items.len());
-        let scores = tracing::Instrument::instrument(self.state.score(&req.items), span).await;
+        let scores = tracing::Instrument::instrument(self.state.score(req.items), span).await;
         items_scored().add(scores.len() as u64, &[]);
         Ok(Response::new(ScoreResponse { scores, reward_model_version: self.state.version() }))
     }

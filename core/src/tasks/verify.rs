@@ -97,11 +97,29 @@ impl Verifier {
     }
 }
 
+/// Patterns compiled per thread, kept for the next item: the members of a
+/// group (and its `check_answer`) share one answer, so it compiles once.
+const REGEX_CACHE: usize = 256;
+
 fn build_regex(pattern: &str) -> Result<regex::Regex, String> {
-    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+    thread_local! {
+        static CACHE: std::cell::RefCell<std::collections::HashMap<String, regex::Regex>> = Default::default();
+    }
+    if let Some(re) = CACHE.with(|c| c.borrow().get(pattern).cloned()) {
+        return Ok(re);
+    }
+    let re = regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
         .size_limit(1 << 20)
         .build()
-        .map_err(|e| format!("invalid regex `{pattern}`: {e}"))
+        .map_err(|e| format!("invalid regex `{pattern}`: {e}"))?;
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= REGEX_CACHE {
+            c.clear();
+        }
+        c.insert(pattern.to_string(), re.clone());
+    });
+    Ok(re)
 }
 
 /// The content of the last balanced `\boxed{...}` in `text`.
