@@ -291,3 +291,24 @@ fn jobs_list_in_pages_and_ended_jobs_can_be_deleted() {
         assert!(keys.is_empty(), "{keys:?}");
     });
 }
+
+/// Two orchestrators on one Redis under different prefixes keep separate jobs
+/// (and job numbers); each finds its own after a restart.
+#[test]
+fn orchestrators_sharing_a_redis_keep_apart_by_prefix() {
+    let redis = Redis::start();
+    rt().block_on(async {
+        let a = Orchestrator::open(Store::open_prefixed(&redis.url, "team-a").await.unwrap(), LEASE).await.unwrap();
+        let b = Orchestrator::open(Store::open_prefixed(&redis.url, "team-b").await.unwrap(), LEASE).await.unwrap();
+        let ja = a.submit(SPEC.into()).await.unwrap().id;
+        let jb = b.submit(SPEC.into()).await.unwrap().id;
+        assert_eq!((ja.as_str(), jb.as_str()), ("ks-1", "ks-1"), "each prefix numbers its own jobs");
+        a.cancel(&ja, "only a's").await.unwrap();
+        drop((a, b));
+        let b = Orchestrator::open(Store::open_prefixed(&redis.url, "team-b").await.unwrap(), LEASE).await.unwrap();
+        let job = b.get(&jb).await.unwrap();
+        assert_eq!(job.state, v1::JobState::Queued as i32, "team-a's cancel did not touch team-b's job");
+        assert_eq!(b.list(0, "").await.unwrap().0.len(), 1);
+        assert!(matches!(Store::open_prefixed(&redis.url, "has space").await, Err(Error::Invalid(_))));
+    });
+}
