@@ -1,10 +1,12 @@
 //! The orchestrator's state and the `sluice.v1.Orchestrator` gRPC service.
 //!
-//! [`Orchestrator`] holds every job's [`Job`] driver and the live workers under
-//! one async mutex, and writes each mutation through to the [`Store`] before
-//! answering (so a restart with Redis loses no answered request). Workers keep
-//! a lease alive by heartbeats; [`Orchestrator::sweep`] drops workers whose
-//! lease ran out and puts their work items back in the queue.
+//! [`Orchestrator`] holds every job's [`Job`] driver, each under its own async
+//! mutex, and the live workers, and writes each mutation through to the
+//! [`Store`] before answering (so a restart with Redis loses no answered
+//! request). A call holds only its job's lock across the store write, so calls
+//! on different jobs do not wait for each other's Redis round trip. Workers
+//! keep a lease alive by heartbeats; [`Orchestrator::sweep`] drops workers
+//! whose lease ran out and puts their work items back in the queue.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -13,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sluice_core::limits::{ECHOED_ID_CHARS, MAX_ID_BYTES, MAX_LIST_PAGE, MAX_WORK_ITEMS_PER_CALL};
 use sluice_proto::v1::{self, event::Body, orchestrator_server};
-use tokio::sync::{mpsc, Mutex, MutexGuard};
+use tokio::sync::{mpsc, Mutex, OwnedMutexGuard, RwLock, RwLockReadGuard};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -54,17 +56,26 @@ struct Live {
     deadline_ms: u64,
 }
 
+type Workers = HashMap<String, Live>;
+
+/// The job map. Calls read-lock it and then lock the one job they touch, which
+/// they hold across that job's store write: calls on one job are serialised
+/// (memory and store change together), calls on different jobs are not.
+/// Adding or removing a job, and re-reading everything after a store failure,
+/// take the write lock.
 #[derive(Debug, Default)]
 struct State {
-    jobs: BTreeMap<String, Job>,
-    workers: HashMap<String, Live>,
+    jobs: BTreeMap<String, Arc<Mutex<Job>>>,
+    /// Memory store only (Redis hands out job numbers itself).
     next_job: u64,
 }
 
 /// The orchestrator: jobs, workers, dispatch.
 #[derive(Debug)]
 pub struct Orchestrator {
-    state: Mutex<State>,
+    state: RwLock<State>,
+    /// Live workers; a plain mutex, never held across an await.
+    workers: std::sync::Mutex<Workers>,
     store: Store,
     /// A worker's lease lasts this long after each heartbeat.
     pub lease_ms: u64,
@@ -80,14 +91,98 @@ fn state_wire(s: JobState) -> v1::JobState {
     }
 }
 
-impl State {
-    fn job(&mut self, id: &str) -> Result<&mut Job> {
-        self.jobs.get_mut(id).ok_or_else(|| Error::NotFound(format!("job `{}`", clip(id))))
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("job `{}`", clip(id)))
+}
+
+/// The worker `id`, which must work for `job`.
+fn worker_of<'w>(workers: &'w Workers, id: &str, job: &str) -> Result<&'w Live> {
+    let live = workers.get(id).ok_or_else(|| Error::NotFound(format!("worker `{}` (register again)", clip(id))))?;
+    if live.worker.job != job {
+        return Err(Error::Invalid(format!("worker `{}` works for job `{}`, not `{}`", clip(id), live.worker.job, clip(job))));
+    }
+    Ok(live)
+}
+
+impl Orchestrator {
+    /// Opens the orchestrator over `store`, restoring whatever it holds.
+    pub async fn open(store: Store, lease: Duration) -> Result<Orchestrator> {
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let (state, workers) = Self::restore(&store, lease_ms).await?;
+        if !state.jobs.is_empty() {
+            tracing::info!(jobs = state.jobs.len(), workers = workers.len(), "restored state from {}", store.describe());
+        }
+        Ok(Orchestrator { state: RwLock::new(state), workers: std::sync::Mutex::new(workers), store, lease_ms })
     }
 
+    /// The jobs and workers as the store holds them.
+    async fn restore(store: &Store, lease_ms: u64) -> Result<(State, Workers)> {
+        let snap = store.load().await?;
+        let now = now_ms();
+        let mut state = State { next_job: snap.next_job, ..State::default() };
+        for job in snap.jobs {
+            state.jobs.insert(job.rec.id.clone(), Arc::new(Mutex::new(job)));
+        }
+        // Workers whose lease was alive get a fresh one: they are heard from or expire.
+        let workers = snap.workers.into_iter().map(|w| (w.id.clone(), Live { worker: w, deadline_ms: now + lease_ms })).collect();
+        Ok((state, workers))
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, Workers> {
+        self.workers.lock().expect("workers lock")
+    }
+
+    /// Re-reads jobs and workers from the store if a write failed since the
+    /// last look (memory may then hold changes the store does not: they are
+    /// dropped, as the call that made them was answered UNAVAILABLE). While the
+    /// store stays unreachable this fails UNAVAILABLE.
+    async fn recover(&self) -> Result<()> {
+        if !self.store.is_failed() {
+            return Ok(());
+        }
+        // The flag is taken under the write lock: no call runs on the old state meanwhile.
+        let mut st = self.state.write().await;
+        if !self.store.take_failed() {
+            return Ok(()); // another call re-read it while this one waited
+        }
+        match Self::restore(&self.store, self.lease_ms).await {
+            Ok((fresh, workers)) => {
+                tracing::warn!(jobs = fresh.jobs.len(), "state read back from {} after a store failure", self.store.describe());
+                *st = fresh;
+                *self.workers() = workers;
+                Ok(())
+            }
+            Err(e) => {
+                self.store.mark_failed();
+                Err(e)
+            }
+        }
+    }
+
+    /// The job map, read-locked (after [`Orchestrator::recover`]).
+    async fn read(&self) -> Result<RwLockReadGuard<'_, State>> {
+        self.recover().await?;
+        Ok(self.state.read().await)
+    }
+
+    /// Job `id`, locked, with the map read-locked. If a store write failed
+    /// while this call waited for the job, the state is re-read first: no call
+    /// builds on a change the store may lack.
+    async fn job(&self, id: &str) -> Result<(RwLockReadGuard<'_, State>, OwnedMutexGuard<Job>)> {
+        loop {
+            let st = self.read().await?;
+            let job = st.jobs.get(id).cloned().ok_or_else(|| not_found(id))?;
+            let guard = job.lock_owned().await;
+            if !self.store.is_failed() {
+                return Ok((st, guard));
+            }
+        }
+    }
+
+    /// A job as the API shows it.
     fn wire(&self, job: &Job) -> v1::Job {
         let p = &job.rec.progress;
-        let live = self.workers.values().filter(|l| l.worker.job == job.rec.id).count() as u32;
+        let live = self.workers().values().filter(|l| l.worker.job == job.rec.id).count() as u32;
         v1::Job {
             id: job.rec.id.clone(),
             name: job.rec.name.clone(),
@@ -113,86 +208,35 @@ impl State {
         }
     }
 
-    /// The worker `id`, which must work for `job`.
-    fn worker(&self, id: &str, job: &str) -> Result<&Live> {
-        let live = self.workers.get(id).ok_or_else(|| Error::NotFound(format!("worker `{}` (register again)", clip(id))))?;
-        if live.worker.job != job {
-            return Err(Error::Invalid(format!("worker `{}` works for job `{}`, not `{}`", clip(id), live.worker.job, clip(job))));
-        }
-        Ok(live)
-    }
-}
-
-impl Orchestrator {
-    /// Opens the orchestrator over `store`, restoring whatever it holds.
-    pub async fn open(store: Store, lease: Duration) -> Result<Orchestrator> {
-        let lease_ms = lease.as_millis().max(1) as u64;
-        let state = Self::restore(&store, lease_ms).await?;
-        if !state.jobs.is_empty() {
-            tracing::info!(jobs = state.jobs.len(), workers = state.workers.len(), "restored state from {}", store.describe());
-        }
-        Ok(Orchestrator { state: Mutex::new(state), store, lease_ms })
-    }
-
-    /// The state as the store holds it.
-    async fn restore(store: &Store, lease_ms: u64) -> Result<State> {
-        let snap = store.load().await?;
-        let now = now_ms();
-        let mut state = State { next_job: snap.next_job, ..State::default() };
-        for job in snap.jobs {
-            state.jobs.insert(job.rec.id.clone(), job);
-        }
-        // Workers whose lease was alive get a fresh one: they are heard from or expire.
-        for w in snap.workers {
-            state.workers.insert(w.id.clone(), Live { worker: w, deadline_ms: now + lease_ms });
-        }
-        Ok(state)
-    }
-
-    /// The state, read back from the store first if a write failed since the
-    /// last call (memory may then hold changes the store does not: they are
-    /// dropped, as the RPC that made them was answered UNAVAILABLE). While the
-    /// store stays unreachable every call fails UNAVAILABLE.
-    async fn lock(&self) -> Result<MutexGuard<'_, State>> {
-        let mut st = self.state.lock().await;
-        if self.store.take_failed() {
-            match Self::restore(&self.store, self.lease_ms).await {
-                Ok(fresh) => {
-                    tracing::warn!(jobs = fresh.jobs.len(), "state read back from {} after a store failure", self.store.describe());
-                    *st = fresh;
-                }
-                Err(e) => {
-                    self.store.mark_failed();
-                    return Err(e);
-                }
-            }
-        }
-        Ok(st)
-    }
-
     pub fn store(&self) -> &Store {
         &self.store
     }
 
     pub async fn submit(&self, spec_toml: String) -> Result<v1::Job> {
-        // A bad (or oversized) spec is refused before it costs a job number or the lock.
+        // A bad (or oversized) spec is refused before it costs a job number or a lock.
         let cfg = sluice_core::config::JobConfig::from_toml(&spec_toml)?;
-        let mut st = self.lock().await?;
-        let n = self.store.next_job_number(st.next_job + 1).await?;
-        st.next_job = n;
+        self.recover().await?;
+        let n = match self.store.next_job_number().await? {
+            Some(n) => n,
+            None => {
+                let mut st = self.state.write().await;
+                st.next_job += 1;
+                st.next_job
+            }
+        };
         let id = format!("{}-{n}", cfg.name);
         let (job, ch) = Job::submit(id.clone(), spec_toml, now_ms())?;
+        // Nobody else sees the job yet: written first, then added.
         self.store.apply(&job, &ch).await?;
+        let out = self.wire(&job);
+        self.state.write().await.jobs.insert(id.clone(), Arc::new(Mutex::new(job)));
         tracing::info!(job = %id, "submitted");
-        let out = st.wire(&job);
-        st.jobs.insert(id, job);
         Ok(out)
     }
 
     pub async fn get(&self, id: &str) -> Result<v1::Job> {
-        let st = self.lock().await?;
-        let job = st.jobs.get(id).ok_or_else(|| Error::NotFound(format!("job `{}`", clip(id))))?;
-        Ok(st.wire(job))
+        let (_st, job) = self.job(id).await?;
+        Ok(self.wire(&job))
     }
 
     /// One page of job summaries (no spec), newest first, and the token of
@@ -206,23 +250,23 @@ impl Orchestrator {
             Some((ms.parse::<u64>().map_err(|_| bad())?, id.to_string()))
         };
         let size = if page_size == 0 { 100 } else { page_size.min(MAX_LIST_PAGE) };
-        let st = self.lock().await?;
-        let mut keys: Vec<(u64, &String)> = st.jobs.values().map(|j| (j.rec.created_ms, &j.rec.id)).collect();
+        let st = self.read().await?;
+        let mut keys = Vec::with_capacity(st.jobs.len());
+        for (id, job) in &st.jobs {
+            keys.push((job.lock().await.rec.created_ms, id));
+        }
         // Newest first; ties by id, so the order (and the token) is total.
         keys.sort_by(|a, b| b.cmp(a));
         let start = match &after {
             None => 0,
             Some((ms, id)) => keys.partition_point(|&(m, i)| (m, i) >= (*ms, id)),
         };
-        let page: Vec<v1::Job> = keys[start..]
-            .iter()
-            .take(size)
-            .map(|(_, id)| {
-                let mut job = st.wire(&st.jobs[*id]);
-                job.spec_toml.clear();
-                job
-            })
-            .collect();
+        let mut page = Vec::new();
+        for (_, id) in keys[start..].iter().take(size) {
+            let mut job = self.wire(&*st.jobs[*id].lock().await);
+            job.spec_toml.clear();
+            page.push(job);
+        }
         let next = match page.last() {
             Some(last) if start + page.len() < keys.len() => format!("{}:{}", last.created_unix_ms, last.id),
             _ => String::new(),
@@ -232,47 +276,46 @@ impl Orchestrator {
 
     /// How many jobs the orchestrator holds.
     pub async fn job_count(&self) -> Result<usize> {
-        Ok(self.lock().await?.jobs.len())
+        Ok(self.read().await?.jobs.len())
     }
 
-    /// Forgets an ended job and everything stored with it.
+    /// Forgets an ended job and everything stored with it (under the write
+    /// lock: no call may touch the job between its keys going and its entry).
     pub async fn delete(&self, id: &str) -> Result<()> {
-        let mut st = self.lock().await?;
-        let job = st.job(id)?;
-        if !job.rec.state.is_final() {
-            return Err(Error::Precondition(format!(
-                "job `{id}` is {}: cancel it first (sluice cancel {id})",
-                job.rec.state.name()
-            )));
+        self.recover().await?;
+        let mut st = self.state.write().await;
+        let job = st.jobs.get(id).cloned().ok_or_else(|| not_found(id))?;
+        let state = job.lock().await.rec.state;
+        if !state.is_final() {
+            return Err(Error::Precondition(format!("job `{id}` is {}: cancel it first (sluice cancel {id})", state.name())));
         }
-        let workers: Vec<String> = st.workers.values().filter(|l| l.worker.job == id).map(|l| l.worker.id.clone()).collect();
+        let workers: Vec<String> = self.workers().values().filter(|l| l.worker.job == id).map(|l| l.worker.id.clone()).collect();
         self.store.delete_job(id, &workers).await?;
+        let mut live = self.workers();
         for w in &workers {
-            st.workers.remove(w);
+            live.remove(w);
         }
+        drop(live);
         st.jobs.remove(id);
         tracing::info!(job = %id, "deleted");
         Ok(())
     }
 
     pub async fn cancel(&self, id: &str, reason: &str) -> Result<v1::Job> {
-        let mut st = self.lock().await?;
-        let job = st.job(id)?;
+        let (_st, mut job) = self.job(id).await?;
         if job.rec.state.is_final() {
             return Err(Error::Precondition(format!("job `{id}` already {}", job.rec.state.name())));
         }
         let reason = if reason.is_empty() { "cancelled by the user" } else { reason };
         let ch = job.set_state(JobState::Cancelled, reason, now_ms());
-        self.store.apply(job, &ch).await?;
+        self.store.apply(&job, &ch).await?;
         tracing::info!(job = %id, "cancelled");
-        let st = &*st;
-        Ok(st.wire(&st.jobs[id]))
+        Ok(self.wire(&job))
     }
 
     /// Events from `from` on, and the job's state.
     pub async fn events(&self, id: &str, from: u64) -> Result<(Vec<(u64, String)>, JobState)> {
-        let mut st = self.lock().await?;
-        let job = st.job(id)?;
+        let (_st, job) = self.job(id).await?;
         let out = job.events.iter().enumerate().skip(from as usize).map(|(i, e)| (i as u64, e.clone())).collect();
         Ok((out, job.rec.state))
     }
@@ -286,19 +329,23 @@ impl Orchestrator {
                 return Err(Error::Invalid(format!("{field} is {} bytes, over the limit of {MAX_ID_BYTES}", value.len())));
             }
         }
-        let mut st = self.lock().await?;
         let job_id = if req.job_id.is_empty() {
-            st.jobs
-                .values()
-                .filter(|j| !j.rec.state.is_final())
-                .min_by_key(|j| (j.rec.created_ms, j.rec.id.clone()))
-                .map(|j| j.rec.id.clone())
-                .ok_or_else(|| Error::NotFound("no queued or running job".into()))?
+            // The oldest job not ended.
+            let st = self.read().await?;
+            let mut oldest: Option<(u64, String)> = None;
+            for (id, job) in &st.jobs {
+                let job = job.lock().await;
+                let key = (job.rec.created_ms, id.clone());
+                if !job.rec.state.is_final() && oldest.as_ref().is_none_or(|o| key < *o) {
+                    oldest = Some(key);
+                }
+            }
+            oldest.map(|(_, id)| id).ok_or_else(|| Error::NotFound("no queued or running job".into()))?
         } else {
             req.job_id.clone()
         };
         let now = now_ms();
-        let job = st.job(&job_id)?;
+        let (_st, mut job) = self.job(&job_id).await?;
         if job.rec.state.is_final() {
             return Err(Error::Precondition(format!("job `{job_id}` already {}", job.rec.state.name())));
         }
@@ -322,21 +369,23 @@ impl Orchestrator {
             address: worker.address.clone(),
         };
         job.event(&mut ch, now, Body::Worker(joined));
-        self.store.apply(job, &ch).await?;
+        self.store.apply(&job, &ch).await?;
         self.store.put_worker(&worker, self.lease_ms).await?;
         tracing::info!(worker = %worker.id, role = %worker.role, job = %job_id, "worker registered");
-        st.workers.insert(worker.id.clone(), Live { worker: worker.clone(), deadline_ms: now + self.lease_ms });
-        let job = st.wire(&st.jobs[&job_id]);
-        Ok(v1::RegisterWorkerResponse { worker_id: worker.id, job: Some(job), lease_ms: self.lease_ms })
+        self.workers().insert(worker.id.clone(), Live { worker: worker.clone(), deadline_ms: now + self.lease_ms });
+        Ok(v1::RegisterWorkerResponse { worker_id: worker.id, job: Some(self.wire(&job)), lease_ms: self.lease_ms })
     }
 
     pub async fn heartbeat(&self, req: v1::HeartbeatRequest) -> Result<v1::HeartbeatResponse> {
-        let mut st = self.lock().await?;
+        let (_st, mut job) = self.job(&req.job_id).await?;
         let now = now_ms();
-        let worker = st.worker(&req.worker_id, &req.job_id)?.worker.clone();
-        st.workers.get_mut(&req.worker_id).expect("found above").deadline_ms = now + self.lease_ms;
+        let worker = {
+            let mut workers = self.workers();
+            let worker = worker_of(&workers, &req.worker_id, &req.job_id)?.worker.clone();
+            workers.get_mut(&req.worker_id).expect("found above").deadline_ms = now + self.lease_ms;
+            worker
+        };
         self.store.put_worker(&worker, self.lease_ms).await?;
-        let job = st.job(&req.job_id)?;
         let mut ch = Changes::default();
         if req.step > job.rec.progress.step {
             job.rec.progress.step = req.step;
@@ -352,30 +401,28 @@ impl Orchestrator {
             ch.record |= more.record;
             ch.events.append(&mut more.events);
         }
-        self.store.apply(job, &ch).await?;
+        self.store.apply(&job, &ch).await?;
         Ok(v1::HeartbeatResponse { state: state_wire(job.rec.state) as i32, lease_ms: self.lease_ms })
     }
 
     pub async fn report_events(&self, req: v1::ReportEventsRequest) -> Result<u64> {
-        let mut st = self.lock().await?;
-        st.worker(&req.worker_id, &req.job_id)?;
-        let job = st.job(&req.job_id)?;
+        let (_st, mut job) = self.job(&req.job_id).await?;
+        worker_of(&self.workers(), &req.worker_id, &req.job_id)?;
         let ch = job.add_events(&req.events, now_ms())?;
-        self.store.apply(job, &ch).await?;
+        self.store.apply(&job, &ch).await?;
         Ok(job.events.len() as u64)
     }
 
     #[tracing::instrument(skip_all, fields(job = %req.job_id, worker = %req.worker_id))]
     pub async fn next_work(&self, req: v1::NextWorkRequest) -> Result<v1::NextWorkResponse> {
-        let mut st = self.lock().await?;
-        st.worker(&req.worker_id, &req.job_id)?;
-        let job = st.job(&req.job_id)?;
+        let (_st, mut job) = self.job(&req.job_id).await?;
+        worker_of(&self.workers(), &req.worker_id, &req.job_id)?;
         if job.rec.state.is_final() {
             return Ok(v1::NextWorkResponse { done: true, ..Default::default() });
         }
         let max = (req.max_items as usize).clamp(1, MAX_WORK_ITEMS_PER_CALL);
         let (items, ch) = job.next_work(&req.worker_id, max, now_ms());
-        self.store.apply(job, &ch).await?;
+        self.store.apply(&job, &ch).await?;
         counters().dispatched.add(items.len() as u64, &[]);
         let retry_after_ms = if items.is_empty() { 200 } else { 0 };
         let items = items
@@ -387,11 +434,10 @@ impl Orchestrator {
 
     #[tracing::instrument(skip_all, fields(job = %req.job_id, work = req.work_id))]
     pub async fn report_outcome(&self, req: v1::ReportOutcomeRequest) -> Result<bool> {
-        let mut st = self.lock().await?;
         // A worker whose lease expired may still report: the first outcome counts.
-        let job = st.job(&req.job_id)?;
+        let (_st, mut job) = self.job(&req.job_id).await?;
         let (counted, ch) = job.outcome(req.work_id, &req.rewards, now_ms())?;
-        self.store.apply(job, &ch).await?;
+        self.store.apply(&job, &ch).await?;
         let c = counters();
         if counted { c.completed.add(1, &[]) } else { c.duplicates.add(1, &[]) }
         Ok(counted)
@@ -399,16 +445,23 @@ impl Orchestrator {
 
     /// Drops workers whose lease ran out at `now` and re-queues their work.
     pub async fn sweep(&self, now: u64) -> Result<usize> {
-        let mut st = self.lock().await?;
-        let expired: Vec<Live> = st.workers.values().filter(|l| l.deadline_ms < now).cloned().collect();
+        let st = self.read().await?;
+        let expired: Vec<Live> = {
+            let mut workers = self.workers();
+            let gone: Vec<String> = workers.values().filter(|l| l.deadline_ms < now).map(|l| l.worker.id.clone()).collect();
+            gone.iter().filter_map(|id| workers.remove(id)).collect()
+        };
         for live in &expired {
-            st.workers.remove(&live.worker.id);
             self.store.remove_worker(&live.worker.id).await?;
-            if let Some(job) = st.jobs.get_mut(&live.worker.job) {
+            if let Some(job) = st.jobs.get(&live.worker.job) {
+                let mut job = job.lock().await;
+                if self.store.is_failed() {
+                    return Err(Error::Store("a store write failed; the state is read back first".into()));
+                }
                 let mut ch = job.release(&live.worker.id, now);
                 counters().redispatched.add(ch.items.len() as u64, &[]);
                 job.event(&mut ch, now, Body::WorkerLost(v1::WorkerLost { worker: live.worker.id.clone() }));
-                self.store.apply(job, &ch).await?;
+                self.store.apply(&job, &ch).await?;
             }
             tracing::warn!(worker = %live.worker.id, "lease expired");
         }

@@ -136,6 +136,14 @@ impl Store {
         }
     }
 
+    /// Whether a command failed and the state was not read back yet.
+    pub fn is_failed(&self) -> bool {
+        match self {
+            Store::Memory => false,
+            Store::Redis(r) => r.failed.load(Ordering::SeqCst),
+        }
+    }
+
     /// Marks the store failed (memory and Redis may differ).
     pub fn mark_failed(&self) {
         if let Store::Redis(r) = self {
@@ -173,13 +181,14 @@ impl Store {
         r.run(|mut c| async move { pipe.query_async::<()>(&mut c).await }).await
     }
 
-    /// The next job number (persisted in Redis so ids are never reused).
-    pub async fn next_job_number(&self, memory_next: u64) -> Result<u64> {
+    /// The next job number from Redis (persisted, so ids are never reused);
+    /// `None` for the memory store, which numbers jobs in memory.
+    pub async fn next_job_number(&self) -> Result<Option<u64>> {
         match self {
-            Store::Memory => Ok(memory_next),
+            Store::Memory => Ok(None),
             Store::Redis(r) => {
                 let key = format!("{}:next_job", r.prefix);
-                r.run(|mut c| async move { redis::cmd("INCR").arg(key).query_async(&mut c).await }).await
+                r.run(|mut c| async move { redis::cmd("INCR").arg(key).query_async(&mut c).await }).await.map(Some)
             }
         }
     }
