@@ -576,6 +576,30 @@ pub struct GrpoConfig {
     pub epochs: usize,
     /// Optimizer steps per epoch (the batch is split into this many mini-batches).
     pub mini_batches: usize,
+    /// Advantages are clamped to [-c, c] after normalisation; 0 turns it off.
+    /// Unset: 5 with knapsack budgets (one success in a group of N has
+    /// advantage (N-1)/sqrt(N), above 5 from N = 27), off otherwise.
+    pub advantage_clip: Option<f64>,
+    /// Decoupled PPO (AReaL): the learner recomputes proximal log-probs with
+    /// the weights at the start of the step, takes the clip around them, and
+    /// weighs each token by pi_prox / pi_behaviour (capped by `tis_cap`).
+    pub decoupled: bool,
+    /// Cap C on the behaviour importance weight pi_prox / pi_behaviour.
+    pub tis_cap: f64,
+    /// What happens above the cap: `truncate` (w = C) or `mask` (the token is not trained).
+    pub tis_mode: TisMode,
+}
+
+/// Truncated importance sampling in decoupled PPO: what a token whose
+/// behaviour weight exceeds `tis_cap` gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TisMode {
+    /// w = min(w, C).
+    #[default]
+    Truncate,
+    /// w = 0 above C (the token does not train).
+    Mask,
 }
 
 impl Default for GrpoConfig {
@@ -594,6 +618,10 @@ impl Default for GrpoConfig {
             max_refill_rounds: 2,
             epochs: 1,
             mini_batches: 1,
+            advantage_clip: None,
+            decoupled: false,
+            tis_cap: 5.0,
+            tis_mode: TisMode::Truncate,
         }
     }
 }
@@ -827,6 +855,10 @@ impl JobConfig {
         check(g.dual_clip == 0.0 || g.dual_clip > 1.0, "grpo.dual_clip", "must be 0 (off) or > 1")?;
         check(g.kl_coef >= 0.0, "grpo.kl_coef", "must be >= 0")?;
         check(g.epochs >= 1, "grpo.epochs", "must be >= 1")?;
+        if let Some(c) = g.advantage_clip {
+            check(c.is_finite() && c >= 0.0, "grpo.advantage_clip", "must be a finite number >= 0 (0 turns it off)")?;
+        }
+        check(g.tis_cap.is_finite() && g.tis_cap >= 1.0, "grpo.tis_cap", "must be a finite number >= 1")?;
         check(g.mini_batches >= 1, "grpo.mini_batches", "must be >= 1")?;
         check(
             (g.overlong_buffer as i64) < self.sampling.max_new_tokens,
@@ -937,9 +969,20 @@ impl JobConfig {
                 check(self.bgpo.mc_samples >= 1, "bgpo.mc_samples", "must be >= 1")?;
                 check(self.grpo.epochs == 1 && self.grpo.mini_batches == 1, "grpo.epochs", "BGPO takes one update per batch: epochs and mini_batches must be 1")?;
                 check(self.grpo.kl_coef == 0.0, "grpo.kl_coef", "BGPO has no KL term: must be 0")?;
+                check(!self.grpo.decoupled, "grpo.decoupled", "decoupled PPO is a GRPO option; BGPO bounds its own ratio")?;
             }
         }
         Ok(())
+    }
+
+    /// The advantage clip in force: `grpo.advantage_clip`, else 5 with
+    /// knapsack budgets (the Knapsack RL reference clips at ±5), else off (0).
+    pub fn advantage_clip(&self) -> f64 {
+        match self.grpo.advantage_clip {
+            Some(c) => c,
+            None if self.budget.strategy == BudgetStrategy::Knapsack => 5.0,
+            None => 0.0,
+        }
     }
 
     /// The generation budget used by `seq-mean-token-sum-norm`.

@@ -42,6 +42,13 @@ pub struct StepMetrics {
     pub staleness_mean: f64,
     /// Seconds the step waited for rollouts (distributed learner).
     pub wait_seconds: f64,
+    /// Decoupled PPO: mean and maximum behaviour weight pi_prox / pi_behav over
+    /// trained tokens (before the cap), the share above `tis_cap`, and tokens
+    /// whose weight was not finite (never trained). 0 without decoupling.
+    pub behaviour_weight_mean: f64,
+    pub behaviour_weight_max: f64,
+    pub behaviour_over_cap_fraction: f64,
+    pub behaviour_non_finite: u64,
 }
 
 /// Seconds since the Unix epoch, for metrics lines.
@@ -104,6 +111,10 @@ impl From<&Event> for v1::Event {
                 wait_seconds: m.wait_seconds,
                 unix_time: m.unix_time,
                 lr: m.lr,
+                behaviour_weight_mean: m.behaviour_weight_mean,
+                behaviour_weight_max: m.behaviour_weight_max,
+                behaviour_over_cap_fraction: m.behaviour_over_cap_fraction,
+                behaviour_non_finite: m.behaviour_non_finite,
             }),
             Event::Eval { step, sft_step, reward_mean, prompts, samples } => Body::Eval(v1::Evaluation {
                 step: *step,

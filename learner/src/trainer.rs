@@ -239,7 +239,8 @@ impl Trainer {
     /// reward, generation speed, step and step time. Every rank of a
     /// data-parallel group must call it once per step (with any number of groups).
     pub fn train_on(&mut self, groups: &[Group]) -> Result<StepMetrics> {
-        let (advantages, effective) = grpo::advantages(groups, &self.cfg.grpo, self.sampling.max_new_tokens as usize);
+        let clip = self.cfg.advantage_clip();
+        let (advantages, effective) = grpo::advantages(groups, &self.cfg.grpo, self.sampling.max_new_tokens as usize, clip);
         let trained = || groups.iter().flat_map(|g| &g.rollouts).filter(|r| !r.response_tokens.is_empty());
         let mut counts = [
             effective as f64,
