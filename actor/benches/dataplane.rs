@@ -10,8 +10,12 @@
 //! * `staleness`: wall-clock per training step of a real learner process with
 //!   2 (and 1) real actor processes, max_staleness 4 against 0 (binaries from
 //!   `--bin-dir`, default: next to this bench's `sluice-actor`).
+//! * `stale-objective`: held-out reward of the arithmetic job (tiny preset, as
+//!   in `examples/arithmetic.toml`) trained by a learner and two actors at
+//!   max_staleness 0 and 4, with plain GRPO and with decoupled PPO, three
+//!   seeds each (not a timing: a learning-curve comparison).
 //!
-//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|staleness]... [--smoke]`
+//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|staleness|stale-objective]... [--smoke]`
 //! (scripts/bench-dataplane.sh builds the release binaries first).
 
 use std::io::{Read, Write};
@@ -226,18 +230,39 @@ fn bin_dir() -> PathBuf {
 
 /// Seconds per step of a learner with `n_actors` actors (steps after the first, which includes warm-up).
 fn run_job(bins: &std::path::Path, dir: &std::path::Path, staleness: u64, steps: u64, n_actors: usize) -> f64 {
-    let job = dir.join(format!("job-{staleness}.toml"));
-    std::fs::write(
-        &job,
-        format!(
-            "name = \"bench\"\n[model]\npreset = \"small\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\ndigits = 2\n\
-             [sampling]\nmax_new_tokens = 16\n[grpo]\ngroup_size = 8\n\
-             [train]\nsteps = {steps}\nprompts_per_step = 8\neval_prompts = 8\nmicro_batch_size = 32\n\
-             [rollout]\nmax_staleness = {staleness}\nbuffer_groups = 16\n"
-        ),
-    )
-    .unwrap();
-    let out = dir.join(format!("out-{staleness}"));
+    let body = format!(
+        "name = \"bench\"\n[model]\npreset = \"small\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\ndigits = 2\n\
+         [sampling]\nmax_new_tokens = 16\n[grpo]\ngroup_size = 8\n\
+         [train]\nsteps = {steps}\nprompts_per_step = 8\neval_prompts = 8\nmicro_batch_size = 32\n\
+         [rollout]\nmax_staleness = {staleness}\nbuffer_groups = 16\n"
+    );
+    let run = run_learner_and_actors(bins, dir, &format!("s{staleness}"), &body, n_actors);
+    run.seconds_per_step(steps)
+}
+
+/// What a learner reported while a job ran.
+struct Run {
+    /// When each step event arrived.
+    step_times: Vec<Instant>,
+    /// (step, held-out reward) of each evaluation.
+    evals: Vec<(u64, f64)>,
+    /// Per step: mean staleness and mean behaviour weight.
+    staleness: Vec<f64>,
+    weights: Vec<f64>,
+}
+
+impl Run {
+    /// Seconds per step after the first (which includes warm-up).
+    fn seconds_per_step(&self, steps: u64) -> f64 {
+        (*self.step_times.last().unwrap() - self.step_times[0]).as_secs_f64() / (steps - 1) as f64
+    }
+}
+
+/// Runs the job `body` with one learner and `n_actors` actor processes to the end.
+fn run_learner_and_actors(bins: &std::path::Path, dir: &std::path::Path, tag: &str, body: &str, n_actors: usize) -> Run {
+    let job = dir.join(format!("job-{tag}.toml"));
+    std::fs::write(&job, body).unwrap();
+    let out = dir.join(format!("out-{tag}"));
     let mut learner = Command::new(bins.join("sluice-learner"))
         .args([job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--out", out.to_str().unwrap(), "--fresh", "--linger-s", "2"])
         .env("OMP_NUM_THREADS", "1")
@@ -268,14 +293,15 @@ fn run_job(bins: &std::path::Path, dir: &std::path::Path, staleness: u64, steps:
                 .unwrap()
         })
         .collect();
-    let mut first = None;
-    let mut last = Instant::now();
+    let mut run = Run { step_times: Vec::new(), evals: Vec::new(), staleness: Vec::new(), weights: Vec::new() };
     for v in rx.iter() {
         if v["event"] == "step" {
-            last = Instant::now();
-            if first.is_none() {
-                first = Some(last);
-            }
+            run.step_times.push(Instant::now());
+            run.staleness.push(v["staleness_mean"].as_f64().unwrap_or(0.0));
+            run.weights.push(v["behaviour_weight_mean"].as_f64().unwrap_or(0.0));
+        }
+        if v["event"] == "eval" {
+            run.evals.push((v["step"].as_u64().unwrap_or(0), v["reward_mean"].as_f64().unwrap_or(f64::NAN)));
         }
         if v["event"] == "finished" {
             break;
@@ -285,7 +311,58 @@ fn run_job(bins: &std::path::Path, dir: &std::path::Path, staleness: u64, steps:
     for a in &mut actors {
         let _ = a.wait();
     }
-    (last - first.unwrap()).as_secs_f64() / (steps - 1) as f64
+    run
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (m, var.sqrt())
+}
+
+/// Held-out reward at max_staleness 0 and 4, plain GRPO and decoupled PPO,
+/// three seeds each, with the same job otherwise (examples/arithmetic.toml's
+/// policy, task and optimiser).
+fn stale_objective() {
+    let bins = bin_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let (steps, seeds, every) = if smoke() { (4u64, 1u64, 2u64) } else { (300, 3, 25) };
+    println!("## stale-objective: learner + 2 actors, arithmetic (tiny preset), {steps} steps, {seeds} seeds; held-out reward");
+    println!("| max_staleness | objective | final reward (mean of last 3 evals), mean ± sd | mean reward over all evals | mean staleness | mean behaviour weight |");
+    println!("|---|---|---|---|---|---|");
+    for staleness in [0u64, 4] {
+        for decoupled in [false, true] {
+            let (mut finals, mut areas, mut stale, mut w) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for seed in 0..seeds {
+                let body = format!(
+                    "name = \"bench\"\n[model]\npreset = \"tiny\"\ndevice = \"cpu\"\ninit_seed = {seed}\n\
+                     [task]\nkind = \"arithmetic\"\ndigits = 1\noperands = 2\noperators = [\"+\"]\n\
+                     [sampling]\ntemperature = 1.0\nmax_new_tokens = 4\n\
+                     [grpo]\ngroup_size = 8\nclip_high = 0.28\ndecoupled = {decoupled}\n\
+                     [train]\nsteps = {steps}\nprompts_per_step = 16\nlr = 1e-3\nsft_steps = 40\nsft_batch_size = 32\n\
+                     sft_lr = 3e-3\neval_every = {every}\neval_prompts = 128\nseed = {seed}\n\
+                     [rollout]\nmax_staleness = {staleness}\nbuffer_groups = 64\n"
+                );
+                let run = run_learner_and_actors(&bins, dir.path(), &format!("o{staleness}{decoupled}{seed}"), &body, 2);
+                let r: Vec<f64> = run.evals.iter().map(|e| e.1).collect();
+                let tail = &r[r.len().saturating_sub(3)..];
+                finals.push(tail.iter().sum::<f64>() / tail.len().max(1) as f64);
+                areas.push(r.iter().sum::<f64>() / r.len().max(1) as f64);
+                stale.push(run.staleness.iter().sum::<f64>() / run.staleness.len().max(1) as f64);
+                w.push(run.weights.iter().sum::<f64>() / run.weights.len().max(1) as f64);
+                eprintln!("staleness {staleness} decoupled {decoupled} seed {seed}: evals {:?}", run.evals);
+            }
+            let (f, fsd) = mean_sd(&finals);
+            let (a, asd) = mean_sd(&areas);
+            let name = if decoupled { "decoupled PPO" } else { "GRPO" };
+            println!(
+                "| {staleness} | {name} | {f:.3} ± {fsd:.3} | {a:.3} ± {asd:.3} | {:.2} | {} |",
+                mean_sd(&stale).0,
+                if decoupled { format!("{:.3}", mean_sd(&w).0) } else { "—".into() }
+            );
+        }
+    }
 }
 
 fn staleness() {
@@ -313,5 +390,8 @@ fn main() {
     }
     if want("staleness") {
         staleness();
+    }
+    if want("stale-objective") {
+        stale_objective();
     }
 }
