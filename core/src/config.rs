@@ -41,6 +41,9 @@ pub struct JobConfig {
     /// BGPO's ELBO estimator.
     #[serde(default)]
     pub bgpo: BgpoConfig,
+    /// DisCO's score, DRO temperature and trust region.
+    #[serde(default)]
+    pub disco: DiscoConfig,
     /// Optimisation, supervised warm-up, evaluation and checkpoints.
     #[serde(default)]
     pub train: TrainConfig,
@@ -75,6 +78,39 @@ pub enum Algorithm {
     Grpo,
     /// BGPO (arXiv 2510.11683) on a masked diffusion policy.
     Bgpo,
+    /// DisCO (discriminative constrained optimisation) on an autoregressive policy.
+    Disco,
+}
+
+/// How DisCO scores a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoScore {
+    /// Mean token log-likelihood under the current policy (log-L).
+    #[default]
+    LogL,
+    /// Sequence likelihood ratio to the behaviour policy (L-ratio).
+    LRatio,
+}
+
+/// DisCO settings (DESIGN.md, "Objectives, phase 2").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoConfig {
+    pub score: DiscoScore,
+    /// DRO temperature tau: negatives enter as tau * log mean exp(s / tau); 0
+    /// uses their plain mean (the basic objective).
+    pub tau: f64,
+    /// Squared-hinge penalty weight beta on KL(pi_old || pi_theta) above `delta`.
+    pub beta: f64,
+    /// The trust region: the KL the update may reach without penalty.
+    pub delta: f64,
+}
+
+impl Default for DiscoConfig {
+    fn default() -> Self {
+        DiscoConfig { score: DiscoScore::LogL, tau: 10.0, beta: 1e3, delta: 1e-4 }
+    }
 }
 
 /// BGPO settings (DESIGN.md, "BGPO").
@@ -954,6 +990,18 @@ impl JobConfig {
                         "`grpo` needs an autoregressive policy; a diffusion policy trains with algorithm = \"bgpo\"",
                     ));
                 }
+            }
+            Algorithm::Disco => {
+                if diffusion_preset == Some(true) {
+                    return Err(Error::config("algorithm", "`disco` needs an autoregressive policy; a diffusion policy trains with algorithm = \"bgpo\""));
+                }
+                let d = &self.disco;
+                let check = |ok: bool, field: &str, why: &str| if ok { Ok(()) } else { Err(Error::config(field, why)) };
+                check(d.tau.is_finite() && d.tau >= 0.0, "disco.tau", "must be a finite number >= 0 (0: the basic objective)")?;
+                check(d.beta.is_finite() && d.beta >= 0.0, "disco.beta", "must be a finite number >= 0")?;
+                check(d.delta.is_finite() && d.delta >= 0.0, "disco.delta", "must be a finite number >= 0")?;
+                check(self.grpo.epochs == 1, "grpo.epochs", "DisCO takes one pass over each batch: must be 1")?;
+                check(!self.grpo.decoupled, "grpo.decoupled", "decoupled PPO is a GRPO option")?;
             }
             Algorithm::Bgpo => {
                 if diffusion_preset == Some(false) {

@@ -181,7 +181,7 @@ fn run_rank(
         max_tokens: mc.max_position_embeddings as usize,
         max_rollout_bytes: cfg.rollout.max_rollout_bytes,
         max_group_size: cfg.rollout.max_group_size,
-        needs_logprobs: cfg.algorithm == sluice_core::config::Algorithm::Grpo,
+        needs_logprobs: cfg.algorithm != sluice_core::config::Algorithm::Bgpo,
     };
     let per_rank = cfg.train.prompts_per_step / world;
     let (shared, mut rx) = Shared::new(

@@ -82,7 +82,7 @@ impl Trainer {
             (Algorithm::Bgpo, false) => {
                 return Err(sluice_core::Error::config("algorithm", "`bgpo` needs a masked diffusion policy (config.json with mask_token_id)").into())
             }
-            (Algorithm::Grpo, true) => {
+            (Algorithm::Grpo | Algorithm::Disco, true) => {
                 return Err(sluice_core::Error::config("algorithm", "a diffusion policy trains with algorithm = \"bgpo\"").into())
             }
             _ => {}

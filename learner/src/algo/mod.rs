@@ -1,7 +1,8 @@
 //! Training objectives, one file per algorithm, each read top to bottom with
 //! its paper's equation numbers: [`grpo`] (GRPO with the DAPO and Dr. GRPO
-//! options), [`bgpo`] (masked diffusion policies), [`sft`] (the supervised
-//! warm-up).
+//! options, decoupled PPO), [`disco`] (discriminative constrained
+//! optimisation), [`bgpo`] (masked diffusion policies), [`sft`] (the
+//! supervised warm-up).
 //!
 //! An RL objective implements [`Objective`]: given this rank's groups with
 //! their advantages, it builds its own batches, runs its own epochs and
@@ -10,6 +11,7 @@
 //! step. The trainer picks one with [`build`] and never looks inside.
 
 pub mod bgpo;
+pub mod disco;
 pub mod grpo;
 pub mod sft;
 
@@ -50,5 +52,6 @@ pub fn build(cfg: &JobConfig, temperature: f64) -> Box<dyn Objective> {
     match cfg.algorithm {
         Algorithm::Grpo => Box::new(grpo::Grpo::new(cfg, temperature)),
         Algorithm::Bgpo => Box::new(bgpo::Bgpo::new(cfg)),
+        Algorithm::Disco => Box::new(disco::Disco::new(cfg, temperature)),
     }
 }
