@@ -3,6 +3,7 @@
 //! Unknown fields are errors, and every error names the field by its dotted path
 //! (`grpo.clip_high`). Defaults give a working job; see `examples/*.toml`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -247,7 +248,21 @@ pub struct RewardConfig {
     /// An OpenAI-compatible chat-completions endpoint that labels captions; when
     /// absent the rubric annotator labels them.
     pub llm: Option<LlmConfig>,
+    /// Fixed weights of named reward components ([`REWARD_COMPONENTS`]); when
+    /// this and `constraints` are empty the loss uses
+    /// `ext_coef * extrinsic + int_coef * intrinsic` as sent.
+    pub weights: BTreeMap<String, f64>,
+    /// Constraints `E[component] >= threshold`, each enforced by a Lagrange
+    /// multiplier added to its component's weight.
+    pub constraints: BTreeMap<String, f64>,
+    /// Step size of the multipliers' dual ascent.
+    pub multiplier_lr: f64,
 }
+
+/// Reward components a learner can weigh or constrain: `correct` (the
+/// verifier's reward), `intrinsic` (ONI), `finished` (ended on a stop token),
+/// `short` (1 - length / max_new_tokens).
+pub const REWARD_COMPONENTS: &[&str] = &["correct", "intrinsic", "finished", "short"];
 
 /// The LLM annotator's endpoint and limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -302,6 +317,9 @@ impl Default for RewardConfig {
             batch_size: 32,
             rubric: Vec::new(),
             llm: None,
+            weights: BTreeMap::new(),
+            constraints: BTreeMap::new(),
+            multiplier_lr: 0.05,
         }
     }
 }
@@ -970,6 +988,19 @@ impl JobConfig {
             check(l.timeout_s > 0.0 && l.timeout_s.is_finite(), "reward.llm.timeout_s", "must be > 0")?;
             check(l.concurrency >= 1, "reward.llm.concurrency", "must be >= 1")?;
         }
+        for (table, map) in [("reward.weights", &w.weights), ("reward.constraints", &w.constraints)] {
+            for (name, v) in map {
+                let field = format!("{table}.{name}");
+                check(REWARD_COMPONENTS.contains(&name.as_str()), &field, &format!("unknown reward component; known: {}", REWARD_COMPONENTS.join(", ")))?;
+                check(v.is_finite(), &field, "must be a finite number")?;
+                check(
+                    name != "intrinsic" || w.model != IntrinsicModel::None,
+                    &field,
+                    "the reward server produces no intrinsic reward for this job (reward.model = \"none\")",
+                )?;
+            }
+        }
+        check(w.multiplier_lr.is_finite() && w.multiplier_lr > 0.0, "reward.multiplier_lr", "must be a finite number > 0")?;
         for (i, rule) in w.rubric.iter().enumerate() {
             if let Err(e) = regex::Regex::new(&rule.pattern) {
                 return Err(Error::config(format!("reward.rubric[{i}].pattern"), format!("invalid regex: {e}")));

@@ -1,5 +1,7 @@
 //! Objectives at the same task and budget, in-process `Trainer` runs: GRPO
-//! against DisCO (log-L score; basic and DRO forms), three seeds each.
+//! against DisCO (log-L score; basic and DRO forms), three seeds each; then a
+//! two-reward job (correctness and brevity) with fixed weights against a
+//! Lagrange constraint on brevity.
 //!
 //! Task: one-digit sums and products (`a+b=`, `a*b=`), 64 training prompts,
 //! a supervised warm-up, then 16 prompts × 8 rollouts per step for every
@@ -44,6 +46,34 @@ fn run(objective: &str, seed: u64, steps: u64, sft_steps: u64, out: &std::path::
     (evals.first().copied().unwrap_or(f64::NAN), evals.last().copied().unwrap_or(f64::NAN), t0.elapsed().as_secs_f64())
 }
 
+/// Mean over the last 20 steps of each reward component, the final weights, and the final held-out reward.
+fn run_mix(rewards: &str, seed: u64, steps: u64, sft_steps: u64, out: &std::path::Path) -> (Vec<(String, f64)>, Vec<(String, f64)>, f64) {
+    let text = format!(
+        "name = \"rewards-bench\"\n[model]\npreset = \"tiny\"\ndevice = \"cpu\"\ninit_seed = {seed}\n\
+         [task]\nkind = \"arithmetic\"\ndigits = 1\noperands = 2\noperators = [\"+\"]\nseed = {seed}\n\
+         [sampling]\ntemperature = 1.0\nmax_new_tokens = 8\n[grpo]\ngroup_size = 8\nclip_high = 0.28\n\
+         [train]\nsteps = {steps}\nprompts_per_step = 16\nlr = 1e-3\nseed = {seed}\nsft_steps = {sft_steps}\nsft_batch_size = 32\nsft_lr = 3e-3\n\
+         eval_every = {steps}\neval_prompts = 256\ncheckpoint_every = 0\nout_dir = \"{}\"\n[reward]\n{rewards}\n",
+        out.display()
+    );
+    let cfg = JobConfig::from_toml(&text).unwrap();
+    let mut t = Trainer::new(cfg, false).unwrap();
+    let (mut comps, mut weights, mut eval) = (Vec::new(), Vec::new(), f64::NAN);
+    t.run(&AtomicBool::new(false), |e| match e {
+        Event::Step(m) => {
+            comps.push(m.reward_components.clone());
+            weights = m.reward_weights.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        }
+        Event::Eval { reward_mean, step, .. } if *step > 0 => eval = *reward_mean,
+        _ => {}
+    })
+    .unwrap();
+    let tail = &comps[comps.len().saturating_sub(20)..];
+    let names: Vec<String> = tail.last().map(|c| c.keys().cloned().collect()).unwrap_or_default();
+    let means = names.iter().map(|k| (k.clone(), tail.iter().map(|c| c[k]).sum::<f64>() / tail.len() as f64)).collect();
+    (means, weights, eval)
+}
+
 fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let m = v.iter().sum::<f64>() / n;
@@ -77,5 +107,35 @@ fn main() {
         let (e, esd) = mean_sd(&end);
         let per: Vec<String> = end.iter().map(|v| format!("{v:.3}")).collect();
         println!("| {name} | {:.3} | {e:.3} ± {esd:.3} | {} | {:.0} |", mean_sd(&start).0, per.join(", "), mean_sd(&secs).0);
+    }
+
+    println!();
+    println!(
+        "## Two rewards: one-digit a+b, max_new_tokens 8, {sft_steps} warm-up steps, {steps} steps, {seeds} seeds; components averaged over the last 20 steps"
+    );
+    println!("| rewards | correct | short (1 - len/8) | final weights (seed 0) | held-out reward |");
+    println!("|---|---|---|---|---|");
+    let mixes = [
+        ("correct only (weight 1)", "weights = { correct = 1.0, short = 0.0 }"),
+        ("fixed: correct 1 + short 0.5", "weights = { correct = 1.0, short = 0.5 }"),
+        ("constraint: correct 1, E[short] >= 0.8", "weights = { correct = 1.0 }\nconstraints = { short = 0.8 }\nmultiplier_lr = 0.05"),
+    ];
+    for (name, body) in mixes {
+        let (mut correct, mut short, mut evals, mut first_weights) = (Vec::new(), Vec::new(), Vec::new(), String::new());
+        for seed in 0..seeds {
+            let (means, weights, eval) = run_mix(body, seed, steps, sft_steps, &dir.path().join(format!("mix-{seed}-{}", correct.len())));
+            let get = |k: &str| means.iter().find(|(n, _)| n == k).map_or(f64::NAN, |(_, v)| *v);
+            correct.push(get("correct"));
+            short.push(get("short"));
+            evals.push(eval);
+            if seed == 0 {
+                first_weights = weights.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", ");
+            }
+        }
+        let f = |v: &[f64]| {
+            let (m, sd) = mean_sd(v);
+            format!("{m:.3} ± {sd:.3}")
+        };
+        println!("| {name} | {} | {} | {first_weights} | {} |", f(&correct), f(&short), f(&evals));
     }
 }

@@ -10,6 +10,7 @@
 //!   optimizer.safetensors   AdamW moments (m.*, v.*, master.*)
 //!   budget_history.json     per-prompt outcomes (knapsack budgets)
 //!   work_ids.json           orchestrator work items trained on (ranges)
+//!   multipliers.json        Lagrange multipliers of reward constraints
 //!   trainer_state.json      step counters, data cursor, seed, optimizer t
 //! latest                    name of the newest complete checkpoint
 //! ```
@@ -52,12 +53,15 @@ pub struct TrainerState {
 const HISTORY: &str = "budget_history.json";
 /// The orchestrator work items trained on, in each checkpoint.
 const WORK_IDS: &str = "work_ids.json";
+/// Lagrange multipliers of the job's reward constraints, in each checkpoint.
+const MULTIPLIERS: &str = "multipliers.json";
 
 /// What a run has recorded besides counters and tensors.
 #[derive(Debug, Clone, Copy)]
 pub struct Records<'a> {
     pub history: &'a History,
     pub work_ids: &'a WorkIds,
+    pub multipliers: &'a std::collections::BTreeMap<String, f64>,
 }
 
 pub fn checkpoints_dir(out_dir: &Path) -> PathBuf {
@@ -115,6 +119,7 @@ pub fn save(
     }
     write_synced(&tmp.join(HISTORY), &serde_json::to_vec(records.history).expect("history serialises"))?;
     write_synced(&tmp.join(WORK_IDS), &serde_json::to_vec(records.work_ids).expect("work ids serialise"))?;
+    write_synced(&tmp.join(MULTIPLIERS), &serde_json::to_vec(records.multipliers).expect("multipliers serialise"))?;
     // Written last: its presence marks the directory complete.
     let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
     write_synced(&tmp.join("trainer_state.json"), &state_json)?;
@@ -205,6 +210,11 @@ pub fn read_history(dir: &Path) -> Result<History> {
 /// The work items a checkpoint's run had trained on.
 pub fn read_work_ids(dir: &Path) -> Result<WorkIds> {
     read_record(dir, WORK_IDS)
+}
+
+/// The reward-constraint multipliers of a checkpoint (empty when it has none).
+pub fn read_multipliers(dir: &Path) -> Result<std::collections::BTreeMap<String, f64>> {
+    read_record(dir, MULTIPLIERS)
 }
 
 /// Restores weights and optimizer moments from a checkpoint directory.

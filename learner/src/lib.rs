@@ -2,10 +2,11 @@
 //!
 //! * [`trainer`] — the one training loop (`sluice train` and the distributed
 //!   learner), with three seams: a [`source::RolloutSource`] supplies each
-//!   step's groups, an [`algo::Objective`] (GRPO, BGPO; [`algo::sft`] for the
+//!   step's groups, an [`algo::Objective`] (GRPO, DisCO, BGPO; [`algo::sft`] for the
 //!   warm-up) turns them into updates, and the [`engine`] reduces over ranks,
 //!   skips non-finite updates, clips and steps AdamW.
 //! * [`algo`] — objectives, one file per algorithm.
+//! * [`rewards`] — several named reward components: fixed weights, constraints with Lagrange multipliers.
 //! * [`metrics`] — step metrics and events, `metrics.jsonl`.
 //! * [`optim`] — AdamW with checkpointable state and gradient clipping.
 //! * [`checkpoint`] — atomic training checkpoints.
@@ -27,6 +28,7 @@ pub mod nccl;
 pub mod node;
 pub mod optim;
 pub mod publish;
+pub mod rewards;
 pub mod service;
 pub mod source;
 pub mod trainer;

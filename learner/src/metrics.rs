@@ -49,6 +49,12 @@ pub struct StepMetrics {
     pub behaviour_weight_max: f64,
     pub behaviour_over_cap_fraction: f64,
     pub behaviour_non_finite: u64,
+    /// Several rewards: each named component's mean over the trained rollouts,
+    /// and the weight it had this step (fixed weight plus multiplier).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub reward_components: std::collections::BTreeMap<String, f64>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub reward_weights: std::collections::BTreeMap<String, f64>,
 }
 
 /// Seconds since the Unix epoch, for metrics lines.
@@ -115,6 +121,8 @@ impl From<&Event> for v1::Event {
                 behaviour_weight_max: m.behaviour_weight_max,
                 behaviour_over_cap_fraction: m.behaviour_over_cap_fraction,
                 behaviour_non_finite: m.behaviour_non_finite,
+                reward_components: m.reward_components.clone().into_iter().collect(),
+                reward_weights: m.reward_weights.clone().into_iter().collect(),
             }),
             Event::Eval { step, sft_step, reward_mean, prompts, samples } => Body::Eval(v1::Evaluation {
                 step: *step,

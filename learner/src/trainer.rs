@@ -15,6 +15,7 @@
 //! data cursor, so a resumed run repeats exactly what the uninterrupted run
 //! would have done.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -38,6 +39,7 @@ use crate::error::Result;
 use crate::ingest::WorkIds;
 use crate::metrics::{EvalSample, Event, EventLog, SftMetrics, StepMetrics};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::rewards::RewardMix;
 use crate::source::{Feed, Given, LocalSampling, RolloutSource};
 
 /// Held-out prompts shown, with their greedy completions, in each evaluation event.
@@ -54,6 +56,8 @@ pub struct Trainer {
     history: History,
     /// Orchestrator work items trained on by any rank (saved in checkpoints).
     work_ids: WorkIds,
+    /// Named reward components and their weights and multipliers, when the job sets any.
+    mix: Option<RewardMix>,
     state: TrainerState,
     sampling: SamplingParams,
     out_dir: PathBuf,
@@ -112,13 +116,17 @@ impl Trainer {
         let mut engine = Engine::new(policy, reference, opt, comm, tokenizer.pad_id());
         engine.checkpoint_layers = t.activation_checkpointing;
         let work_ids = WorkIds::default();
-        let mut trainer = Trainer { cfg, engine, objective, sft, tokenizer, task, state, sampling, out_dir, history, work_ids };
+        let mix = RewardMix::from_config(&cfg.reward, cfg.sampling.max_new_tokens as usize);
+        let mut trainer = Trainer { cfg, engine, objective, sft, tokenizer, task, state, sampling, out_dir, history, work_ids, mix };
         let (rank, world) = trainer.rank();
         if resume && rank == 0 {
             if let Some(dir) = checkpoint::latest(&trainer.out_dir)? {
                 trainer.state = checkpoint::restore(&dir, &mut trainer.engine.policy, &mut trainer.engine.opt)?;
                 trainer.history = checkpoint::read_history(&dir)?;
                 trainer.work_ids = checkpoint::read_work_ids(&dir)?;
+                if let Some(mix) = &mut trainer.mix {
+                    mix.restore(&checkpoint::read_multipliers(&dir)?);
+                }
                 tracing::info!(checkpoint = %dir.display(), step = trainer.state.step, "resumed");
             }
         }
@@ -128,6 +136,13 @@ impl Trainer {
             let mine: Vec<u64> = trainer.work_ids.ids().collect();
             for id in all_gather_u64(trainer.engine.comm(), &mine)? {
                 trainer.work_ids.insert(id);
+            }
+            // Rank 0's multipliers on every rank (the others add zeros).
+            if let Some(mix) = &mut trainer.mix {
+                let names: Vec<String> = mix.multipliers().keys().cloned().collect();
+                let mut values: Vec<f64> = mix.multipliers().values().map(|&v| if rank == 0 { v } else { 0.0 }).collect();
+                trainer.engine.all_reduce(&mut values)?;
+                mix.restore(&names.into_iter().zip(values).collect());
             }
         }
         Ok(trainer)
@@ -239,6 +254,31 @@ impl Trainer {
     /// reward, generation speed, step and step time. Every rank of a
     /// data-parallel group must call it once per step (with any number of groups).
     pub fn train_on(&mut self, groups: &[Group]) -> Result<StepMetrics> {
+        // Several rewards: each rollout's reward becomes the weighted sum of its components.
+        let mixed;
+        let (groups, components) = match &self.mix {
+            Some(mix) => {
+                mixed = mix.apply(groups);
+                let (sums, n) = mix.sums(groups);
+                let mut values: Vec<f64> = sums.values().copied().chain([n]).collect();
+                self.engine.all_reduce(&mut values)?;
+                let n = values.pop().unwrap_or(0.0).max(1.0);
+                let means: BTreeMap<String, f64> = sums.keys().cloned().zip(values.into_iter().map(|v| v / n)).collect();
+                (&mixed[..], Some((means, mix.effective_weights())))
+            }
+            None => (groups, None),
+        };
+        let mut m = self.train_groups(groups)?;
+        if let (Some(mix), Some((means, weights))) = (&mut self.mix, components) {
+            // Dual ascent after the step, from the means of the rollouts it trained on.
+            mix.update(&means);
+            m.reward_components = means;
+            m.reward_weights = weights;
+        }
+        Ok(m)
+    }
+
+    fn train_groups(&mut self, groups: &[Group]) -> Result<StepMetrics> {
         let clip = self.cfg.advantage_clip();
         let (advantages, effective) = grpo::advantages(groups, &self.cfg.grpo, self.sampling.max_new_tokens as usize, clip);
         let trained = || groups.iter().flat_map(|g| &g.rollouts).filter(|r| !r.response_tokens.is_empty());
@@ -327,7 +367,9 @@ impl Trainer {
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let (s, keep) = (&self.state, self.cfg.train.keep_checkpoints);
-        let records = checkpoint::Records { history: &self.history, work_ids: &self.work_ids };
+        let none = BTreeMap::new();
+        let multipliers = self.mix.as_ref().map_or(&none, |m| m.multipliers());
+        let records = checkpoint::Records { history: &self.history, work_ids: &self.work_ids, multipliers };
         checkpoint::save(&self.out_dir, &self.engine.policy, &self.tokenizer, &self.engine.opt, s, records, keep)
     }
 
