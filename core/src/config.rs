@@ -1186,6 +1186,24 @@ mod tests {
         }
         let e = JobConfig::from_toml(&format!("{MIN}[grpo]\nclip_hgh = 0.3\n")).unwrap_err().to_string();
         assert!(e.contains("clip_hgh"), "{e}");
+        // Objectives and reward components: unknown names list the valid ones.
+        for (text, field, words) in [
+            (format!("algorithm = \"ppo\"\n{MIN}"), "algorithm", "disco"),
+            (format!("{MIN}[reward]\nweights = {{ bogus = 1.0 }}\n"), "reward.weights.bogus", "correct, intrinsic, finished, short"),
+            (format!("{MIN}[reward]\nconstraints = {{ intrinsic = 0.5 }}\n"), "reward.constraints.intrinsic", "no intrinsic reward"),
+            (format!("{MIN}[reward]\nweights = {{ correct = nan }}\n"), "reward.weights.correct", "finite"),
+            (format!("algorithm = \"disco\"\n{MIN}[disco]\ntau = -1.0\n"), "disco.tau", ">= 0"),
+            (format!("{MIN}[grpo]\ntis_cap = 0.5\n"), "grpo.tis_cap", ">= 1"),
+            (format!("{MIN}[grpo]\nadvantage_clip = -2.0\n"), "grpo.advantage_clip", ">= 0"),
+        ] {
+            match JobConfig::from_toml(&text) {
+                Err(Error::Config { path, reason }) => {
+                    assert_eq!(path, field, "{text}: {reason}");
+                    assert!(reason.contains(words), "{text}: {reason}");
+                }
+                other => panic!("{text}: expected a config error, got {other:?}"),
+            }
+        }
         // Inside `[task]` the error names the field itself, not just `task`.
         let task = |body: &str| format!("[model]\npreset = \"tiny\"\n[task]\n{body}\n");
         for (text, field, words) in [
