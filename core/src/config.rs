@@ -57,6 +57,9 @@ pub struct JobConfig {
     /// Rollouts per prompt: uniform, or knapsack allocation.
     #[serde(default)]
     pub budget: BudgetConfig,
+    /// Hints for prompts every recent rollout failed (NuRL).
+    #[serde(default)]
+    pub hints: HintConfig,
     /// Processes `sluice dev` starts for the job (and what a cluster should run).
     #[serde(default)]
     pub resources: ResourcesConfig,
@@ -92,6 +95,33 @@ pub enum DiscoScore {
     LogL,
     /// Sequence likelihood ratio to the behaviour policy (L-ratio).
     LRatio,
+}
+
+/// Hints for prompts that every recent rollout failed (NuRL; DESIGN.md,
+/// "Objectives, phase 2"): their next group sees the prompt with a hint built
+/// from the reference answer by `template`. Hinted outcomes are kept apart
+/// from the prompt's own pass rate (so knapsack budgets and the hint rule keep
+/// seeing the prompt as unsolved until it is solved without a hint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HintConfig {
+    pub enabled: bool,
+    /// The hint, appended to the prompt on a line of its own. Placeholders:
+    /// `{answer}` (the reference answer), `{answer_len}` (its length in
+    /// characters), `{answer_first}` (its first character).
+    pub template: String,
+    /// Outcomes a prompt needs (all failures) before it gets a hint.
+    pub min_outcomes: usize,
+}
+
+impl Default for HintConfig {
+    fn default() -> Self {
+        HintConfig {
+            enabled: false,
+            template: "Hint: the answer has {answer_len} characters and begins with {answer_first}.".into(),
+            min_outcomes: 8,
+        }
+    }
 }
 
 /// DisCO settings (DESIGN.md, "Objectives, phase 2").
@@ -1001,6 +1031,9 @@ impl JobConfig {
             }
         }
         check(w.multiplier_lr.is_finite() && w.multiplier_lr > 0.0, "reward.multiplier_lr", "must be a finite number > 0")?;
+        let h = &self.hints;
+        check(!h.template.trim().is_empty() && h.template.len() <= 1024, "hints.template", "must be 1 to 1024 bytes")?;
+        check(h.min_outcomes >= 1, "hints.min_outcomes", "must be >= 1")?;
         for (i, rule) in w.rubric.iter().enumerate() {
             if let Err(e) = regex::Regex::new(&rule.pattern) {
                 return Err(Error::config(format!("reward.rubric[{i}].pattern"), format!("invalid regex: {e}")));

@@ -1,7 +1,8 @@
 //! Objectives at the same task and budget, in-process `Trainer` runs: GRPO
 //! against DisCO (log-L score; basic and DRO forms), three seeds each; then a
 //! two-reward job (correctness and brevity) with fixed weights against a
-//! Lagrange constraint on brevity.
+//! Lagrange constraint on brevity; then NuRL hints on and off, with uniform and
+//! knapsack budgets: the share of all-fail prompts that become solvable.
 //!
 //! Task: one-digit sums and products (`a+b=`, `a*b=`), 64 training prompts,
 //! a supervised warm-up, then 16 prompts × 8 rollouts per step for every
@@ -74,6 +75,33 @@ fn run_mix(rewards: &str, seed: u64, steps: u64, sft_steps: u64, out: &std::path
     (means, weights, eval)
 }
 
+/// (all-fail prompts seen, of those solved without a hint at the end, held-out reward).
+fn run_hints(hints: bool, strategy: &str, seed: u64, steps: u64, sft_steps: u64, out: &std::path::Path) -> (usize, usize, f64) {
+    let text = format!(
+        "name = \"hints-bench\"\n[model]\npreset = \"tiny\"\ndevice = \"cpu\"\ninit_seed = {seed}\n\
+         [task]\nkind = \"arithmetic\"\ndigits = 1\noperands = 2\noperators = [\"+\", \"*\"]\ntrain_size = 64\nseed = {seed}\n\
+         [sampling]\ntemperature = 1.0\nmax_new_tokens = 4\n[grpo]\ngroup_size = 8\nclip_high = 0.28\n\
+         [train]\nsteps = {steps}\nprompts_per_step = 16\nlr = 1e-3\nseed = {seed}\nsft_steps = {sft_steps}\nsft_batch_size = 32\nsft_lr = 3e-3\n\
+         eval_every = {steps}\neval_prompts = 256\ncheckpoint_every = 0\nout_dir = \"{}\"\n\
+         [budget]\nstrategy = \"{strategy}\"\nn_low = 2\nn_up = 64\n[hints]\nenabled = {hints}\nmin_outcomes = 8\n",
+        out.display()
+    );
+    let cfg = JobConfig::from_toml(&text).unwrap();
+    let mut t = Trainer::new(cfg, false).unwrap();
+    let mut eval = f64::NAN;
+    t.run(&AtomicBool::new(false), |e| {
+        if let Event::Eval { reward_mean, step, .. } = e {
+            if *step > 0 {
+                eval = *reward_mean;
+            }
+        }
+    })
+    .unwrap();
+    let fails = t.all_fail_ever();
+    let solved = fails.iter().filter(|&&p| t.history().rate(p, 1).is_some_and(|r| r > 0.0)).count();
+    (fails.len(), solved, eval)
+}
+
 fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let m = v.iter().sum::<f64>() / n;
@@ -137,5 +165,27 @@ fn main() {
             format!("{m:.3} ± {sd:.3}")
         };
         println!("| {name} | {} | {} | {first_weights} | {} |", f(&correct), f(&short), f(&evals));
+    }
+
+    println!();
+    println!(
+        "## Hints: one-digit a+b and a*b, 64 training prompts, {sft_steps} warm-up steps, {steps} steps, {seeds} seeds; a prompt is all-fail after 8 failures in a row"
+    );
+    println!("| budgets | hints | all-fail prompts (per seed) | solved without a hint at the end | share solved, mean ± sd | held-out reward |");
+    println!("|---|---|---|---|---|---|");
+    for strategy in ["uniform", "knapsack"] {
+        for hints in [false, true] {
+            let (mut fails, mut solved, mut share, mut evals) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for seed in 0..seeds {
+                let (f, s, e) = run_hints(hints, strategy, seed, steps, sft_steps, &dir.path().join(format!("hints-{strategy}-{hints}-{seed}")));
+                fails.push(f.to_string());
+                solved.push(s.to_string());
+                share.push(s as f64 / f.max(1) as f64);
+                evals.push(e);
+            }
+            let (m, sd) = mean_sd(&share);
+            let (e, esd) = mean_sd(&evals);
+            println!("| {strategy} | {} | {} | {} | {m:.3} ± {sd:.3} | {e:.3} ± {esd:.3} |", if hints { "on" } else { "off" }, fails.join(", "), solved.join(", "));
+        }
     }
 }

@@ -55,6 +55,10 @@ pub struct StepMetrics {
     pub reward_components: std::collections::BTreeMap<String, f64>,
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub reward_weights: std::collections::BTreeMap<String, f64>,
+    /// NuRL hints: groups sampled with a hint this step (their prompts had
+    /// failed every recent rollout), and their mean reward.
+    pub hinted_groups: usize,
+    pub hinted_reward_mean: f64,
 }
 
 /// Seconds since the Unix epoch, for metrics lines.
@@ -123,6 +127,8 @@ impl From<&Event> for v1::Event {
                 behaviour_non_finite: m.behaviour_non_finite,
                 reward_components: m.reward_components.clone().into_iter().collect(),
                 reward_weights: m.reward_weights.clone().into_iter().collect(),
+                hinted_groups: m.hinted_groups as u64,
+                hinted_reward_mean: m.hinted_reward_mean,
             }),
             Event::Eval { step, sft_step, reward_mean, prompts, samples } => Body::Eval(v1::Evaluation {
                 step: *step,

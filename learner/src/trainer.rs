@@ -15,7 +15,7 @@
 //! data cursor, so a resumed run repeats exactly what the uninterrupted run
 //! would have done.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -58,6 +58,12 @@ pub struct Trainer {
     work_ids: WorkIds,
     /// Named reward components and their weights and multipliers, when the job sets any.
     mix: Option<RewardMix>,
+    /// NuRL hints: outcomes of hinted groups (kept apart from `history`), the
+    /// prompts ever seen failing every recent rollout, and this step's hinted
+    /// groups (groups, rollouts, reward sum).
+    hint_history: History,
+    all_fail_ever: BTreeSet<u64>,
+    hinted_now: [f64; 3],
     state: TrainerState,
     sampling: SamplingParams,
     out_dir: PathBuf,
@@ -117,7 +123,24 @@ impl Trainer {
         engine.checkpoint_layers = t.activation_checkpointing;
         let work_ids = WorkIds::default();
         let mix = RewardMix::from_config(&cfg.reward, cfg.sampling.max_new_tokens as usize);
-        let mut trainer = Trainer { cfg, engine, objective, sft, tokenizer, task, state, sampling, out_dir, history, work_ids, mix };
+        let hint_history = History::new(cfg.budget.history);
+        let mut trainer = Trainer {
+            cfg,
+            engine,
+            objective,
+            sft,
+            tokenizer,
+            task,
+            state,
+            sampling,
+            out_dir,
+            history,
+            work_ids,
+            mix,
+            hint_history,
+            all_fail_ever: BTreeSet::new(),
+            hinted_now: [0.0; 3],
+        };
         let (rank, world) = trainer.rank();
         if resume && rank == 0 {
             if let Some(dir) = checkpoint::latest(&trainer.out_dir)? {
@@ -190,22 +213,56 @@ impl Trainer {
     /// Samples each problem's budget of completions (or episodes), scores them,
     /// and adds the rewards to the problems' outcome history. Returns the groups
     /// and the seconds generation took.
+    ///
+    /// NuRL hints: a problem whose recent outcomes are all failures (at least
+    /// `hints.min_outcomes`) is shown with its hint; its group's outcomes go
+    /// to a history of their own, so the prompt stays "unsolved" for budgets
+    /// and hints until it is solved without one.
     pub fn collect(&mut self, problems: &[Problem], rng: &mut ChaCha8Rng) -> Result<(Vec<Group>, f64)> {
         let sizes = self.budget(problems);
+        let hints = &self.cfg.hints;
+        let mut hinted = BTreeSet::new();
+        for p in problems {
+            if self.history.rate(p.id, hints.min_outcomes) == Some(0.0) {
+                self.all_fail_ever.insert(p.id);
+                if hints.enabled {
+                    hinted.insert(p.id);
+                }
+            }
+        }
+        let shown: Vec<Problem> =
+            problems.iter().map(|p| if hinted.contains(&p.id) { p.with_hint(&hints.template) } else { p.clone() }).collect();
         let c = collect(
             self.engine.policy.model(),
             &self.tokenizer,
             self.task.as_ref(),
-            problems,
+            &shown,
             &sizes,
             &self.sampling,
             self.state.step,
             rng,
         )?;
         for g in &c.groups {
-            self.history.record(g.prompt_id, g.rewards());
+            if hinted.contains(&g.prompt_id) {
+                self.hint_history.record(g.prompt_id, g.rewards());
+                self.hinted_now[0] += 1.0;
+                self.hinted_now[1] += g.rollouts.len() as f64;
+                self.hinted_now[2] += g.rewards().iter().sum::<f64>();
+            } else {
+                self.history.record(g.prompt_id, g.rewards());
+            }
         }
         Ok((c.groups, c.generate_s))
+    }
+
+    /// Recent outcomes per prompt without hints (what budgets and hints read).
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Prompts that at some point had failed every recent rollout.
+    pub fn all_fail_ever(&self) -> &BTreeSet<u64> {
+        &self.all_fail_ever
     }
 
     /// The sampling parameters actors use (the tokenizer's EOS is always a stop token).
@@ -233,9 +290,12 @@ impl Trainer {
         for id in all_gather_u64(self.engine.comm(), &mine)? {
             self.work_ids.insert(id);
         }
-        let mut sums = [d.reward_sum, d.extrinsic_sum, d.rollouts_seen as f64];
+        let hinted = std::mem::take(&mut self.hinted_now);
+        let mut sums = [d.reward_sum, d.extrinsic_sum, d.rollouts_seen as f64, hinted[0], hinted[1], hinted[2]];
         self.engine.all_reduce(&mut sums)?;
         let mut m = self.train_on(&d.groups)?;
+        m.hinted_groups = sums[3] as usize;
+        m.hinted_reward_mean = sums[5] / sums[4].max(1.0);
         m.reward_mean = sums[0] / sums[2].max(1.0);
         m.extrinsic_mean = sums[1] / sums[2].max(1.0);
         m.rollouts_sampled = d.rollouts_sampled;

@@ -69,6 +69,23 @@ impl Problem {
     pub fn score(&self, response: &str) -> f64 {
         self.verifier.score(&self.answer, response)
     }
+
+    /// This problem with a hint appended to its prompt (and to its last user
+    /// turn): `template` with `{answer}`, `{answer_len}` and `{answer_first}`
+    /// filled from the reference answer (NuRL's hint for an all-fail prompt).
+    pub fn with_hint(&self, template: &str) -> Problem {
+        let answer = self.answer.trim();
+        let hint = template
+            .replace("{answer_len}", &answer.chars().count().to_string())
+            .replace("{answer_first}", &answer.chars().next().map(String::from).unwrap_or_default())
+            .replace("{answer}", answer);
+        let mut p = self.clone();
+        p.prompt = format!("{}\n{hint}", self.prompt);
+        if let Some(turn) = p.messages.iter_mut().rev().find(|m| m.role == "user") {
+            turn.content = format!("{}\n{hint}", turn.content);
+        }
+        p
+    }
 }
 
 /// A source of problems.
@@ -137,4 +154,25 @@ pub fn build(cfg: &TaskConfig) -> Result<Box<dyn Task>> {
         TaskConfig::Dataset(c) => Box::new(DatasetTask::open(c)?),
         TaskConfig::Adventure(c) => Box::new(Adventure::new(c.clone())?),
     })
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn a_hint_fills_its_placeholders_and_follows_the_prompt_and_the_last_user_turn() {
+        let p = Problem {
+            id: 3,
+            prompt: "7*8=".into(),
+            answer: " 56 ".into(),
+            verifier: Verifier::Numeric,
+            messages: vec![crate::chat::Message::new("user", "7*8="), crate::chat::Message::new("assistant", "?"), crate::chat::Message::new("user", "again: 7*8=")],
+        };
+        let h = p.with_hint("({answer_len} digits, starts {answer_first}; it is {answer})");
+        assert_eq!(h.prompt, "7*8=\n(2 digits, starts 5; it is 56)");
+        assert_eq!(h.messages[2].content, "again: 7*8=\n(2 digits, starts 5; it is 56)");
+        assert_eq!(h.messages[0].content, "7*8=", "earlier turns unchanged");
+        assert_eq!((h.id, h.answer.as_str()), (3, " 56 "), "the verifier still checks the same answer");
+    }
 }

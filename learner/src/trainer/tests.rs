@@ -203,3 +203,42 @@ fn equal_rewards_give_no_effective_gradient() {
     let m = t.train_on(&[g, group(-2.0)]).unwrap();
     assert!((m.effective_gradient_ratio - 0.5).abs() < 1e-12);
 }
+
+/// NuRL hints: a prompt that failed every rollout is sampled next time with
+/// its hint in the prompt tokens; that group's outcomes go to the hint
+/// history, not the prompt's own (so it stays unsolved for budgets and hints);
+/// without hints the same prompt is shown as it was.
+#[test]
+fn all_fail_prompts_get_a_hint_and_their_outcomes_are_kept_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |enabled: bool| {
+        format!(
+            "[model]\npreset = \"tiny\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\n[sampling]\nmax_new_tokens = 3\n\
+             [hints]\nenabled = {enabled}\nmin_outcomes = 4\ntemplate = \"HINT {{answer_len}} {{answer_first}}\"\n\
+             [train]\nout_dir = \"{}\"\n",
+            dir.path().display()
+        )
+    };
+    for enabled in [true, false] {
+        let mut t = Trainer::new(JobConfig::from_toml(&text(enabled)).unwrap(), false).unwrap();
+        let problem = t.next_problems(1).remove(0);
+        // Four failures on record: the prompt is all-fail.
+        t.history.record(problem.id, [0.0; 4]);
+        let mut rng = rng_for(1, 0, 0);
+        let (groups, _) = t.collect(std::slice::from_ref(&problem), &mut rng).unwrap();
+        let plain = t.tokenizer.encode_problem(&problem).unwrap();
+        let hinted = t.tokenizer.encode_problem(&problem.with_hint("HINT {answer_len} {answer_first}")).unwrap();
+        let shown = &groups[0].rollouts[0].prompt_tokens;
+        assert!(t.all_fail_ever().contains(&problem.id));
+        if enabled {
+            assert_eq!(shown, &hinted, "the hinted prompt is what was sampled");
+            assert_eq!(t.history().outcomes(problem.id), vec![0.0; 4], "hinted outcomes stay out of the prompt's history");
+            assert_eq!(t.hint_history.outcomes(problem.id).len(), groups[0].rollouts.len());
+            assert_eq!(t.hinted_now[0], 1.0);
+        } else {
+            assert_eq!(shown, &plain);
+            assert_eq!(t.history().outcomes(problem.id).len(), 4 + groups[0].rollouts.len());
+            assert_eq!(t.hinted_now[0], 0.0);
+        }
+    }
+}
