@@ -249,7 +249,13 @@ pub fn run(
                         }
                         backoff.reset();
                     }
-                    let problems = held.iter().map(|w| task.problem(Split::Train, w.prompt_index)).collect();
+                    let problems = held
+                        .iter()
+                        .map(|w| {
+                            let p = task.problem(Split::Train, w.prompt_index);
+                            if w.hint { p.with_hint(&cfg.hints.template) } else { p }
+                        })
+                        .collect();
                     (problems, held.iter().map(|w| w.n as usize).collect())
                 }
             };

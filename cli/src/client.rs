@@ -121,7 +121,7 @@ pub fn job_json(j: &v1::Job, with_spec: bool) -> serde_json::Value {
             "work_completed": p.work_completed, "work_redispatched": p.work_redispatched,
             "work_outstanding": p.work_outstanding,
             "duplicate_outcomes": p.duplicate_outcomes, "rollouts_completed": p.rollouts_completed,
-            "live_workers": p.live_workers, "events_dropped": p.events_dropped,
+            "live_workers": p.live_workers, "events_dropped": p.events_dropped, "work_hinted": p.work_hinted,
         },
     });
     if with_spec {

@@ -174,9 +174,6 @@ fn run_rank(
     }
     let comm = build_collective(opts, session, world)?;
     let mut trainer = Trainer::with_collective(cfg.clone(), opts.resume, comm)?;
-    if cfg.hints.enabled {
-        tracing::warn!("hints.enabled: hints are added where the learner samples (sluice train); actors do not add them yet");
-    }
     let mc = trainer.policy().config().clone();
     let limits = Limits {
         job: cfg.name.clone(),

@@ -74,6 +74,9 @@ pub struct Progress {
     pub epoch: u64,
     #[serde(default)]
     pub events_dropped: u64,
+    /// Items created with a NuRL hint.
+    #[serde(default)]
+    pub work_hinted: u64,
 }
 
 /// What the store keeps of a job besides its items, history and events.
@@ -108,6 +111,10 @@ pub struct Item {
     pub attempt: u32,
     /// The worker holding it, when leased.
     pub worker: Option<String>,
+    /// NuRL hint: the prompt had failed every recent rollout, so the actor
+    /// shows it with its hint; the outcome stays out of the prompt's history.
+    #[serde(default)]
+    pub hint: bool,
 }
 
 /// What a mutation changed, for the store to persist.
@@ -274,7 +281,12 @@ impl Job {
         self.event(ch, now_ms, Body::Round(v1::RoundOpened { round, first_prompt: start, strategy: strategy.into(), sizes: sizes_wire }));
         self.rec.open_rounds.insert(round, k);
         for ((&prompt_index, &prompt_id), &n) in indices.iter().zip(&ids).zip(&sizes) {
-            let item = Item { id: self.rec.next_item, round, prompt_index, prompt_id, n, attempt: 0, worker: None };
+            let hints = &self.cfg.hints;
+            let hint = hints.enabled && self.history.rate(prompt_id, hints.min_outcomes) == Some(0.0);
+            let item = Item { id: self.rec.next_item, round, prompt_index, prompt_id, n, attempt: 0, worker: None, hint };
+            if hint {
+                self.rec.progress.work_hinted += 1;
+            }
             self.rec.next_item += 1;
             self.rec.progress.work_created += 1;
             self.pending.push_back(item.id);
@@ -346,11 +358,15 @@ impl Job {
                 self.rec.open_rounds.remove(&item.round);
             }
         }
-        self.history.record(item.prompt_id, rewards.iter().copied());
         self.rec.updated_ms = now_ms;
         ch.record = true;
         ch.removed_items.push(id);
-        ch.history.push(item.prompt_id);
+        // A hinted group's outcomes are kept apart: the prompt stays unsolved
+        // for budgets and hints until it is solved without one.
+        if !item.hint {
+            self.history.record(item.prompt_id, rewards.iter().copied());
+            ch.history.push(item.prompt_id);
+        }
         Ok((true, ch))
     }
 
@@ -535,5 +551,41 @@ mod tests {
         let ch = j.set_state(JobState::Cancelled, "by user", 2);
         assert_eq!(ch.events.len(), 1, "a state change is kept past the limit");
         assert_eq!(j.events.len(), MAX_EVENTS_PER_JOB + 1);
+    }
+
+    /// NuRL hints: once a prompt's recent outcomes are all failures its next
+    /// item carries `hint`, the hinted outcome does not enter its history
+    /// (so it stays hinted until solved without one), and the count shows.
+    #[test]
+    fn all_fail_prompts_get_hinted_items_whose_outcomes_stay_apart() {
+        let mut j = job("[rollout]\nmax_staleness = 0\n[hints]\nenabled = true\nmin_outcomes = 4\n");
+        let report = |j: &mut Job, items: &[Item], reward: f64| {
+            for it in items {
+                j.outcome(it.id, &vec![reward; it.n], 2).unwrap();
+            }
+        };
+        // Pass 1 over the 6 prompts: prompt 0 fails all 4, the others succeed once.
+        for _ in 0..2 {
+            let items = j.next_work("w", 10, 1).0;
+            assert!(items.iter().all(|i| !i.hint), "no history yet");
+            for it in &items {
+                let r: Vec<f64> = (0..it.n).map(|k| f64::from(it.prompt_id != 0 && k == 0)).collect();
+                j.outcome(it.id, &r, 2).unwrap();
+            }
+        }
+        // Pass 2: only prompt 0 is hinted.
+        let items = j.next_work("w", 10, 1).0;
+        let hinted: Vec<u64> = items.iter().filter(|i| i.hint).map(|i| i.prompt_id).collect();
+        assert_eq!(hinted, vec![0]);
+        assert_eq!(j.rec.progress.work_hinted, 1);
+        let before = j.history.outcomes(0);
+        report(&mut j, &items, 1.0);
+        assert_eq!(j.history.outcomes(0), before, "a hinted success is not the prompt's own");
+        let items = j.next_work("w", 10, 1).0;
+        report(&mut j, &items, 0.0);
+        // Pass 3: still hinted (solved only with a hint so far).
+        let items = j.next_work("w", 10, 1).0;
+        assert!(items.iter().any(|i| i.prompt_id == 0 && i.hint));
+        check_accounting(&j);
     }
 }

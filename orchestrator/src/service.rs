@@ -204,6 +204,7 @@ impl Orchestrator {
                 epoch: p.epoch,
                 work_outstanding: job.items.len() as u64,
                 events_dropped: p.events_dropped,
+                work_hinted: p.work_hinted,
             }),
         }
     }
@@ -427,7 +428,7 @@ impl Orchestrator {
         let retry_after_ms = if items.is_empty() { 200 } else { 0 };
         let items = items
             .into_iter()
-            .map(|i| v1::WorkItem { id: i.id, prompt_index: i.prompt_index, n: i.n as u32, attempt: i.attempt })
+            .map(|i| v1::WorkItem { id: i.id, prompt_index: i.prompt_index, n: i.n as u32, attempt: i.attempt, hint: i.hint })
             .collect();
         Ok(v1::NextWorkResponse { items, done: false, retry_after_ms })
     }
