@@ -63,6 +63,9 @@ pub struct Trainer {
     /// groups (groups, rollouts, reward sum).
     hint_history: History,
     all_fail_ever: BTreeSet<u64>,
+    /// Prompts whose latest group was hinted: the next one is not (hints
+    /// alternate with plain tries, so a prompt can show it is solved).
+    hinted_last: BTreeSet<u64>,
     hinted_now: [f64; 3],
     state: TrainerState,
     sampling: SamplingParams,
@@ -139,6 +142,7 @@ impl Trainer {
             mix,
             hint_history,
             all_fail_ever: BTreeSet::new(),
+            hinted_last: BTreeSet::new(),
             hinted_now: [0.0; 3],
         };
         let (rank, world) = trainer.rank();
@@ -225,9 +229,16 @@ impl Trainer {
         for p in problems {
             if self.history.rate(p.id, hints.min_outcomes) == Some(0.0) {
                 self.all_fail_ever.insert(p.id);
-                if hints.enabled {
+                if hints.enabled && !self.hinted_last.contains(&p.id) {
                     hinted.insert(p.id);
                 }
+            }
+        }
+        for p in problems {
+            if hinted.contains(&p.id) {
+                self.hinted_last.insert(p.id);
+            } else {
+                self.hinted_last.remove(&p.id);
             }
         }
         let shown: Vec<Problem> =

@@ -96,6 +96,10 @@ pub struct JobRecord {
     pub next_round: u64,
     /// Open rounds → their items not yet complete.
     pub open_rounds: BTreeMap<u64, u64>,
+    /// Prompts whose latest item was hinted: their next one is not, so a
+    /// prompt keeps being tried on its own (hints alternate with plain tries).
+    #[serde(default)]
+    pub hinted_last: std::collections::BTreeSet<u64>,
 }
 
 /// One prompt with its rollout budget, outstanding until its outcome arrives.
@@ -173,6 +177,7 @@ impl Job {
             next_item: 1,
             next_round: 0,
             open_rounds: BTreeMap::new(),
+            hinted_last: Default::default(),
         };
         let mut job = Job::restore(rec, Vec::new(), History::new(cfg.budget.history), Vec::new())?;
         let mut ch = Changes { record: true, ..Changes::default() };
@@ -282,7 +287,13 @@ impl Job {
         self.rec.open_rounds.insert(round, k);
         for ((&prompt_index, &prompt_id), &n) in indices.iter().zip(&ids).zip(&sizes) {
             let hints = &self.cfg.hints;
-            let hint = hints.enabled && self.history.rate(prompt_id, hints.min_outcomes) == Some(0.0);
+            let all_fail = self.history.rate(prompt_id, hints.min_outcomes) == Some(0.0);
+            let hint = hints.enabled && all_fail && !self.rec.hinted_last.contains(&prompt_id);
+            if hint {
+                self.rec.hinted_last.insert(prompt_id);
+            } else {
+                self.rec.hinted_last.remove(&prompt_id);
+            }
             let item = Item { id: self.rec.next_item, round, prompt_index, prompt_id, n, attempt: 0, worker: None, hint };
             if hint {
                 self.rec.progress.work_hinted += 1;
@@ -583,9 +594,16 @@ mod tests {
         assert_eq!(j.history.outcomes(0), before, "a hinted success is not the prompt's own");
         let items = j.next_work("w", 10, 1).0;
         report(&mut j, &items, 0.0);
-        // Pass 3: still hinted (solved only with a hint so far).
+        // Pass 3: tried without the hint (hints alternate with plain tries) ...
+        let items = j.next_work("w", 10, 1).0;
+        assert!(items.iter().any(|i| i.prompt_id == 0 && !i.hint));
+        report(&mut j, &items, 0.0);
+        let items = j.next_work("w", 10, 1).0;
+        report(&mut j, &items, 0.0);
+        // ... and, failed again, hinted in pass 4.
         let items = j.next_work("w", 10, 1).0;
         assert!(items.iter().any(|i| i.prompt_id == 0 && i.hint));
+        assert_eq!(j.rec.progress.work_hinted, 2);
         check_accounting(&j);
     }
 }
