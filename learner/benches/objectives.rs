@@ -47,8 +47,11 @@ fn run(objective: &str, seed: u64, steps: u64, sft_steps: u64, out: &std::path::
     (evals.first().copied().unwrap_or(f64::NAN), evals.last().copied().unwrap_or(f64::NAN), t0.elapsed().as_secs_f64())
 }
 
+/// Named values, in name order.
+type Named = Vec<(String, f64)>;
+
 /// Mean over the last 20 steps of each reward component, the final weights, and the final held-out reward.
-fn run_mix(rewards: &str, seed: u64, steps: u64, sft_steps: u64, out: &std::path::Path) -> (Vec<(String, f64)>, Vec<(String, f64)>, f64) {
+fn run_mix(rewards: &str, seed: u64, steps: u64, sft_steps: u64, out: &std::path::Path) -> (Named, Named, f64) {
     let text = format!(
         "name = \"rewards-bench\"\n[model]\npreset = \"tiny\"\ndevice = \"cpu\"\ninit_seed = {seed}\n\
          [task]\nkind = \"arithmetic\"\ndigits = 1\noperands = 2\noperators = [\"+\"]\nseed = {seed}\n\

@@ -188,7 +188,7 @@ impl Objective for Disco {
                 let start = rows.len();
                 let g_sides = &all_sides[offset..offset + g.rollouts.len()];
                 offset += g.rollouts.len();
-                if g_sides.iter().any(|&x| x == Side::Positive) {
+                if g_sides.contains(&Side::Positive) {
                     two_sided += 1.0;
                 }
                 for (r, &side) in g.rollouts.iter().zip(g_sides) {
@@ -329,7 +329,7 @@ mod tests {
                     } else {
                         sn.mean(Kind::Float)
                     };
-                    j = j + (sp - neg_term) / 2.0;
+                    j = &j + (sp - neg_term) / 2.0;
                 }
                 let kl = ((&old - &lp) * &mask).sum(Kind::Float) / tokens;
                 let hinge = (&kl - cfg.delta).clamp_min(0.0);

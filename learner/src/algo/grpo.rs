@@ -214,7 +214,8 @@ pub fn grpo_loss(x: &LossInputs, cfg: &GrpoConfig, d: Denominators) -> LossOutpu
         pg = pg.where_self(&dual_active.logical_not(), &bound.expand_as(&pg));
     }
     if let Some(w) = &weight {
-        pg = pg * w;
+        // A new tensor: in-place ops on autograd intermediates are what broke pg_loss.
+        pg = &pg * w;
     }
     let pg_loss = aggregate(&pg, x.mask, cfg.loss_agg, d);
     // A new tensor, not `+=` on a shallow clone: that would add the KL term into
