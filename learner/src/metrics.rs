@@ -51,9 +51,7 @@ pub struct StepMetrics {
     pub behaviour_non_finite: u64,
     /// Several rewards: each named component's mean over the trained rollouts,
     /// and the weight it had this step (fixed weight plus multiplier).
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub reward_components: std::collections::BTreeMap<String, f64>,
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub reward_weights: std::collections::BTreeMap<String, f64>,
     /// NuRL hints: groups sampled with a hint this step (their prompts had
     /// failed every recent rollout), and their mean reward.
