@@ -269,24 +269,8 @@ impl Objective for Disco {
 
 #[cfg(test)]
 mod tests {
+    use super::super::scored_rollout as rollout;
     use super::*;
-    use sluice_core::rollout::{FinishReason, Rollout};
-
-    fn rollout(reward: f64) -> Rollout {
-        Rollout {
-            prompt_id: 0,
-            prompt_tokens: vec![1],
-            response_tokens: vec![2],
-            logprobs: Some(vec![-0.5]),
-            loss_mask: vec![],
-            captions: vec![],
-            reward,
-            extrinsic: reward,
-            intrinsic: 0.0,
-            version: 0,
-            finish: FinishReason::Stop,
-        }
-    }
 
     #[test]
     fn sides_split_groups_and_drop_one_sided_ones() {

@@ -678,20 +678,7 @@ mod tests {
     /// One success in a group of 93 has advantage ~9.5 unclipped; clipped at 5.
     #[test]
     fn advantage_clip_bounds_knapsack_sized_groups() {
-        use sluice_core::rollout::Rollout;
-        let rollout = |reward: f64| Rollout {
-            prompt_id: 0,
-            prompt_tokens: vec![1],
-            response_tokens: vec![2],
-            logprobs: Some(vec![-0.1]),
-            loss_mask: vec![],
-            captions: vec![],
-            reward,
-            extrinsic: reward,
-            intrinsic: 0.0,
-            version: 0,
-            finish: sluice_core::rollout::FinishReason::Stop,
-        };
+        let rollout = super::super::scored_rollout;
         let group = Group { prompt_id: 0, work_id: 0, rollouts: (0..93).map(|i| rollout(f64::from(i == 0))).collect() };
         let c = GrpoConfig::default();
         let (raw, _) = advantages(std::slice::from_ref(&group), &c, 16, 0.0);

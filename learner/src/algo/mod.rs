@@ -46,6 +46,24 @@ pub trait Objective: Send {
     fn update(&mut self, engine: &mut Engine, scored: &Scored<'_>, m: &mut StepMetrics) -> Result<()>;
 }
 
+/// A one-token rollout with `reward` (extrinsic too), for the objectives' tests.
+#[cfg(test)]
+pub(crate) fn scored_rollout(reward: f64) -> sluice_core::rollout::Rollout {
+    sluice_core::rollout::Rollout {
+        prompt_id: 0,
+        prompt_tokens: vec![1],
+        response_tokens: vec![2],
+        logprobs: Some(vec![-0.5]),
+        loss_mask: vec![],
+        captions: vec![],
+        reward,
+        extrinsic: reward,
+        intrinsic: 0.0,
+        version: 0,
+        finish: sluice_core::rollout::FinishReason::Stop,
+    }
+}
+
 /// The job's objective. `temperature` is the sampling temperature the
 /// behaviour log-probs were computed at (1 for greedy sampling).
 pub fn build(cfg: &JobConfig, temperature: f64) -> Box<dyn Objective> {
