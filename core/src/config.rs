@@ -287,6 +287,12 @@ pub struct RewardConfig {
     pub constraints: BTreeMap<String, f64>,
     /// Step size of the multipliers' dual ascent.
     pub multiplier_lr: f64,
+    /// Dynamic weights (gradient-based, arXiv 2509.11452): the `weights` start
+    /// the run (normalised to sum 1) and move each step toward the components
+    /// whose policy gradients have the most influence. Off by default.
+    pub dynamic: bool,
+    /// The update's regularisation: the mirror step is `lr / dynamic_scale` times the influence.
+    pub dynamic_scale: f64,
 }
 
 /// Reward components a learner can weigh or constrain: `correct` (the
@@ -350,6 +356,8 @@ impl Default for RewardConfig {
             weights: BTreeMap::new(),
             constraints: BTreeMap::new(),
             multiplier_lr: 0.05,
+            dynamic: false,
+            dynamic_scale: 1.0,
         }
     }
 }
@@ -1031,6 +1039,12 @@ impl JobConfig {
             }
         }
         check(w.multiplier_lr.is_finite() && w.multiplier_lr > 0.0, "reward.multiplier_lr", "must be a finite number > 0")?;
+        check(w.dynamic_scale.is_finite() && w.dynamic_scale > 0.0, "reward.dynamic_scale", "must be a finite number > 0")?;
+        if w.dynamic {
+            check(w.weights.len() >= 2, "reward.weights", "dynamic weights need at least two components")?;
+            check(w.weights.values().all(|&v| v > 0.0), "reward.weights", "dynamic weights start from positive weights")?;
+            check(self.algorithm != Algorithm::Bgpo, "reward.dynamic", "dynamic weights probe policy gradients with behaviour log-probs; BGPO has none")?;
+        }
         let h = &self.hints;
         check(!h.template.trim().is_empty() && h.template.len() <= 1024, "hints.template", "must be 1 to 1024 bytes")?;
         check(h.min_outcomes >= 1, "hints.min_outcomes", "must be >= 1")?;

@@ -150,6 +150,7 @@ fn main() {
         ("correct only (weight 1)", "weights = { correct = 1.0, short = 0.0 }"),
         ("fixed: correct 1 + short 0.5", "weights = { correct = 1.0, short = 0.5 }"),
         ("constraint: correct 1, E[short] >= 0.8", "weights = { correct = 1.0 }\nconstraints = { short = 0.8 }\nmultiplier_lr = 0.05"),
+        ("dynamic (gradient-based), from correct 2/3 + short 1/3", "weights = { correct = 2.0, short = 1.0 }\ndynamic = true\ndynamic_scale = 0.01"),
     ];
     for (name, body) in mixes {
         let (mut correct, mut short, mut evals, mut first_weights) = (Vec::new(), Vec::new(), Vec::new(), String::new());

@@ -11,6 +11,7 @@
 //!   budget_history.json     per-prompt outcomes (knapsack budgets)
 //!   work_ids.json           orchestrator work items trained on (ranges)
 //!   multipliers.json        Lagrange multipliers of reward constraints
+//!   reward_weights.json     reward component weights (they move with reward.dynamic)
 //!   trainer_state.json      step counters, data cursor, seed, optimizer t
 //! latest                    name of the newest complete checkpoint
 //! ```
@@ -55,6 +56,8 @@ const HISTORY: &str = "budget_history.json";
 const WORK_IDS: &str = "work_ids.json";
 /// Lagrange multipliers of the job's reward constraints, in each checkpoint.
 const MULTIPLIERS: &str = "multipliers.json";
+/// Reward component weights, in each checkpoint.
+const REWARD_WEIGHTS: &str = "reward_weights.json";
 
 /// What a run has recorded besides counters and tensors.
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +65,7 @@ pub struct Records<'a> {
     pub history: &'a History,
     pub work_ids: &'a WorkIds,
     pub multipliers: &'a std::collections::BTreeMap<String, f64>,
+    pub reward_weights: &'a std::collections::BTreeMap<String, f64>,
 }
 
 pub fn checkpoints_dir(out_dir: &Path) -> PathBuf {
@@ -120,6 +124,7 @@ pub fn save(
     write_synced(&tmp.join(HISTORY), &serde_json::to_vec(records.history).expect("history serialises"))?;
     write_synced(&tmp.join(WORK_IDS), &serde_json::to_vec(records.work_ids).expect("work ids serialise"))?;
     write_synced(&tmp.join(MULTIPLIERS), &serde_json::to_vec(records.multipliers).expect("multipliers serialise"))?;
+    write_synced(&tmp.join(REWARD_WEIGHTS), &serde_json::to_vec(records.reward_weights).expect("weights serialise"))?;
     // Written last: its presence marks the directory complete.
     let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
     write_synced(&tmp.join("trainer_state.json"), &state_json)?;
@@ -215,6 +220,11 @@ pub fn read_work_ids(dir: &Path) -> Result<WorkIds> {
 /// The reward-constraint multipliers of a checkpoint (empty when it has none).
 pub fn read_multipliers(dir: &Path) -> Result<std::collections::BTreeMap<String, f64>> {
     read_record(dir, MULTIPLIERS)
+}
+
+/// The reward component weights of a checkpoint (empty when it has none).
+pub fn read_reward_weights(dir: &Path) -> Result<std::collections::BTreeMap<String, f64>> {
+    read_record(dir, REWARD_WEIGHTS)
 }
 
 /// Restores weights and optimizer moments from a checkpoint directory.

@@ -65,6 +65,17 @@ impl Engine {
     /// Sums gradients over ranks (and whether any rank saw a non-finite loss),
     /// then takes the optimizer step every rank takes: clipped to `max_norm`,
     /// or skipped (gradients zeroed) when any loss was not finite.
+    /// The accumulated gradient of every parameter, summed over ranks, as one
+    /// flat f32 vector; the gradients are then zeroed (nothing is stepped).
+    pub fn take_gradient(&mut self) -> Result<Vec<f32>> {
+        let mut grads = self.opt.grads();
+        self.comm.all_reduce_sum(&mut grads)?;
+        let flat = Tensor::cat(&grads.iter().map(|g| g.to_kind(tch::Kind::Float).flatten(0, -1)).collect::<Vec<_>>(), 0);
+        let out = Vec::<f32>::try_from(flat.to_device(tch::Device::Cpu)).map_err(|e| Error::Training(format!("gradient: {e}")))?;
+        self.opt.zero_grad();
+        Ok(out)
+    }
+
     pub fn step(&mut self, finite: bool, max_norm: f64) -> Result<StepReport> {
         let skipped = StepReport { grad_norm: f64::NAN, skipped: true };
         if self.comm.world_size() == 1 {

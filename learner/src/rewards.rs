@@ -17,6 +17,18 @@
 //! `λ_k ← max(0, λ_k + η (c_k − mean r_k))` (η = `reward.multiplier_lr`), so a
 //! violated constraint weighs more each step until it holds. Multipliers are
 //! kept in checkpoints (`multipliers.json`).
+//!
+//! Dynamic weights (`reward.dynamic`; Lu et al., "Learning to Optimize
+//! Multi-Objective Alignment Through Dynamic Reward Weighting", arXiv
+//! 2509.11452, the gradient-based weight optimisation, as the authors'
+//! reference code computes it — the paper's equation numbers were not
+//! available to us): each step, each component k's policy gradient g_k is
+//! taken alone (GRPO surrogate, advantages from r_k only); its influence is
+//! `I_k = Σ_j <g_k, g_j>`; the weights on the simplex take a mirror-descent
+//! step `w ← softmax(log w + (lr / ρ) · I)` (ρ = `reward.dynamic_scale`, lr the
+//! step's learning rate) before the step's rewards are combined. A component
+//! the policy has saturated (equal rewards in every group) has no gradient and
+//! loses weight to the ones still moving.
 
 use std::collections::BTreeMap;
 
@@ -53,8 +65,13 @@ impl RewardMix {
         if cfg.weights.is_empty() && cfg.constraints.is_empty() {
             return None;
         }
+        let mut weights = cfg.weights.clone();
+        if cfg.dynamic {
+            let total: f64 = weights.values().sum();
+            weights.values_mut().for_each(|w| *w /= total);
+        }
         Some(RewardMix {
-            weights: cfg.weights.clone(),
+            weights,
             thresholds: cfg.constraints.clone(),
             multipliers: cfg.constraints.keys().map(|k| (k.clone(), 0.0)).collect(),
             lr: cfg.multiplier_lr,
@@ -105,8 +122,51 @@ impl RewardMix {
         }
     }
 
+    /// The weighted components, in name order (what dynamic weights move).
+    pub fn weighted(&self) -> Vec<String> {
+        self.weights.keys().cloned().collect()
+    }
+
+    /// A copy of `groups` whose rewards are component `name` alone.
+    pub fn only(&self, groups: &[Group], name: &str) -> Vec<Group> {
+        let mut out = groups.to_vec();
+        for r in out.iter_mut().flat_map(|g| &mut g.rollouts) {
+            r.reward = component(r, name, self.max_new_tokens);
+        }
+        out
+    }
+
+    /// One mirror-descent step of the weights on the simplex from the
+    /// components' influences `I_k = Σ_j <g_k, g_j>` (`gram` row sums):
+    /// `w ← softmax(log w + step · I)`.
+    pub fn mirror_step(&mut self, gram: &[Vec<f64>], step: f64) {
+        let names = self.weighted();
+        let logits: Vec<f64> =
+            names.iter().enumerate().map(|(k, n)| self.weights[n].max(1e-12).ln() + step * gram[k].iter().sum::<f64>()).collect();
+        let top = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for (n, v) in names.iter().zip(e) {
+            self.weights.insert(n.clone(), v / sum);
+        }
+    }
+
     pub fn multipliers(&self) -> &BTreeMap<String, f64> {
         &self.multipliers
+    }
+
+    /// The weights (dynamic ones change every step; saved in checkpoints).
+    pub fn weights(&self) -> &BTreeMap<String, f64> {
+        &self.weights
+    }
+
+    /// Restores weights from a checkpoint (only the job's own components).
+    pub fn restore_weights(&mut self, saved: &BTreeMap<String, f64>) {
+        for (k, w) in &mut self.weights {
+            if let Some(v) = saved.get(k).filter(|v| v.is_finite()) {
+                *w = *v;
+            }
+        }
     }
 
     /// Restores multipliers from a checkpoint (names the job no longer constrains are dropped).
@@ -156,6 +216,21 @@ mod tests {
         assert_eq!(out[0].rollouts.iter().map(|r| r.reward).collect::<Vec<_>>(), vec![1.625, 0.0]);
         let (sums, n) = m.sums(std::slice::from_ref(&g));
         assert_eq!((sums["correct"], sums["short"], sums["finished"], n), (1.0, 0.75, 1.0, 2.0));
+    }
+
+    /// The component whose gradient still has influence gains weight; one the
+    /// policy saturated (no gradient) loses it; weights stay on the simplex.
+    #[test]
+    fn dynamic_weights_move_toward_the_lagging_component() {
+        let mut m = mix("weights = { correct = 1.0, short = 1.0 }\ndynamic = true");
+        assert_eq!(m.weights().values().copied().collect::<Vec<_>>(), vec![0.5, 0.5], "normalised to the simplex");
+        // correct is saturated (zero gradient); short's gradient has norm^2 4.
+        let gram = vec![vec![0.0, 0.0], vec![0.0, 4.0]];
+        m.mirror_step(&gram, 0.1);
+        let (c, s) = (m.weights()["correct"], m.weights()["short"]);
+        assert!(s > 0.5 && c < 0.5 && (c + s - 1.0).abs() < 1e-12, "{c} {s}");
+        // softmax(log 0.5 + [0, 0.4]) by hand.
+        assert!((s - 0.4f64.exp() / (1.0 + 0.4f64.exp())).abs() < 1e-12);
     }
 
     /// A violated constraint's multiplier rises every step it stays violated,

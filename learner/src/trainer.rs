@@ -34,7 +34,7 @@ use crate::algo::sft::Sft;
 use crate::algo::{self, grpo, Objective, Scored};
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::{all_gather_u64, Collective, Single};
-use crate::engine::{rng_for, Engine};
+use crate::engine::{rng_for, Batch, Engine, Row};
 use crate::error::Result;
 use crate::ingest::WorkIds;
 use crate::metrics::{EvalSample, Event, EventLog, SftMetrics, StepMetrics};
@@ -153,6 +153,7 @@ impl Trainer {
                 trainer.work_ids = checkpoint::read_work_ids(&dir)?;
                 if let Some(mix) = &mut trainer.mix {
                     mix.restore(&checkpoint::read_multipliers(&dir)?);
+                    mix.restore_weights(&checkpoint::read_reward_weights(&dir)?);
                 }
                 tracing::info!(checkpoint = %dir.display(), step = trainer.state.step, "resumed");
             }
@@ -164,12 +165,17 @@ impl Trainer {
             for id in all_gather_u64(trainer.engine.comm(), &mine)? {
                 trainer.work_ids.insert(id);
             }
-            // Rank 0's multipliers on every rank (the others add zeros).
+            // Rank 0's multipliers and weights on every rank (the others add zeros).
             if let Some(mix) = &mut trainer.mix {
-                let names: Vec<String> = mix.multipliers().keys().cloned().collect();
-                let mut values: Vec<f64> = mix.multipliers().values().map(|&v| if rank == 0 { v } else { 0.0 }).collect();
+                let mine = |m: &BTreeMap<String, f64>| -> (Vec<String>, Vec<f64>) {
+                    (m.keys().cloned().collect(), m.values().map(|&v| if rank == 0 { v } else { 0.0 }).collect())
+                };
+                let (names, mut values) = mine(mix.multipliers());
                 trainer.engine.all_reduce(&mut values)?;
                 mix.restore(&names.into_iter().zip(values).collect());
+                let (names, mut values) = mine(mix.weights());
+                trainer.engine.all_reduce(&mut values)?;
+                mix.restore_weights(&names.into_iter().zip(values).collect());
             }
         }
         Ok(trainer)
@@ -325,6 +331,15 @@ impl Trainer {
     /// reward, generation speed, step and step time. Every rank of a
     /// data-parallel group must call it once per step (with any number of groups).
     pub fn train_on(&mut self, groups: &[Group]) -> Result<StepMetrics> {
+        // Dynamic weights: a mirror step from the components' gradient influences first.
+        if let Some(mix) = self.mix.as_ref().filter(|_| self.cfg.reward.dynamic) {
+            let per_component: Vec<Vec<Group>> = mix.weighted().iter().map(|k| mix.only(groups, k)).collect();
+            let gram = self.component_gram(&per_component)?;
+            let step = self.cfg.train.lr_at(self.state.step) / self.cfg.reward.dynamic_scale;
+            if let Some(mix) = &mut self.mix {
+                mix.mirror_step(&gram, step);
+            }
+        }
         // Several rewards: each rollout's reward becomes the weighted sum of its components.
         let mixed;
         let (groups, components) = match &self.mix {
@@ -347,6 +362,53 @@ impl Trainer {
             m.reward_weights = weights;
         }
         Ok(m)
+    }
+
+    /// Gram matrix `<g_i, g_j>` of the policy gradients each component's groups
+    /// give alone (the GRPO surrogate at the current weights, summed over
+    /// ranks); nothing is stepped.
+    fn component_gram(&mut self, per_component: &[Vec<Group>]) -> Result<Vec<Vec<f64>>> {
+        let max_len = self.sampling.max_new_tokens as usize;
+        let temperature = if self.sampling.temperature > 0.0 { self.sampling.temperature } else { 1.0 };
+        let device = self.engine.policy.device();
+        let mut grads: Vec<Vec<f32>> = Vec::with_capacity(per_component.len());
+        for groups in per_component {
+            let (adv, _) = grpo::advantages(groups, &self.cfg.grpo, max_len, self.cfg.advantage_clip());
+            let rows: Vec<Row> = groups
+                .iter()
+                .flat_map(|g| &g.rollouts)
+                .zip(&adv)
+                .filter(|(r, _)| !r.response_tokens.is_empty() && r.logprobs.is_some())
+                .map(|(r, &a)| Row {
+                    prompt: &r.prompt_tokens,
+                    response: &r.response_tokens,
+                    old_logp: r.logprobs.as_deref(),
+                    loss_mask: &r.loss_mask,
+                    advantage: a,
+                })
+                .collect();
+            let mut den = [rows.iter().map(|r| r.trained_tokens()).sum::<f64>(), rows.len() as f64];
+            self.engine.all_reduce(&mut den)?;
+            let d = grpo::Denominators { tokens: den[0].max(1.0), seqs: den[1], budget: self.cfg.generation_budget() as f64 };
+            for micro in rows.chunks(self.cfg.train.micro_batch_size) {
+                let micro: Vec<&Row> = micro.iter().collect();
+                let batch = Batch::new(&micro, self.engine.pad, device);
+                let logp = self.engine.train_logprobs(&batch, temperature);
+                let x = grpo::LossInputs {
+                    logp: &logp.logp,
+                    old_logp: &batch.old_logp,
+                    prox_logp: None,
+                    ref_logp: None,
+                    advantages: &batch.advantages,
+                    mask: &batch.mask,
+                };
+                let out = grpo::grpo_loss(&x, &self.cfg.grpo, d);
+                logp.backward(&self.engine.policy, &out.loss);
+            }
+            grads.push(self.engine.take_gradient()?);
+        }
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum::<f64>();
+        Ok(grads.iter().map(|gi| grads.iter().map(|gj| dot(gi, gj)).collect()).collect())
     }
 
     fn train_groups(&mut self, groups: &[Group]) -> Result<StepMetrics> {
@@ -440,7 +502,8 @@ impl Trainer {
         let (s, keep) = (&self.state, self.cfg.train.keep_checkpoints);
         let none = BTreeMap::new();
         let multipliers = self.mix.as_ref().map_or(&none, |m| m.multipliers());
-        let records = checkpoint::Records { history: &self.history, work_ids: &self.work_ids, multipliers };
+        let reward_weights = self.mix.as_ref().map_or(&none, |m| m.weights());
+        let records = checkpoint::Records { history: &self.history, work_ids: &self.work_ids, multipliers, reward_weights };
         checkpoint::save(&self.out_dir, &self.engine.policy, &self.tokenizer, &self.engine.opt, s, records, keep)
     }
 

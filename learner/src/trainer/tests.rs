@@ -242,3 +242,30 @@ fn all_fail_prompts_get_a_hint_and_their_outcomes_are_kept_apart() {
         }
     }
 }
+
+/// Dynamic reward weights through a real step: every rollout is correct (that
+/// component is saturated: zero advantage, zero gradient) while their lengths
+/// differ (brevity still has a gradient), so the step's weights move toward
+/// brevity — and the new weights are in the checkpoint.
+#[test]
+fn dynamic_weights_move_toward_the_component_that_still_has_a_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[model]\npreset = \"tiny\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\n[sampling]\nmax_new_tokens = 4\n\
+         [reward]\nweights = {{ correct = 1.0, short = 1.0 }}\ndynamic = true\ndynamic_scale = 0.001\n[train]\nout_dir = \"{}\"\n",
+        dir.path().display()
+    );
+    let mut t = Trainer::new(JobConfig::from_toml(&text).unwrap(), false).unwrap();
+    let mut g = pair(&[8, 1, 3], &[-0.7, -0.4, -1.1], &[]);
+    g.rollouts[1].response_tokens = vec![8];
+    g.rollouts[1].logprobs = Some(vec![-0.7]);
+    for r in &mut g.rollouts {
+        r.extrinsic = 1.0;
+    }
+    let m = t.train_on(&[g]).unwrap();
+    let (c, s) = (m.reward_weights["correct"], m.reward_weights["short"]);
+    assert!(s > 0.5 && c < 0.5 && (c + s - 1.0).abs() < 1e-9, "correct {c}, short {s}");
+    let saved = t.save_checkpoint().unwrap();
+    let back = checkpoint::read_reward_weights(&saved).unwrap();
+    assert!((back["short"] - s).abs() < 1e-12);
+}
