@@ -1242,6 +1242,8 @@ mod tests {
             (format!("algorithm = \"disco\"\n{MIN}[disco]\ntau = -1.0\n"), "disco.tau", ">= 0"),
             (format!("{MIN}[grpo]\ntis_cap = 0.5\n"), "grpo.tis_cap", ">= 1"),
             (format!("{MIN}[grpo]\nadvantage_clip = -2.0\n"), "grpo.advantage_clip", ">= 0"),
+            (format!("{MIN}[reward]\nweights = {{ correct = 1.0 }}\ndynamic = true\n"), "reward.weights", "at least two"),
+            (format!("{MIN}[reward]\ndynamic_scale = 0.0\n"), "reward.dynamic_scale", "> 0"),
         ] {
             match JobConfig::from_toml(&text) {
                 Err(Error::Config { path, reason }) => {
