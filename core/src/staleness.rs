@@ -64,6 +64,14 @@ impl Staleness {
         self.max as usize + 1
     }
 
+    /// Orchestrator: round `round` (trained at step `round`) may open once the
+    /// learner has finished `round - max` steps: its rollouts are then sampled
+    /// at most `max` versions before the step that trains them, so none are
+    /// generated only to be dropped as stale.
+    pub fn may_open(self, round: u64, learner_step: u64) -> bool {
+        round <= learner_step.saturating_add(self.max)
+    }
+
     /// Learner: one counter per trainable lag, `0..=max`.
     pub fn lags(self) -> usize {
         self.max as usize + 1

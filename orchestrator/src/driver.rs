@@ -144,7 +144,14 @@ pub struct Job {
     pub history: History,
     /// Every event so far, oldest first (event `seq` = index).
     pub events: Vec<String>,
+    /// When the learner's step last moved (memory only; 0 after a restart).
+    step_moved_ms: u64,
 }
+
+/// A learner whose step has not moved for this long while no work is
+/// outstanding is starving (groups of its round were dropped): one more round
+/// opens even though the staleness rule would hold it back.
+pub const STARVING_MS: u64 = 3_000;
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,7 +203,7 @@ impl Job {
         };
         let items: BTreeMap<u64, Item> = items.into_iter().map(|i| (i.id, i)).collect();
         let pending = items.keys().copied().collect();
-        let mut job = Job { rec, cfg, task, items, pending, history, events };
+        let mut job = Job { rec, cfg, task, items, pending, history, events, step_moved_ms: 0 };
         for item in job.items.values_mut() {
             item.worker = None;
         }
@@ -216,6 +223,16 @@ impl Job {
         ch.events.push(line);
     }
 
+    /// The learner reached `step` (from a step event or a heartbeat); true when it moved.
+    pub fn learner_step(&mut self, step: u64, now_ms: u64) -> bool {
+        if step <= self.rec.progress.step {
+            return false;
+        }
+        self.rec.progress.step = step;
+        self.step_moved_ms = now_ms;
+        true
+    }
+
     /// Appends workers' training events (step, sft, eval, checkpoint) to the
     /// job's log; step events move the job's step counter. Anything else is
     /// the orchestrator's to say and is refused.
@@ -224,7 +241,7 @@ impl Job {
         for e in reported {
             match &e.body {
                 Some(Body::Step(s)) => {
-                    self.rec.progress.step = self.rec.progress.step.max(s.step);
+                    self.learner_step(s.step, now_ms);
                     ch.record = true;
                 }
                 Some(Body::Sft(_) | Body::Eval(_) | Body::Checkpoint(_)) => {}
@@ -317,9 +334,22 @@ impl Job {
         if self.rec.state == JobState::Queued {
             ch = self.set_state(JobState::Running, "", now_ms);
         }
-        let window = self.cfg.rollout.staleness().open_rounds();
-        while self.pending.len() < max && self.rec.open_rounds.len() < window {
+        let staleness = self.cfg.rollout.staleness();
+        let window = staleness.open_rounds();
+        loop {
+            if self.pending.len() >= max || self.rec.open_rounds.len() >= window {
+                break;
+            }
+            // Ahead of the learner by more than the staleness bound: the round
+            // would be sampled only to be dropped. Unless the learner starves.
+            let starving = self.items.is_empty() && now_ms.saturating_sub(self.step_moved_ms) > STARVING_MS;
+            if !staleness.may_open(self.rec.next_round, self.rec.progress.step) && !starving {
+                break;
+            }
             self.open_round(&mut ch, now_ms);
+            if starving {
+                self.step_moved_ms = now_ms;
+            }
         }
         let mut out = Vec::new();
         while out.len() < max {
@@ -447,13 +477,21 @@ mod tests {
         }
         assert!(j.next_work("w", 10, 4).0.is_empty());
         j.outcome(a[2].id, &[1.0; 4], 5).unwrap();
+        // Round 1 waits for the learner to train round 0 (else it would be stale) ...
+        assert!(j.next_work("w", 10, 5).0.is_empty(), "round 1 waits for the learner's step 1");
+        j.learner_step(1, 5);
         let b = j.next_work("w", 10, 6).0;
         assert_eq!(b.iter().map(|i| i.prompt_index).collect::<Vec<_>>(), vec![3, 4, 5]);
         assert_eq!(j.rec.progress.epoch, 1);
         for i in &b {
             j.outcome(i.id, &[0.0; 4], 7).unwrap();
         }
-        j.next_work("w", 10, 8);
+        // ... unless the learner starves (groups of its round were dropped):
+        // with nothing outstanding and no step for STARVING_MS, one round opens.
+        assert!(j.next_work("w", 10, 8).0.is_empty());
+        let c = j.next_work("w", 10, 8 + STARVING_MS + 1).0;
+        assert_eq!(c.len(), 3);
+        assert!(j.next_work("w", 10, 8 + STARVING_MS + 2).0.is_empty(), "only one");
         assert_eq!(j.rec.progress.epoch, 2, "prompt 6 starts the second pass over 6 prompts");
         check_accounting(&j);
     }
@@ -491,9 +529,11 @@ mod tests {
         for (i, o) in r0.iter().zip(outcomes) {
             j.outcome(i.id, &o, 2).unwrap();
         }
+        j.learner_step(1, 2);
         for i in j.next_work("w", 3, 3).0 {
             j.outcome(i.id, &vec![0.0; i.n], 4).unwrap();
         }
+        j.learner_step(2, 4);
         // Round 2 is prompts 6, 7, 8 = problems 0, 1, 2 again (train_size 6).
         let r2 = j.next_work("w", 3, 5).0;
         let sizes: Vec<usize> = r2.iter().map(|i| i.n).collect();
@@ -574,6 +614,9 @@ mod tests {
             for it in items {
                 j.outcome(it.id, &vec![reward; it.n], 2).unwrap();
             }
+            // The learner trains every round it is given.
+            let r = j.rec.next_round;
+            j.learner_step(r, 2);
         };
         // Pass 1 over the 6 prompts: prompt 0 fails all 4, the others succeed once.
         for _ in 0..2 {
@@ -583,6 +626,8 @@ mod tests {
                 let r: Vec<f64> = (0..it.n).map(|k| f64::from(it.prompt_id != 0 && k == 0)).collect();
                 j.outcome(it.id, &r, 2).unwrap();
             }
+            let r = j.rec.next_round;
+            j.learner_step(r, 2);
         }
         // Pass 2: only prompt 0 is hinted.
         let items = j.next_work("w", 10, 1).0;

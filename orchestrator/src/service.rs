@@ -388,10 +388,7 @@ impl Orchestrator {
         };
         self.store.put_worker(&worker, self.lease_ms).await?;
         let mut ch = Changes::default();
-        if req.step > job.rec.progress.step {
-            job.rec.progress.step = req.step;
-            ch.record = true;
-        }
+        ch.record |= job.learner_step(req.step, now);
         if !req.error.is_empty() {
             let msg = format!("{} failed: {}", worker.name, req.error);
             let mut more = job.set_state(JobState::Failed, &msg, now);

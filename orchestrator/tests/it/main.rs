@@ -43,7 +43,8 @@ async fn report(o: &Orchestrator, job: &str, worker: &str, item: &v1::WorkItem) 
     o.report_outcome(req).await.unwrap()
 }
 
-/// Takes and completes `rounds` whole rounds.
+/// Takes and completes `rounds` whole rounds; after each, the learner reports
+/// the step that trained it (the next round opens only then).
 async fn drive(o: &Orchestrator, job: &str, worker: &str, rounds: usize) {
     for _ in 0..rounds {
         let items = next_work(o, job, worker).await;
@@ -51,6 +52,9 @@ async fn drive(o: &Orchestrator, job: &str, worker: &str, rounds: usize) {
         for item in &items {
             assert!(report(o, job, worker, item).await);
         }
+        let step = o.get(job).await.unwrap().progress.unwrap().step + 1;
+        let hb = v1::HeartbeatRequest { worker_id: worker.into(), job_id: job.into(), step, ..Default::default() };
+        o.heartbeat(hb).await.unwrap();
     }
 }
 
