@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -237,6 +237,16 @@ pub fn run(
                     if held.is_empty() {
                         match s.next_work(per_batch as u32) {
                             Ok(r) if r.done => break 'connection,
+                            Ok(r) if r.items.is_empty() => {
+                                // Nothing yet (the learner has not caught up): poll again
+                                // after the short delay the orchestrator asks for, not
+                                // after an error backoff that grows to seconds.
+                                let until = Instant::now() + Duration::from_millis(r.retry_after_ms.clamp(5, 1000));
+                                while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                                    std::thread::sleep(Duration::from_millis(5));
+                                }
+                                continue;
+                            }
                             Ok(r) => held = r.items,
                             Err(sluice_worker::Error::Status(st)) if st.code() == Code::Unauthenticated => {
                                 return Err(Error::Orchestrator(st.to_string()))

@@ -100,6 +100,11 @@ pub struct JobRecord {
     /// prompt keeps being tried on its own (hints alternate with plain tries).
     #[serde(default)]
     pub hinted_last: std::collections::BTreeSet<u64>,
+    /// Rounds opened for a starving learner: each stands for a round's worth
+    /// of groups the learner dropped, so round r may open once the learner
+    /// reached step `r - max_staleness - round_credit`.
+    #[serde(default)]
+    pub round_credit: u64,
 }
 
 /// One prompt with its rollout budget, outstanding until its outcome arrives.
@@ -146,12 +151,18 @@ pub struct Job {
     pub events: Vec<String>,
     /// When the learner's step last moved (memory only; 0 after a restart).
     step_moved_ms: u64,
+    /// Moving average of the time between the learner's steps (memory only).
+    step_interval_ms: f64,
 }
 
-/// A learner whose step has not moved for this long while no work is
-/// outstanding is starving (groups of its round were dropped): one more round
-/// opens even though the staleness rule would hold it back.
-pub const STARVING_MS: u64 = 3_000;
+/// A learner whose step has not moved for `STARVING_STEPS` of its usual step
+/// intervals (at least `STARVING_MIN_MS`, at most `STARVING_MAX_MS`) while no
+/// work is outstanding is starving — groups of its round were dropped — and
+/// one more round opens (and stays credited) though the staleness rule would
+/// hold it back.
+pub const STARVING_STEPS: f64 = 3.0;
+pub const STARVING_MIN_MS: u64 = 50;
+pub const STARVING_MAX_MS: u64 = 3_000;
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -185,6 +196,7 @@ impl Job {
             next_round: 0,
             open_rounds: BTreeMap::new(),
             hinted_last: Default::default(),
+            round_credit: 0,
         };
         let mut job = Job::restore(rec, Vec::new(), History::new(cfg.budget.history), Vec::new())?;
         let mut ch = Changes { record: true, ..Changes::default() };
@@ -203,7 +215,7 @@ impl Job {
         };
         let items: BTreeMap<u64, Item> = items.into_iter().map(|i| (i.id, i)).collect();
         let pending = items.keys().copied().collect();
-        let mut job = Job { rec, cfg, task, items, pending, history, events, step_moved_ms: 0 };
+        let mut job = Job { rec, cfg, task, items, pending, history, events, step_moved_ms: 0, step_interval_ms: 0.0 };
         for item in job.items.values_mut() {
             item.worker = None;
         }
@@ -227,6 +239,10 @@ impl Job {
     pub fn learner_step(&mut self, step: u64, now_ms: u64) -> bool {
         if step <= self.rec.progress.step {
             return false;
+        }
+        if self.step_moved_ms > 0 {
+            let dt = now_ms.saturating_sub(self.step_moved_ms) as f64 / (step - self.rec.progress.step) as f64;
+            self.step_interval_ms = if self.step_interval_ms == 0.0 { dt } else { 0.8 * self.step_interval_ms + 0.2 * dt };
         }
         self.rec.progress.step = step;
         self.step_moved_ms = now_ms;
@@ -342,13 +358,24 @@ impl Job {
             }
             // Ahead of the learner by more than the staleness bound: the round
             // would be sampled only to be dropped. Unless the learner starves.
-            let starving = self.items.is_empty() && now_ms.saturating_sub(self.step_moved_ms) > STARVING_MS;
-            if !staleness.may_open(self.rec.next_round, self.rec.progress.step) && !starving {
-                break;
-            }
-            self.open_round(&mut ch, now_ms);
-            if starving {
+            // Before the learner's first step (warm-up) only a long silence counts.
+            let patience = if self.step_moved_ms == 0 && self.rec.progress.step == 0 {
+                STARVING_MAX_MS * 10
+            } else {
+                ((self.step_interval_ms * STARVING_STEPS) as u64).clamp(STARVING_MIN_MS, STARVING_MAX_MS)
+            };
+            let starving = self.items.is_empty() && now_ms.saturating_sub(self.step_moved_ms) > patience;
+            let round = self.rec.next_round.saturating_sub(self.rec.round_credit);
+            // The job trains `steps` rounds: more would never be trained.
+            let needed = round < self.rec.progress.total_steps;
+            if needed && staleness.may_open(round, self.rec.progress.step) {
+                self.open_round(&mut ch, now_ms);
+            } else if starving {
+                self.rec.round_credit += 1;
                 self.step_moved_ms = now_ms;
+                self.open_round(&mut ch, now_ms);
+            } else {
+                break;
             }
         }
         let mut out = Vec::new();
@@ -451,7 +478,7 @@ mod tests {
     fn spec(extra: &str) -> String {
         format!(
             "name = \"t\"\n[model]\npreset = \"tiny\"\n[task]\nkind = \"arithmetic\"\ntrain_size = 6\n\
-             [grpo]\ngroup_size = 4\n[train]\nprompts_per_step = 3\nsteps = 5\n{extra}"
+             [grpo]\ngroup_size = 4\n[train]\nprompts_per_step = 3\nsteps = 50\n{extra}"
         )
     }
 
@@ -489,9 +516,10 @@ mod tests {
         // ... unless the learner starves (groups of its round were dropped):
         // with nothing outstanding and no step for STARVING_MS, one round opens.
         assert!(j.next_work("w", 10, 8).0.is_empty());
-        let c = j.next_work("w", 10, 8 + STARVING_MS + 1).0;
+        let c = j.next_work("w", 10, 8 + STARVING_MAX_MS + 1).0;
         assert_eq!(c.len(), 3);
-        assert!(j.next_work("w", 10, 8 + STARVING_MS + 2).0.is_empty(), "only one");
+        assert!(j.next_work("w", 10, 8 + STARVING_MAX_MS + 2).0.is_empty(), "only one");
+        assert_eq!(j.rec.round_credit, 1, "and it stays credited: the learner is a round short for good");
         assert_eq!(j.rec.progress.epoch, 2, "prompt 6 starts the second pass over 6 prompts");
         check_accounting(&j);
     }
@@ -650,5 +678,22 @@ mod tests {
         assert!(items.iter().any(|i| i.prompt_id == 0 && i.hint));
         assert_eq!(j.rec.progress.work_hinted, 2);
         check_accounting(&j);
+    }
+
+    /// A job of `steps` steps never opens more than `steps` rounds (plus one
+    /// per round credited to a starving learner): extra rounds would never train.
+    #[test]
+    fn no_round_opens_beyond_the_last_step() {
+        let mut j = Job::submit("t-1".into(), spec("[rollout]\nmax_staleness = 0\n").replace("steps = 50", "steps = 2"), 0).unwrap().0;
+        for step in 0..2u64 {
+            let items = j.next_work("w", 10, 10 * step + 1).0;
+            assert_eq!(items.len(), 3, "round {step}");
+            for it in &items {
+                j.outcome(it.id, &vec![0.0; it.n], 10 * step + 2).unwrap();
+            }
+            j.learner_step(step + 1, 10 * step + 3);
+        }
+        assert!(j.next_work("w", 10, 30).0.is_empty(), "the job's two rounds are all it needs");
+        assert_eq!(j.rec.next_round, 2);
     }
 }

@@ -422,7 +422,9 @@ impl Orchestrator {
         let (items, ch) = job.next_work(&req.worker_id, max, now_ms());
         self.store.apply(&job, &ch).await?;
         counters().dispatched.add(items.len() as u64, &[]);
-        let retry_after_ms = if items.is_empty() { 200 } else { 0 };
+        // An actor with nothing to do polls again this soon: rounds open as
+        // the learner reports its steps, which can be every few milliseconds.
+        let retry_after_ms = if items.is_empty() { 20 } else { 0 };
         let items = items
             .into_iter()
             .map(|i| v1::WorkItem { id: i.id, prompt_index: i.prompt_index, n: i.n as u32, attempt: i.attempt, hint: i.hint })
