@@ -128,6 +128,8 @@ pub fn run(
     // Work items taken from the orchestrator and not yet delivered, and the
     // outcomes of delivered ones not yet reported.
     let mut held: Vec<v1::WorkItem> = Vec::new();
+    // The oldest weights the held items may be sampled with (round - max_staleness).
+    let mut need_version = 0u64;
     let mut outcomes: Vec<(u64, Vec<f64>)> = Vec::new();
     let instruments = Instruments::new();
 
@@ -191,7 +193,7 @@ pub fn run(
             }
             let behind = match mine {
                 None => true,
-                Some((v, inc)) => inc != linc || staleness.must_resync(v, lv),
+                Some((v, inc)) => inc != linc || staleness.must_resync(v, lv) || (v < need_version && lv > v),
             };
             if behind {
                 match weights.pull(&mut policy) {
@@ -247,7 +249,16 @@ pub fn run(
                                 }
                                 continue;
                             }
-                            Ok(r) => held = r.items,
+                            Ok(r) => {
+                                held = r.items;
+                                let last = held.iter().map(|w| w.round).max().unwrap_or(0);
+                                need_version = last.saturating_sub(staleness.max());
+                                if mine.is_some_and(|(v, _)| v < need_version) {
+                                    // Rollouts for a round this far ahead would be stale at
+                                    // its step: fetch newer weights first.
+                                    continue;
+                                }
+                            }
                             Err(sluice_worker::Error::Status(st)) if st.code() == Code::Unauthenticated => {
                                 return Err(Error::Orchestrator(st.to_string()))
                             }

@@ -427,7 +427,7 @@ impl Orchestrator {
         let retry_after_ms = if items.is_empty() { 20 } else { 0 };
         let items = items
             .into_iter()
-            .map(|i| v1::WorkItem { id: i.id, prompt_index: i.prompt_index, n: i.n as u32, attempt: i.attempt, hint: i.hint })
+            .map(|i| v1::WorkItem { id: i.id, prompt_index: i.prompt_index, n: i.n as u32, attempt: i.attempt, hint: i.hint, round: i.round })
             .collect();
         Ok(v1::NextWorkResponse { items, done: false, retry_after_ms })
     }
