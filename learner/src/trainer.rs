@@ -374,19 +374,8 @@ impl Trainer {
         let mut grads: Vec<Vec<f32>> = Vec::with_capacity(per_component.len());
         for groups in per_component {
             let (adv, _) = grpo::advantages(groups, &self.cfg.grpo, max_len, self.cfg.advantage_clip());
-            let rows: Vec<Row> = groups
-                .iter()
-                .flat_map(|g| &g.rollouts)
-                .zip(&adv)
-                .filter(|(r, _)| !r.response_tokens.is_empty() && r.logprobs.is_some())
-                .map(|(r, &a)| Row {
-                    prompt: &r.prompt_tokens,
-                    response: &r.response_tokens,
-                    old_logp: r.logprobs.as_deref(),
-                    loss_mask: &r.loss_mask,
-                    advantage: a,
-                })
-                .collect();
+            let mut rows = grpo::rows(groups, &adv);
+            rows.retain(|r| r.old_logp.is_some());
             let mut den = [rows.iter().map(|r| r.trained_tokens()).sum::<f64>(), rows.len() as f64];
             self.engine.all_reduce(&mut den)?;
             let d = grpo::Denominators { tokens: den[0].max(1.0), seqs: den[1], budget: self.cfg.generation_budget() as f64 };

@@ -259,6 +259,23 @@ pub fn advantages(groups: &[Group], cfg: &GrpoConfig, max_len: usize, clip: f64)
     (advantages, effective)
 }
 
+/// One training row per rollout with a response, carrying its advantage.
+pub fn rows<'a>(groups: &'a [Group], advantages: &[f64]) -> Vec<Row<'a>> {
+    groups
+        .iter()
+        .flat_map(|g| &g.rollouts)
+        .zip(advantages)
+        .filter(|(r, _)| !r.response_tokens.is_empty())
+        .map(|(r, &a)| Row {
+            prompt: &r.prompt_tokens,
+            response: &r.response_tokens,
+            old_logp: r.logprobs.as_deref(),
+            loss_mask: &r.loss_mask,
+            advantage: a,
+        })
+        .collect()
+}
+
 /// The GRPO update (eq. 3 with the options above): `epochs × mini_batches`
 /// optimizer steps over this rank's rollouts, each mini-batch accumulated over
 /// micro-batches whose losses share the mini-batch's global denominators.
@@ -287,20 +304,7 @@ impl Grpo {
 impl Objective for Grpo {
     fn update(&mut self, engine: &mut Engine, s: &Scored<'_>, m: &mut StepMetrics) -> Result<()> {
         let c = &self.cfg;
-        let rows: Vec<Row> = s
-            .groups
-            .iter()
-            .flat_map(|g| &g.rollouts)
-            .zip(s.advantages)
-            .filter(|(r, _)| !r.response_tokens.is_empty())
-            .map(|(r, &a)| Row {
-                prompt: &r.prompt_tokens,
-                response: &r.response_tokens,
-                old_logp: r.logprobs.as_deref(),
-                loss_mask: &r.loss_mask,
-                advantage: a,
-            })
-            .collect();
+        let rows = rows(s.groups, s.advantages);
         if let Some(r) = rows.iter().find(|r| r.old_logp.is_none()) {
             return Err(Error::Training(format!(
                 "GRPO needs behaviour log-probs; a rollout ({} prompt tokens) has none",
