@@ -172,7 +172,9 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
     let redis = Redis::start();
     let url = redis.url.clone();
     let dir = tempfile::tempdir().unwrap();
-    let steps = 60;
+    // Long enough that the kills below land before the job ends (it no longer
+    // wastes time sampling rounds nobody trains).
+    let steps = 150;
     let job = job_file(dir.path(), "faults", steps, "[resources]\nactors = 2\nreward_server = false\n[rollout]\nmax_staleness = 1");
     let mut cmd = sluice();
     cmd.args(["dev", job.to_str().unwrap(), "--json", "--redis", &url, "--lease-s", "2"]);
