@@ -247,13 +247,15 @@ impl Trainer {
                 self.hinted_last.remove(&p.id);
             }
         }
-        let shown: Vec<Problem> =
-            problems.iter().map(|p| if hinted.contains(&p.id) { p.with_hint(&hints.template) } else { p.clone() }).collect();
+        // Copies of the problems only when some are shown with a hint.
+        let shown: Option<Vec<Problem>> = (!hinted.is_empty()).then(|| {
+            problems.iter().map(|p| if hinted.contains(&p.id) { p.with_hint(&hints.template) } else { p.clone() }).collect()
+        });
         let c = collect(
             self.engine.policy.model(),
             &self.tokenizer,
             self.task.as_ref(),
-            &shown,
+            shown.as_deref().unwrap_or(problems),
             &sizes,
             &self.sampling,
             self.state.step,
