@@ -2,7 +2,8 @@
 //! the prost messages and tonic clients/servers.
 
 /// Messages with a JSON form: the event bodies and what they hold.
-const EVENT_BODIES: [&str; 11] = [
+const EVENT_BODIES: [&str; 12] = [
+    "WorkAccounted",
     "TrainStep",
     "WarmupStep",
     "Evaluation",

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Rollouts generated and never trained in a `sluice dev` job: rounds of work the
-# orchestrator opened against steps the learner trained, and the wall time.
+# Work items generated and never trained in a `sluice dev` job: the items of the
+# rounds the orchestrator opened against those the learner reported trained
+# (`work` events: trained, dropped stale / invalid, filtered, unused), and the
+# wall time.
 #   scripts/bench-waste.sh BIN_DIR MAX_STALENESS STEPS
 # BIN_DIR holds sluice, sluice-orchestrator, sluice-learner, sluice-actor and
 # sluice-reward-server (e.g. target/debug). Job: examples/arithmetic.toml with
@@ -14,5 +16,13 @@ printf '\n[rollout]\nmax_staleness = %s\n' "$s" >> "$d/job.toml"
 t0=$(date +%s.%N)
 "$bin/sluice" dev "$d/job.toml" --json --bin-dir "$bin" > "$d/dev.jsonl" 2> "$d/dev.err"
 t1=$(date +%s.%N)
-rounds=$(grep -c '"event":"round"' "$d/dev.jsonl"); steps=$(grep -c '"event":"step"' "$d/dev.jsonl")
-python3 -c "print('max_staleness=$s rounds_opened=$rounds steps=$steps never_trained=%.3f wall_s=%.1f' % (1 - $steps / $rounds, $t1 - $t0))"
+python3 - "$d/dev.jsonl" "$s" "$(python3 -c "print($t1 - $t0)")" <<'EOF'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')]
+items = sum(len(v["sizes"]) for v in lines if v.get("event") == "round")
+steps = sum(1 for v in lines if v.get("event") == "step")
+fate = {k: sum(v.get(k, 0) for v in lines if v.get("event") == "work")
+        for k in ("trained", "dropped_stale", "dropped_invalid", "filtered", "unused")}
+print(f"max_staleness={sys.argv[2]} steps={steps} items={items} " + " ".join(f"{k}={n}" for k, n in fate.items())
+      + f" never_trained={1 - fate['trained'] / items:.3f} wall_s={float(sys.argv[3]):.1f}")
+EOF

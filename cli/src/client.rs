@@ -122,6 +122,8 @@ pub fn job_json(j: &v1::Job, with_spec: bool) -> serde_json::Value {
             "work_outstanding": p.work_outstanding,
             "duplicate_outcomes": p.duplicate_outcomes, "rollouts_completed": p.rollouts_completed,
             "live_workers": p.live_workers, "events_dropped": p.events_dropped, "work_hinted": p.work_hinted,
+            "work_trained": p.work_trained, "work_dropped_stale": p.work_dropped_stale,
+            "work_dropped_invalid": p.work_dropped_invalid, "work_filtered": p.work_filtered, "work_unused": p.work_unused,
         },
     });
     if with_spec {
@@ -138,6 +140,16 @@ fn print_job(j: &v1::Job) {
     println!(
         "work       {} created, {} completed, {} outstanding; {} dispatched, {} re-dispatched, {} duplicate outcomes",
         p.work_created, p.work_completed, p.work_outstanding, p.work_dispatched, p.work_redispatched, p.duplicate_outcomes
+    );
+    let accounted = p.work_trained + p.work_dropped_stale + p.work_dropped_invalid + p.work_filtered + p.work_unused;
+    println!(
+        "groups     {} trained, {} dropped stale, {} dropped invalid, {} filtered, {} unused; {} in flight or buffered",
+        p.work_trained,
+        p.work_dropped_stale,
+        p.work_dropped_invalid,
+        p.work_filtered,
+        p.work_unused,
+        p.work_completed.saturating_sub(accounted)
     );
     println!("rollouts   {} completed", p.rollouts_completed);
     println!("workers    {} live", p.live_workers);
@@ -239,7 +251,8 @@ pub fn describe(event: &v1::Event) -> Option<String> {
         Body::WorkerLost(w) => format!("worker {} lost its lease", w.worker),
         Body::Redispatched(r) => format!("{} work item(s) of {} handed out again", r.items.len(), r.worker),
         Body::Submitted(s) => format!("submitted {}", s.job),
-        Body::Round(_) => return None,
+        // One per learner step: `sluice status` has the totals.
+        Body::Round(_) | Body::Work(_) => return None,
     })
 }
 

@@ -21,6 +21,7 @@ pub mod budget;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod ids;
 pub mod kinds;
 pub mod limits;
 pub mod paths;

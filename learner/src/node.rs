@@ -29,7 +29,7 @@ use crate::collective::{Collective, GroupAuth, Single, TcpCollective};
 use crate::nccl::NcclCollective;
 use crate::error::{Error, Result};
 use crate::ingest::Limits;
-use crate::service::{LearnerService, Shared};
+use crate::service::{Fate, LearnerService, Shared};
 use crate::metrics::{Event, StepMetrics};
 use crate::publish::{GrpcPublisher, WeightPublisher};
 use crate::source::{informative, Drawn, Feed, RolloutSource};
@@ -235,7 +235,21 @@ fn run_rank(
     let report = RefCell::new(&mut report);
     let mut published = false;
     let instruments = Instruments::new();
-    let mut buffer = ActorBuffer { shared: &shared, rt: &rt, rx: &mut rx, need: per_rank, filter: cfg.grpo.filter_zero_variance, stop: &stop };
+    let mut buffer = ActorBuffer {
+        shared: &shared,
+        rt: &rt,
+        rx: &mut rx,
+        need: per_rank,
+        filter: cfg.grpo.filter_zero_variance,
+        stop: &stop,
+        drawn: Vec::new(),
+    };
+    // Every rank reports what became of the work items that reached it.
+    let report_fates = |shared: &Shared| {
+        if let Some(s) = session {
+            s.fates(shared.take_fates());
+        }
+    };
     let result = trainer.run_with(
         &stop,
         |e| (report.borrow_mut())(&NodeEvent::Train(e)),
@@ -246,7 +260,10 @@ fn run_rank(
             }
             let span = tracing::info_span!("train_step", step = t.state().step + 1, rank = opts.rank);
             let _entered = span.enter();
-            let Some(m) = t.step(&mut buffer)? else { return Ok(None) };
+            let stepped = t.step(&mut buffer);
+            buffer.settle(matches!(stepped, Ok(Some(_))));
+            report_fates(&shared);
+            let Some(m) = stepped? else { return Ok(None) };
             publish(t, &mut *report.borrow_mut())?;
             instruments.record(&m);
             Ok(Some(m))
@@ -255,12 +272,15 @@ fn run_rank(
     // Finished first, then close the buffer: a stream blocked on a full buffer
     // wakes up, and every actor hears that the job is over.
     shared.finish();
-    drop(rx);
+    buffer.close();
+    report_fates(&shared);
     (report.borrow_mut())(&NodeEvent::Finished { version: shared.version() });
     if result.is_ok() && !stop.load(Ordering::SeqCst) {
         std::thread::sleep(opts.linger);
     }
     let _ = shutdown_tx.send(());
+    // Groups that arrived while the learner lingered were refused as unused.
+    report_fates(&shared);
     let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await });
     rt.shutdown_timeout(Duration::from_secs(1));
     result
@@ -313,6 +333,26 @@ struct ActorBuffer<'a> {
     need: usize,
     filter: bool,
     stop: &'a AtomicBool,
+    /// Work ids of the groups handed to the step in progress.
+    drawn: Vec<u64>,
+}
+
+impl ActorBuffer<'_> {
+    /// The step that drew the last groups finished (`trained`) or did not.
+    fn settle(&mut self, trained: bool) {
+        for id in self.drawn.drain(..) {
+            self.shared.fate(id, if trained { Fate::Trained } else { Fate::Unused });
+        }
+    }
+
+    /// The job ended: whatever is still buffered will not be trained.
+    fn close(&mut self) {
+        self.settle(false);
+        self.rx.close();
+        while let Ok(g) = self.rx.try_recv() {
+            self.shared.fate(g.work_id, Fate::Unused);
+        }
+    }
 }
 
 impl RolloutSource for ActorBuffer<'_> {
@@ -332,12 +372,16 @@ impl RolloutSource for ActorBuffer<'_> {
             match self.shared.staleness.verdict(g.rollouts[0].version, version) {
                 Verdict::Fresh { .. } if !informative(self.filter, &g) => {
                     tracing::debug!(prompt = g.prompt_id, "dropped a group without reward variance");
+                    self.shared.fate(g.work_id, Fate::Filtered);
                 }
                 Verdict::Fresh { lag } => {
                     lags.push(lag);
                     groups.push(g);
                 }
-                dropped => self.shared.count_drop(dropped),
+                dropped => {
+                    self.shared.count_drop(dropped);
+                    self.shared.fate(g.work_id, Fate::Stale);
+                }
             }
         }
         let mut s = self.shared.stats.lock().expect("stats lock");
@@ -346,6 +390,7 @@ impl RolloutSource for ActorBuffer<'_> {
         }
         drop(s);
         // The rewards the learner reports are those of the groups it trains on.
+        self.drawn = groups.iter().map(|g| g.work_id).collect();
         let mut d = Drawn::of(groups);
         d.lags = lags;
         d.wait_s = t0.elapsed().as_secs_f64();

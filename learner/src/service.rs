@@ -67,6 +67,23 @@ pub struct Shared {
     /// Incomplete groups held by all rollout streams (bounded by
     /// `sluice_core::limits::MAX_PARTIAL_GROUPS`).
     pub open_groups: Arc<std::sync::atomic::AtomicUsize>,
+    /// What became of work items since the last report to the orchestrator.
+    fates: Mutex<v1::WorkFates>,
+}
+
+/// What became of a work item's group at this learner (`v1::WorkFates`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Trained,
+    /// Older than `max_staleness` (at ingest or when its step came), or of a
+    /// version this learner incarnation never published.
+    Stale,
+    /// A rollout failed the checks.
+    Invalid,
+    /// No reward variance (`grpo.filter_zero_variance`).
+    Filtered,
+    /// Buffered or arriving when the job ended.
+    Unused,
 }
 
 /// Versions whose weights stay downloadable (so a download that started just
@@ -107,6 +124,7 @@ impl Shared {
             finished: AtomicBool::new(false),
             work_ids: Mutex::new(trained),
             open_groups: Arc::default(),
+            fates: Mutex::default(),
         };
         (Arc::new(shared), rx)
     }
@@ -154,6 +172,26 @@ impl Shared {
         }
     }
 
+    /// Records the fate of work item `work_id` (0: not orchestrated; nothing to record).
+    pub fn fate(&self, work_id: u64, fate: Fate) {
+        if work_id == 0 {
+            return;
+        }
+        let mut f = self.fates.lock().expect("fates lock");
+        match fate {
+            Fate::Trained => f.trained.push(work_id),
+            Fate::Stale => f.stale.push(work_id),
+            Fate::Invalid => f.invalid.push(work_id),
+            Fate::Filtered => f.filtered.push(work_id),
+            Fate::Unused => f.unused.push(work_id),
+        }
+    }
+
+    /// The fates recorded since the last call.
+    pub fn take_fates(&self) -> v1::WorkFates {
+        std::mem::take(&mut *self.fates.lock().expect("fates lock"))
+    }
+
     /// Counts a group dropped for its verdict (stale or future).
     pub fn count_drop(&self, verdict: Verdict) {
         let mut s = self.stats.lock().expect("stats lock");
@@ -169,6 +207,7 @@ impl Shared {
     /// 0 for none), or the job is finished; returns the ack for the actor.
     async fn ingest(&self, group: Group, group_id: u64, work_id: u64) -> PushAck {
         if self.finished.load(Ordering::SeqCst) {
+            self.fate(work_id, Fate::Unused);
             return self.ack(group_id, false, AckReason::Finished);
         }
         let verdict = self.staleness.verdict(group.rollouts[0].version, self.version());
@@ -179,6 +218,7 @@ impl Shared {
         };
         if let Some(reason) = refused {
             self.count_drop(verdict);
+            self.fate(work_id, Fate::Stale);
             return self.ack(group_id, false, reason);
         }
         if work_id != 0 && !self.work_ids.lock().expect("work ids lock").insert(work_id) {
@@ -188,6 +228,7 @@ impl Shared {
         let n = group.rollouts.len() as u64;
         if self.ingest.send(group).await.is_err() {
             // The training loop is done and closed the buffer.
+            self.fate(work_id, Fate::Unused);
             return self.ack(group_id, false, AckReason::Finished);
         }
         let mut s = self.stats.lock().expect("stats lock");
@@ -239,6 +280,7 @@ async fn serve_push(shared: Arc<Shared>, mut inbound: Streaming<v1::Rollout>, tx
                 match added {
                     Err(refusal) => {
                         *shared.stats.lock().expect("stats lock").rejected.entry(refusal.kind.to_string()).or_default() += 1;
+                        shared.fate(wire.work_id, Fate::Invalid);
                         tracing::warn!(actor = %wire.actor_id, kind = refusal.kind, reason = %refusal.reason, "refused a rollout");
                         let status = if refusal.kind == TOO_MANY_PARTIAL_GROUPS {
                             Status::resource_exhausted(refusal.reason)
@@ -368,5 +410,47 @@ impl Learner for LearnerService {
             dropped_future_groups: stats.dropped_future_groups,
             dropped_duplicate_groups: stats.dropped_duplicate_groups,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::rollout::{FinishReason, Rollout};
+
+    fn group(work_id: u64, version: u64) -> Group {
+        let r = Rollout {
+            prompt_id: 1,
+            prompt_tokens: vec![1, 2],
+            response_tokens: vec![3],
+            logprobs: Some(vec![-0.5]),
+            loss_mask: vec![],
+            captions: vec![],
+            reward: 1.0,
+            extrinsic: 1.0,
+            intrinsic: 0.0,
+            version,
+            finish: FinishReason::Stop,
+        };
+        Group { prompt_id: 1, work_id, rollouts: vec![r.clone(), r] }
+    }
+
+    /// Ingest records each group's fate for the orchestrator: stale when
+    /// refused for its version, unused once the job is finished; an accepted
+    /// group has none until its step; a duplicate adds nothing; and a report
+    /// empties the record.
+    #[tokio::test]
+    async fn ingest_records_the_fate_of_refused_groups() {
+        let limits = Limits { job: "j".into(), vocab_size: 50, max_tokens: 64, max_rollout_bytes: 4096, max_group_size: 8, needs_logprobs: true };
+        let (shared, _rx) = Shared::new(limits, 0, 1, 5, 1, 1, 4, 1024, WorkIds::default());
+        assert!(shared.ingest(group(7, 5), 1, 7).await.accepted);
+        assert!(!shared.ingest(group(7, 5), 2, 7).await.accepted, "duplicate");
+        assert_eq!(shared.ingest(group(8, 3), 3, 8).await.reason(), AckReason::Stale);
+        assert_eq!(shared.ingest(group(0, 3), 4, 0).await.reason(), AckReason::Stale, "no work id: nothing to record");
+        shared.finish();
+        assert_eq!(shared.ingest(group(9, 5), 5, 9).await.reason(), AckReason::Finished);
+        let f = shared.take_fates();
+        assert_eq!((f.trained, f.stale, f.invalid, f.filtered, f.unused), (vec![], vec![8], vec![], vec![], vec![9]));
+        assert_eq!(shared.take_fates(), v1::WorkFates::default());
     }
 }

@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use sluice_core::budget::{self, History};
 use sluice_core::config::{BudgetStrategy, JobConfig, TaskConfig};
+use sluice_core::ids::WorkIds;
 use sluice_core::limits::MAX_EVENTS_PER_JOB;
 use sluice_core::tasks::{self, Split, Task};
 use sluice_proto::events;
@@ -77,6 +78,18 @@ pub struct Progress {
     /// Items created with a NuRL hint.
     #[serde(default)]
     pub work_hinted: u64,
+    /// What learners did with completed items (each id counted once; see
+    /// [`Job::fates`]).
+    #[serde(default)]
+    pub work_trained: u64,
+    #[serde(default)]
+    pub work_dropped_stale: u64,
+    #[serde(default)]
+    pub work_dropped_invalid: u64,
+    #[serde(default)]
+    pub work_filtered: u64,
+    #[serde(default)]
+    pub work_unused: u64,
 }
 
 /// What the store keeps of a job besides its items, history and events.
@@ -105,6 +118,9 @@ pub struct JobRecord {
     /// reached step `r - max_staleness - round_credit`.
     #[serde(default)]
     pub round_credit: u64,
+    /// Items whose fate a learner reported (so a repeated report counts nothing).
+    #[serde(default)]
+    pub fated: WorkIds,
 }
 
 /// One prompt with its rollout budget, outstanding until its outcome arrives.
@@ -197,6 +213,7 @@ impl Job {
             open_rounds: BTreeMap::new(),
             hinted_last: Default::default(),
             round_credit: 0,
+            fated: WorkIds::default(),
         };
         let mut job = Job::restore(rec, Vec::new(), History::new(cfg.budget.history), Vec::new())?;
         let mut ch = Changes { record: true, ..Changes::default() };
@@ -253,20 +270,52 @@ impl Job {
     /// job's log; step events move the job's step counter. Anything else is
     /// the orchestrator's to say and is refused.
     pub fn add_events(&mut self, reported: &[v1::Event], now_ms: u64) -> Result<Changes> {
-        let mut ch = Changes::default();
+        self.report("", reported, None, now_ms)
+    }
+
+    /// A worker's report: training events, and (learners) the fates of work
+    /// items. Everything is checked before anything changes.
+    ///
+    /// Fates: each id of this job is counted once, under the first fate
+    /// reported for it (a report retried after a lost answer, or a duplicate
+    /// group, changes nothing); ids the job never created are refused.
+    pub fn report(&mut self, worker: &str, reported: &[v1::Event], fates: Option<&v1::WorkFates>, now_ms: u64) -> Result<Changes> {
         for e in reported {
             match &e.body {
-                Some(Body::Step(s)) => {
-                    self.learner_step(s.step, now_ms);
-                    ch.record = true;
-                }
-                Some(Body::Sft(_) | Body::Eval(_) | Body::Checkpoint(_)) => {}
+                Some(Body::Step(_) | Body::Sft(_) | Body::Eval(_) | Body::Checkpoint(_)) => {}
                 Some(other) => return Err(Error::Invalid(format!("workers report training events, not {other:?}"))),
                 None => return Err(Error::Invalid("an event without a body".into())),
             }
         }
+        let empty = v1::WorkFates::default();
+        let f = fates.unwrap_or(&empty);
+        let all = [&f.trained, &f.stale, &f.invalid, &f.filtered, &f.unused];
+        if let Some(bad) = all.iter().flat_map(|ids| ids.iter()).find(|&&id| id == 0 || id >= self.rec.next_item) {
+            return Err(Error::Invalid(format!("work item {bad} was never created for job {}", self.rec.id)));
+        }
+        let mut ch = Changes::default();
         for e in reported {
+            if let Some(Body::Step(s)) = &e.body {
+                self.learner_step(s.step, now_ms);
+                ch.record = true;
+            }
             self.event(&mut ch, now_ms, e.body.clone().expect("checked above"));
+        }
+        let mut new = [0u64; 5];
+        for (k, ids) in all.iter().enumerate() {
+            new[k] = ids.iter().filter(|&&id| self.rec.fated.insert(id)).count() as u64;
+        }
+        if new.iter().any(|&n| n > 0) {
+            let p = &mut self.rec.progress;
+            p.work_trained += new[0];
+            p.work_dropped_stale += new[1];
+            p.work_dropped_invalid += new[2];
+            p.work_filtered += new[3];
+            p.work_unused += new[4];
+            ch.record = true;
+            let [trained, dropped_stale, dropped_invalid, filtered, unused] = new;
+            let body = v1::WorkAccounted { worker: worker.into(), trained, dropped_stale, dropped_invalid, filtered, unused };
+            self.event(&mut ch, now_ms, Body::Work(body));
         }
         Ok(ch)
     }
@@ -613,6 +662,38 @@ mod tests {
         assert_eq!((j.events.len(), ch.events.len()), (n + 1, 1));
         let stored: serde_json::Value = serde_json::from_str(&j.events[n]).unwrap();
         assert_eq!((stored["event"].as_str(), stored["reward_mean"].as_f64()), (Some("step"), Some(0.25)));
+    }
+
+    /// Learners' fate reports: each item counted once under its first fate
+    /// (a retried report changes nothing), one `work` event per report that
+    /// counted something, and an id the job never created refuses the whole
+    /// report (events included) before anything changes.
+    #[test]
+    fn work_fates_are_counted_once_each() {
+        let mut j = job("[rollout]\nmax_staleness = 1\n");
+        let items = j.next_work("w", 10, 1).0;
+        let ids: Vec<u64> = items.iter().map(|i| i.id).collect();
+        let f = v1::WorkFates { trained: vec![ids[0], ids[1]], stale: vec![ids[2]], ..Default::default() };
+        let ch = j.report("learner-0", &[], Some(&f), 2).unwrap();
+        assert!(ch.record && ch.events.len() == 1, "{ch:?}");
+        let ev: serde_json::Value = serde_json::from_str(&ch.events[0]).unwrap();
+        assert_eq!((ev["event"].as_str(), ev["trained"].as_u64(), ev["dropped_stale"].as_u64()), (Some("work"), Some(2), Some(1)));
+        // The same report again (its answer was lost), and a later different fate for a counted item.
+        assert!(j.report("learner-0", &[], Some(&f), 3).unwrap().events.is_empty());
+        let late = v1::WorkFates { unused: vec![ids[0]], invalid: vec![ids[3]], ..Default::default() };
+        j.report("learner-0", &[], Some(&late), 4).unwrap();
+        let p = &j.rec.progress;
+        assert_eq!((p.work_trained, p.work_dropped_stale, p.work_dropped_invalid, p.work_unused), (2, 1, 1, 0));
+        let n = j.events.len();
+        let step = events::event(Body::Step(v1::TrainStep { step: 1, ..Default::default() }));
+        for bad in [0, j.rec.next_item] {
+            let f = v1::WorkFates { trained: vec![ids[4], bad], ..Default::default() };
+            assert!(matches!(j.report("learner-0", std::slice::from_ref(&step), Some(&f), 5), Err(Error::Invalid(_))));
+        }
+        assert_eq!((j.events.len(), j.rec.progress.step, j.rec.progress.work_trained), (n, 0, 2), "nothing changed");
+        // The set survives the store (serde) and a restore.
+        let rec: JobRecord = serde_json::from_str(&serde_json::to_string(&j.rec).unwrap()).unwrap();
+        assert!(rec.fated.contains(ids[3]) && !rec.fated.contains(ids[4]));
     }
 
     /// A job's log stops growing at the limit: later training events are

@@ -205,6 +205,11 @@ impl Orchestrator {
                 work_outstanding: job.items.len() as u64,
                 events_dropped: p.events_dropped,
                 work_hinted: p.work_hinted,
+                work_trained: p.work_trained,
+                work_dropped_stale: p.work_dropped_stale,
+                work_dropped_invalid: p.work_dropped_invalid,
+                work_filtered: p.work_filtered,
+                work_unused: p.work_unused,
             }),
         }
     }
@@ -406,7 +411,7 @@ impl Orchestrator {
     pub async fn report_events(&self, req: v1::ReportEventsRequest) -> Result<u64> {
         let (_st, mut job) = self.job(&req.job_id).await?;
         worker_of(&self.workers(), &req.worker_id, &req.job_id)?;
-        let ch = job.add_events(&req.events, now_ms())?;
+        let ch = job.report(&req.worker_id, &req.events, req.fates.as_ref(), now_ms())?;
         self.store.apply(&job, &ch).await?;
         Ok(job.events.len() as u64)
     }

@@ -1,7 +1,7 @@
 //! Job events in their JSON form: the orchestrator stores them as JSON lines,
 //! `sluice logs --json` prints them. The JSON object is the body's fields plus
 //! `"event": "<name>"` (`step`, `sft`, `eval`, `checkpoint`, `submitted`,
-//! `state`, `round`, `worker`, `worker_lost`, `redispatched`), and the store
+//! `state`, `round`, `worker`, `worker_lost`, `redispatched`, `work`), and the store
 //! adds `unix_ms`; unknown fields are ignored when read back.
 
 use serde::Deserialize;

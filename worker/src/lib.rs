@@ -154,10 +154,16 @@ impl Link {
         Ok(JobState::try_from(r.into_inner().state).unwrap_or(JobState::Unspecified))
     }
 
-    pub async fn report_events(&self, events: Vec<v1::Event>) -> Result<()> {
+    /// Sends training events and (learners) work-item fates.
+    pub async fn report_events(&self, events: Vec<v1::Event>, fates: Option<v1::WorkFates>) -> Result<()> {
         self.with_worker(|worker_id| {
             let mut c = self.client.clone();
-            let req = self.req(v1::ReportEventsRequest { worker_id, job_id: self.job_id.clone(), events: events.clone() });
+            let req = self.req(v1::ReportEventsRequest {
+                worker_id,
+                job_id: self.job_id.clone(),
+                events: events.clone(),
+                fates: fates.clone(),
+            });
             async move { c.report_events(req).await }
         })
         .await?;
@@ -215,9 +221,27 @@ pub struct Session {
     rt: tokio::runtime::Runtime,
     pub link: Link,
     pub progress: Arc<Progress>,
-    events: Option<tokio::sync::mpsc::UnboundedSender<v1::Event>>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<Report>>,
     reporter: Option<tokio::task::JoinHandle<()>>,
     heartbeats: tokio::task::JoinHandle<()>,
+}
+
+/// What the reporter task sends: an event, or work-item fates (merged).
+enum Report {
+    Event(v1::Event),
+    Fates(v1::WorkFates),
+}
+
+fn merge_fates(into: &mut Option<v1::WorkFates>, f: v1::WorkFates) {
+    let Some(a) = into else {
+        *into = Some(f);
+        return;
+    };
+    a.trained.extend(f.trained);
+    a.stale.extend(f.stale);
+    a.invalid.extend(f.invalid);
+    a.filtered.extend(f.filtered);
+    a.unused.extend(f.unused);
 }
 
 /// How a worker reaches the orchestrator.
@@ -251,23 +275,30 @@ impl Session {
             let _guard = rt.enter();
             link.spawn_heartbeats(progress.clone(), stop)
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<v1::Event>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
         let reporter = {
             let link = link.clone();
             rt.spawn(async move {
-                let mut batch = Vec::new();
+                let (mut batch, mut fates) = (Vec::new(), None);
+                let add = |r: Report, batch: &mut Vec<v1::Event>, fates: &mut Option<v1::WorkFates>| match r {
+                    Report::Event(e) => batch.push(e),
+                    Report::Fates(f) => merge_fates(fates, f),
+                };
                 loop {
-                    if batch.is_empty() {
+                    if batch.is_empty() && fates.is_none() {
                         match rx.recv().await {
-                            Some(e) => batch.push(e),
+                            Some(r) => add(r, &mut batch, &mut fates),
                             None => return,
                         }
                     }
-                    while let Ok(e) = rx.try_recv() {
-                        batch.push(e);
+                    while let Ok(r) = rx.try_recv() {
+                        add(r, &mut batch, &mut fates);
                     }
-                    match link.report_events(batch.clone()).await {
-                        Ok(()) => batch.clear(),
+                    match link.report_events(batch.clone(), fates.clone()).await {
+                        Ok(()) => {
+                            batch.clear();
+                            fates = None;
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "reporting events failed; retrying");
                             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -282,7 +313,16 @@ impl Session {
     /// Queues a training event for the job's log.
     pub fn event(&self, event: v1::Event) {
         if let Some(tx) = &self.events {
-            let _ = tx.send(event);
+            let _ = tx.send(Report::Event(event));
+        }
+    }
+
+    /// Queues what a learner did with some work items (sent with the next
+    /// events, retried like them).
+    pub fn fates(&self, fates: v1::WorkFates) {
+        let empty = [&fates.trained, &fates.stale, &fates.invalid, &fates.filtered, &fates.unused].iter().all(|v| v.is_empty());
+        if let Some(tx) = self.events.as_ref().filter(|_| !empty) {
+            let _ = tx.send(Report::Fates(fates));
         }
     }
 

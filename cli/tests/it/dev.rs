@@ -101,6 +101,13 @@ fn check_accounting(status: &Value, steps: u64) {
     assert_eq!(n("work_created"), n("work_completed") + n("work_outstanding"), "{p}");
     assert!(n("work_dispatched") >= n("work_completed"), "{p}");
     assert!(n("work_completed") >= steps * PPS, "at least one step's worth of items per step: {p}");
+    // What became of completed items, as the learners reported: every step's
+    // groups are trained items (more when a restarted learner trained steps
+    // after its checkpoint again), and no item is counted under two fates.
+    let fated = ["work_trained", "work_dropped_stale", "work_dropped_invalid", "work_filtered", "work_unused"].map(n);
+    assert!(n("work_trained") >= steps * PPS, "{p}");
+    assert!(fated.iter().sum::<u64>() <= n("work_created"), "{p}");
+    assert_eq!(n("work_dropped_invalid"), 0, "{p}");
 }
 
 /// The learner's training steps from metrics.jsonl: every step trained exactly
@@ -290,6 +297,9 @@ fn orchestrator_restart_and_a_redis_outage_lose_nothing() {
     assert_eq!(actor.wait_exit(Duration::from_secs(60)), 0);
     let status = json_of(&cli(&endpoint, &["status", &id]));
     check_accounting(&status, steps);
+    // One learner, never restarted: exactly the groups of its steps were trained,
+    // though the orchestrator and Redis died while fates were being reported.
+    assert_eq!(status["progress"]["work_trained"].as_u64(), Some(steps * PPS), "{status}");
     // A submitted job's run directory is <runs-root>/<job id>, not its out_dir.
     assert!(!dir.path().join("run-restart").exists());
     assert_eq!(trained_groups(&dir.path().join("runs").join(&id)), vec![PPS; steps as usize]);
