@@ -7,6 +7,11 @@
 //! * `weights`: one full GetWeights download of a Qwen2-0.5B-sized tensor set
 //!   (through the actor's resumable client), against a raw loopback copy of the
 //!   same bytes.
+//! * `delta`: weight sync after real GRPO steps of the small preset in bf16
+//!   (a trainer in this process publishing through the learner's
+//!   `GrpcPublisher`): bytes and seconds of an actor's delta download one
+//!   version behind, against a full download of the same version, at two
+//!   learning rates (1e-6, a post-training rate, and 1e-3, the toy examples').
 //! * `staleness`: wall-clock per training step of a real learner process with
 //!   2 (and 1) real actor processes, max_staleness 4 against 0 (binaries from
 //!   `--bin-dir`, default: next to this bench's `sluice-actor`).
@@ -15,7 +20,7 @@
 //!   max_staleness 0 and 4, with plain GRPO and with decoupled PPO, three
 //!   seeds each (not a timing: a learning-curve comparison).
 //!
-//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|staleness|stale-objective]... [--smoke]`
+//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|delta|staleness|stale-objective]... [--smoke]`
 //! (scripts/bench-dataplane.sh builds the release binaries first).
 
 use std::io::{Read, Write};
@@ -200,15 +205,14 @@ fn weights() {
     for chunk in if smoke() { vec![4096usize] } else { vec![1 << 20, 4 << 20] } {
         let rt = runtime();
         let (endpoint, shared) = start_learner(&rt, chunk);
-        shared.publish(0, bytes.clone(), sluice_core::kinds::Dtype::Bf16);
+        shared.publish(0, bytes.clone().into(), sluice_core::kinds::Dtype::Bf16, None);
         let mut client = rt.block_on(sluice_actor::link::connect(&endpoint)).unwrap();
         let mut sync = WeightSync::default();
         let t0 = Instant::now();
-        let (s, got) = rt.block_on(sync.download(&mut client, JOB)).unwrap();
+        let s = rt.block_on(sync.download(&mut client, JOB)).unwrap();
         let grpc_s = t0.elapsed().as_secs_f64();
-        assert_eq!(got.len(), bytes.len());
-        assert!(got == bytes && s.version == 0);
-        drop(got);
+        assert!(sync.blob() == Some(&bytes[..]) && s.version == 0);
+        drop(sync);
         drop(rt);
         let tcp_s = raw_tcp(1, &bytes);
         println!(
@@ -216,6 +220,62 @@ fn weights() {
             chunk >> 20,
             bytes.len() as f64 / 1e9 / grpc_s,
             tcp_s / grpc_s
+        );
+    }
+}
+
+/// Delta vs full weight sync after real GRPO steps (see the module docs).
+fn delta() {
+    use sluice_learner::publish::{GrpcPublisher, WeightPublisher};
+    let steps = if smoke() { 2 } else { 10 };
+    println!("## delta: small preset, bf16 on the wire, {steps} GRPO steps, 1 MiB chunks, loopback");
+    println!("| lr | full bytes | delta bytes, mean (min-max) | delta / full bytes | full sync s | delta sync s | delta / full time | publish s (encode + delta) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for lr in [1e-6, 1e-3] {
+        let dir = tempfile::tempdir().unwrap();
+        let preset = if smoke() { "tiny" } else { "small" };
+        let text = format!(
+            "name = \"{JOB}\"\n[model]\npreset = \"{preset}\"\ndevice = \"cpu\"\n[task]\nkind = \"arithmetic\"\n\
+             [grpo]\ngroup_size = 8\n[sampling]\nmax_new_tokens = 8\n\
+             [train]\nprompts_per_step = 8\nlr = {lr}\nout_dir = \"{}\"\n",
+            dir.path().join("out").display()
+        );
+        let cfg = sluice_core::config::JobConfig::from_toml(&text).unwrap();
+        let mut trainer = sluice_learner::trainer::Trainer::new(cfg, false).unwrap();
+        let rt = runtime();
+        let (endpoint, shared) = start_learner(&rt, 1 << 20);
+        let mut publisher = GrpcPublisher::new(shared.clone(), sluice_core::kinds::Dtype::Bf16, true);
+        publisher.publish(0, trainer.policy()).unwrap();
+        let mut client = rt.block_on(sluice_actor::link::connect(&endpoint)).unwrap();
+        let mut sync = WeightSync::with_deltas();
+        rt.block_on(sync.download(&mut client, JOB)).unwrap();
+        let (mut full_b, mut delta_b, mut full_s, mut delta_s, mut encode_s) = (0usize, Vec::new(), 0.0, 0.0, 0.0);
+        for _ in 0..steps {
+            trainer.grpo_step().unwrap();
+            let t0 = Instant::now();
+            let p = publisher.publish(trainer.state().step, trainer.policy()).unwrap();
+            encode_s += t0.elapsed().as_secs_f64();
+            let d = rt.block_on(sync.download(&mut client, JOB)).unwrap();
+            assert_eq!(d.version, p.version);
+            delta_s += d.seconds;
+            delta_b.push(d.bytes);
+            let mut full = WeightSync::default();
+            let f = rt.block_on(full.download(&mut client, JOB)).unwrap();
+            assert!(full.blob() == sync.blob(), "the delta-built blob differs from the full one");
+            full_s += f.seconds;
+            full_b = f.bytes;
+        }
+        let n = steps as f64;
+        let mean = delta_b.iter().sum::<usize>() as f64 / n;
+        println!(
+            "| {lr:e} | {full_b} | {mean:.0} ({}-{}) | {:.3} | {:.4} | {:.4} | {:.2} | {:.3} |",
+            delta_b.iter().min().unwrap(),
+            delta_b.iter().max().unwrap(),
+            mean / full_b as f64,
+            full_s / n,
+            delta_s / n,
+            delta_s / full_s,
+            encode_s / n,
         );
     }
 }
@@ -387,6 +447,9 @@ fn main() {
     }
     if want("weights") {
         weights();
+    }
+    if want("delta") {
+        delta();
     }
     if want("staleness") {
         staleness();

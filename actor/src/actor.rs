@@ -64,7 +64,8 @@ pub struct ActorOptions {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ActorEvent {
     Connected { endpoint: String, learner_version: u64 },
-    Synced { version: u64, bytes: usize, resumed_from: u64, seconds: f64 },
+    /// `bytes` downloaded: the changes since `delta_from` when set, else the whole blob.
+    Synced { version: u64, bytes: usize, delta_from: Option<u64>, resumed_from: u64, seconds: f64 },
     /// `extrinsic_mean`: the task's own reward (verifier, or environment for
     /// episodes); `reward_mean`: what the learner trains on (with intrinsic reward).
     Sent {
@@ -114,7 +115,7 @@ pub fn run(
     let tls = opts.tls_ca.as_deref().map(sluice_proto::tls::client_config).transpose().map_err(|reason| {
         Error::Transport { endpoint: endpoint.clone(), reason }
     })?;
-    let mut weights = GrpcSubscriber::new(&cfg.name, opts.token.clone(), rt.handle().clone());
+    let mut weights = GrpcSubscriber::new(&cfg.name, opts.token.clone(), cfg.rollout.delta_weights, rt.handle().clone());
     let token = opts.token.as_deref();
     let mut mine: Option<(u64, u64)> = None; // (version, incarnation) the policy holds
     let mut sent_at: Option<(u64, u64)> = None;
@@ -202,6 +203,7 @@ pub fn run(
                         report(&ActorEvent::Synced {
                             version: s.version,
                             bytes: s.bytes,
+                            delta_from: s.delta_from,
                             resumed_from: s.resumed_from,
                             seconds: s.seconds,
                         });

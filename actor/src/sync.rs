@@ -6,6 +6,12 @@
 //! an interrupted download leaves the actor on its previous version; the next
 //! attempt resumes at the byte it stopped at when the learner still has that
 //! version (same incarnation), and starts over otherwise.
+//!
+//! With deltas on (`rollout.delta_weights`), the actor keeps the blob of the
+//! version it holds and tells the learner which version that is; the learner
+//! may answer with only the elements that changed since
+//! (`sluice_model::weights::apply_deltas` rebuilds the new blob byte for
+//! byte), else with the whole blob.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,7 +29,16 @@ struct Partial {
     version: u64,
     incarnation: u64,
     total: u64,
+    /// The download is the deltas from this version.
+    delta_from: Option<u64>,
     buf: Vec<u8>,
+}
+
+/// The blob of the version the actor holds.
+struct Held {
+    version: u64,
+    incarnation: u64,
+    blob: Vec<u8>,
 }
 
 /// A finished download.
@@ -31,7 +46,10 @@ struct Partial {
 pub struct Synced {
     pub version: u64,
     pub incarnation: u64,
+    /// Bytes downloaded (the deltas' size when `delta_from` is set).
     pub bytes: usize,
+    /// The download was the changes since this version.
+    pub delta_from: Option<u64>,
     /// Byte the download resumed at (0 for a fresh one).
     pub resumed_from: u64,
     pub seconds: f64,
@@ -41,8 +59,11 @@ pub struct Synced {
 #[derive(Default)]
 pub struct WeightSync {
     partial: Option<Partial>,
+    held: Option<Held>,
     /// Bearer token for the learner (`sluice_proto::auth`).
     pub token: Option<String>,
+    /// Ask for deltas (and keep the blob they apply to).
+    pub deltas: bool,
 }
 
 impl WeightSync {
@@ -51,28 +72,60 @@ impl WeightSync {
         self.partial.as_ref().map_or(0, |p| p.buf.len())
     }
 
-    /// Downloads the newest version (or finishes the interrupted one) and returns its bytes.
-    pub async fn download(&mut self, client: &mut LearnerClient<Channel>, job: &str) -> Result<(Synced, Vec<u8>)> {
+    /// A sync that asks for deltas.
+    pub fn with_deltas() -> Self {
+        WeightSync { deltas: true, ..WeightSync::default() }
+    }
+
+    /// The blob of the version downloaded last (until [`WeightSync::release`]).
+    pub fn blob(&self) -> Option<&[u8]> {
+        self.held.as_ref().map(|h| h.blob.as_slice())
+    }
+
+    /// Drops the held blob unless deltas need it.
+    pub fn release(&mut self) {
+        if !self.deltas {
+            self.held = None;
+        }
+    }
+
+    /// Downloads the newest version (or finishes the interrupted one); its
+    /// blob is then [`WeightSync::blob`].
+    pub async fn download(&mut self, client: &mut LearnerClient<Channel>, job: &str) -> Result<Synced> {
         match self.try_download(client, job).await {
             Err(Error::Status(s)) if self.partial.is_some() && matches!(s.code(), Code::NotFound | Code::FailedPrecondition | Code::OutOfRange) => {
                 tracing::info!(reason = %s.message(), "cannot resume the weight download; starting over");
                 self.partial = None;
                 self.try_download(client, job).await
             }
+            Err(e @ Error::Model(_)) => {
+                // Deltas that do not apply to the held blob: fetch the whole version.
+                tracing::warn!(error = %e, "weights delta did not apply; downloading the whole version");
+                self.held = None;
+                self.try_download(client, job).await
+            }
             other => other,
         }
     }
 
-    async fn try_download(&mut self, client: &mut LearnerClient<Channel>, job: &str) -> Result<(Synced, Vec<u8>)> {
+    async fn try_download(&mut self, client: &mut LearnerClient<Channel>, job: &str) -> Result<Synced> {
         let t0 = Instant::now();
+        let have = self.held.as_ref().filter(|_| self.deltas);
         let req = match &self.partial {
             Some(p) => WeightsRequest {
                 job_id: job.into(),
                 version: p.version,
                 offset: p.buf.len() as u64,
                 incarnation: p.incarnation,
+                have_version: p.delta_from,
+                have_incarnation: p.incarnation,
             },
-            None => WeightsRequest { job_id: job.into(), ..Default::default() },
+            None => WeightsRequest {
+                job_id: job.into(),
+                have_version: have.map(|h| h.version),
+                have_incarnation: have.map_or(0, |h| h.incarnation),
+                ..Default::default()
+            },
         };
         let resumed_from = req.offset;
         let mut stream = client.get_weights(sluice_proto::auth::request(req, self.token.as_deref())).await?.into_inner();
@@ -89,9 +142,10 @@ impl WeightSync {
                 version: chunk.version,
                 incarnation: chunk.incarnation,
                 total: chunk.total_bytes,
+                delta_from: chunk.delta_from,
                 buf: Vec::with_capacity(chunk.total_bytes as usize),
             });
-            if (chunk.version, chunk.incarnation, chunk.total_bytes) != (p.version, p.incarnation, p.total)
+            if (chunk.version, chunk.incarnation, chunk.total_bytes, chunk.delta_from) != (p.version, p.incarnation, p.total, p.delta_from)
                 || chunk.offset != p.buf.len() as u64
             {
                 let msg = format!(
@@ -111,14 +165,26 @@ impl WeightSync {
             }
             if p.buf.len() as u64 == p.total {
                 let p = self.partial.take().expect("present");
+                let bytes = p.buf.len();
+                let blob = match p.delta_from {
+                    None => p.buf,
+                    Some(base) => {
+                        let held = self.held.take().filter(|h| (h.version, h.incarnation) == (base, p.incarnation));
+                        let mut blob = held.ok_or_else(|| Error::Sync(format!("deltas from version {base}, which this actor does not hold")))?.blob;
+                        sluice_model::weights::apply_deltas(&mut blob, &p.buf)?;
+                        blob
+                    }
+                };
+                self.held = Some(Held { version: p.version, incarnation: p.incarnation, blob });
                 let synced = Synced {
                     version: p.version,
                     incarnation: p.incarnation,
-                    bytes: p.buf.len(),
+                    bytes,
+                    delta_from: p.delta_from,
                     resumed_from,
                     seconds: t0.elapsed().as_secs_f64(),
                 };
-                return Ok((synced, p.buf));
+                return Ok(synced);
             }
         }
     }
@@ -143,8 +209,8 @@ pub struct GrpcSubscriber {
 }
 
 impl GrpcSubscriber {
-    pub fn new(job: &str, token: Option<String>, rt: tokio::runtime::Handle) -> Self {
-        GrpcSubscriber { state: WeightSync { partial: None, token }, client: None, job: job.to_string(), rt }
+    pub fn new(job: &str, token: Option<String>, deltas: bool, rt: tokio::runtime::Handle) -> Self {
+        GrpcSubscriber { state: WeightSync { token, deltas, ..WeightSync::default() }, client: None, job: job.to_string(), rt }
     }
 
     /// Fetches through this learner connection from now on.
@@ -156,8 +222,9 @@ impl GrpcSubscriber {
 impl WeightSubscriber for GrpcSubscriber {
     fn pull(&mut self, policy: &mut Policy) -> Result<Synced> {
         let client = self.client.as_mut().ok_or_else(|| Error::Sync("no learner connection".into()))?;
-        let (synced, bytes) = self.rt.block_on(self.state.download(client, &self.job))?;
-        apply(policy, &bytes, synced.version)?;
+        let synced = self.rt.block_on(self.state.download(client, &self.job))?;
+        apply(policy, self.state.blob().expect("a finished download holds its blob"), synced.version)?;
+        self.state.release();
         Ok(synced)
     }
 }

@@ -380,6 +380,11 @@ pub struct RolloutConfig {
     pub weights_dtype: Dtype,
     /// Bytes per weight chunk message.
     pub weight_chunk_bytes: usize,
+    /// Send an actor that holds a recent version only the weight elements
+    /// that changed since (bit patterns compared; a full copy when the delta
+    /// would not be under half its size). The actor keeps a host copy of its
+    /// weights blob.
+    pub delta_weights: bool,
     /// Largest encoded rollout message a learner accepts.
     pub max_rollout_bytes: usize,
     /// Largest group a learner accepts.
@@ -403,6 +408,7 @@ impl Default for RolloutConfig {
             buffer_groups: 64,
             weights_dtype: Dtype::F32,
             weight_chunk_bytes: 1 << 20,
+            delta_weights: true,
             max_rollout_bytes: 1 << 20,
             max_group_size: 1024,
             prompts_per_batch: 0,

@@ -114,7 +114,8 @@ fn build_collective(opts: &NodeOptions, session: Option<&Session>, world: usize)
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum NodeEvent<'a> {
     Listening { addr: String, rank: usize, world_size: usize, version: u64 },
-    Published { version: u64, bytes: usize, seconds: f64 },
+    /// `delta_bytes`: the delta from the version before (0: none).
+    Published { version: u64, bytes: usize, delta_bytes: usize, seconds: f64 },
     Finished { version: u64 },
     #[serde(untagged)]
     Train(&'a Event),
@@ -213,10 +214,10 @@ fn run_rank(
     report(&NodeEvent::Listening { addr: addr.to_string(), rank: opts.rank, world_size: world, version: shared.version() });
     tracing::info!(%addr, rank = opts.rank, world, "learner serving");
 
-    let publisher = RefCell::new(GrpcPublisher::new(shared.clone(), cfg.rollout.weights_dtype));
+    let publisher = RefCell::new(GrpcPublisher::new(shared.clone(), cfg.rollout.weights_dtype, cfg.rollout.delta_weights));
     let publish = |trainer: &Trainer, report: &mut dyn FnMut(&NodeEvent)| -> Result<()> {
         let p = publisher.borrow_mut().publish(trainer.state().step, trainer.policy())?;
-        report(&NodeEvent::Published { version: p.version, bytes: p.bytes, seconds: p.seconds });
+        report(&NodeEvent::Published { version: p.version, bytes: p.bytes, delta_bytes: p.delta_bytes, seconds: p.seconds });
         Ok(())
     };
 

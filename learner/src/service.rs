@@ -32,6 +32,14 @@ pub struct Published {
     pub dtype: Dtype,
 }
 
+/// The changes from version `base` to `version` (`sluice_model::weights::delta`).
+#[derive(Debug, Clone)]
+pub struct Delta {
+    pub base: u64,
+    pub version: u64,
+    pub bytes: Bytes,
+}
+
 /// Counters reported by `Status`.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -58,6 +66,8 @@ pub struct Shared {
     pub capacity: usize,
     version: watch::Sender<u64>,
     weights: Mutex<VecDeque<Arc<Published>>>,
+    /// Deltas between consecutive published versions, oldest first.
+    deltas: Mutex<VecDeque<Delta>>,
     ingest: mpsc::Sender<Group>,
     pub stats: Mutex<Stats>,
     pub finished: AtomicBool,
@@ -90,6 +100,9 @@ pub enum Fate {
 /// before a step can finish or resume).
 const KEEP_VERSIONS: usize = 2;
 
+/// Deltas kept: an actor up to this many versions behind gets their chain.
+const KEEP_DELTAS: usize = 16;
+
 impl Shared {
     /// The shared state and the receiving end of the ingest buffer.
     #[allow(clippy::too_many_arguments)]
@@ -119,6 +132,7 @@ impl Shared {
             capacity,
             version: watch::Sender::new(version),
             weights: Mutex::new(VecDeque::new()),
+            deltas: Mutex::new(VecDeque::new()),
             ingest: tx,
             stats: Mutex::new(stats),
             finished: AtomicBool::new(false),
@@ -141,8 +155,20 @@ impl Shared {
 
     /// Makes `bytes` the newest downloadable weights; then announces `version`
     /// (actors that hear of a version can always download it).
-    pub fn publish(&self, version: u64, bytes: Vec<u8>, dtype: Dtype) {
-        let p = Arc::new(Published { version, bytes: Bytes::from(bytes), dtype });
+    /// `delta`, when given, leads from an earlier published version to this one.
+    pub fn publish(&self, version: u64, bytes: Bytes, dtype: Dtype, delta: Option<Delta>) {
+        let p = Arc::new(Published { version, bytes, dtype });
+        {
+            let mut d = self.deltas.lock().expect("deltas lock");
+            match delta {
+                Some(delta) => d.push_back(delta),
+                // A full version with no delta breaks every chain through it.
+                None => d.clear(),
+            }
+            while d.len() > KEEP_DELTAS {
+                d.pop_front();
+            }
+        }
         {
             let mut w = self.weights.lock().expect("weights lock");
             w.push_back(p);
@@ -159,6 +185,27 @@ impl Shared {
 
     fn find(&self, version: u64) -> Option<Arc<Published>> {
         self.weights.lock().expect("weights lock").iter().find(|p| p.version == version).cloned()
+    }
+
+    /// The deltas from `have` to `target` laid end to end, when they are kept
+    /// and together less than half of `full` bytes.
+    fn chain(&self, have: u64, target: u64, full: usize) -> Option<Bytes> {
+        let d = self.deltas.lock().expect("deltas lock");
+        let start = d.iter().position(|x| x.base == have)?;
+        let mut parts = Vec::new();
+        let mut at = have;
+        for x in d.iter().skip(start) {
+            if at == target {
+                break;
+            }
+            if x.base != at {
+                return None;
+            }
+            parts.push(x.bytes.clone());
+            at = x.version;
+        }
+        let len: usize = parts.iter().map(|b| b.len()).sum();
+        (at == target && len * 2 < full).then(|| Bytes::from(parts.concat()))
     }
 
     fn ack(&self, group_id: u64, accepted: bool, reason: AckReason) -> PushAck {
@@ -353,25 +400,37 @@ impl Learner for LearnerService {
         if req.offset > 0 && req.incarnation != shared.incarnation {
             return Err(Status::failed_precondition("the learner restarted since that download began; start over"));
         }
-        let total = p.bytes.len() as u64;
+        // An actor holding an earlier version of this incarnation gets the
+        // changes since, when they are kept and under half the whole.
+        let delta_from = req.have_version.filter(|&h| req.have_incarnation == shared.incarnation && h < p.version);
+        let (bytes, delta_from) = match delta_from.and_then(|h| Some((shared.chain(h, p.version, p.bytes.len())?, h))) {
+            Some((chain, h)) => (chain, Some(h)),
+            None if req.offset > 0 && req.have_version.is_some() => {
+                return Err(Status::not_found("the deltas of that download are no longer kept; start over"));
+            }
+            None => (p.bytes.clone(), None),
+        };
+        let total = bytes.len() as u64;
         if req.offset > total {
             return Err(Status::out_of_range(format!("offset {} is past the end ({total} bytes)", req.offset)));
         }
         let (tx, rx) = mpsc::channel(4);
-        let (incarnation, chunk) = (shared.incarnation, shared.chunk_bytes);
+        let (incarnation, chunk, version, dtype) = (shared.incarnation, shared.chunk_bytes, p.version, p.dtype.to_string());
+        drop(p);
         tokio::spawn(async move {
             let mut offset = req.offset as usize;
             loop {
-                let end = (offset + chunk).min(p.bytes.len());
+                let end = (offset + chunk).min(bytes.len());
                 let msg = WeightsChunk {
-                    version: p.version,
+                    version,
                     incarnation,
                     total_bytes: total,
                     offset: offset as u64,
-                    data: p.bytes.slice(offset..end),
-                    dtype: p.dtype.to_string(),
+                    data: bytes.slice(offset..end),
+                    dtype: dtype.clone(),
+                    delta_from,
                 };
-                if tx.send(Ok(msg)).await.is_err() || end == p.bytes.len() {
+                if tx.send(Ok(msg)).await.is_err() || end == bytes.len() {
                     break;
                 }
                 offset = end;

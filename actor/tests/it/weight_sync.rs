@@ -90,10 +90,10 @@ fn interrupted_sync_keeps_the_old_version_then_resumes_and_matches_bit_for_bit()
     assert!(same_bits(&params(&policy), &before), "a partial download changed the policy");
 
     // 2. Resume directly: continues at the held byte and ends bit-exact.
-    let (synced, bytes) = rt.block_on(async { sync.download(&mut client(&learner.endpoint).await, "ws").await }).unwrap();
+    let synced = rt.block_on(async { sync.download(&mut client(&learner.endpoint).await, "ws").await }).unwrap();
     assert_eq!(synced.resumed_from, held as u64);
     assert!(synced.bytes > held);
-    apply(&mut policy, &bytes, synced.version).unwrap();
+    apply(&mut policy, sync.blob().unwrap(), synced.version).unwrap();
     assert!(same_bits(&params(&policy), &learner_params), "synced weights differ from the learner's");
 
     // 3. Learner restarted between the cut and the retry: the old bytes are
@@ -108,9 +108,9 @@ fn interrupted_sync_keeps_the_old_version_then_resumes_and_matches_bit_for_bit()
     learner.proc.kill9();
     let mut restarted = Learner::start_on(&job, port, &["--out", out.to_str().unwrap(), "--fresh"]);
     restarted.proc.wait_line("published", std::time::Duration::from_secs(60), |v| v["event"] == "published");
-    let (synced, bytes) = rt.block_on(async { sync.download(&mut client(&restarted.endpoint).await, "ws").await }).unwrap();
+    let synced = rt.block_on(async { sync.download(&mut client(&restarted.endpoint).await, "ws").await }).unwrap();
     assert_eq!(synced.resumed_from, 0, "a download from another incarnation must start over");
-    apply(&mut policy, &bytes, synced.version).unwrap();
+    apply(&mut policy, sync.blob().unwrap(), synced.version).unwrap();
     assert!(same_bits(&params(&policy), &learner_params));
 }
 
@@ -144,11 +144,12 @@ fn trained_weights_reach_the_actor_bit_for_bit_in_f32_and_bf16() {
         assert!(moved * 2 > init.len(), "training changed only {moved} of {} tensors", init.len());
 
         let rt = runtime();
-        let (synced, bytes) =
-            rt.block_on(async { WeightSync::default().download(&mut client(&learner.endpoint).await, "trained").await }).unwrap();
+        let mut sync = WeightSync::default();
+        let synced = rt.block_on(async { sync.download(&mut client(&learner.endpoint).await, "trained").await }).unwrap();
+        let bytes = sync.blob().unwrap();
         assert_eq!(synced.version, 3, "the newest version is served");
         let wire_kind = if wire == "bf16" { tch::Kind::BFloat16 } else { tch::Kind::Float };
-        let on_wire: HashMap<String, tch::Tensor> = sluice_model::weights::decode(&bytes).unwrap().into_iter().collect();
+        let on_wire: HashMap<String, tch::Tensor> = sluice_model::weights::decode(bytes).unwrap().into_iter().collect();
         assert_eq!(on_wire.len(), trained.len());
         for (name, t) in &trained {
             let w = &on_wire[name];
@@ -158,10 +159,100 @@ fn trained_weights_reach_the_actor_bit_for_bit_in_f32_and_bf16() {
         let mut actor_model = cfg.model.clone();
         actor_model.init_seed = 99;
         let (mut policy, _) = load_policy(&actor_model).unwrap();
-        apply(&mut policy, &bytes, synced.version).unwrap();
+        apply(&mut policy, bytes, synced.version).unwrap();
         for (name, p) in params(&policy) {
             let want = trained[&name].to_kind(wire_kind).to_kind(p.kind());
             assert!(p.equal(&want), "{name}: the actor's weights differ from the learner's ({wire})");
         }
+    }
+}
+
+/// Delta sync after real GRPO steps (a trainer in this process publishing
+/// through the learner's `GrpcPublisher` and service on loopback): an actor
+/// that holds a version gets only the changes since — one version behind, and
+/// a chain of two — and what it rebuilds is, byte for byte, the blob a full
+/// download gives; its policy then equals the trainer's rounded to the wire
+/// dtype. A resumed delta download stays a delta; an actor of another
+/// incarnation gets the whole blob.
+#[test]
+fn delta_sync_after_real_steps_is_bit_exact_with_a_full_sync() {
+    use sluice_learner::publish::{GrpcPublisher, WeightPublisher};
+    use sluice_learner::service::Shared;
+    for wire in [sluice_core::kinds::Dtype::Bf16, sluice_core::kinds::Dtype::F32] {
+        let dir = tempfile::tempdir().unwrap();
+        let body = format!(
+            "{TINY}[sampling]\nmax_new_tokens = 4\n[grpo]\ngroup_size = 4\n[train]\nsteps = 3\nprompts_per_step = 4\nlr = 1e-6\n\
+             [rollout]\nweight_chunk_bytes = 1024\n"
+        );
+        let job = write_job(dir.path(), "delta", &body);
+        let mut cfg = JobConfig::from_file(&job).unwrap();
+        cfg.train.out_dir = dir.path().join("out");
+        let mut trainer = sluice_learner::trainer::Trainer::new(cfg.clone(), false).unwrap();
+        let limits = sluice_learner::ingest::Limits {
+            job: "delta".into(),
+            vocab_size: 100,
+            max_tokens: 64,
+            max_rollout_bytes: 4096,
+            max_group_size: 8,
+            needs_logprobs: true,
+        };
+        let rt = runtime();
+        let (shared, _rx) = Shared::new(limits, 0, 1, 0, 1, 4, 8, 1024, Default::default());
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        rt.spawn(sluice_learner::node::serve(shared.clone(), listener, None, None, std::future::pending()));
+        let mut publisher = GrpcPublisher::new(shared.clone(), wire, true);
+        let step = |trainer: &mut sluice_learner::trainer::Trainer, publisher: &mut GrpcPublisher| {
+            trainer.grpo_step().unwrap();
+            publisher.publish(trainer.state().step, trainer.policy()).unwrap()
+        };
+        publisher.publish(0, trainer.policy()).unwrap();
+
+        let mut sync = WeightSync::with_deltas();
+        let first = rt.block_on(async { sync.download(&mut client(&endpoint).await, "delta").await }).unwrap();
+        assert_eq!((first.version, first.delta_from), (0, None));
+        let p1 = step(&mut trainer, &mut publisher);
+        let one = rt.block_on(async { sync.download(&mut client(&endpoint).await, "delta").await }).unwrap();
+        let p2 = step(&mut trainer, &mut publisher);
+        let p3 = step(&mut trainer, &mut publisher);
+        // Two versions behind: 1 -> 2 -> 3, cut once (after a 16 KiB HTTP/2 frame) and resumed.
+        let (via_proxy, _) = cutting_proxy(&endpoint, 24_000);
+        let cut = rt.block_on(async { sync.download(&mut client(&via_proxy).await, "delta").await });
+        assert!(cut.is_err() && sync.partial_bytes() > 0, "{wire}: {cut:?}");
+        let chain = rt.block_on(async { sync.download(&mut client(&endpoint).await, "delta").await }).unwrap();
+        assert_eq!(chain.version, 3);
+        assert!(chain.resumed_from > 0, "{wire}");
+        if wire == sluice_core::kinds::Dtype::Bf16 {
+            // At a post-training learning rate few bf16 values move: deltas
+            // (here 7-13% of the blob) rather than the whole.
+            for p in [p1, p2, p3] {
+                assert!(p.delta_bytes > 0 && p.delta_bytes * 5 < p.bytes, "{p:?}");
+            }
+            assert_eq!((one.version, one.delta_from, one.bytes), (1, Some(0), p1.delta_bytes));
+            assert_eq!((chain.delta_from, chain.bytes), (Some(1), p2.delta_bytes + p3.delta_bytes));
+        }
+
+        let mut full = WeightSync::default();
+        let whole = rt.block_on(async { full.download(&mut client(&endpoint).await, "delta").await }).unwrap();
+        assert_eq!((whole.version, whole.delta_from), (3, None));
+        assert!(sync.blob().unwrap() == full.blob().unwrap(), "{wire}: the rebuilt blob differs from the full one");
+        assert!(chain.bytes < whole.bytes || chain.delta_from.is_none(), "{wire}: {} vs {}", chain.bytes, whole.bytes);
+        let (mut policy, _) = load_policy(&cfg.model).unwrap();
+        apply(&mut policy, sync.blob().unwrap(), 3).unwrap();
+        let kind = sluice_model::device::kind(wire);
+        let trained = params(trainer.policy());
+        for (name, p) in params(&policy) {
+            assert!(p.equal(&trained[&name].to_kind(kind).to_kind(p.kind())), "{wire}: {name}");
+        }
+        // Holding a version of another learner incarnation: the whole blob.
+        let ask = |incarnation: u64| sluice_proto::v1::WeightsRequest {
+            job_id: "delta".into(),
+            have_version: Some(2),
+            have_incarnation: incarnation,
+            ..Default::default()
+        };
+        let first_chunk = |req| rt.block_on(async { client(&endpoint).await.get_weights(req).await.unwrap().into_inner().message().await.unwrap().unwrap() });
+        assert_eq!(first_chunk(ask(shared.incarnation)).delta_from, Some(2));
+        assert_eq!(first_chunk(ask(shared.incarnation ^ 2)).delta_from, None);
     }
 }
