@@ -22,6 +22,8 @@ pub const MAX_PROMPTS_PER_STEP: usize = 65_536;
 pub const MAX_GROUP_SIZE: usize = 4096;
 /// Largest `train.micro_batch_size` and `train.sft_batch_size`.
 pub const MAX_BATCH_SIZE: usize = 65_536;
+/// Largest `sampling.slots` (rows decoded at once).
+pub const MAX_SLOTS: usize = 65_536;
 /// Largest `train.eval_prompts`.
 pub const MAX_EVAL_PROMPTS: usize = 1 << 20;
 /// Largest `sampling.max_new_tokens` (tokens per response).

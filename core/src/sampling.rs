@@ -24,6 +24,10 @@ pub struct SamplingParams {
     /// Generation also stops for a row once its text contains one of these; the
     /// text scored ends before the stop string (tokens are kept as sampled).
     pub stop: Vec<String>,
+    /// Continuous batching: rows decoded at once; when a row ends its slot takes
+    /// the next prompt of the batch at once (0 = every row at once, static).
+    /// Outputs do not depend on it (each row samples from its own stream).
+    pub slots: usize,
     /// Diffusion policies only: denoising steps for the whole response
     /// (`max_new_tokens` tokens, all generated); 0 means one per token.
     pub diffusion_steps: usize,
@@ -41,6 +45,7 @@ impl Default for SamplingParams {
             max_new_tokens: 16,
             stop_token_ids: vec![],
             stop: vec![],
+            slots: 0,
             diffusion_steps: 0,
             block_length: 0,
         }
@@ -67,6 +72,9 @@ impl SamplingParams {
         }
         if let Some(i) = self.stop.iter().position(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
             return Err(Error::config(format!("{prefix}.stop[{i}]"), format!("must be 1 to {MAX_STOP_BYTES} bytes")));
+        }
+        if self.slots > crate::limits::MAX_SLOTS {
+            return Err(Error::config(format!("{prefix}.slots"), format!("must be at most {}", crate::limits::MAX_SLOTS)));
         }
         if self.stop_token_ids.len() > MAX_STOP_STRINGS {
             return Err(Error::config(format!("{prefix}.stop_token_ids"), format!("at most {MAX_STOP_STRINGS} ids")));

@@ -11,7 +11,7 @@ use sluice_core::tasks::{Episode, Problem, Task};
 use sluice_core::tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::generate::{generate_until, Completion};
+use crate::generate::{generate_continuous, Completion};
 use crate::model::Model;
 
 /// Groups sampled in one batch, with the seconds generation took.
@@ -75,7 +75,7 @@ fn sample(
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<Completion>> {
     if !model.config().is_diffusion() {
-        return generate_until(model, prompts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t));
+        return generate_continuous(model, prompts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t), sampling.slots);
     }
     let eos = tokenizer.eos_id();
     Ok(crate::diffusion::generate(model, prompts, &sampling.diffusion(), tokenizer.pad_id(), rng)?
@@ -222,7 +222,7 @@ pub fn collect_episodes(
         let contexts: Vec<Vec<i64>> = running.iter().map(|&i| live[i].context.clone()).collect();
         let t0 = Instant::now();
         let actions =
-            generate_until(model, &contexts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t))?;
+            generate_continuous(model, &contexts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t), sampling.slots)?;
         generate_s += t0.elapsed().as_secs_f64();
         for (&i, action) in running.iter().zip(actions) {
             let l = &mut live[i];

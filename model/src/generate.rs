@@ -3,8 +3,21 @@
 //! Prompts of different lengths are left-padded; positions come from the
 //! padding mask, so every row sees the same rotary positions it would see
 //! alone. Each step samples one token per row with temperature, top-k and top-p
-//! from a seeded ChaCha stream (one uniform per row and step, so results depend on
-//! the seed and not on libtorch's global RNG).
+//! from the row's own seeded ChaCha stream (stream `i` for the batch's row `i`,
+//! keyed by one draw from the caller's generator; one uniform per row and
+//! step), so results depend on the seed and the row, not on which rows share a
+//! batch or on libtorch's global RNG.
+//!
+//! **Continuous batching** ([`generate_continuous`]): a fixed number of slots
+//! decode at once; when a row ends (stop token, stop string, max tokens) its
+//! slot takes the next prompt: the new prompt is prefilled into the slot's
+//! own span of the KV cache (its earlier columns masked out) while the other
+//! slots wait one forward; then every live slot decodes a token per step. When
+//! the cache is full its valid columns are packed to the front of each row
+//! (keys are cached after rotary, so moving them changes nothing). Stop tokens
+//! and stop strings are checked on the host, so the sampled token of each
+//! live slot (one i64 per slot) is copied each step; logits stay on the
+//! device. With per-row streams the outputs equal static batching's.
 //!
 //! **Behaviour log-probs.** For each sampled token we return
 //! `log softmax(logits / T)[token]` — the temperature-scaled policy *before*
@@ -12,7 +25,7 @@
 //! evaluates the same token with the same temperature. Greedy decoding
 //! (`temperature == 0`) reports `log softmax(logits)`.
 
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
@@ -42,20 +55,10 @@ pub fn generate(
     generate_until(model, prompts, params, pad_id, rng, &|_| false)
 }
 
-/// [`generate`], also ending a row (finish `Stop`) once `until` holds for its
-/// tokens so far (stop strings: see `collect`).
-pub fn generate_until(
-    model: &Model,
-    prompts: &[Vec<i64>],
-    params: &SamplingParams,
-    pad_id: i64,
-    rng: &mut ChaCha8Rng,
-    until: &dyn Fn(&[i64]) -> bool,
-) -> Result<Vec<Completion>> {
+/// Checks the prompts against the model: non-empty, ids in the vocabulary,
+/// and room for `max_new_tokens` after the longest.
+fn check_prompts(model: &Model, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<i64> {
     params.validate("sampling")?;
-    if prompts.is_empty() {
-        return Ok(vec![]);
-    }
     let vocab = model.config().vocab_size;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
@@ -65,18 +68,58 @@ pub fn generate_until(
             return Err(Error::Generation(format!("prompt {i} has token id {t} outside the vocabulary 0..{vocab}")));
         }
     }
-    let _no_grad = tch::no_grad_guard();
-    let device = model.device();
-    let b = prompts.len() as i64;
     let p = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;
-    let cap = p + params.max_new_tokens;
-    if cap > model.config().max_position_embeddings {
+    if p + params.max_new_tokens > model.config().max_position_embeddings {
         return Err(Error::Generation(format!(
             "prompt ({p}) + max_new_tokens ({}) exceeds max_position_embeddings {}",
             params.max_new_tokens,
             model.config().max_position_embeddings
         )));
     }
+    Ok(p)
+}
+
+/// The sampling stream of row `row` of a batch whose streams are keyed by `key`.
+fn row_stream(key: u64, row: usize) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(key);
+    r.set_stream(row as u64);
+    r
+}
+
+/// Appends a sampled token to `c`; true when the row is finished.
+fn push_token(c: &mut Completion, tok: i64, lp: f32, params: &SamplingParams, until: &dyn Fn(&[i64]) -> bool) -> bool {
+    c.tokens.push(tok);
+    c.logprobs.push(lp);
+    if params.stop_token_ids.contains(&tok) || until(&c.tokens) {
+        c.finish = FinishReason::Stop;
+        return true;
+    }
+    c.tokens.len() as i64 >= params.max_new_tokens
+}
+
+fn unfinished() -> Completion {
+    Completion { tokens: vec![], logprobs: vec![], finish: FinishReason::Length }
+}
+
+/// [`generate`], also ending a row (finish `Stop`) once `until` holds for its
+/// tokens so far (stop strings: see `collect`). Every row at once (static).
+pub fn generate_until(
+    model: &Model,
+    prompts: &[Vec<i64>],
+    params: &SamplingParams,
+    pad_id: i64,
+    rng: &mut ChaCha8Rng,
+    until: &dyn Fn(&[i64]) -> bool,
+) -> Result<Vec<Completion>> {
+    if prompts.is_empty() {
+        params.validate("sampling")?;
+        return Ok(vec![]);
+    }
+    let p = check_prompts(model, prompts, params)?;
+    let _no_grad = tch::no_grad_guard();
+    let device = model.device();
+    let b = prompts.len() as i64;
+    let cap = p + params.max_new_tokens;
 
     // Left-pad prompts; positions count only real tokens.
     let mut ids = Vec::with_capacity((b * p) as usize);
@@ -100,25 +143,21 @@ pub fn generate_until(
     let mut logits = model.logits(&hidden.select(1, p - 1));
 
     let mut next_pos = Tensor::from_slice(&prompts.iter().map(|p| p.len() as i64).collect::<Vec<_>>()).to_device(device);
-    let mut out: Vec<Completion> =
-        (0..b).map(|_| Completion { tokens: vec![], logprobs: vec![], finish: FinishReason::Length }).collect();
+    let key: u64 = rng.gen();
+    let mut rngs: Vec<ChaCha8Rng> = (0..prompts.len()).map(|r| row_stream(key, r)).collect();
+    let mut out: Vec<Completion> = (0..b).map(|_| unfinished()).collect();
     let mut done = vec![false; b as usize];
-    for step in 0..params.max_new_tokens {
-        let (tok, lp) = sample(&logits, params, rng);
+    loop {
+        let u: Vec<f32> = rngs.iter_mut().zip(&done).map(|(r, &d)| if d { 0.5 } else { r.gen() }).collect();
+        let (tok, lp) = sample(&logits, params, &u);
         let tok_v = Vec::<i64>::try_from(&tok.to_device(tch::Device::Cpu))?;
         let lp_v = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))?;
         for r in 0..b as usize {
-            if done[r] {
-                continue;
-            }
-            out[r].tokens.push(tok_v[r]);
-            out[r].logprobs.push(lp_v[r]);
-            if params.stop_token_ids.contains(&tok_v[r]) || until(&out[r].tokens) {
-                done[r] = true;
-                out[r].finish = FinishReason::Stop;
+            if !done[r] {
+                done[r] = push_token(&mut out[r], tok_v[r], lp_v[r], params, until);
             }
         }
-        if step + 1 == params.max_new_tokens || done.iter().all(|&d| d) {
+        if done.iter().all(|&d| d) {
             break;
         }
         let mask = attention_mask(&valid, cache.len(), 1);
@@ -127,6 +166,130 @@ pub fn generate_until(
         next_pos += 1;
     }
     Ok(out)
+}
+
+/// [`generate_until`] with continuous batching over `slots` rows (see the
+/// module docs); the same completions, in prompt order. Falls back to static
+/// batching when `slots` is 0 or covers every prompt, and for a sliding-window
+/// model (its window is laid over the mask by cache column, which packing moves).
+pub fn generate_continuous(
+    model: &Model,
+    prompts: &[Vec<i64>],
+    params: &SamplingParams,
+    pad_id: i64,
+    rng: &mut ChaCha8Rng,
+    until: &dyn Fn(&[i64]) -> bool,
+    slots: usize,
+) -> Result<Vec<Completion>> {
+    if slots == 0 || slots >= prompts.len() || model.config().sliding_window.is_some() {
+        return generate_until(model, prompts, params, pad_id, rng, until);
+    }
+    let max_prompt = check_prompts(model, prompts, params)?;
+    let _no_grad = tch::no_grad_guard();
+    let device = model.device();
+    let s = slots as i64;
+    // Room for a live row (prompt + response) and a refill prompt, twice over:
+    // packing then happens at most every few rows.
+    let capacity = 2 * (2 * max_prompt + params.max_new_tokens);
+    let mut cache = KvCache::new(model.config(), s, capacity, model.kind(), device);
+    let mut valid = Tensor::zeros([s, capacity], (Kind::Bool, device));
+    let mut logits = Tensor::zeros([s, model.config().vocab_size], (Kind::Float, device));
+    let key: u64 = rng.gen();
+    let mut row: Vec<Option<usize>> = vec![None; slots];
+    let mut rngs: Vec<Option<ChaCha8Rng>> = (0..slots).map(|_| None).collect();
+    let mut next_pos = vec![0i64; slots];
+    let mut out: Vec<Completion> = prompts.iter().map(|_| unfinished()).collect();
+    let mut queue = 0usize;
+    loop {
+        // Empty slots take the next prompts: one prefill forward for all of them.
+        let empty: Vec<usize> = (0..slots).filter(|&k| row[k].is_none()).collect();
+        let take = empty.len().min(prompts.len() - queue);
+        if take > 0 {
+            let fill: Vec<(usize, usize)> = empty[..take].iter().copied().zip(queue..queue + take).collect();
+            queue += take;
+            let t = fill.iter().map(|&(_, i)| prompts[i].len()).max().expect("one at least") as i64;
+            make_room(&mut cache, &mut valid, t)?;
+            let (mut ids, mut pos, mut new_valid) = (vec![pad_id; (s * t) as usize], vec![0i64; (s * t) as usize], vec![false; (s * t) as usize]);
+            for &(k, i) in &fill {
+                let pad = t as usize - prompts[i].len();
+                let at = k * t as usize + pad;
+                ids[at..at + prompts[i].len()].copy_from_slice(&prompts[i]);
+                for (j, p) in (at..at + prompts[i].len()).enumerate() {
+                    pos[p] = j as i64;
+                    new_valid[p] = true;
+                }
+                row[k] = Some(i);
+                rngs[k] = Some(row_stream(key, i));
+                next_pos[k] = prompts[i].len() as i64;
+            }
+            let fill_idx = Tensor::from_slice(&fill.iter().map(|&(k, _)| k as i64).collect::<Vec<_>>()).to_device(device);
+            // The refilled slots forget their previous rows' columns.
+            let _ = valid.index_fill_(0, &fill_idx, 0);
+            valid.narrow(1, cache.len(), t).copy_(&Tensor::from_slice(&new_valid).view([s, t]).to_device(device));
+            let mask = attention_mask(&valid, cache.len(), t);
+            let ids = Tensor::from_slice(&ids).view([s, t]).to_device(device);
+            let pos = Tensor::from_slice(&pos).view([s, t]).to_device(device);
+            let hidden = model.hidden(&ids, &pos, Some(&mask), Some(&mut cache));
+            let fresh = model.logits(&hidden.select(1, t - 1)).to_kind(Kind::Float);
+            logits = logits.index_copy(0, &fill_idx, &fresh.index_select(0, &fill_idx));
+        }
+        if row.iter().all(Option::is_none) {
+            break;
+        }
+        // Every live slot samples a token.
+        let u: Vec<f32> = rngs.iter_mut().zip(&row).map(|(r, i)| match (r, i) {
+            (Some(r), Some(_)) => r.gen(),
+            _ => 0.5,
+        }).collect();
+        let (tok, lp) = sample(&logits, params, &u);
+        let tok_v = Vec::<i64>::try_from(&tok.to_device(tch::Device::Cpu))?;
+        let lp_v = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))?;
+        for k in 0..slots {
+            if let Some(i) = row[k] {
+                if push_token(&mut out[i], tok_v[k], lp_v[k], params, until) {
+                    row[k] = None;
+                    rngs[k] = None;
+                }
+            }
+        }
+        if row.iter().all(Option::is_none) {
+            continue;
+        }
+        // The slots still live decode their token.
+        make_room(&mut cache, &mut valid, 1)?;
+        let live: Vec<bool> = row.iter().map(Option::is_some).collect();
+        valid.narrow(1, cache.len(), 1).copy_(&Tensor::from_slice(&live).view([s, 1]).to_device(device));
+        let mask = attention_mask(&valid, cache.len(), 1);
+        let pos = Tensor::from_slice(&next_pos).view([s, 1]).to_device(device);
+        let hidden = model.hidden(&tok.view([s, 1]), &pos, Some(&mask), Some(&mut cache));
+        logits = model.logits(&hidden.squeeze_dim(1)).to_kind(Kind::Float);
+        for k in 0..slots {
+            if live[k] {
+                next_pos[k] += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Makes room for `t` more cache columns, packing each row's valid columns
+/// to the front when the cache is full.
+fn make_room(cache: &mut KvCache, valid: &mut Tensor, t: i64) -> Result<()> {
+    if cache.len() + t <= cache.capacity() {
+        return Ok(());
+    }
+    let (s, cap) = valid.size2().expect("valid is [S, C]");
+    // Valid columns first, in their order (a stable sort of the flags, descending).
+    let order = valid.to_kind(Kind::Int8).argsort_stable(true, 1, true);
+    let count = valid.sum_dim_intlist(1, false, Kind::Int64);
+    let len = count.max().int64_value(&[]);
+    if len + t > cap {
+        return Err(Error::Generation(format!("continuous batching: {len} live + {t} new columns exceed the cache's {cap}")));
+    }
+    cache.pack(&order, len);
+    *valid = Tensor::arange(cap, (Kind::Int64, valid.device())).unsqueeze(0).lt_tensor(&count.unsqueeze(1));
+    debug_assert_eq!(valid.size(), [s, cap]);
+    Ok(())
 }
 
 /// Boolean mask `[B, 1, t, offset + t]` for `t` queries at positions `offset..offset+t`:
@@ -143,8 +306,9 @@ fn attention_mask(valid: &Tensor, offset: i64, t: i64) -> Tensor {
     m.logical_or(&diag.unsqueeze(0)).unsqueeze(1)
 }
 
-/// Picks one token per row of `logits` `[B, V]`; returns (tokens `[B]`, behaviour log-probs `[B]`).
-fn sample(logits: &Tensor, params: &SamplingParams, rng: &mut ChaCha8Rng) -> (Tensor, Tensor) {
+/// Picks one token per row of `logits` `[B, V]` with the row's uniform draw
+/// `u[row]`; returns (tokens `[B]`, behaviour log-probs `[B]`).
+fn sample(logits: &Tensor, params: &SamplingParams, u: &[f32]) -> (Tensor, Tensor) {
     let logits = logits.to_kind(Kind::Float);
     if params.temperature == 0.0 {
         let tok = logits.argmax(-1, false);
@@ -168,8 +332,8 @@ fn sample(logits: &Tensor, params: &SamplingParams, rng: &mut ChaCha8Rng) -> (Te
         filtered = Tensor::full([b, v], f64::NEG_INFINITY, (Kind::Float, scaled.device())).scatter(-1, &idx, &sorted);
     }
     let cdf = filtered.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
-    let u: Vec<f32> = (0..b).map(|_| rng.gen::<f32>()).collect();
-    let u = Tensor::from_slice(&u).to_device(cdf.device()).unsqueeze(1) * cdf.narrow(1, v - 1, 1);
+    debug_assert_eq!(u.len() as i64, b);
+    let u = Tensor::from_slice(u).to_device(cdf.device()).unsqueeze(1) * cdf.narrow(1, v - 1, 1);
     let tok = cdf.lt_tensor(&u).sum_dim_intlist(-1, false, Kind::Int64).clamp_max(v - 1);
     let lp = scaled.log_softmax(-1, Kind::Float).gather(-1, &tok.unsqueeze(-1), false).squeeze_dim(-1);
     (tok, lp)
@@ -277,6 +441,35 @@ mod tests {
         }
     }
 
+    /// Continuous batching gives the completions static batching gives for
+    /// the same seed: prompts of mixed lengths through 3 slots (refills, and
+    /// packing the cache: 12 rows of up to 8 + 12 tokens pass through 56
+    /// columns), with stop tokens and a stop predicate ending rows early, at
+    /// temperature 1 and greedy. Log-probs agree to float rounding (the
+    /// attention sums run over other key lengths).
+    #[test]
+    fn continuous_batching_matches_static_batching() {
+        let p = policy();
+        let prompts: Vec<Vec<i64>> = (0..12).map(|i| (0..1 + (i * 5) % 8).map(|j| 4 + ((i * 7 + j * 3) % 30) as i64).collect()).collect();
+        // A stop "string": the row's tokens so far sum to a multiple of 37.
+        let until = |t: &[i64]| t.len() >= 3 && t.iter().sum::<i64>() % 37 == 0;
+        for temperature in [1.0, 0.0] {
+            let params = SamplingParams { temperature, max_new_tokens: 12, stop_token_ids: vec![5, 9], ..Default::default() };
+            let want = generate_until(p.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(4), &until).unwrap();
+            for slots in [3, 5] {
+                let got = generate_continuous(p.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(4), &until, slots).unwrap();
+                for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                    assert_eq!((&w.tokens, w.finish), (&g.tokens, g.finish), "T={temperature} slots={slots} row {i}");
+                    for (a, b) in w.logprobs.iter().zip(&g.logprobs) {
+                        assert!((a - b).abs() < 1e-4, "T={temperature} slots={slots} row {i}: {a} vs {b}");
+                    }
+                }
+            }
+            let lens: Vec<usize> = want.iter().map(|c| c.tokens.len()).collect();
+            assert!(temperature == 0.0 || lens.iter().any(|&l| l < 12) && lens.iter().any(|&l| l == 12), "rows end at different steps: {lens:?}");
+        }
+    }
+
     /// Draws `n` tokens from one row of fixed logits with `sample`.
     fn draws(logits: &[f32], params: &SamplingParams, n: usize) -> (Vec<usize>, Vec<f32>) {
         let row = Tensor::from_slice(logits).unsqueeze(0);
@@ -284,7 +477,7 @@ mod tests {
         let mut counts = vec![0usize; logits.len()];
         let mut lps = vec![f32::NAN; logits.len()];
         for _ in 0..n {
-            let (tok, lp) = sample(&row, params, &mut rng);
+            let (tok, lp) = sample(&row, params, &[rng.gen::<f32>()]);
             let t = tok.int64_value(&[0]) as usize;
             counts[t] += 1;
             lps[t] = lp.double_value(&[0]) as f32;

@@ -588,6 +588,18 @@ impl KvCache {
     pub fn capacity(&self) -> i64 {
         self.capacity
     }
+
+    /// Reorders every row's columns by `order` `[B, capacity]` (a permutation
+    /// per row) and keeps the first `len` (continuous batching packs each
+    /// row's live columns to the front).
+    pub fn pack(&mut self, order: &Tensor, len: i64) {
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let (b, h, c, d) = t.size4().expect("cache is [B, H, C, D]");
+            let idx = order.view([b, 1, c, 1]).expand([b, h, c, d], false);
+            *t = t.gather(2, &idx, false);
+        }
+        self.len = len;
+    }
 }
 
 /// Random init of a freshly built model: every weight matrix (not norms, not

@@ -224,7 +224,9 @@ fn delta_sync_after_real_steps_is_bit_exact_with_a_full_sync() {
         assert!(chain.resumed_from > 0, "{wire}");
         if wire == sluice_core::kinds::Dtype::Bf16 {
             // At a post-training learning rate few bf16 values move: deltas
-            // (here 7-13% of the blob) rather than the whole.
+            // (here 7-13% of the blob) rather than the whole. In f32 nearly
+            // every value moves, no delta is under half the blob, and whole
+            // versions are served.
             for p in [p1, p2, p3] {
                 assert!(p.delta_bytes > 0 && p.delta_bytes * 5 < p.bytes, "{p:?}");
             }
@@ -252,7 +254,8 @@ fn delta_sync_after_real_steps_is_bit_exact_with_a_full_sync() {
             ..Default::default()
         };
         let first_chunk = |req| rt.block_on(async { client(&endpoint).await.get_weights(req).await.unwrap().into_inner().message().await.unwrap().unwrap() });
-        assert_eq!(first_chunk(ask(shared.incarnation)).delta_from, Some(2));
+        let deltas_kept = wire == sluice_core::kinds::Dtype::Bf16;
+        assert_eq!(first_chunk(ask(shared.incarnation)).delta_from, deltas_kept.then_some(2));
         assert_eq!(first_chunk(ask(shared.incarnation ^ 2)).delta_from, None);
     }
 }
