@@ -75,7 +75,7 @@ fn sample(
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<Completion>> {
     if !model.config().is_diffusion() {
-        return generate_continuous(model, prompts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t), sampling.slots);
+        return generate_continuous(model, prompts, sampling, tokenizer.pad_id(), rng, &|_, t| completes_stop(tokenizer, sampling, t), sampling.slots);
     }
     let eos = tokenizer.eos_id();
     Ok(crate::diffusion::generate(model, prompts, &sampling.diffusion(), tokenizer.pad_id(), rng)?
@@ -222,7 +222,7 @@ pub fn collect_episodes(
         let contexts: Vec<Vec<i64>> = running.iter().map(|&i| live[i].context.clone()).collect();
         let t0 = Instant::now();
         let actions =
-            generate_continuous(model, &contexts, sampling, tokenizer.pad_id(), rng, &|t| completes_stop(tokenizer, sampling, t), sampling.slots)?;
+            generate_continuous(model, &contexts, sampling, tokenizer.pad_id(), rng, &|_, t| completes_stop(tokenizer, sampling, t), sampling.slots)?;
         generate_s += t0.elapsed().as_secs_f64();
         for (&i, action) in running.iter().zip(actions) {
             let l = &mut live[i];

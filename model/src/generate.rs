@@ -52,7 +52,7 @@ pub fn generate(
     pad_id: i64,
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<Completion>> {
-    generate_until(model, prompts, params, pad_id, rng, &|_| false)
+    generate_until(model, prompts, params, pad_id, rng, &|_, _| false)
 }
 
 /// Checks the prompts against the model: non-empty, ids in the vocabulary,
@@ -86,11 +86,14 @@ fn row_stream(key: u64, row: usize) -> ChaCha8Rng {
     r
 }
 
-/// Appends a sampled token to `c`; true when the row is finished.
-fn push_token(c: &mut Completion, tok: i64, lp: f32, params: &SamplingParams, until: &dyn Fn(&[i64]) -> bool) -> bool {
+/// What ends a row besides stop tokens and length: `until(row, tokens so far)`.
+pub type Until<'a> = &'a dyn Fn(usize, &[i64]) -> bool;
+
+/// Appends a sampled token to row `row`'s completion `c`; true when the row is finished.
+fn push_token(c: &mut Completion, row: usize, tok: i64, lp: f32, params: &SamplingParams, until: Until) -> bool {
     c.tokens.push(tok);
     c.logprobs.push(lp);
-    if params.stop_token_ids.contains(&tok) || until(&c.tokens) {
+    if params.stop_token_ids.contains(&tok) || until(row, &c.tokens) {
         c.finish = FinishReason::Stop;
         return true;
     }
@@ -101,15 +104,15 @@ fn unfinished() -> Completion {
     Completion { tokens: vec![], logprobs: vec![], finish: FinishReason::Length }
 }
 
-/// [`generate`], also ending a row (finish `Stop`) once `until` holds for its
-/// tokens so far (stop strings: see `collect`). Every row at once (static).
+/// [`generate`], also ending row `i` (finish `Stop`) once `until(i, tokens so
+/// far)` holds (stop strings: see `collect`). Every row at once (static).
 pub fn generate_until(
     model: &Model,
     prompts: &[Vec<i64>],
     params: &SamplingParams,
     pad_id: i64,
     rng: &mut ChaCha8Rng,
-    until: &dyn Fn(&[i64]) -> bool,
+    until: Until,
 ) -> Result<Vec<Completion>> {
     if prompts.is_empty() {
         params.validate("sampling")?;
@@ -154,7 +157,7 @@ pub fn generate_until(
         let lp_v = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))?;
         for r in 0..b as usize {
             if !done[r] {
-                done[r] = push_token(&mut out[r], tok_v[r], lp_v[r], params, until);
+                done[r] = push_token(&mut out[r], r, tok_v[r], lp_v[r], params, until);
             }
         }
         if done.iter().all(|&d| d) {
@@ -178,7 +181,7 @@ pub fn generate_continuous(
     params: &SamplingParams,
     pad_id: i64,
     rng: &mut ChaCha8Rng,
-    until: &dyn Fn(&[i64]) -> bool,
+    until: Until,
     slots: usize,
 ) -> Result<Vec<Completion>> {
     if slots == 0 || slots >= prompts.len() || model.config().sliding_window.is_some() {
@@ -246,7 +249,7 @@ pub fn generate_continuous(
         let lp_v = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))?;
         for k in 0..slots {
             if let Some(i) = row[k] {
-                if push_token(&mut out[i], tok_v[k], lp_v[k], params, until) {
+                if push_token(&mut out[i], i, tok_v[k], lp_v[k], params, until) {
                     row[k] = None;
                     rngs[k] = None;
                 }
@@ -287,6 +290,8 @@ fn make_room(cache: &mut KvCache, valid: &mut Tensor, t: i64) -> Result<()> {
         return Err(Error::Generation(format!("continuous batching: {len} live + {t} new columns exceed the cache's {cap}")));
     }
     cache.pack(&order, len);
+    #[cfg(test)]
+    tests::PACKS.with(|n| n.set(n.get() + 1));
     *valid = Tensor::arange(cap, (Kind::Int64, valid.device())).unsqueeze(0).lt_tensor(&count.unsqueeze(1));
     debug_assert_eq!(valid.size(), [s, cap]);
     Ok(())
@@ -345,6 +350,11 @@ mod tests {
     use crate::hf::Policy;
     use crate::model::ModelConfig;
     use rand::SeedableRng;
+
+    thread_local! {
+        /// Times `make_room` packed a cache on this thread.
+        pub(super) static PACKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
 
     fn policy() -> Policy {
         let mut cfg = ModelConfig::preset("tiny", 40).unwrap();
@@ -452,12 +462,14 @@ mod tests {
         let p = policy();
         let prompts: Vec<Vec<i64>> = (0..12).map(|i| (0..1 + (i * 5) % 8).map(|j| 4 + ((i * 7 + j * 3) % 30) as i64).collect()).collect();
         // A stop "string": the row's tokens so far sum to a multiple of 37.
-        let until = |t: &[i64]| t.len() >= 3 && t.iter().sum::<i64>() % 37 == 0;
+        let until = |_: usize, t: &[i64]| t.len() >= 3 && t.iter().sum::<i64>() % 37 == 0;
         for temperature in [1.0, 0.0] {
             let params = SamplingParams { temperature, max_new_tokens: 12, stop_token_ids: vec![5, 9], ..Default::default() };
             let want = generate_until(p.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(4), &until).unwrap();
             for slots in [3, 5] {
+                let packs = PACKS.with(|n| n.get());
                 let got = generate_continuous(p.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(4), &until, slots).unwrap();
+                assert!(slots != 3 || PACKS.with(|n| n.get()) > packs, "the cache was packed");
                 for (i, (w, g)) in want.iter().zip(&got).enumerate() {
                     assert_eq!((&w.tokens, w.finish), (&g.tokens, g.finish), "T={temperature} slots={slots} row {i}");
                     for (a, b) in w.logprobs.iter().zip(&g.logprobs) {
@@ -466,7 +478,7 @@ mod tests {
                 }
             }
             let lens: Vec<usize> = want.iter().map(|c| c.tokens.len()).collect();
-            assert!(temperature == 0.0 || lens.iter().any(|&l| l < 12) && lens.iter().any(|&l| l == 12), "rows end at different steps: {lens:?}");
+            assert!(temperature == 0.0 || lens.iter().any(|&l| l < 12) && lens.contains(&12), "rows end at different steps: {lens:?}");
         }
     }
 
