@@ -92,7 +92,7 @@ pub fn run(
 ) -> Result<()> {
     let cfg = &opts.job;
     let endpoint = opts.learners[opts.index % opts.learners.len().max(1)].clone();
-    let (mut policy, mut tokenizer) = load_policy(&cfg.model)?;
+    let (policy, mut tokenizer) = load_policy(&cfg.model)?;
     tokenizer.set_prompt(&cfg.prompt)?;
     let task = tasks::build(&cfg.task)?;
     let mut sampling = cfg.sampling.clone();
@@ -197,7 +197,7 @@ pub fn run(
                 Some((v, inc)) => inc != linc || staleness.must_resync(v, lv) || (v < need_version && lv > v),
             };
             if behind {
-                match weights.pull(&mut policy) {
+                match weights.pull(&policy) {
                     Ok(s) => {
                         mine = Some((s.version, s.incarnation));
                         report(&ActorEvent::Synced {
@@ -283,8 +283,56 @@ pub fn run(
                 }
             };
             let span = tracing::info_span!("sample_batch", version, prompts = problems.len());
-            let mut collected =
-                span.in_scope(|| collect(policy.model(), &tokenizer, task.as_ref(), &problems, &sizes, &sampling, version, &mut rng))?;
+            // Interruptible generation: at a token boundary, a newer version of
+            // this learner incarnation is fetched and sampling goes on with it.
+            let mut newer: Option<u64> = None;
+            let mut lost = false;
+            let mut hook = || -> Option<u64> {
+                let (lv, linc) = {
+                    let v = view.lock().expect("view lock");
+                    (v.version, v.incarnation)
+                };
+                let cur = newer.unwrap_or(version);
+                if lost || linc != incarnation || lv <= cur {
+                    return None;
+                }
+                match weights.pull(&policy) {
+                    Ok(s) if s.incarnation == incarnation && s.version > cur => {
+                        newer = Some(s.version);
+                        report(&ActorEvent::Synced {
+                            version: s.version,
+                            bytes: s.bytes,
+                            delta_from: s.delta_from,
+                            resumed_from: s.resumed_from,
+                            seconds: s.seconds,
+                        });
+                        Some(s.version)
+                    }
+                    Ok(_) => {
+                        // Weights of another incarnation (the learner restarted):
+                        // this batch's versions mean nothing now.
+                        lost = true;
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "weight sync during generation failed; going on with the weights held");
+                        None
+                    }
+                }
+            };
+            let interrupt: Option<sluice_model::generate::Interrupt> = cfg.rollout.interruptible.then_some(&mut hook);
+            let collected = span.in_scope(|| {
+                collect(policy.model(), &tokenizer, task.as_ref(), &problems, &sizes, &sampling, version, &mut rng, interrupt)
+            });
+            if let Some(v) = newer {
+                mine = Some((v, incarnation));
+            }
+            if lost {
+                // Sample the batch again with the new incarnation's weights.
+                mine = None;
+                continue;
+            }
+            let mut collected = collected?;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
                 if !rescore(&rt, endpoint, token, tls.as_ref(), &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {

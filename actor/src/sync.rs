@@ -195,7 +195,7 @@ pub trait WeightSubscriber {
     /// Brings `policy` to the newest published version (finishing an
     /// interrupted fetch when it can) and says what it did; on error the
     /// policy is untouched.
-    fn pull(&mut self, policy: &mut Policy) -> Result<Synced>;
+    fn pull(&mut self, policy: &Policy) -> Result<Synced>;
 }
 
 /// [`WeightSubscriber`] over the learner's `GetWeights` stream. The download
@@ -220,7 +220,7 @@ impl GrpcSubscriber {
 }
 
 impl WeightSubscriber for GrpcSubscriber {
-    fn pull(&mut self, policy: &mut Policy) -> Result<Synced> {
+    fn pull(&mut self, policy: &Policy) -> Result<Synced> {
         let client = self.client.as_mut().ok_or_else(|| Error::Sync("no learner connection".into()))?;
         let synced = self.rt.block_on(self.state.download(client, &self.job))?;
         apply(policy, self.state.blob().expect("a finished download holds its blob"), synced.version)?;
@@ -231,7 +231,7 @@ impl WeightSubscriber for GrpcSubscriber {
 
 /// Loads downloaded weights into the policy (all parameters or none: names and
 /// shapes are checked before anything is copied).
-pub fn apply(policy: &mut Policy, bytes: &[u8], version: u64) -> Result<()> {
+pub fn apply(policy: &Policy, bytes: &[u8], version: u64) -> Result<()> {
     let tensors: HashMap<_, _> = sluice_model::weights::decode(bytes)?.into_iter().collect();
     policy.set_parameters(tensors, Path::new(&format!("<weights version {version}>")))?;
     Ok(())

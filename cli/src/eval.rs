@@ -41,7 +41,7 @@ pub fn run(mut cfg: JobConfig, o: &EvalOptions) -> Result<Value> {
         let mut out = Vec::with_capacity(problems.len());
         for chunk in problems.chunks(BATCH) {
             let sizes = vec![n; chunk.len()];
-            let c = collect(policy.model(), &tokenizer, task.as_ref(), chunk, &sizes, params, 0, &mut rng)?;
+            let c = collect(policy.model(), &tokenizer, task.as_ref(), chunk, &sizes, params, 0, &mut rng, None)?;
             out.extend(c.groups.iter().map(|g| g.rollouts.iter().filter(|r| r.extrinsic >= 1.0).count()));
         }
         Ok(out)

@@ -385,6 +385,11 @@ pub struct RolloutConfig {
     /// would not be under half its size). The actor keeps a host copy of its
     /// weights blob.
     pub delta_weights: bool,
+    /// Interruptible generation: an actor that hears of a newer policy version
+    /// while sampling fetches it and goes on with the new weights at the next
+    /// token (its KV cache kept); each rollout records the versions its tokens
+    /// came from, and the staleness rule reads the oldest.
+    pub interruptible: bool,
     /// Largest encoded rollout message a learner accepts.
     pub max_rollout_bytes: usize,
     /// Largest group a learner accepts.
@@ -409,6 +414,7 @@ impl Default for RolloutConfig {
             weights_dtype: Dtype::F32,
             weight_chunk_bytes: 1 << 20,
             delta_weights: true,
+            interruptible: false,
             max_rollout_bytes: 1 << 20,
             max_group_size: 1024,
             prompts_per_batch: 0,

@@ -30,8 +30,12 @@ pub struct Rollout {
     pub extrinsic: f64,
     /// Intrinsic (ONI) reward from the reward server; 0 without one.
     pub intrinsic: f64,
-    /// Policy version that produced it.
+    /// Policy version that sampled the first response token: the oldest (the
+    /// staleness rule reads it).
     pub version: u64,
+    /// Interruptible generation: `(i, v)` — from response token `i` on, version
+    /// `v` sampled (ascending in both). Behaviour log-probs are each token's own.
+    pub switches: Vec<(u32, u64)>,
     pub finish: FinishReason,
 }
 

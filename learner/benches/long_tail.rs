@@ -77,15 +77,16 @@ fn main() {
         let mut out = Vec::new();
         for (b, chunk) in prompts.chunks(slots).enumerate() {
             let until = |r: usize, t: &[i64]| t.len() >= lengths[b * slots + r];
-            out.extend(generate_until(policy.model(), chunk, &params, 0, &mut ChaCha8Rng::seed_from_u64(seed + b as u64), &until).unwrap());
+            out.extend(generate_until(policy.model(), chunk, &params, 0, &mut ChaCha8Rng::seed_from_u64(seed + b as u64), &until, None).unwrap());
         }
         out
     });
     let until = |r: usize, t: &[i64]| t.len() >= lengths[r];
     let (static_all, want) =
-        best(iters, || generate_until(policy.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(seed), &until).unwrap());
+        best(iters, || generate_until(policy.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(seed), &until, None).unwrap());
+    let continuous = SamplingParams { slots, ..params.clone() };
     let (cont, got) = best(iters, || {
-        generate_continuous(policy.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(seed), &until, slots).unwrap()
+        generate_continuous(policy.model(), &prompts, &continuous, 0, &mut ChaCha8Rng::seed_from_u64(seed), &until, None).unwrap()
     });
     assert!(want.iter().zip(&got).all(|(a, b)| a.tokens == b.tokens), "continuous and static batching disagree");
     assert_eq!(got.iter().map(|c| c.tokens.len()).sum::<usize>(), tokens);

@@ -57,6 +57,9 @@ pub struct StepMetrics {
     /// failed every recent rollout), and their mean reward.
     pub hinted_groups: usize,
     pub hinted_reward_mean: f64,
+    /// Interruptible generation: trained rollouts whose tokens came from more
+    /// than one policy version (summed over ranks).
+    pub interrupted_rollouts: usize,
 }
 
 /// Seconds since the Unix epoch, for metrics lines.
@@ -84,6 +87,8 @@ pub struct EvalSample {
 }
 
 /// Events the trainer reports while it runs (also appended to `metrics.jsonl`).
+/// One is made per step or less, so the size of `Step` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
@@ -127,6 +132,7 @@ impl From<&Event> for v1::Event {
                 reward_weights: m.reward_weights.clone().into_iter().collect(),
                 hinted_groups: m.hinted_groups as u64,
                 hinted_reward_mean: m.hinted_reward_mean,
+                interrupted_rollouts: m.interrupted_rollouts as u64,
             }),
             Event::Eval { step, sft_step, reward_mean, prompts, samples } => Body::Eval(v1::Evaluation {
                 step: *step,

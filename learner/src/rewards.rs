@@ -191,6 +191,7 @@ mod tests {
             logprobs: None,
             loss_mask: vec![],
             captions: vec![],
+            switches: Vec::new(),
             reward: -9.0,
             extrinsic,
             intrinsic: 0.25,

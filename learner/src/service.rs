@@ -485,6 +485,7 @@ mod tests {
             logprobs: Some(vec![-0.5]),
             loss_mask: vec![],
             captions: vec![],
+            switches: Vec::new(),
             reward: 1.0,
             extrinsic: 1.0,
             intrinsic: 0.0,

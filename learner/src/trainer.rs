@@ -260,6 +260,7 @@ impl Trainer {
             &self.sampling,
             self.state.step,
             rng,
+            None,
         )?;
         for g in &c.groups {
             if hinted.contains(&g.prompt_id) {
@@ -310,10 +311,12 @@ impl Trainer {
             self.work_ids.insert(id);
         }
         let hinted = std::mem::take(&mut self.hinted_now);
-        let mut sums = [d.reward_sum, d.extrinsic_sum, d.rollouts_seen as f64, hinted[0], hinted[1], hinted[2]];
+        let interrupted = d.groups.iter().flat_map(|g| &g.rollouts).filter(|r| !r.switches.is_empty()).count();
+        let mut sums = [d.reward_sum, d.extrinsic_sum, d.rollouts_seen as f64, hinted[0], hinted[1], hinted[2], interrupted as f64];
         self.engine.all_reduce(&mut sums)?;
         let mut m = self.train_on(&d.groups)?;
         m.hinted_groups = sums[3] as usize;
+        m.interrupted_rollouts = sums[6] as usize;
         m.hinted_reward_mean = sums[5] / sums[4].max(1.0);
         m.reward_mean = sums[0] / sums[2].max(1.0);
         m.extrinsic_mean = sums[1] / sums[2].max(1.0);
@@ -467,7 +470,7 @@ impl Trainer {
             // Episodes: one greedy episode per problem; the sample shows the
             // whole exchange (actions and observations).
             let ones = vec![1; problems.len()];
-            let c = collect(model, &self.tokenizer, self.task.as_ref(), &problems, &ones, &params, 0, &mut rng)?;
+            let c = collect(model, &self.tokenizer, self.task.as_ref(), &problems, &ones, &params, 0, &mut rng, None)?;
             for (p, r) in problems.iter().zip(c.groups.iter().flat_map(|g| &g.rollouts)) {
                 total += r.reward;
                 if samples.len() < EVAL_SAMPLES {

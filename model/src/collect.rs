@@ -11,7 +11,7 @@ use sluice_core::tasks::{Episode, Problem, Task};
 use sluice_core::tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::generate::{generate_continuous, Completion};
+use crate::generate::{generate_continuous, Completion, Interrupt};
 use crate::model::Model;
 
 /// Groups sampled in one batch, with the seconds generation took.
@@ -22,7 +22,9 @@ pub struct Collected {
 }
 
 /// Samples `sizes[i]` completions of problem `i` (all in one batch) and scores
-/// each with the problem's verifier. Every rollout is stamped with `version`.
+/// each with the problem's verifier. Every rollout is stamped with `version`,
+/// or with the versions `interrupt` switched the weights to while it was sampled.
+#[allow(clippy::too_many_arguments)]
 pub fn collect_groups(
     model: &Model,
     tokenizer: &Tokenizer,
@@ -31,13 +33,14 @@ pub fn collect_groups(
     sampling: &SamplingParams,
     version: u64,
     rng: &mut ChaCha8Rng,
+    interrupt: Option<Interrupt>,
 ) -> Result<Collected> {
     let encoded = problems.iter().map(|p| tokenizer.encode_problem(p)).collect::<Result<Vec<_>, _>>()?;
     check_sizes(problems, sizes)?;
     let prompts: Vec<Vec<i64>> =
         encoded.iter().zip(sizes).flat_map(|(p, &n)| std::iter::repeat_n(p.clone(), n)).collect();
     let t0 = Instant::now();
-    let completions = sample(model, tokenizer, &prompts, sampling, rng)?;
+    let completions = sample(model, tokenizer, &prompts, sampling, rng, interrupt)?;
     let generate_s = t0.elapsed().as_secs_f64();
     let mut groups = Vec::with_capacity(problems.len());
     let mut it = completions.into_iter();
@@ -45,6 +48,7 @@ pub fn collect_groups(
         let mut rollouts = Vec::with_capacity(n);
         for c in it.by_ref().take(n) {
             let score = p.score(&response_text(tokenizer, sampling, &c.tokens)?);
+            let (version, switches) = stamp(version, &c.switches);
             rollouts.push(Rollout {
                 prompt_id: p.id,
                 prompt_tokens: prompt.clone(),
@@ -56,6 +60,7 @@ pub fn collect_groups(
                 loss_mask: Vec::new(),
                 captions: Vec::new(),
                 version,
+                switches,
                 finish: c.finish,
             });
         }
@@ -64,25 +69,34 @@ pub fn collect_groups(
     Ok(Collected { groups, generate_s })
 }
 
+/// A rollout's version (the one of its first token) and its later switches,
+/// from the batch's starting version and the completion's switches.
+fn stamp(version: u64, switches: &[(u32, u64)]) -> (u64, Vec<(u32, u64)>) {
+    let first = switches.iter().take_while(|s| s.0 == 0).last().map_or(version, |s| s.1);
+    (first, switches.iter().copied().filter(|s| s.0 > 0).collect())
+}
+
 /// One completion per prompt id list: autoregressive with stop ids and stop
 /// strings, or a diffusion policy's fixed-length response (no behaviour
-/// log-probs: BGPO recomputes the ELBO of the sampling policy).
+/// log-probs: BGPO recomputes the ELBO of the sampling policy; never interrupted).
 fn sample(
     model: &Model,
     tokenizer: &Tokenizer,
     prompts: &[Vec<i64>],
     sampling: &SamplingParams,
     rng: &mut ChaCha8Rng,
+    interrupt: Option<Interrupt>,
 ) -> Result<Vec<Completion>> {
     if !model.config().is_diffusion() {
-        return generate_continuous(model, prompts, sampling, tokenizer.pad_id(), rng, &|_, t| completes_stop(tokenizer, sampling, t), sampling.slots);
+        let until = |_: usize, t: &[i64]| completes_stop(tokenizer, sampling, t);
+        return generate_continuous(model, prompts, sampling, tokenizer.pad_id(), rng, &until, interrupt);
     }
     let eos = tokenizer.eos_id();
     Ok(crate::diffusion::generate(model, prompts, &sampling.diffusion(), tokenizer.pad_id(), rng)?
         .into_iter()
         .map(|tokens| {
             let finish = if tokens.contains(&eos) { FinishReason::Stop } else { FinishReason::Length };
-            Completion { logprobs: Vec::new(), tokens, finish }
+            Completion { logprobs: Vec::new(), tokens, finish, switches: Vec::new() }
         })
         .collect())
 }
@@ -115,7 +129,7 @@ pub fn complete(
 ) -> Result<Vec<Sample>> {
     let rendered = problems.iter().map(|p| tokenizer.render_problem(p)).collect::<Result<Vec<_>, _>>()?;
     let prompts = problems.iter().map(|p| tokenizer.encode_problem(p)).collect::<Result<Vec<_>, _>>()?;
-    let completions = sample(model, tokenizer, &prompts, sampling, rng)?;
+    let completions = sample(model, tokenizer, &prompts, sampling, rng, None)?;
     rendered
         .into_iter()
         .zip(completions)
@@ -138,11 +152,12 @@ pub fn collect(
     sampling: &SamplingParams,
     version: u64,
     rng: &mut ChaCha8Rng,
+    interrupt: Option<Interrupt>,
 ) -> Result<Collected> {
     if problems.first().is_some_and(|p| task.episode(p).is_some()) {
-        collect_episodes(model, tokenizer, task, problems, sizes, sampling, version, rng)
+        collect_episodes(model, tokenizer, task, problems, sizes, sampling, version, rng, interrupt)
     } else {
-        collect_groups(model, tokenizer, problems, sizes, sampling, version, rng)
+        collect_groups(model, tokenizer, problems, sizes, sampling, version, rng, interrupt)
     }
 }
 
@@ -180,6 +195,7 @@ pub fn collect_episodes(
     sampling: &SamplingParams,
     version: u64,
     rng: &mut ChaCha8Rng,
+    mut interrupt: Option<Interrupt>,
 ) -> Result<Collected> {
     check_sizes(problems, sizes)?;
     struct Live {
@@ -207,6 +223,7 @@ pub fn collect_episodes(
                     extrinsic: 0.0,
                     intrinsic: 0.0,
                     version,
+                    switches: Vec::new(),
                     finish: FinishReason::Length,
                 },
                 done: false,
@@ -214,6 +231,8 @@ pub fn collect_episodes(
         }
     }
     let mut generate_s = 0.0;
+    // The version the weights hold now (the interrupt may move it between turns too).
+    let mut current = version;
     for _ in 0..task.max_turns() {
         let running: Vec<usize> = (0..live.len()).filter(|&i| !live[i].done).collect();
         if running.is_empty() {
@@ -221,11 +240,28 @@ pub fn collect_episodes(
         }
         let contexts: Vec<Vec<i64>> = running.iter().map(|&i| live[i].context.clone()).collect();
         let t0 = Instant::now();
-        let actions =
-            generate_continuous(model, &contexts, sampling, tokenizer.pad_id(), rng, &|_, t| completes_stop(tokenizer, sampling, t), sampling.slots)?;
+        let until = |_: usize, t: &[i64]| completes_stop(tokenizer, sampling, t);
+        let mut this_turn = || interrupt.as_mut().and_then(|f| f());
+        let actions = generate_continuous(model, &contexts, sampling, tokenizer.pad_id(), rng, &until, Some(&mut this_turn))?;
         generate_s += t0.elapsed().as_secs_f64();
+        let turn_version = current;
+        current = actions.iter().flat_map(|a| a.switches.iter().map(|s| s.1)).max().unwrap_or(current).max(current);
         for (&i, action) in running.iter().zip(actions) {
             let l = &mut live[i];
+            // This turn's switches, as positions in the whole response.
+            let at = l.rollout.response_tokens.len() as u32;
+            let mut v = l.rollout.switches.last().map_or(l.rollout.version, |s| s.1);
+            let (start, switches) = stamp(turn_version, &action.switches);
+            for (k, sv) in std::iter::once((0, start)).chain(switches) {
+                if sv > v {
+                    if at + k == 0 {
+                        l.rollout.version = sv;
+                    } else {
+                        l.rollout.switches.push((at + k, sv));
+                    }
+                    v = sv;
+                }
+            }
             let turn = l.env.step(sampling.cut_at_stop(&tokenizer.decode(&action.tokens)?));
             let observation = tokenizer.encode(&turn.observation)?;
             let r = &mut l.rollout;
@@ -265,6 +301,14 @@ mod tests {
     use rand::SeedableRng;
 
     /// A row ends at the token that completes a stop string, and only there.
+    /// A rollout's version is its first token's; later switches stay as they are.
+    #[test]
+    fn rollouts_are_stamped_with_the_version_of_their_first_token() {
+        assert_eq!(stamp(4, &[]), (4, vec![]));
+        assert_eq!(stamp(4, &[(3, 5), (8, 6)]), (4, vec![(3, 5), (8, 6)]));
+        assert_eq!(stamp(4, &[(0, 5), (8, 6)]), (5, vec![(8, 6)]));
+    }
+
     #[test]
     fn stop_strings_end_rows_where_they_complete() {
         let tok = Tokenizer::char_level(sluice_core::tokenizer::DEFAULT_ALPHABET).unwrap();
@@ -276,7 +320,7 @@ mod tests {
         let stop = vec!["ab".to_string(), "7".to_string(), "= ".to_string()];
         let sampling = SamplingParams { max_new_tokens: 48, stop: stop.clone(), ..Default::default() };
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let c = collect_groups(policy.model(), &tok, &problems, &[4; 8], &sampling, 0, &mut rng).unwrap();
+        let c = collect_groups(policy.model(), &tok, &problems, &[4; 8], &sampling, 0, &mut rng, None).unwrap();
         let has_stop = |t: &str| stop.iter().any(|s| t.contains(s.as_str()));
         let mut stopped = 0;
         for r in c.groups.iter().flat_map(|g| &g.rollouts) {
@@ -306,7 +350,7 @@ mod tests {
         let problems: Vec<Problem> = (0..2).map(|i| task.problem(Split::Train, i)).collect();
         let sampling = SamplingParams { max_new_tokens: 1, ..Default::default() };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let c = collect(policy.model(), &tok, &task, &problems, &[3, 2], &sampling, 4, &mut rng).unwrap();
+        let c = collect(policy.model(), &tok, &task, &problems, &[3, 2], &sampling, 4, &mut rng, None).unwrap();
         assert_eq!(c.groups.iter().map(|g| g.rollouts.len()).collect::<Vec<_>>(), vec![3, 2]);
         for r in c.groups.iter().flat_map(|g| &g.rollouts) {
             let n = r.response_tokens.len();

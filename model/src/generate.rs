@@ -42,6 +42,9 @@ pub struct Completion {
     /// Behaviour log-prob of each token in `tokens` (see module docs).
     pub logprobs: Vec<f32>,
     pub finish: FinishReason,
+    /// `(i, v)`: from token `i` on, the weights were version `v` (interruptible
+    /// generation; `i = 0` when the row started after a switch).
+    pub switches: Vec<(u32, u64)>,
 }
 
 /// Samples one completion per prompt. `pad_id` fills left padding (never attended to).
@@ -52,7 +55,7 @@ pub fn generate(
     pad_id: i64,
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<Completion>> {
-    generate_until(model, prompts, params, pad_id, rng, &|_, _| false)
+    generate_until(model, prompts, params, pad_id, rng, &|_, _| false, None)
 }
 
 /// Checks the prompts against the model: non-empty, ids in the vocabulary,
@@ -101,8 +104,16 @@ fn push_token(c: &mut Completion, row: usize, tok: i64, lp: f32, params: &Sampli
 }
 
 fn unfinished() -> Completion {
-    Completion { tokens: vec![], logprobs: vec![], finish: FinishReason::Length }
+    Completion { tokens: vec![], logprobs: vec![], finish: FinishReason::Length, switches: vec![] }
 }
+
+/// Called at every token boundary; when it swaps the model's weights (in
+/// place) for a newer version it returns that version, and the tokens sampled
+/// after it are that version's. The KV cache is kept: recomputing it would
+/// cost a prefill of every live row, and each token's behaviour log-prob is
+/// still exactly the distribution it was sampled from (old keys and values,
+/// new weights), which is what the importance weights need.
+pub type Interrupt<'a> = &'a mut dyn FnMut() -> Option<u64>;
 
 /// [`generate`], also ending row `i` (finish `Stop`) once `until(i, tokens so
 /// far)` holds (stop strings: see `collect`). Every row at once (static).
@@ -113,6 +124,7 @@ pub fn generate_until(
     pad_id: i64,
     rng: &mut ChaCha8Rng,
     until: Until,
+    mut interrupt: Option<Interrupt>,
 ) -> Result<Vec<Completion>> {
     if prompts.is_empty() {
         params.validate("sampling")?;
@@ -163,6 +175,11 @@ pub fn generate_until(
         if done.iter().all(|&d| d) {
             break;
         }
+        if let Some(v) = interrupt.as_mut().and_then(|f| f()) {
+            for (c, _) in out.iter_mut().zip(&done).filter(|(_, &d)| !d) {
+                c.switches.push((c.tokens.len() as u32, v));
+            }
+        }
         let mask = attention_mask(&valid, cache.len(), 1);
         let hidden = model.hidden(&tok.view([b, 1]), &next_pos.view([b, 1]), Some(&mask), Some(&mut cache));
         logits = model.logits(&hidden.squeeze_dim(1));
@@ -171,10 +188,11 @@ pub fn generate_until(
     Ok(out)
 }
 
-/// [`generate_until`] with continuous batching over `slots` rows (see the
-/// module docs); the same completions, in prompt order. Falls back to static
-/// batching when `slots` is 0 or covers every prompt, and for a sliding-window
-/// model (its window is laid over the mask by cache column, which packing moves).
+/// [`generate_until`] with continuous batching over `params.slots` rows (see
+/// the module docs); the same completions, in prompt order. Falls back to
+/// static batching when `slots` is 0 or covers every prompt, and for a
+/// sliding-window model (its window is laid over the mask by cache column,
+/// which packing moves).
 pub fn generate_continuous(
     model: &Model,
     prompts: &[Vec<i64>],
@@ -182,10 +200,11 @@ pub fn generate_continuous(
     pad_id: i64,
     rng: &mut ChaCha8Rng,
     until: Until,
-    slots: usize,
+    mut interrupt: Option<Interrupt>,
 ) -> Result<Vec<Completion>> {
+    let slots = params.slots;
     if slots == 0 || slots >= prompts.len() || model.config().sliding_window.is_some() {
-        return generate_until(model, prompts, params, pad_id, rng, until);
+        return generate_until(model, prompts, params, pad_id, rng, until, interrupt);
     }
     let max_prompt = check_prompts(model, prompts, params)?;
     let _no_grad = tch::no_grad_guard();
@@ -203,6 +222,8 @@ pub fn generate_continuous(
     let mut next_pos = vec![0i64; slots];
     let mut out: Vec<Completion> = prompts.iter().map(|_| unfinished()).collect();
     let mut queue = 0usize;
+    // The version the weights were switched to last (None: the caller's).
+    let mut current: Option<u64> = None;
     loop {
         // Empty slots take the next prompts: one prefill forward for all of them.
         let empty: Vec<usize> = (0..slots).filter(|&k| row[k].is_none()).collect();
@@ -223,6 +244,7 @@ pub fn generate_continuous(
                 }
                 row[k] = Some(i);
                 rngs[k] = Some(row_stream(key, i));
+                out[i].switches.extend(current.map(|v| (0, v)));
                 next_pos[k] = prompts[i].len() as i64;
             }
             let fill_idx = Tensor::from_slice(&fill.iter().map(|&(k, _)| k as i64).collect::<Vec<_>>()).to_device(device);
@@ -257,6 +279,13 @@ pub fn generate_continuous(
         }
         if row.iter().all(Option::is_none) {
             continue;
+        }
+        if let Some(v) = interrupt.as_mut().and_then(|f| f()) {
+            current = Some(v);
+            for &i in row.iter().flatten() {
+                let at = out[i].tokens.len() as u32;
+                out[i].switches.push((at, v));
+            }
         }
         // The slots still live decode their token.
         make_room(&mut cache, &mut valid, 1)?;
@@ -465,10 +494,11 @@ mod tests {
         let until = |_: usize, t: &[i64]| t.len() >= 3 && t.iter().sum::<i64>() % 37 == 0;
         for temperature in [1.0, 0.0] {
             let params = SamplingParams { temperature, max_new_tokens: 12, stop_token_ids: vec![5, 9], ..Default::default() };
-            let want = generate_until(p.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(4), &until).unwrap();
+            let want = generate_until(p.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(4), &until, None).unwrap();
             for slots in [3, 5] {
                 let packs = PACKS.with(|n| n.get());
-                let got = generate_continuous(p.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(4), &until, slots).unwrap();
+                let params = SamplingParams { slots, ..params.clone() };
+                let got = generate_continuous(p.model(), &prompts, &params, 0, &mut ChaCha8Rng::seed_from_u64(4), &until, None).unwrap();
                 assert!(slots != 3 || PACKS.with(|n| n.get()) > packs, "the cache was packed");
                 for (i, (w, g)) in want.iter().zip(&got).enumerate() {
                     assert_eq!((&w.tokens, w.finish), (&g.tokens, g.finish), "T={temperature} slots={slots} row {i}");
@@ -480,6 +510,48 @@ mod tests {
             let lens: Vec<usize> = want.iter().map(|c| c.tokens.len()).collect();
             assert!(temperature == 0.0 || lens.iter().any(|&l| l < 12) && lens.contains(&12), "rows end at different steps: {lens:?}");
         }
+    }
+
+    /// Interruptible generation: at the third token boundary the hook swaps
+    /// the weights in place and names the version. Swapping in the same
+    /// weights changes no token or log-prob (the KV cache is kept as it was)
+    /// and records the switch at token 3 of every row still running; swapping
+    /// in other weights keeps the first 3 tokens and changes later ones. With
+    /// continuous batching, rows that start after the switch record it at 0.
+    #[test]
+    fn an_interrupt_switches_weights_at_a_token_boundary() {
+        let a = policy();
+        let b = Policy::random(a.config(), tch::Device::Cpu, Kind::Float, 77);
+        let prompts: Vec<Vec<i64>> = (0..6).map(|i| vec![4 + i, 9, 12 + i]).collect();
+        let params = SamplingParams { temperature: 1.0, max_new_tokens: 10, ..Default::default() };
+        let never = |_: usize, _: &[i64]| false;
+        let run = |model: &Model, params: &SamplingParams, switch_to: Option<&Policy>| {
+            let mut calls = 0;
+            let mut hook = || {
+                calls += 1;
+                let to = switch_to.filter(|_| calls == 3)?;
+                let named: std::collections::HashMap<String, Tensor> = to.named_parameters().into_iter().collect();
+                a.set_parameters(named, std::path::Path::new("<test>")).unwrap();
+                Some(7)
+            };
+            generate_continuous(model, &prompts, params, 0, &mut ChaCha8Rng::seed_from_u64(2), &never, Some(&mut hook)).unwrap()
+        };
+        let copy = Policy::random(a.config(), tch::Device::Cpu, Kind::Float, 3);
+        let plain = run(a.model(), &params, None);
+        let same = run(a.model(), &params, Some(&copy));
+        for (p, s) in plain.iter().zip(&same) {
+            assert_eq!((&p.tokens, &p.logprobs), (&s.tokens, &s.logprobs));
+            assert_eq!(s.switches, vec![(3, 7)]);
+        }
+        let other = run(a.model(), &params, Some(&b));
+        assert!(plain.iter().zip(&other).all(|(p, o)| p.tokens[..3] == o.tokens[..3] && o.switches == vec![(3, 7)]));
+        assert!(plain.iter().zip(&other).any(|(p, o)| p.tokens[3..] != o.tokens[3..]), "the new weights sampled the rest");
+        // Continuous batching over 2 slots: rows 0 and 1 switch at token 3; the
+        // rows that start later run wholly on version 7.
+        a.set_parameters(copy.named_parameters().into_iter().collect(), std::path::Path::new("<test>")).unwrap();
+        let slotted = run(a.model(), &SamplingParams { slots: 2, ..params.clone() }, Some(&b));
+        assert_eq!(slotted[0].switches, vec![(3, 7)]);
+        assert!(slotted[2..].iter().all(|c| c.switches == vec![(0, 7)]), "{:?}", slotted.iter().map(|c| &c.switches).collect::<Vec<_>>());
     }
 
     /// Draws `n` tokens from one row of fixed logits with `sample`.

@@ -76,7 +76,7 @@ impl Policy {
     /// Copies named tensors into the parameters (converting device and dtype),
     /// checking that every parameter is present with its shape; `source` names
     /// where they came from in errors. Tensors the model does not use are ignored.
-    pub fn set_parameters(&mut self, tensors: HashMap<String, Tensor>, source: &Path) -> Result<()> {
+    pub fn set_parameters(&self, tensors: HashMap<String, Tensor>, source: &Path) -> Result<()> {
         let vars = self.vs.variables();
         let mut names: Vec<_> = vars.keys().collect();
         names.sort();

@@ -39,6 +39,8 @@ pub fn encode(r: &Rollout, at: Placement<'_>, index: usize, timings: Option<v1::
         finish: v1::FinishReason::from(r.finish) as i32,
         timings,
         work_id: at.work_id,
+        switch_at: r.switches.iter().map(|s| s.0).collect(),
+        switch_version: r.switches.iter().map(|s| s.1).collect(),
     }
 }
 
@@ -104,6 +106,20 @@ impl TryFrom<&v1::Rollout> for Rollout {
                 return Err(malformed("non_finite", format!("{what} {x} is not finite")));
             }
         }
+        if r.switch_at.len() != r.switch_version.len() {
+            return Err(malformed("shape", format!("{} switch_at for {} switch_version", r.switch_at.len(), r.switch_version.len())));
+        }
+        let switches: Vec<(u32, u64)> = r.switch_at.iter().copied().zip(r.switch_version.iter().copied()).collect();
+        let mut last = (0u32, r.policy_version);
+        for &(at, v) in &switches {
+            if at <= last.0 || at as usize >= response.len().max(1) || v <= last.1 {
+                return Err(malformed(
+                    "switches",
+                    format!("version switch ({at}, {v}) after ({}, {}) is not strictly later in both, inside the response", last.0, last.1),
+                ));
+            }
+            last = (at, v);
+        }
         let finish = match v1::FinishReason::try_from(r.finish) {
             Ok(v1::FinishReason::Stop) => FinishReason::Stop,
             Ok(v1::FinishReason::Length) => FinishReason::Length,
@@ -120,6 +136,7 @@ impl TryFrom<&v1::Rollout> for Rollout {
             extrinsic: rewards.extrinsic,
             intrinsic: rewards.intrinsic,
             version: r.policy_version,
+            switches,
             finish,
         })
     }
@@ -137,6 +154,7 @@ mod tests {
             logprobs: Some(vec![-0.25, -1.5]),
             loss_mask: vec![true, false],
             captions: Vec::new(),
+            switches: Vec::new(),
             reward: 1.5,
             extrinsic: 1.0,
             intrinsic: 0.5,

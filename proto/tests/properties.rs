@@ -19,8 +19,9 @@ fn any_wire() -> impl Strategy<Value = v1::Rollout> {
         (prop::collection::vec(any::<u8>(), 0..64), prop::collection::vec(any::<u8>(), 0..64)),
         (prop::collection::vec(any::<u8>(), 0..64), prop::collection::vec(any::<u8>(), 0..16)),
         (prop::option::of((any::<f64>(), any::<f64>(), any::<f64>())), any::<u64>(), any::<i32>(), any::<u64>()),
+        (prop::collection::vec(any::<u32>(), 0..4), prop::collection::vec(any::<u64>(), 0..4)),
     )
-        .prop_map(|((group_id, group_size, index, prompt_id), (prompt, response), (logprobs, mask), (rewards, version, finish, work_id))| {
+        .prop_map(|((group_id, group_size, index, prompt_id), (prompt, response), (logprobs, mask), (rewards, version, finish, work_id), (switch_at, switch_version))| {
             v1::Rollout {
                 job_id: "j".into(),
                 actor_id: "a".into(),
@@ -37,6 +38,8 @@ fn any_wire() -> impl Strategy<Value = v1::Rollout> {
                 finish,
                 timings: None,
                 work_id,
+                switch_at,
+                switch_version,
             }
         })
 }
@@ -47,21 +50,34 @@ fn any_rollout() -> impl Strategy<Value = Rollout> {
         prop::collection::vec(0i64..200_000, 1..32),
         prop::collection::vec((0i64..200_000, -30.0f32..=0.0, any::<bool>()), 0..32),
         any::<bool>(),
-        (-10.0f64..10.0, -10.0f64..10.0, any::<u64>(), any::<u64>(), 0usize..3),
+        (-10.0f64..10.0, -10.0f64..10.0, 0u64..u64::MAX / 2, any::<u64>(), 0usize..3),
+        prop::collection::vec((1u32..5, 1u64..5), 0..3),
     )
-        .prop_map(|(prompt, response, with_logprobs, (extrinsic, intrinsic, version, prompt_id, finish))| Rollout {
+        .prop_map(|(prompt, response, with_logprobs, (extrinsic, intrinsic, version, prompt_id, finish), steps)| {
+            // Version switches inside the response, later in both position and version.
+            let (mut at, mut v) = (0u32, version);
+            let switches = steps
+                .into_iter()
+                .map(|(da, dv)| {
+                    (at, v) = (at + da, v + dv);
+                    (at, v)
+                })
+                .filter(|&(at, _)| (at as usize) < response.len())
+                .collect();
+            Rollout {
             prompt_id,
             prompt_tokens: prompt,
             response_tokens: response.iter().map(|r| r.0).collect(),
             logprobs: with_logprobs.then(|| response.iter().map(|r| r.1).collect()),
             loss_mask: response.iter().map(|r| r.2).collect(),
             captions: Vec::new(),
+            switches,
             reward: extrinsic + intrinsic,
             extrinsic,
             intrinsic,
             version,
             finish: [FinishReason::Stop, FinishReason::Length, FinishReason::Stop][finish],
-        })
+        }})
 }
 
 proptest! {

@@ -36,7 +36,7 @@ fn groups(cfg: &JobConfig) -> Vec<Group> {
     let mut sampling = cfg.sampling.clone();
     sampling.stop_token_ids.push(tokenizer.eos_id());
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let mut groups = collect_groups(policy.model(), &tokenizer, &problems, &vec![4; problems.len()], &sampling, 0, &mut rng).unwrap().groups;
+    let mut groups = collect_groups(policy.model(), &tokenizer, &problems, &vec![4; problems.len()], &sampling, 0, &mut rng, None).unwrap().groups;
     for (gi, g) in groups.iter_mut().enumerate() {
         for (i, r) in g.rollouts.iter_mut().enumerate() {
             r.reward = ((gi * 7 + i * 3) % 5) as f64 / 4.0;

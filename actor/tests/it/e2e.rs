@@ -7,11 +7,20 @@ use sluice_proto::v1::StatusRequest;
 use crate::harness::*;
 
 fn run(max_staleness: u64, steps: u64) -> (Vec<serde_json::Value>, sluice_proto::v1::LearnerStatus, Vec<serde_json::Value>) {
+    run_with(max_staleness, steps, 6, "")
+}
+
+fn run_with(
+    max_staleness: u64,
+    steps: u64,
+    new_tokens: u64,
+    rollout: &str,
+) -> (Vec<serde_json::Value>, sluice_proto::v1::LearnerStatus, Vec<serde_json::Value>) {
     let dir = tempfile::tempdir().unwrap();
     let body = format!(
-        "{TINY}[sampling]\nmax_new_tokens = 6\n[grpo]\ngroup_size = 4\n\
+        "{TINY}[sampling]\nmax_new_tokens = {new_tokens}\n[grpo]\ngroup_size = 4\n\
          [train]\nsteps = {steps}\nprompts_per_step = 8\nlr = 0.001\neval_prompts = 4\ncheckpoint_every = 2\n\
-         [rollout]\nmax_staleness = {max_staleness}\nbuffer_groups = 4\n"
+         [rollout]\nmax_staleness = {max_staleness}\nbuffer_groups = 4\n{rollout}"
     );
     let job = write_job(dir.path(), "e2e", &body);
     let out = dir.path().join("out");
@@ -69,6 +78,18 @@ fn asynchronous_training_bounds_staleness() {
     assert!(lagged >= 8, "at least a step's worth of groups trained at lag > 0: {:?}", status.staleness_histogram);
     assert!(staleness.iter().any(|&s| s > 0.0), "{staleness:?}");
     assert_eq!(status.staleness_histogram.len(), 3, "lags 0..=max_staleness");
+}
+
+/// Interruptible generation: actors that hear of a new version mid-batch
+/// fetch it and sample the rest of their rows with it. The learner trains
+/// such rollouts (their versions pass its checks; the oldest is within the
+/// staleness bound) and counts them.
+#[test]
+fn interruptible_actors_switch_weights_mid_generation() {
+    let (metrics, status, done) = run_with(2, 10, 48, "interruptible = true\n");
+    check_common(&metrics, &status, &done, 10);
+    let interrupted: u64 = metrics.iter().filter(|e| e["event"] == "step").map(|e| e["interrupted_rollouts"].as_u64().unwrap()).sum();
+    assert!(interrupted > 0, "no trained rollout was sampled by two versions");
 }
 
 #[test]

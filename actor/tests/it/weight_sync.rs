@@ -74,7 +74,7 @@ fn interrupted_sync_keeps_the_old_version_then_resumes_and_matches_bit_for_bit()
     // The actor's policy starts from a different init, so a copy is visible.
     let mut actor_model = cfg.model.clone();
     actor_model.init_seed = 99;
-    let (mut policy, _) = load_policy(&actor_model).unwrap();
+    let (policy, _) = load_policy(&actor_model).unwrap();
     let before = params(&policy);
     let learner_params = params(&load_policy(&cfg.model).unwrap().0);
     assert!(!same_bits(&before, &learner_params));
@@ -93,14 +93,14 @@ fn interrupted_sync_keeps_the_old_version_then_resumes_and_matches_bit_for_bit()
     let synced = rt.block_on(async { sync.download(&mut client(&learner.endpoint).await, "ws").await }).unwrap();
     assert_eq!(synced.resumed_from, held as u64);
     assert!(synced.bytes > held);
-    apply(&mut policy, sync.blob().unwrap(), synced.version).unwrap();
+    apply(&policy, sync.blob().unwrap(), synced.version).unwrap();
     assert!(same_bits(&params(&policy), &learner_params), "synced weights differ from the learner's");
 
     // 3. Learner restarted between the cut and the retry: the old bytes are
     //    useless (another incarnation), so the download starts over.
     let mut sync = WeightSync::default();
     let (policy_before, _) = load_policy(&actor_model).unwrap();
-    let mut policy = policy_before;
+    let policy = policy_before;
     let (via_proxy, _) = cutting_proxy(&learner.endpoint, 120_000);
     assert!(rt.block_on(async { sync.download(&mut client(&via_proxy).await, "ws").await }).is_err());
     assert!(sync.partial_bytes() > 0);
@@ -110,7 +110,7 @@ fn interrupted_sync_keeps_the_old_version_then_resumes_and_matches_bit_for_bit()
     restarted.proc.wait_line("published", std::time::Duration::from_secs(60), |v| v["event"] == "published");
     let synced = rt.block_on(async { sync.download(&mut client(&restarted.endpoint).await, "ws").await }).unwrap();
     assert_eq!(synced.resumed_from, 0, "a download from another incarnation must start over");
-    apply(&mut policy, sync.blob().unwrap(), synced.version).unwrap();
+    apply(&policy, sync.blob().unwrap(), synced.version).unwrap();
     assert!(same_bits(&params(&policy), &learner_params));
 }
 
@@ -158,8 +158,8 @@ fn trained_weights_reach_the_actor_bit_for_bit_in_f32_and_bf16() {
         }
         let mut actor_model = cfg.model.clone();
         actor_model.init_seed = 99;
-        let (mut policy, _) = load_policy(&actor_model).unwrap();
-        apply(&mut policy, bytes, synced.version).unwrap();
+        let (policy, _) = load_policy(&actor_model).unwrap();
+        apply(&policy, bytes, synced.version).unwrap();
         for (name, p) in params(&policy) {
             let want = trained[&name].to_kind(wire_kind).to_kind(p.kind());
             assert!(p.equal(&want), "{name}: the actor's weights differ from the learner's ({wire})");
@@ -239,8 +239,8 @@ fn delta_sync_after_real_steps_is_bit_exact_with_a_full_sync() {
         assert_eq!((whole.version, whole.delta_from), (3, None));
         assert!(sync.blob().unwrap() == full.blob().unwrap(), "{wire}: the rebuilt blob differs from the full one");
         assert!(chain.bytes < whole.bytes || chain.delta_from.is_none(), "{wire}: {} vs {}", chain.bytes, whole.bytes);
-        let (mut policy, _) = load_policy(&cfg.model).unwrap();
-        apply(&mut policy, sync.blob().unwrap(), 3).unwrap();
+        let (policy, _) = load_policy(&cfg.model).unwrap();
+        apply(&policy, sync.blob().unwrap(), 3).unwrap();
         let kind = sluice_model::device::kind(wire);
         let trained = params(trainer.policy());
         for (name, p) in params(&policy) {

@@ -56,6 +56,7 @@ pub(crate) fn scored_rollout(reward: f64) -> sluice_core::rollout::Rollout {
         logprobs: Some(vec![-0.5]),
         loss_mask: vec![],
         captions: vec![],
+        switches: Vec::new(),
         reward,
         extrinsic: reward,
         intrinsic: 0.0,
