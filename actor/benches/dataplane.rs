@@ -20,7 +20,11 @@
 //!   max_staleness 0 and 4, with plain GRPO and with decoupled PPO, three
 //!   seeds each (not a timing: a learning-curve comparison).
 //!
-//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|delta|staleness|stale-objective]... [--smoke]`
+//! * `time-to-reward`: wall-clock to the same held-out reward, synchronous
+//!   against asynchronous (max_staleness 4, decoupled PPO), without and with
+//!   interruptible generation and continuous batching, on long-tailed responses.
+//!
+//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|delta|staleness|stale-objective|time-to-reward]... [--smoke]`
 //! (scripts/bench-dataplane.sh builds the release binaries first).
 
 use std::io::{Read, Write};
@@ -309,6 +313,10 @@ struct Run {
     /// Per step: mean staleness and mean behaviour weight.
     staleness: Vec<f64>,
     weights: Vec<f64>,
+    /// Seconds from the learner's start to each evaluation.
+    eval_seconds: Vec<f64>,
+    /// Trained rollouts sampled by more than one version (interruptible generation).
+    interrupted: u64,
 }
 
 impl Run {
@@ -323,6 +331,7 @@ fn run_learner_and_actors(bins: &std::path::Path, dir: &std::path::Path, tag: &s
     let job = dir.join(format!("job-{tag}.toml"));
     std::fs::write(&job, body).unwrap();
     let out = dir.join(format!("out-{tag}"));
+    let started = Instant::now();
     let mut learner = Command::new(bins.join("sluice-learner"))
         .args([job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--out", out.to_str().unwrap(), "--fresh", "--linger-s", "2"])
         .env("OMP_NUM_THREADS", "1")
@@ -353,15 +362,24 @@ fn run_learner_and_actors(bins: &std::path::Path, dir: &std::path::Path, tag: &s
                 .unwrap()
         })
         .collect();
-    let mut run = Run { step_times: Vec::new(), evals: Vec::new(), staleness: Vec::new(), weights: Vec::new() };
+    let mut run = Run {
+        step_times: Vec::new(),
+        evals: Vec::new(),
+        staleness: Vec::new(),
+        weights: Vec::new(),
+        eval_seconds: Vec::new(),
+        interrupted: 0,
+    };
     for v in rx.iter() {
         if v["event"] == "step" {
             run.step_times.push(Instant::now());
             run.staleness.push(v["staleness_mean"].as_f64().unwrap_or(0.0));
             run.weights.push(v["behaviour_weight_mean"].as_f64().unwrap_or(0.0));
+            run.interrupted += v["interrupted_rollouts"].as_u64().unwrap_or(0);
         }
         if v["event"] == "eval" {
             run.evals.push((v["step"].as_u64().unwrap_or(0), v["reward_mean"].as_f64().unwrap_or(f64::NAN)));
+            run.eval_seconds.push(started.elapsed().as_secs_f64());
         }
         if v["event"] == "finished" {
             break;
@@ -439,6 +457,67 @@ fn staleness() {
     }
 }
 
+/// Wall-clock to the same held-out reward: synchronous GRPO against
+/// asynchronous decoupled PPO (max_staleness 4), without and with interruptible
+/// generation and continuous batching, on the arithmetic job with long-tailed
+/// responses (answers take ~3 tokens, but a row that does not stop runs to 24).
+/// The target is 90% of the synchronous run's final reward (same seed).
+fn time_to_reward() {
+    let bins = bin_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let (steps, seeds, every) = if smoke() { (4u64, 1u64, 2u64) } else { (150, 2, 10) };
+    let conditions = [
+        ("sync (max_staleness 0), GRPO", 0u64, false, ""),
+        ("async (4), decoupled", 4, true, ""),
+        ("async (4), decoupled, interruptible, 32 slots", 4, true, "interruptible = true\n"),
+    ];
+    println!("## time-to-reward: learner + 2 actors, arithmetic (tiny preset), max_new_tokens 24, {steps} steps, {seeds} seeds");
+    println!("| condition | final reward (mean of last 2 evals) | seconds to target, per seed | whole run s | sync / this (to target) | interrupted rollouts |");
+    println!("|---|---|---|---|---|---|");
+    let mut sync_to_target = vec![f64::NAN; seeds as usize];
+    let mut targets = vec![f64::NAN; seeds as usize];
+    for (name, staleness, decoupled, extra) in conditions {
+        let (mut finals, mut to_target, mut wall, mut interrupted) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for seed in 0..seeds {
+            let slots = if extra.is_empty() { 0 } else { 32 };
+            let body = format!(
+                "name = \"bench\"\n[model]\npreset = \"tiny\"\ndevice = \"cpu\"\ninit_seed = {seed}\n\
+                 [task]\nkind = \"arithmetic\"\ndigits = 1\noperands = 2\noperators = [\"+\"]\n\
+                 [sampling]\ntemperature = 1.0\nmax_new_tokens = 24\nslots = {slots}\n\
+                 [grpo]\ngroup_size = 8\nclip_high = 0.28\ndecoupled = {decoupled}\n\
+                 [train]\nsteps = {steps}\nprompts_per_step = 16\nlr = 1e-3\nsft_steps = 40\nsft_batch_size = 32\n\
+                 sft_lr = 3e-3\neval_every = {every}\neval_prompts = 128\nseed = {seed}\n\
+                 [rollout]\nmax_staleness = {staleness}\nbuffer_groups = 64\n{extra}"
+            );
+            let run = run_learner_and_actors(&bins, dir.path(), &format!("t{staleness}{}{seed}", extra.len()), &body, 2);
+            let r: Vec<f64> = run.evals.iter().map(|e| e.1).collect();
+            let tail = &r[r.len().saturating_sub(2)..];
+            let fin = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
+            if staleness == 0 {
+                targets[seed as usize] = 0.9 * fin;
+            }
+            let target = targets[seed as usize];
+            let t = r.iter().zip(&run.eval_seconds).find(|(&x, _)| x >= target).map_or(f64::NAN, |(_, &t)| t);
+            if staleness == 0 {
+                sync_to_target[seed as usize] = t;
+            }
+            eprintln!("{name} seed {seed}: evals {:?} at {:?} s", run.evals, run.eval_seconds);
+            finals.push(fin);
+            to_target.push(t);
+            wall.push(*run.eval_seconds.last().unwrap_or(&f64::NAN));
+            interrupted += run.interrupted;
+        }
+        let ratio: Vec<f64> = sync_to_target.iter().zip(&to_target).map(|(s, t)| s / t).collect();
+        let (f, fsd) = mean_sd(&finals);
+        println!(
+            "| {name} | {f:.3} ± {fsd:.3} | {} | {:.1} | {:.2} | {interrupted} |",
+            to_target.iter().map(|t| format!("{t:.1}")).collect::<Vec<_>>().join(", "),
+            mean_sd(&wall).0,
+            mean_sd(&ratio).0,
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
@@ -456,5 +535,8 @@ fn main() {
     }
     if want("stale-objective") {
         stale_objective();
+    }
+    if want("time-to-reward") {
+        time_to_reward();
     }
 }

@@ -39,7 +39,9 @@ fn grpo_raises_held_out_reward() {
     let peak = ev.iter().map(|e| e.2).fold(0.0, f64::max);
     assert!(late_mean - after_sft >= 0.25, "mean held-out reward from step 150 on is {late_mean:.3} (after warm-up {after_sft:.3})");
     assert!(late.iter().all(|&r| r - after_sft >= 0.15), "a late evaluation fell back: {ev:?}");
-    assert!(last.2 - after_sft >= 0.35, "GRPO moved held-out reward from {after_sft:.3} to {:.3}", last.2);
+    // One evaluation of 128 prompts has a standard error of ~0.045 near 0.4,
+    // so the last point alone is held to less than the late mean.
+    assert!(last.2 - after_sft >= 0.3, "GRPO moved held-out reward from {after_sft:.3} to {:.3}", last.2);
     assert!(last.2 >= peak - 0.2, "the run collapsed from its peak {peak:.3} to {:.3}", last.2);
 }
 
