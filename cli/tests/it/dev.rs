@@ -193,13 +193,19 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
     let mut actor = pid(&mut dev, "actor", 0);
     let learner = pid(&mut dev, "learner", 0);
     dev.wait_line("step 3", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(3));
-    // Kill actor 0 until a kill lands while it holds work items (it spends most
-    // of its time sampling them, but may be between batches): its lease expires
-    // and the orchestrator hands the items out again.
+    // Kill actor 0 until a kill lands while it holds work items: right after a
+    // round opens (the actor polls every 20 ms, then samples its items), so
+    // its lease expires with items held and the orchestrator hands them out again.
     let count = |dev: &Proc, event: &str| dev.lines().iter().filter(|v| v["event"] == event).count();
     for attempt in 0.. {
         assert!(attempt < 8, "no kill of the actor landed while it held work");
-        let lost = count(&dev, "worker_lost");
+        let (lost, rounds) = (count(&dev, "worker_lost"), count(&dev, "round"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while count(&dev, "round") == rounds {
+            assert!(Instant::now() < deadline, "no round opened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(40 + 20 * attempt));
         kill9(actor);
         let deadline = Instant::now() + Duration::from_secs(60);
         while count(&dev, "worker_lost") == lost {
@@ -213,7 +219,6 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
             v["event"] == "restarted" && v["role"] == "actor" && v["rank"] == 0 && v["pid"].as_u64() != Some(actor)
         });
         actor = restarted["pid"].as_u64().unwrap();
-        std::thread::sleep(Duration::from_millis(700 + 300 * attempt));
     }
     dev.wait_line("step 10", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(10));
     kill9(learner);
