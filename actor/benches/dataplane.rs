@@ -465,7 +465,7 @@ fn staleness() {
 fn time_to_reward() {
     let bins = bin_dir();
     let dir = tempfile::tempdir().unwrap();
-    let (steps, seeds, every) = if smoke() { (4u64, 1u64, 2u64) } else { (150, 2, 10) };
+    let (steps, seeds, every) = if smoke() { (4u64, 1u64, 2u64) } else { (150, 3, 10) };
     let conditions = [
         ("sync (max_staleness 0), GRPO", 0u64, false, ""),
         ("async (4), decoupled", 4, true, ""),
@@ -507,13 +507,15 @@ fn time_to_reward() {
             wall.push(*run.eval_seconds.last().unwrap_or(&f64::NAN));
             interrupted += run.interrupted;
         }
-        let ratio: Vec<f64> = sync_to_target.iter().zip(&to_target).map(|(s, t)| s / t).collect();
+        // Over the seeds where both runs reached the target.
+        let ratio: Vec<f64> = sync_to_target.iter().zip(&to_target).map(|(s, t)| s / t).filter(|r| r.is_finite()).collect();
         let (f, fsd) = mean_sd(&finals);
+        let shown = |t: &f64| if t.is_finite() { format!("{t:.1}") } else { "not reached".into() };
         println!(
-            "| {name} | {f:.3} ± {fsd:.3} | {} | {:.1} | {:.2} | {interrupted} |",
-            to_target.iter().map(|t| format!("{t:.1}")).collect::<Vec<_>>().join(", "),
+            "| {name} | {f:.3} ± {fsd:.3} | {} | {:.1} | {} | {interrupted} |",
+            to_target.iter().map(shown).collect::<Vec<_>>().join(", "),
             mean_sd(&wall).0,
-            mean_sd(&ratio).0,
+            if ratio.is_empty() { "—".to_string() } else { format!("{:.2} ({} of {seeds} seeds)", mean_sd(&ratio).0, ratio.len()) },
         );
     }
 }
