@@ -81,6 +81,18 @@ pub enum ActorEvent {
     Done { groups_sent: u64, groups_accepted: u64, groups_dropped: u64, version: u64 },
 }
 
+impl ActorEvent {
+    fn synced(s: &crate::sync::Synced) -> Self {
+        ActorEvent::Synced {
+            version: s.version,
+            bytes: s.bytes,
+            delta_from: s.delta_from,
+            resumed_from: s.resumed_from,
+            seconds: s.seconds,
+        }
+    }
+}
+
 /// Runs until the learner reports the job finished, `max_groups` is reached or
 /// `stop` is set. Connection failures are retried with backoff. With a
 /// `session`, work comes from the orchestrator (see the module docs).
@@ -200,13 +212,7 @@ pub fn run(
                 match weights.pull(&policy) {
                     Ok(s) => {
                         mine = Some((s.version, s.incarnation));
-                        report(&ActorEvent::Synced {
-                            version: s.version,
-                            bytes: s.bytes,
-                            delta_from: s.delta_from,
-                            resumed_from: s.resumed_from,
-                            seconds: s.seconds,
-                        });
+                        report(&ActorEvent::synced(&s));
                     }
                     Err(Error::Status(s)) if s.code() == Code::Unauthenticated => return Err(Error::Status(s)),
                     // Weights that do not fit the policy will not fit next time either.
@@ -299,13 +305,7 @@ pub fn run(
                 match weights.pull(&policy) {
                     Ok(s) if s.incarnation == incarnation && s.version > cur => {
                         newer = Some(s.version);
-                        report(&ActorEvent::Synced {
-                            version: s.version,
-                            bytes: s.bytes,
-                            delta_from: s.delta_from,
-                            resumed_from: s.resumed_from,
-                            seconds: s.seconds,
-                        });
+                        report(&ActorEvent::synced(&s));
                         Some(s.version)
                     }
                     Ok(_) => {

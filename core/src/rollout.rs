@@ -51,6 +51,13 @@ pub struct Group {
 }
 
 impl Group {
+    /// The oldest policy version that sampled any of its tokens (what the
+    /// staleness rule judges; rollouts of one group may start at different
+    /// versions under interruptible generation).
+    pub fn oldest_version(&self) -> u64 {
+        self.rollouts.iter().map(|r| r.version).min().unwrap_or(0)
+    }
+
     pub fn rewards(&self) -> Vec<f64> {
         self.rollouts.iter().map(|r| r.reward).collect()
     }

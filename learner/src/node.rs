@@ -370,7 +370,7 @@ impl RolloutSource for ActorBuffer<'_> {
                 Ok(None) => return Ok(None),
                 Err(_) => continue,
             };
-            match self.shared.staleness.verdict(g.rollouts[0].version, version) {
+            match self.shared.staleness.verdict(g.oldest_version(), version) {
                 Verdict::Fresh { .. } if !informative(self.filter, &g) => {
                     tracing::debug!(prompt = g.prompt_id, "dropped a group without reward variance");
                     self.shared.fate(g.work_id, Fate::Filtered);

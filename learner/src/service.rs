@@ -257,7 +257,7 @@ impl Shared {
             self.fate(work_id, Fate::Unused);
             return self.ack(group_id, false, AckReason::Finished);
         }
-        let verdict = self.staleness.verdict(group.rollouts[0].version, self.version());
+        let verdict = self.staleness.verdict(group.oldest_version(), self.version());
         let refused = match verdict {
             Verdict::Fresh { .. } => None,
             Verdict::Stale { .. } => Some(AckReason::Stale),
