@@ -9,6 +9,11 @@
 //! `OTEL_METRIC_EXPORT_INTERVAL`, `OTEL_RESOURCE_ATTRIBUTES`, ...). Without
 //! the variable nothing is exported and the metric instruments are no-ops.
 //!
+//! Each process's resource also carries `service.instance.id` (host, pid and a
+//! random suffix, unless `OTEL_RESOURCE_ATTRIBUTES` sets one), so two actors
+//! are two series. A failed export is logged once per process and signal
+//! (traces, metrics), with the endpoint; later failures are not.
+//!
 //! The SDK's batch span processor and periodic metric reader export from
 //! threads of their own, while the tonic exporter needs a Tokio reactor: the
 //! exporters here run each export on a small runtime owned by [`Telemetry`].
@@ -57,17 +62,36 @@ impl Drop for Telemetry {
     }
 }
 
-/// Runs an exporter's futures on the telemetry runtime.
+/// Runs an exporter's futures on the telemetry runtime, and logs its first failure.
 #[derive(Debug)]
 struct OnRuntime<E> {
     inner: E,
     handle: tokio::runtime::Handle,
+    /// "traces" or "metrics", for the log line.
+    signal: &'static str,
+    endpoint: String,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl<E> OnRuntime<E> {
+    fn new(inner: E, handle: tokio::runtime::Handle, signal: &'static str, endpoint: &str) -> Self {
+        OnRuntime { inner, handle, signal, endpoint: endpoint.to_string(), failed: Default::default() }
+    }
+
+    fn noted(&self, r: OTelSdkResult) -> OTelSdkResult {
+        if let Err(e) = &r {
+            if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                tracing::warn!(endpoint = %self.endpoint, error = %e, "OTLP export of {} failed; later failures are not logged", self.signal);
+            }
+        }
+        r
+    }
 }
 
 impl<E: SpanExporter> SpanExporter for OnRuntime<E> {
     fn export(&self, batch: Vec<SpanData>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         // Called on the batch processor's own thread (no runtime there).
-        std::future::ready(self.handle.block_on(self.inner.export(batch)))
+        std::future::ready(self.noted(self.handle.block_on(self.inner.export(batch))))
     }
     fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
         self.inner.shutdown_with_timeout(timeout)
@@ -82,7 +106,7 @@ impl<E: SpanExporter> SpanExporter for OnRuntime<E> {
 
 impl<E: PushMetricExporter> PushMetricExporter for OnRuntime<E> {
     fn export(&self, metrics: &ResourceMetrics) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-        std::future::ready(self.handle.block_on(self.inner.export(metrics)))
+        std::future::ready(self.noted(self.handle.block_on(self.inner.export(metrics))))
     }
     fn force_flush(&self) -> OTelSdkResult {
         self.inner.force_flush()
@@ -95,7 +119,13 @@ impl<E: PushMetricExporter> PushMetricExporter for OnRuntime<E> {
     }
 }
 
-fn otlp(service: &str) -> Result<Telemetry, String> {
+/// This process's `service.instance.id`: host, pid and a random suffix.
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    format!("{}-{}-{:08x}", if host.is_empty() { "host" } else { &host }, std::process::id(), rand::random::<u32>())
+}
+
+fn otlp(service: &str, endpoint: &str) -> Result<Telemetry, String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("sluice-telemetry")
@@ -111,14 +141,18 @@ fn otlp(service: &str) -> Result<Telemetry, String> {
     if std::env::var("OTEL_SERVICE_NAME").map_or(true, |s| s.is_empty()) {
         resource = resource.with_service_name(service.to_string());
     }
+    let set_by_env = std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.instance.id="));
+    if !set_by_env {
+        resource = resource.with_attribute(opentelemetry::KeyValue::new("service.instance.id", instance_id()));
+    }
     let resource = resource.build();
     let tracer = SdkTracerProvider::builder()
         .with_resource(resource.clone())
-        .with_batch_exporter(OnRuntime { inner: spans, handle: handle.clone() })
+        .with_batch_exporter(OnRuntime::new(spans, handle.clone(), "traces", endpoint))
         .build();
     let meter = SdkMeterProvider::builder()
         .with_resource(resource)
-        .with_periodic_exporter(OnRuntime { inner: metrics, handle })
+        .with_periodic_exporter(OnRuntime::new(metrics, handle, "metrics", endpoint))
         .build();
     drop(_guard);
     Ok(Telemetry { tracer: Some(tracer), meter: Some(meter), runtime: Some(runtime) })
@@ -133,7 +167,7 @@ pub fn init(service: &str, default_level: &str) -> Telemetry {
         tracing_subscriber::registry().with(fmt).init();
         return Telemetry::default();
     }
-    match otlp(service) {
+    match otlp(service, &endpoint) {
         Ok(t) => {
             let tracer = t.tracer.as_ref().expect("built").tracer(service.to_string());
             let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(LevelFilter::INFO);

@@ -15,16 +15,30 @@ use tonic::{Request, Response, Status};
 
 use crate::sluice;
 
-/// (service.name, span or metric name) pairs received.
+/// (service.name, span or metric name) pairs received, and each service's
+/// `service.instance.id`s.
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<BTreeSet<(String, String)>>>,
     metrics: Arc<Mutex<BTreeSet<(String, String)>>>,
+    instances: Arc<Mutex<BTreeSet<(String, String)>>>,
+}
+
+impl Receiver {
+    fn saw(&self, r: &Option<Resource>) -> String {
+        let svc = service(r);
+        self.instances.lock().unwrap().insert((svc.clone(), attribute(r, "service.instance.id")));
+        svc
+    }
 }
 
 fn service(r: &Option<Resource>) -> String {
+    attribute(r, "service.name")
+}
+
+fn attribute(r: &Option<Resource>, key: &str) -> String {
     r.as_ref()
-        .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+        .and_then(|r| r.attributes.iter().find(|a| a.key == key))
         .and_then(|a| a.value.as_ref()?.value.as_ref())
         .map(|v| match v {
             AnyValue::StringValue(s) => s.clone(),
@@ -38,7 +52,7 @@ impl TraceService for Receiver {
     async fn export(&self, r: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let mut seen = self.spans.lock().unwrap();
         for rs in r.into_inner().resource_spans {
-            let svc = service(&rs.resource);
+            let svc = self.saw(&rs.resource);
             for ss in rs.scope_spans {
                 for span in ss.spans {
                     seen.insert((svc.clone(), span.name));
@@ -54,7 +68,7 @@ impl MetricsService for Receiver {
     async fn export(&self, r: Request<ExportMetricsServiceRequest>) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let mut seen = self.metrics.lock().unwrap();
         for rm in r.into_inner().resource_metrics {
-            let svc = service(&rm.resource);
+            let svc = self.saw(&rm.resource);
             for sm in rm.scope_metrics {
                 for m in sm.metrics {
                     seen.insert((svc.clone(), m.name));
@@ -113,5 +127,37 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
         ("sluice-reward-server", "sluice.reward.items_scored"),
     ] {
         assert!(metrics.contains(&(svc.to_string(), name.to_string())), "no metric {name} from {svc}: {metrics:?}");
+    }
+    // Every process names itself: one non-empty instance id per role here (one of each).
+    let instances = receiver.instances.lock().unwrap().clone();
+    for svc in ["sluice-learner", "sluice-actor", "sluice-orchestrator", "sluice-reward-server"] {
+        let ids: Vec<_> = instances.iter().filter(|(s, _)| s == svc).map(|(_, id)| id.clone()).collect();
+        assert!(ids.len() == 1 && !ids[0].is_empty(), "{svc}: instance ids {ids:?}");
+    }
+}
+
+/// An unreachable collector is said once per process and signal, with the
+/// endpoint, and the job still runs to the end.
+#[test]
+fn an_unreachable_collector_is_logged_once() {
+    let port = sluice_testkit::free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let job = crate::job(dir.path(), 6, 5, "");
+    let out = sluice()
+        .args(["dev", job.to_str().unwrap(), "--json"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "300")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sluice dev failed: {}", String::from_utf8_lossy(&out.stderr));
+    let log = std::fs::read_to_string(dir.path().join("run/logs/learner-0.log")).unwrap();
+    for signal in ["traces", "metrics"] {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&format!("OTLP export of {signal} failed"))).collect();
+        assert_eq!(lines.len(), 1, "{signal}: {lines:?}");
+        assert!(lines[0].contains(&endpoint), "{}", lines[0]);
     }
 }
