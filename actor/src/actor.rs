@@ -288,6 +288,10 @@ pub fn run(
                     (problems, held.iter().map(|w| w.n as usize).collect())
                 }
             };
+            // One trace per batch: sampling, the reward server's Score and the
+            // orchestrator's ReportOutcome calls below are its children.
+            let batch_span = tracing::info_span!("actor_batch", version, prompts = problems.len());
+            let _in_batch = batch_span.enter();
             let span = tracing::info_span!("sample_batch", version, prompts = problems.len());
             // Interruptible generation: at a token boundary, a newer version of
             // this learner incarnation is fetched and sampling goes on with it.

@@ -14,6 +14,13 @@
 //! are two series. A failed export is logged once per process and signal
 //! (traces, metrics), with the endpoint; later failures are not.
 //!
+//! When exporting, W3C trace context (`traceparent`) goes with every sluice RPC
+//! ([`inject`], called by `sluice_proto::auth::request`) and every served call
+//! gets a SERVER span named `package.Service/Method` (`rpc.system`,
+//! `rpc.service`, `rpc.method`) whose parent is the caller's span
+//! ([`set_parent`], called by `sluice_proto::serve`), so one trace follows a
+//! call across processes.
+//!
 //! The SDK's batch span processor and periodic metric reader export from
 //! threads of their own, while the tonic exporter needs a Tokio reactor: the
 //! exporters here run each export on a small runtime owned by [`Telemetry`].
@@ -173,6 +180,7 @@ pub fn init(service: &str, default_level: &str) -> Telemetry {
             let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(LevelFilter::INFO);
             tracing_subscriber::registry().with(fmt).with(otel).init();
             opentelemetry::global::set_meter_provider(t.meter.clone().expect("built"));
+            opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
             tracing::info!(%endpoint, service, "exporting traces and metrics over OTLP");
             t
         }
@@ -182,6 +190,21 @@ pub fn init(service: &str, default_level: &str) -> Telemetry {
             Telemetry::default()
         }
     }
+}
+
+/// Writes the current span's trace context into `carrier` (nothing when not
+/// exporting: the global propagator is then a no-op).
+pub fn inject(carrier: &mut dyn opentelemetry::propagation::Injector) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, carrier));
+}
+
+/// Makes the trace context found in `carrier` (if any) the parent of `span`.
+pub fn set_parent(span: &tracing::Span, carrier: &dyn opentelemetry::propagation::Extractor) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier));
+    let _ = span.set_parent(cx);
 }
 
 /// The meter every sluice instrument comes from (a no-op without export).

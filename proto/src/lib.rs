@@ -83,6 +83,8 @@ pub mod auth {
         if let Some(value) = token.and_then(bearer) {
             req.metadata_mut().insert("authorization", value);
         }
+        // W3C trace context of the caller's span (when exporting traces).
+        sluice_core::telemetry::inject(&mut crate::serve::Metadata(req.metadata_mut()));
         req
     }
 

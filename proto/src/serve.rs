@@ -31,11 +31,60 @@ pub async fn serve<S: NamedService>(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
-    let mut builder = builder.initial_stream_window_size(8 << 20).initial_connection_window_size(16 << 20).max_frame_size(1 << 20);
+    let mut builder = builder
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(1 << 20)
+        .trace_fn(rpc_span);
     routes(&mut builder)
         .add_service(health)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
+}
+
+/// The SERVER span of one served call, named `package.Service/Method` per the
+/// OpenTelemetry RPC conventions, child of the caller's span when the request
+/// carries `traceparent`. Health checks get none.
+fn rpc_span(req: &http::Request<()>) -> tracing::Span {
+    let path = req.uri().path().trim_start_matches('/');
+    let Some((service, method)) = path.split_once('/') else { return tracing::Span::none() };
+    if service.starts_with("grpc.health") {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %path,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    );
+    sluice_core::telemetry::set_parent(&span, &Headers(req.headers()));
+    span
+}
+
+/// A request's HTTP headers as an OpenTelemetry propagation carrier (read).
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// A request's gRPC metadata as an OpenTelemetry propagation carrier (write).
+pub(crate) struct Metadata<'a>(pub &'a mut tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Injector for Metadata<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes());
+        if let (Ok(k), Ok(v)) = (key, value.parse()) {
+            self.0.insert(k, v);
+        }
+    }
 }
 
 /// A server's bearer token and TLS files.

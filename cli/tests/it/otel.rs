@@ -22,6 +22,8 @@ struct Receiver {
     spans: Arc<Mutex<BTreeSet<(String, String)>>>,
     metrics: Arc<Mutex<BTreeSet<(String, String)>>>,
     instances: Arc<Mutex<BTreeSet<(String, String)>>>,
+    /// (trace id, service, span name, span kind) of every span.
+    traced: Arc<Mutex<Vec<(Vec<u8>, String, String, i32)>>>,
 }
 
 impl Receiver {
@@ -55,6 +57,7 @@ impl TraceService for Receiver {
             let svc = self.saw(&rs.resource);
             for ss in rs.scope_spans {
                 for span in ss.spans {
+                    self.traced.lock().unwrap().push((span.trace_id.clone(), svc.clone(), span.name.clone(), span.kind));
                     seen.insert((svc.clone(), span.name));
                 }
             }
@@ -128,6 +131,22 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
     ] {
         assert!(metrics.contains(&(svc.to_string(), name.to_string())), "no metric {name} from {svc}: {metrics:?}");
     }
+    // Trace context crosses processes: an actor's batch, the reward server's
+    // Score call and the orchestrator's ReportOutcome call for it share a trace,
+    // and the served calls are SERVER spans named package.Service/Method.
+    let traced = receiver.traced.lock().unwrap().clone();
+    const SERVER: i32 = 2;
+    let in_trace = |t: &Vec<u8>, svc: &str, name: &str, kind: Option<i32>| {
+        traced.iter().any(|(id, s, n, k)| id == t && s == svc && n == name && kind.is_none_or(|kind| *k == kind))
+    };
+    let batches: Vec<&Vec<u8>> = traced.iter().filter(|(_, s, n, _)| s == "sluice-actor" && n == "actor_batch").map(|(t, ..)| t).collect();
+    assert!(!batches.is_empty(), "no actor_batch span");
+    assert!(
+        batches.iter().any(|t| in_trace(t, "sluice-reward-server", "sluice.v1.Reward/Score", Some(SERVER))
+            && in_trace(t, "sluice-orchestrator", "sluice.v1.Orchestrator/ReportOutcome", Some(SERVER))
+            && in_trace(t, "sluice-actor", "sample_batch", None)),
+        "no trace holds an actor batch with its Score and ReportOutcome calls: {traced:?}"
+    );
     // Every process names itself: one non-empty instance id per role here (one of each).
     let instances = receiver.instances.lock().unwrap().clone();
     for svc in ["sluice-learner", "sluice-actor", "sluice-orchestrator", "sluice-reward-server"] {
