@@ -15,6 +15,9 @@ use tonic::{Request, Response, Status};
 
 use crate::sluice;
 
+/// One span as received: (trace id, service, span name, span kind).
+type Traced = (Vec<u8>, String, String, i32);
+
 /// (service.name, span or metric name) pairs received, and each service's
 /// `service.instance.id`s.
 #[derive(Clone, Default)]
@@ -22,8 +25,8 @@ struct Receiver {
     spans: Arc<Mutex<BTreeSet<(String, String)>>>,
     metrics: Arc<Mutex<BTreeSet<(String, String)>>>,
     instances: Arc<Mutex<BTreeSet<(String, String)>>>,
-    /// (trace id, service, span name, span kind) of every span.
-    traced: Arc<Mutex<Vec<(Vec<u8>, String, String, i32)>>>,
+    /// Every span received.
+    traced: Arc<Mutex<Vec<Traced>>>,
 }
 
 impl Receiver {
