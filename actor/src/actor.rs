@@ -348,9 +348,18 @@ pub fn run(
             let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let timings = v1::Timings { generate_s: collected.generate_s, score_s, created_unix_ms: created };
             let (mut rollouts, mut reward, mut extrinsic) = (0usize, 0.0, 0.0);
+            // The learner links its step to this batch's trace.
+            let trace = sluice_core::telemetry::traceparent().unwrap_or_default();
             for (k, group) in collected.groups.iter().enumerate() {
                 let work_id = held.get(k).map_or(0, |w| w.id);
-                let at = Placement { job: &cfg.name, actor: &opts.actor_id, group_id: next_group_id, group_size: group.rollouts.len(), work_id };
+                let at = Placement {
+                    job: &cfg.name,
+                    actor: &opts.actor_id,
+                    group_id: next_group_id,
+                    group_size: group.rollouts.len(),
+                    work_id,
+                    trace: &trace,
+                };
                 next_group_id += 1;
                 for (i, r) in group.rollouts.iter().enumerate() {
                     if tx.blocking_send(encode(r, at, i, Some(timings))).is_err() {

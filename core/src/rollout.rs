@@ -48,6 +48,8 @@ pub struct Group {
     /// a learner trains at most one group per work item, across restarts.
     pub work_id: u64,
     pub rollouts: Vec<Rollout>,
+    /// W3C traceparent of the actor batch that sampled it (tracing only).
+    pub trace: Option<String>,
 }
 
 impl Group {

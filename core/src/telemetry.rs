@@ -207,6 +207,25 @@ pub fn set_parent(span: &tracing::Span, carrier: &dyn opentelemetry::propagation
     let _ = span.set_parent(cx);
 }
 
+/// The current span's W3C `traceparent` (None when not exporting).
+pub fn traceparent() -> Option<String> {
+    let mut carrier = std::collections::HashMap::new();
+    inject(&mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Links `span` to the span a W3C `traceparent` names (ignored when malformed).
+pub fn link(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let carrier = std::collections::HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.add_link(sc);
+    }
+}
+
 /// The meter every sluice instrument comes from (a no-op without export).
 pub fn meter() -> opentelemetry::metrics::Meter {
     opentelemetry::global::meter("sluice")

@@ -159,7 +159,9 @@ impl Assembler {
         self.open.fetch_sub(1, Ordering::SeqCst);
         // Indices are checked below `size` and distinct: all of 0..size, in order.
         let rollouts: Vec<Rollout> = p.slots.into_values().collect();
-        Ok(Some(Group { prompt_id: p.prompt_id, work_id: wire.work_id, rollouts }))
+        // The sampling batch's trace, for the train_step span's links (bounded).
+        let trace = (!wire.traceparent.is_empty() && wire.traceparent.len() <= 256).then(|| wire.traceparent.clone());
+        Ok(Some(Group { prompt_id: p.prompt_id, work_id: wire.work_id, rollouts, trace }))
     }
 
     /// Groups still waiting for members (dropped when the stream ends).

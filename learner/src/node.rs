@@ -390,6 +390,14 @@ impl RolloutSource for ActorBuffer<'_> {
             s.staleness_histogram[lag as usize] += 1;
         }
         drop(s);
+        // The step's span (train_step) links to the batches that sampled its groups.
+        let step_span = tracing::Span::current();
+        let mut linked = std::collections::BTreeSet::new();
+        for t in groups.iter().filter_map(|g| g.trace.as_deref()) {
+            if linked.insert(t) {
+                sluice_core::telemetry::link(&step_span, t);
+            }
+        }
         // The rewards the learner reports are those of the groups it trains on.
         self.drawn = groups.iter().map(|g| g.work_id).collect();
         let mut d = Drawn::of(groups);

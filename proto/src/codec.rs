@@ -19,6 +19,8 @@ pub struct Placement<'a> {
     pub group_size: usize,
     /// The orchestrator work item the group answers (0: none).
     pub work_id: u64,
+    /// W3C traceparent of the sampling batch ("" when not tracing).
+    pub trace: &'a str,
 }
 
 /// The wire form of the `index`-th rollout of a group.
@@ -39,6 +41,7 @@ pub fn encode(r: &Rollout, at: Placement<'_>, index: usize, timings: Option<v1::
         finish: v1::FinishReason::from(r.finish) as i32,
         timings,
         work_id: at.work_id,
+        traceparent: at.trace.to_string(),
         switch_at: r.switches.iter().map(|s| s.0).collect(),
         switch_version: r.switches.iter().map(|s| s.1).collect(),
     }
@@ -165,7 +168,7 @@ mod tests {
 
     #[test]
     fn a_rollout_survives_the_wire_and_defects_are_named() {
-        let at = Placement { job: "j", actor: "a", group_id: 9, group_size: 2, work_id: 4 };
+        let at = Placement { job: "j", actor: "a", group_id: 9, group_size: 2, work_id: 4, trace: "" };
         let wire = encode(&rollout(), at, 1, None);
         assert_eq!((wire.group_id, wire.group_size, wire.index, wire.work_id), (9, 2, 1, 4));
         assert_eq!(Rollout::try_from(&wire).unwrap(), rollout());

@@ -40,6 +40,7 @@ fn any_wire() -> impl Strategy<Value = v1::Rollout> {
                 work_id,
                 switch_at,
                 switch_version,
+                traceparent: String::new(),
             }
         })
 }
@@ -114,7 +115,7 @@ proptest! {
     /// after a trip through protobuf bytes.
     #[test]
     fn encode_then_decode_is_the_identity(r in any_rollout(), group_size in 1usize..64) {
-        let at = Placement { job: "j", actor: "a", group_id: 3, group_size, work_id: 5 };
+        let at = Placement { job: "j", actor: "a", group_id: 3, group_size, work_id: 5, trace: "" };
         let wire = encode(&r, at, group_size - 1, None);
         let bytes = wire.encode_to_vec();
         let back = v1::Rollout::decode(bytes.as_slice()).unwrap();

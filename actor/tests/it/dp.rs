@@ -52,7 +52,7 @@ fn push(endpoint: &str, job: &str, groups: &[&Group]) {
         let (tx, rx) = tokio::sync::mpsc::channel::<v1::Rollout>(64);
         let mut acks = client.push_rollouts(ReceiverStream::new(rx)).await.unwrap().into_inner();
         for (k, g) in groups.iter().enumerate() {
-            let at = Placement { job, actor: "test", group_id: k as u64 + 1, group_size: g.rollouts.len(), work_id: 0 };
+            let at = Placement { job, actor: "test", group_id: k as u64 + 1, group_size: g.rollouts.len(), work_id: 0, trace: "" };
             for (i, r) in g.rollouts.iter().enumerate() {
                 tx.send(encode(r, at, i, None)).await.unwrap();
             }

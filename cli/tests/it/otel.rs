@@ -15,8 +15,8 @@ use tonic::{Request, Response, Status};
 
 use crate::sluice;
 
-/// One span as received: (trace id, service, span name, span kind).
-type Traced = (Vec<u8>, String, String, i32);
+/// One span as received: (trace id, service, span name, span kind, trace ids of its links).
+type Traced = (Vec<u8>, String, String, i32, Vec<Vec<u8>>);
 
 /// (service.name, span or metric name) pairs received, and each service's
 /// `service.instance.id`s.
@@ -60,7 +60,8 @@ impl TraceService for Receiver {
             let svc = self.saw(&rs.resource);
             for ss in rs.scope_spans {
                 for span in ss.spans {
-                    self.traced.lock().unwrap().push((span.trace_id.clone(), svc.clone(), span.name.clone(), span.kind));
+                    let links = span.links.iter().map(|l| l.trace_id.clone()).collect();
+                    self.traced.lock().unwrap().push((span.trace_id.clone(), svc.clone(), span.name.clone(), span.kind, links));
                     seen.insert((svc.clone(), span.name));
                 }
             }
@@ -140,15 +141,21 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
     let traced = receiver.traced.lock().unwrap().clone();
     const SERVER: i32 = 2;
     let in_trace = |t: &Vec<u8>, svc: &str, name: &str, kind: Option<i32>| {
-        traced.iter().any(|(id, s, n, k)| id == t && s == svc && n == name && kind.is_none_or(|kind| *k == kind))
+        traced.iter().any(|(id, s, n, k, _)| id == t && s == svc && n == name && kind.is_none_or(|kind| *k == kind))
     };
-    let batches: Vec<&Vec<u8>> = traced.iter().filter(|(_, s, n, _)| s == "sluice-actor" && n == "actor_batch").map(|(t, ..)| t).collect();
+    let batches: Vec<&Vec<u8>> = traced.iter().filter(|(_, s, n, ..)| s == "sluice-actor" && n == "actor_batch").map(|(t, ..)| t).collect();
     assert!(!batches.is_empty(), "no actor_batch span");
     assert!(
         batches.iter().any(|t| in_trace(t, "sluice-reward-server", "sluice.v1.Reward/Score", Some(SERVER))
             && in_trace(t, "sluice-orchestrator", "sluice.v1.Orchestrator/ReportOutcome", Some(SERVER))
             && in_trace(t, "sluice-actor", "sample_batch", None)),
         "no trace holds an actor batch with its Score and ReportOutcome calls: {traced:?}"
+    );
+    // The learner's steps link to the batches that sampled what they trained.
+    let steps: Vec<&Traced> = traced.iter().filter(|(_, s, n, ..)| s == "sluice-learner" && n == "train_step").collect();
+    assert!(
+        steps.iter().any(|(.., links)| !links.is_empty() && links.iter().all(|l| batches.contains(&l))),
+        "no train_step span links to actor batches: {steps:?}"
     );
     // Every process names itself: one non-empty instance id per role here (one of each).
     let instances = receiver.instances.lock().unwrap().clone();
