@@ -424,9 +424,9 @@ impl Instruments {
     fn new() -> Self {
         let m = sluice_core::telemetry::meter();
         Instruments {
-            groups: m.u64_counter("sluice.actor.groups_sent").build(),
-            rollouts: m.u64_counter("sluice.actor.rollouts_sent").build(),
-            generate_seconds: m.f64_histogram("sluice.actor.generate_seconds").with_unit("s").build(),
+            groups: m.u64_counter("sluice.actor.groups_sent").with_unit("{group}").build(),
+            rollouts: m.u64_counter("sluice.actor.rollouts_sent").with_unit("{rollout}").build(),
+            generate_seconds: m.f64_histogram("sluice.actor.generate.duration").with_unit("s").build(),
         }
     }
 

@@ -302,13 +302,13 @@ impl Instruments {
     fn new() -> Self {
         let m = sluice_core::telemetry::meter();
         Instruments {
-            steps: m.u64_counter("sluice.learner.steps").with_description("GRPO steps trained").build(),
-            groups: m.u64_counter("sluice.learner.groups_trained").build(),
-            step_seconds: m.f64_histogram("sluice.learner.step_seconds").with_unit("s").build(),
-            wait_seconds: m.f64_histogram("sluice.learner.wait_seconds").with_unit("s").build(),
-            reward: m.f64_gauge("sluice.learner.reward_mean").build(),
-            effective_gradient_ratio: m.f64_gauge("sluice.learner.effective_gradient_ratio").build(),
-            staleness: m.f64_gauge("sluice.learner.staleness_mean").build(),
+            steps: m.u64_counter("sluice.learner.steps").with_unit("{step}").with_description("GRPO steps trained").build(),
+            groups: m.u64_counter("sluice.learner.groups_trained").with_unit("{group}").build(),
+            step_seconds: m.f64_histogram("sluice.learner.step.duration").with_unit("s").build(),
+            wait_seconds: m.f64_histogram("sluice.learner.wait.duration").with_unit("s").build(),
+            reward: m.f64_gauge("sluice.learner.reward_mean").with_unit("1").build(),
+            effective_gradient_ratio: m.f64_gauge("sluice.learner.effective_gradient_ratio").with_unit("1").build(),
+            staleness: m.f64_gauge("sluice.learner.staleness_mean").with_unit("{version}").build(),
         }
     }
 

@@ -37,10 +37,10 @@ fn counters() -> &'static Counters {
     C.get_or_init(|| {
         let m = sluice_core::telemetry::meter();
         Counters {
-            dispatched: m.u64_counter("sluice.orchestrator.work_dispatched").build(),
-            completed: m.u64_counter("sluice.orchestrator.work_completed").build(),
-            duplicates: m.u64_counter("sluice.orchestrator.duplicate_outcomes").build(),
-            redispatched: m.u64_counter("sluice.orchestrator.work_redispatched").build(),
+            dispatched: m.u64_counter("sluice.orchestrator.work_dispatched").with_unit("{item}").build(),
+            completed: m.u64_counter("sluice.orchestrator.work_completed").with_unit("{item}").build(),
+            duplicates: m.u64_counter("sluice.orchestrator.duplicate_outcomes").with_unit("{outcome}").build(),
+            redispatched: m.u64_counter("sluice.orchestrator.work_redispatched").with_unit("{item}").build(),
         }
     })
 }

@@ -232,5 +232,5 @@ impl Reward for RewardService {
 /// Items scored (an OpenTelemetry counter; a no-op unless exporting).
 fn items_scored() -> &'static opentelemetry::metrics::Counter<u64> {
     static C: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> = std::sync::OnceLock::new();
-    C.get_or_init(|| sluice_core::telemetry::meter().u64_counter("sluice.reward.items_scored").build())
+    C.get_or_init(|| sluice_core::telemetry::meter().u64_counter("sluice.reward.items_scored").with_unit("{item}").build())
 }

@@ -129,6 +129,8 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
     for (svc, name) in [
         ("sluice-learner", "sluice.learner.steps"),
         ("sluice-learner", "sluice.learner.effective_gradient_ratio"),
+        ("sluice-learner", "sluice.learner.step.duration"),
+        ("sluice-actor", "sluice.actor.generate.duration"),
         ("sluice-actor", "sluice.actor.rollouts_sent"),
         ("sluice-orchestrator", "sluice.orchestrator.work_completed"),
         ("sluice-reward-server", "sluice.reward.items_scored"),
