@@ -122,10 +122,6 @@ fn layout(blob: &[u8]) -> Result<Layout> {
     Ok(Layout { head: n + 8, width: width.unwrap_or(4), ranges })
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
 /// The delta that turns blob `old` into blob `new`; an error when they do
 /// not share a header (other tensors, shapes or dtype).
 pub fn delta(old: &[u8], new: &[u8]) -> Result<Vec<u8>> {
@@ -138,7 +134,7 @@ pub fn delta(old: &[u8], new: &[u8]) -> Result<Vec<u8>> {
     out.extend_from_slice(DELTA_MAGIC);
     out.extend_from_slice(&0u64.to_le_bytes()); // length, set below
     out.extend_from_slice(&(head as u64).to_le_bytes());
-    out.extend_from_slice(&fnv1a(&new[..head]).to_le_bytes());
+    out.extend_from_slice(&sluice_core::fnv1a(&new[..head]).to_le_bytes());
     out.push(w as u8);
     out.extend_from_slice(&0u32.to_le_bytes()); // entries, set below
     let mut entries = 0u32;
@@ -229,7 +225,7 @@ pub fn apply_deltas(blob: &mut [u8], deltas: &[u8]) -> Result<()> {
             rest = next;
             let mut r = Reader(&this[16..]);
             let head = r.u64()? as usize;
-            if head > blob.len() || r.u64()? != fnv1a(&blob[..head]) {
+            if head > blob.len() || r.u64()? != sluice_core::fnv1a(&blob[..head]) {
                 return Err(bad_delta("made for another set of tensors"));
             }
             let w = r.u8()? as usize;
