@@ -197,6 +197,9 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
     // round opens (the actor polls every 20 ms, then samples its items), so
     // its lease expires with items held and the orchestrator hands them out again.
     let count = |dev: &Proc, event: &str| dev.lines().iter().filter(|v| v["event"] == event).count();
+    // Every actor pid killed so far: `wait_line` finds the first matching line,
+    // and earlier restarts' lines are still there.
+    let mut killed = Vec::new();
     for attempt in 0.. {
         assert!(attempt < 16, "no kill of the actor landed while it held work");
         let (lost, rounds) = (count(&dev, "worker_lost"), count(&dev, "round"));
@@ -208,6 +211,7 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
         // The actor polls every 20 ms and samples for a few ms more: vary the delay.
         std::thread::sleep(Duration::from_millis([5, 15, 25, 10, 20, 30, 0, 35][attempt % 8]));
         kill9(actor);
+        killed.push(actor);
         let deadline = Instant::now() + Duration::from_secs(60);
         while count(&dev, "worker_lost") == lost {
             assert!(Instant::now() < deadline, "the killed actor's lease never expired");
@@ -218,7 +222,7 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
             break;
         }
         let restarted = dev.wait_line("actor restart", Duration::from_secs(60), |v| {
-            v["event"] == "restarted" && v["role"] == "actor" && v["rank"] == 0 && v["pid"].as_u64() != Some(actor)
+            v["event"] == "restarted" && v["role"] == "actor" && v["rank"] == 0 && !killed.iter().any(|&k| v["pid"].as_u64() == Some(k))
         });
         actor = restarted["pid"].as_u64().unwrap();
     }
