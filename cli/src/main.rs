@@ -137,6 +137,13 @@ enum Command {
         /// Restarts allowed per process before the job is given up.
         #[arg(long, default_value_t = 5)]
         max_restarts: u32,
+        /// Address of the web dashboard (live plots; the URL with its token is
+        /// printed at start). Port 0: a free port, kept across orchestrator restarts.
+        #[arg(long, default_value = "127.0.0.1:0", conflicts_with = "no_dashboard")]
+        dashboard: String,
+        /// Do not serve the dashboard.
+        #[arg(long)]
+        no_dashboard: bool,
         /// Print one JSON object per event on stdout instead of a progress bar.
         #[arg(long)]
         json: bool,
@@ -227,6 +234,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the web dashboard for local runs: each RUN_DIR's metrics.jsonl
+    /// (what `sluice train` and learners write) is plotted and followed as it
+    /// grows. For a cluster's jobs, use the orchestrator's --dashboard.
+    Dashboard {
+        /// Run directories (train.out_dir of the job files).
+        #[arg(required = true)]
+        run_dirs: Vec<PathBuf>,
+        /// Address to serve on; port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:8265")]
+        listen: String,
+        /// Require this token (as the orchestrator's dashboard does).
+        #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print the URL as a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -254,13 +278,14 @@ fn on_runtime<T>(f: impl std::future::Future<Output = client::Outcome<T>>) -> cl
 fn dispatch(command: Command) -> client::Outcome<i32> {
     let ok = |()| 0;
     match command {
-        Command::Dev { job, overrides, redis, bin_dir, lease_s, max_restarts, json } => {
+        Command::Dev { job, overrides, redis, bin_dir, lease_s, max_restarts, dashboard, no_dashboard, json } => {
             if !(lease_s > 0.0 && lease_s.is_finite()) {
                 return Err(Failure::new(exit::USAGE, format!("--lease-s must be > 0, not {lease_s}")));
             }
             let stop = sluice_core::signal::stop_flag(Some("stopping: learners and actors finish their step (Ctrl-C again to quit now)"))
                 .map_err(|e| Failure::new(exit::ERROR, e))?;
-            dev::run(dev::DevOptions { job, overrides: overrides.set, redis, bin_dir, json, lease_s, max_restarts }, stop)
+            let dashboard = (!no_dashboard).then_some(dashboard);
+            dev::run(dev::DevOptions { job, overrides: overrides.set, redis, bin_dir, json, lease_s, max_restarts, dashboard }, stop)
         }
         Command::Submit { job, overrides, remote } => {
             on_runtime(client::submit(&remote.remote(), &job, &overrides.set, remote.json)).map(ok)
@@ -280,6 +305,25 @@ fn dispatch(command: Command) -> client::Outcome<i32> {
             Failure::new(code, format!("{e:#}"))
         }),
     }
+}
+
+/// `sluice dashboard`: serves the run directories until Ctrl-C.
+fn dashboard(run_dirs: &[PathBuf], listen: &str, token: Option<String>, json: bool) -> Result<i32> {
+    let source = sluice_dashboard::RunDirs::open(run_dirs)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}"))?;
+        let url = format!("http://{}/", listener.local_addr()?);
+        let opts = sluice_dashboard::Options { token: token.filter(|t| !t.is_empty()), ..Default::default() };
+        if json {
+            println!("{}", serde_json::json!({"event": "listening", "url": url}));
+        } else {
+            println!("dashboard: {url} (Ctrl-C to stop)");
+        }
+        let router = sluice_dashboard::router(source, &opts);
+        sluice_dashboard::serve(listener, router, None, sluice_core::signal::shutdown()).await?;
+        anyhow::Ok(0)
+    })
 }
 
 /// Whether a job-file value caused `e` (whichever library reported it).
@@ -314,6 +358,7 @@ fn local_command(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Generate(o) => generate::run(&o),
+        Command::Dashboard { run_dirs, listen, token, json } => dashboard(&run_dirs, &listen, token, json),
         Command::Check { job, overrides, json } => {
             let (_, cfg) = JobConfig::load(&job, &overrides.set)?;
             let report = check::report(&cfg)?;

@@ -40,6 +40,9 @@ pub struct StepMetrics {
     pub step_seconds: f64,
     /// Mean policy-version lag of the trained groups (0 when rollouts are on-policy).
     pub staleness_mean: f64,
+    /// Trained groups by staleness: entry k counts groups k versions behind
+    /// (the last entry, at most the 33rd, all 32 or more behind).
+    pub staleness_counts: Vec<u64>,
     /// Seconds the step waited for rollouts (distributed learner).
     pub wait_seconds: f64,
     /// Decoupled PPO: mean and maximum behaviour weight pi_prox / pi_behav over
@@ -121,6 +124,7 @@ impl From<&Event> for v1::Event {
                 train_tokens_per_s: m.train_tokens_per_s,
                 step_seconds: m.step_seconds,
                 staleness_mean: m.staleness_mean,
+                staleness_counts: m.staleness_counts.clone(),
                 wait_seconds: m.wait_seconds,
                 unix_time: m.unix_time,
                 lr: m.lr,

@@ -324,6 +324,14 @@ impl Trainer {
         m.generation_tokens_per_s = d.generated_tokens as f64 / d.generate_s.max(1e-9);
         m.wait_seconds = d.wait_s;
         m.staleness_mean = d.lags.iter().sum::<u64>() as f64 / d.lags.len().max(1) as f64;
+        for &lag in &d.lags {
+            // The last bucket holds every lag of 32 or more.
+            let k = lag.min(32) as usize;
+            if m.staleness_counts.len() <= k {
+                m.staleness_counts.resize(k + 1, 0);
+            }
+            m.staleness_counts[k] += 1;
+        }
         m.step_seconds = (t0.elapsed().as_secs_f64() - d.wait_s).max(0.0);
         self.state.step += 1;
         m.step = self.state.step;

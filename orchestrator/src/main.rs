@@ -29,6 +29,11 @@ struct Args {
     /// handed to another worker when it runs out.
     #[arg(long, env = "SLUICE_LEASE_S", default_value_t = 10.0)]
     lease_s: f64,
+    /// Serve the web dashboard (live plots of every job) on this address,
+    /// e.g. `127.0.0.1:8265`; port 0 picks a free one. Same token and TLS
+    /// as the gRPC API. Off by default.
+    #[arg(long, env = "SLUICE_DASHBOARD")]
+    dashboard: Option<String>,
     #[command(flatten)]
     security: sluice_proto::serve::ServerSecurity,
 }
@@ -47,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         lease: Duration::from_secs_f64(args.lease_s),
         tls: args.security.tls().map_err(anyhow::Error::msg)?,
         token: args.security.token,
+        dashboard: args.dashboard,
     };
     server::run(opts, |e| println!("{}", serde_json::to_string(e).expect("events serialise")))?;
     Ok(())

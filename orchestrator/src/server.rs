@@ -18,7 +18,14 @@ use crate::store::Store;
 #[derive(Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ServerEvent {
-    Listening { addr: String, store: String, jobs: usize },
+    /// `dashboard`: the web dashboard's URL (without the token), when served.
+    Listening {
+        addr: String,
+        store: String,
+        jobs: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dashboard: Option<String>,
+    },
 }
 
 /// Serves until `shutdown` resolves, sweeping expired leases every quarter lease.
@@ -64,6 +71,8 @@ pub struct Options {
     pub lease: Duration,
     pub token: Option<String>,
     pub tls: Option<ServerFiles>,
+    /// Serve the web dashboard on this address (port 0: a free one).
+    pub dashboard: Option<String>,
 }
 
 /// Runs the orchestrator until Ctrl-C / SIGTERM.
@@ -81,10 +90,44 @@ pub fn run(opts: Options, report: impl Fn(&ServerEvent)) -> Result<()> {
             .await
             .map_err(|e| Error::Io { what: format!("listen address {}", opts.listen), source: e })?;
         let addr = listener.local_addr().map_err(|e| Error::Io { what: "listener".into(), source: e })?;
-        report(&ServerEvent::Listening { addr: addr.to_string(), store: orch.store().describe(), jobs: orch.job_count().await? });
+        let (dashboard, url) = match &opts.dashboard {
+            Some(at) => {
+                let (task, url) = start_dashboard(&orch, at, &opts).await?;
+                (Some(task), Some(url))
+            }
+            None => (None, None),
+        };
+        let jobs = orch.job_count().await?;
+        report(&ServerEvent::Listening { addr: addr.to_string(), store: orch.store().describe(), jobs, dashboard: url });
         tracing::info!(%addr, "orchestrator serving");
-        serve(orch, listener, opts.token.as_deref(), tls, sluice_core::signal::shutdown())
+        let out = serve(orch, listener, opts.token.as_deref(), tls, sluice_core::signal::shutdown())
             .await
-            .map_err(|e| Error::Io { what: "gRPC server".into(), source: std::io::Error::other(e) })
+            .map_err(|e| Error::Io { what: "gRPC server".into(), source: std::io::Error::other(e) });
+        if let Some(task) = dashboard {
+            task.abort();
+        }
+        out
     })
+}
+
+/// Binds the dashboard's address and serves it on a task of its own (same
+/// token and TLS files as the gRPC API); returns the task and the URL.
+async fn start_dashboard(orch: &Arc<Orchestrator>, at: &str, opts: &Options) -> Result<(tokio::task::JoinHandle<()>, String)> {
+    let tls = match &opts.tls {
+        Some(f) => Some(sluice_dashboard::tls_config(&f.cert, &f.key).map_err(|e| Error::Invalid(e.to_string()))?),
+        None => None,
+    };
+    let listener =
+        tokio::net::TcpListener::bind(at).await.map_err(|e| Error::Io { what: format!("dashboard address {at}"), source: e })?;
+    let addr = listener.local_addr().map_err(|e| Error::Io { what: "dashboard listener".into(), source: e })?;
+    let url = format!("{}://{addr}/", if tls.is_some() { "https" } else { "http" });
+    let dash = sluice_dashboard::Options { token: opts.token.clone(), tls: tls.is_some(), ..Default::default() };
+    let router = sluice_dashboard::router(crate::dashboard::Jobs(orch.clone()), &dash);
+    let task = tokio::spawn(async move {
+        if let Err(e) = sluice_dashboard::serve(listener, router, tls, std::future::pending()).await {
+            tracing::error!(error = %e, "dashboard stopped");
+        }
+    });
+    tracing::info!(%url, "dashboard serving");
+    Ok((task, url))
 }

@@ -11,6 +11,7 @@ pub mod v1 {
 
 pub mod codec;
 pub mod events;
+pub mod jobs;
 pub mod serve;
 
 
@@ -89,7 +90,7 @@ pub mod auth {
     }
 
     /// Compares in time independent of where the strings differ.
-    fn same(a: &[u8], b: &[u8]) -> bool {
+    pub fn same(a: &[u8], b: &[u8]) -> bool {
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 

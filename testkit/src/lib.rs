@@ -11,6 +11,10 @@
 //!   no orphans behind;
 //! - a server that must listen on a chosen port ([`Redis`]) is retried on
 //!   another port when the one picked was taken in between.
+//!
+//! [`browser`] drives headless Chromium for the dashboard's tests.
+
+pub mod browser;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;

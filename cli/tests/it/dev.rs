@@ -12,25 +12,25 @@ use sluice_testkit::{free_port, kill9, Proc, Redis};
 
 use crate::sluice;
 
-const TOKEN: &str = "dev-test-token";
+pub(crate) const TOKEN: &str = "dev-test-token";
 /// Prompts (work items) per step of every test job.
-const PPS: u64 = 16;
+pub(crate) const PPS: u64 = 16;
 
 /// Starts `cmd` with the test token (see [`sluice_testkit::Proc`]: its own
 /// process group; it and every child it announced die with the test).
-fn spawn(name: &str, mut cmd: Command) -> Proc {
+pub(crate) fn spawn(name: &str, mut cmd: Command) -> Proc {
     cmd.env("SLUICE_TOKEN", TOKEN).env("OMP_NUM_THREADS", "1").env("RUST_LOG", "warn");
     Proc::spawn(name, cmd)
 }
 
-fn bin(name: &str) -> PathBuf {
+pub(crate) fn bin(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_BIN_EXE_sluice")).with_file_name(name);
     assert!(path.exists(), "{} is missing: run `cargo build --workspace` first", path.display());
     path
 }
 
 /// A small job: SFT warm-up then GRPO on single-digit addition; `extra` ends the file.
-fn job_file(dir: &Path, name: &str, steps: u64, extra: &str) -> PathBuf {
+pub(crate) fn job_file(dir: &Path, name: &str, steps: u64, extra: &str) -> PathBuf {
     job_file_with(dir, name, steps, "", extra)
 }
 

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `sluice` binary: real processes, real files.
 
+mod dashboard;
 mod dev;
 mod otel;
 mod train;

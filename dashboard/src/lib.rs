@@ -1,0 +1,299 @@
+//! The web dashboard: a jobs page and a page per job whose plots follow the
+//! job's events live, over any [`Source`] of jobs and events: the
+//! orchestrator's state (`sluice-orchestrator --dashboard ADDR`) or run
+//! directories' `metrics.jsonl` ([`RunDirs`], `sluice dashboard RUN_DIR`).
+//!
+//! * Pages are static HTML and JavaScript compiled into the binary
+//!   ([`assets`]); the plots are drawn in the browser by uPlot, vendored
+//!   under `assets/vendor` (no CDN: it works offline).
+//! * `GET /api/jobs`, `GET /api/jobs/{id}`: job summaries as JSON.
+//! * `GET /api/jobs/{id}/events`: the job's events as server-sent events
+//!   (`id:` the event's sequence number, `data:` its JSON line, the form
+//!   `sluice logs --json` prints), followed live; an `end` event closes a
+//!   finished job's stream. A reconnecting browser resumes after
+//!   `Last-Event-ID`.
+//!
+//! Read-only. With a token every page and call needs it ([`auth`]).
+
+pub mod assets;
+pub mod auth;
+mod run_dirs;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, Query, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+pub use run_dirs::RunDirs;
+
+/// What can go wrong in the dashboard.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The source cannot answer now (e.g. its store is down); try again later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A job's events from some sequence number on.
+#[derive(Debug, Default)]
+pub struct Events {
+    /// `(seq, JSON line)`, in order.
+    pub events: Vec<(u64, String)>,
+    /// The job has ended: nothing follows these.
+    pub finished: bool,
+}
+
+/// Where the dashboard reads jobs and their events.
+pub trait Source: Send + Sync + 'static {
+    /// Job summaries, newest first: JSON objects with at least `id`, `name`
+    /// and `state` (`progress`, `created_unix_ms`, `message` when known).
+    fn jobs(&self) -> impl Future<Output = Result<Vec<Value>>> + Send;
+    /// One job's summary, as in [`Source::jobs`].
+    fn job(&self, id: &str) -> impl Future<Output = Result<Value>> + Send;
+    /// The job's events with `seq >= from`.
+    fn events(&self, id: &str, from: u64) -> impl Future<Output = Result<Events>> + Send;
+}
+
+/// How the dashboard is served.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Every page and API call needs this token (none: open).
+    pub token: Option<String>,
+    /// Served over TLS: the cookie is marked `Secure`.
+    pub tls: bool,
+    /// How often a live event stream asks the source for new events.
+    pub poll: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { token: None, tls: false, poll: Duration::from_millis(250) }
+    }
+}
+
+struct App<S> {
+    source: S,
+    auth: auth::Auth,
+    poll: Duration,
+}
+
+/// The dashboard's routes over `source`.
+pub fn router<S: Source>(source: S, opts: &Options) -> Router {
+    let app = Arc::new(App { source, auth: auth::Auth::new(opts.token.as_deref(), opts.tls), poll: opts.poll });
+    Router::new()
+        .route("/", get(jobs_page::<S>))
+        .route("/jobs/{id}", get(job_page::<S>))
+        .route("/login", post(login::<S>))
+        .route("/assets/{file}", get(asset))
+        .route("/api/jobs", get(api_jobs::<S>))
+        .route("/api/jobs/{id}", get(api_job::<S>))
+        .route("/api/jobs/{id}/events", get(api_events::<S>))
+        .with_state(app)
+}
+
+fn page<S>(app: &App<S>, headers: &HeaderMap, path: &str, query: Option<String>, html: &'static str) -> Response {
+    match app.auth.page(headers, path, query.as_deref()) {
+        auth::Verdict::Allowed => ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], html).into_response(),
+        auth::Verdict::Respond(r) => r,
+    }
+}
+
+async fn jobs_page<S: Source>(State(app): State<Arc<App<S>>>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    page(&app, &headers, "/", q, assets::JOBS_HTML)
+}
+
+async fn job_page<S: Source>(
+    State(app): State<Arc<App<S>>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    page(&app, &headers, &format!("/jobs/{}", auth::encode_path(&id)), q, assets::JOB_HTML)
+}
+
+async fn login<S: Source>(State(app): State<Arc<App<S>>>, Form(form): Form<auth::LoginForm>) -> Response {
+    app.auth.login(&form)
+}
+
+async fn asset(UrlPath(file): UrlPath<String>) -> Response {
+    match assets::get(&file) {
+        Some((mime, body)) => ([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "max-age=3600")], body).into_response(),
+        None => (StatusCode::NOT_FOUND, "no such asset").into_response(),
+    }
+}
+
+fn error_response(e: &Error) -> Response {
+    let code = match e {
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Io { .. } | Error::Tls(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    json_response(code, serde_json::json!({ "error": e.to_string() }))
+}
+
+fn json_response(code: StatusCode, v: Value) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], v.to_string()).into_response()
+}
+
+async fn api_jobs<S: Source>(State(app): State<Arc<App<S>>>, headers: HeaderMap) -> Response {
+    if let Some(r) = app.auth.api(&headers) {
+        return r;
+    }
+    match app.source.jobs().await {
+        Ok(jobs) => json_response(StatusCode::OK, Value::Array(jobs)),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn api_job<S: Source>(State(app): State<Arc<App<S>>>, UrlPath(id): UrlPath<String>, headers: HeaderMap) -> Response {
+    if let Some(r) = app.auth.api(&headers) {
+        return r;
+    }
+    match app.source.job(&id).await {
+        Ok(job) => json_response(StatusCode::OK, job),
+        Err(e) => error_response(&e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct From {
+    from: Option<u64>,
+}
+
+async fn api_events<S: Source>(
+    State(app): State<Arc<App<S>>>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<From>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = app.auth.api(&headers) {
+        return r;
+    }
+    // A reconnecting EventSource says where it got to.
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok()).map(|s| s + 1);
+    let from = resume.or(q.from).unwrap_or(0);
+    // An unknown job is an error now, not an empty stream.
+    if let Err(e) = app.source.events(&id, u64::MAX).await {
+        return error_response(&e);
+    }
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let mut next = from;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            match app.source.events(&id, next).await {
+                Ok(batch) => {
+                    for (seq, json) in batch.events {
+                        if tx.send(Event::default().id(seq.to_string()).data(json)).await.is_err() {
+                            return;
+                        }
+                        next = seq + 1;
+                    }
+                    if batch.finished {
+                        let _ = tx.send(Event::default().event("end").data("finished")).await;
+                        return;
+                    }
+                }
+                Err(Error::NotFound(what)) => {
+                    let _ = tx.send(Event::default().event("end").data(format!("gone: {what}"))).await;
+                    return;
+                }
+                // Passing trouble (a store outage): say so and keep polling.
+                Err(e) => {
+                    if tx.send(Event::default().event("trouble").data(e.to_string())).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            tokio::time::sleep(app.poll).await;
+        }
+    });
+    Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// A rustls server configuration from PEM files (certificate chain, key).
+pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| Error::Tls(format!("certificate {}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| Error::Tls(format!("key {}: {e}", key.display())))?;
+    let mut cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| Error::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Serves `router` on `listener` (over TLS when `tls` is given) until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let Some(tls) = tls else {
+        return axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| Error::Io { what: "dashboard server".into(), source: e });
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dashboard accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => return tracing::debug!(%peer, error = %e, "dashboard TLS handshake failed"),
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(router);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "dashboard connection ended");
+            }
+        });
+    }
+}
