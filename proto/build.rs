@@ -2,7 +2,8 @@
 //! the prost messages and tonic clients/servers.
 
 /// Messages with a JSON form: the event bodies and what they hold.
-const EVENT_BODIES: [&str; 12] = [
+const EVENT_BODIES: [&str; 13] = [
+    "AnnotationProgress",
     "WorkAccounted",
     "TrainStep",
     "WarmupStep",
@@ -17,7 +18,7 @@ const EVENT_BODIES: [&str; 12] = [
     "WorkRedispatched",
 ];
 
-const NULLABLE_FLOATS: [&str; 4] = ["TrainStep.grad_norm", "TrainStep.pg_loss", "TrainStep.kl", "WarmupStep.grad_norm"];
+const NULLABLE_FLOATS: [&str; 5] = ["AnnotationProgress.annotate_seconds_mean", "TrainStep.grad_norm", "TrainStep.pg_loss", "TrainStep.kl", "WarmupStep.grad_norm"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["sluice/v1/learner.proto", "sluice/v1/reward.proto", "sluice/v1/orchestrator.proto"];

@@ -34,7 +34,7 @@ use tonic::Code;
 
 use crate::error::{Error, Result};
 use crate::link::{connect_with, read_acks, wait_for, Backoff, LearnerView};
-use crate::reward::rescore;
+use crate::reward::{annotation_event, rescore};
 use crate::sync::{GrpcSubscriber, WeightSubscriber};
 use sluice_proto::codec::{encode, Placement};
 
@@ -93,6 +93,9 @@ impl ActorEvent {
     }
 }
 
+/// How often actor 0 reports the reward server's annotation counters.
+const ANNOTATION_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs until the learner reports the job finished, `max_groups` is reached or
 /// `stop` is set. Connection failures are retried with backoff. With a
 /// `session`, work comes from the orchestrator (see the module docs).
@@ -138,6 +141,7 @@ pub fn run(
     let notify = Arc::new(Notify::new());
     let mut totals = (0u64, 0u64);
     let mut reward_client = None;
+    let mut annotation_at: Option<Instant> = None;
     // Work items taken from the orchestrator and not yet delivered, and the
     // outcomes of delivered ones not yet reported.
     let mut held: Vec<v1::WorkItem> = Vec::new();
@@ -341,6 +345,13 @@ pub fn run(
             if let Some(endpoint) = &opts.reward {
                 if !rescore(&rt, endpoint, token, tls.as_ref(), &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
                     break 'connection;
+                }
+                // Actor 0 passes the annotation pipeline's counters on to the job's log.
+                if let Some(s) = session.filter(|_| opts.index == 0 && annotation_at.is_none_or(|t| t.elapsed() >= ANNOTATION_EVERY)) {
+                    annotation_at = Some(Instant::now());
+                    if let Some(e) = annotation_event(&rt, &mut reward_client, token, &cfg.name) {
+                        s.event(e);
+                    }
                 }
             }
             let score_s = t_score.elapsed().as_secs_f64();

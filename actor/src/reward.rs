@@ -96,3 +96,34 @@ pub(crate) fn rescore(
     Ok(true)
 }
 
+/// The reward server's annotation pipeline as a job event (actor 0 reports
+/// it every few seconds for the dashboard); `None` without a connection or
+/// when the call fails or takes over a second (it is never worth waiting for).
+pub(crate) fn annotation_event(
+    rt: &tokio::runtime::Runtime,
+    client: &mut Option<RewardClient<Channel>>,
+    token: Option<&str>,
+    job: &str,
+) -> Option<v1::Event> {
+    let c = client.as_mut()?;
+    let req = auth::request(v1::AnnotationStatsRequest { job_id: job.to_string() }, token);
+    let s = rt
+        .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(1), c.annotation_statistics(req)).await })
+        .ok()?
+        .ok()?
+        .into_inner();
+    let mean = if s.batches > 0 { s.annotate_seconds / s.batches as f64 } else { f64::NAN };
+    Some(sluice_proto::events::event(v1::event::Body::Annotation(v1::AnnotationProgress {
+        labelled: s.labelled,
+        queued: s.queued,
+        queue_capacity: s.queue_capacity,
+        dropped: s.dropped,
+        annotated: s.annotated,
+        failures: s.failures,
+        lookups: s.lookups,
+        hits: s.hits,
+        annotate_seconds_mean: mean,
+        reward_model_version: s.reward_model_version,
+    })))
+}
+

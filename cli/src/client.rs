@@ -216,6 +216,10 @@ pub fn describe(event: &v1::Event) -> Option<String> {
         Body::Submitted(s) => format!("submitted {}", s.job),
         // One per learner step: `sluice status` has the totals.
         Body::Round(_) | Body::Work(_) => return None,
+        Body::Annotation(a) => format!(
+            "annotation: {} labelled, {} queued, {} dropped, {} failed batches, {:.2} s per batch",
+            a.labelled, a.queued, a.dropped, a.failures, a.annotate_seconds_mean
+        ),
     })
 }
 

@@ -142,7 +142,7 @@ sluice.jobPage = function () {
   let staleSeries = 0;
   plots.staleness = makePlot("staleness", [], state, { scales: { y: { range: [0, 1] } } });
   plots.budget = makePlot("budget", [["min", "#aec7e8", null], ["median", "#1f77b4", null], ["max", "#aec7e8", null], ["mean", "#ff7f0e", null]], state, { xLabel: "round", markers: false });
-  plots.oni = makePlot("oni", [["labelled", "#2ca02c", null], ["queued", "#1f77b4", null], ["dropped", "#d62728", null], ["LLM s/batch", "#9467bd", null, "y2"]], state, { xLabel: "step" });
+  plots.oni = makePlot("oni", [["labelled", "#2ca02c", null], ["queued", "#1f77b4", null], ["dropped", "#d62728", null], ["LLM s/batch", "#9467bd", null, "y2"]], state, { xLabel: "step", points: () => true });
 
   let pending = false;
   const redraw = () => {

@@ -282,8 +282,8 @@ impl Job {
     pub fn report(&mut self, worker: &str, reported: &[v1::Event], fates: Option<&v1::WorkFates>, now_ms: u64) -> Result<Changes> {
         for e in reported {
             match &e.body {
-                Some(Body::Step(_) | Body::Sft(_) | Body::Eval(_) | Body::Checkpoint(_)) => {}
-                Some(other) => return Err(Error::Invalid(format!("workers report training events, not {other:?}"))),
+                Some(Body::Step(_) | Body::Sft(_) | Body::Eval(_) | Body::Checkpoint(_) | Body::Annotation(_)) => {}
+                Some(other) => return Err(Error::Invalid(format!("workers report training and annotation events, not {other:?}"))),
                 None => return Err(Error::Invalid("an event without a body".into())),
             }
         }
@@ -662,6 +662,13 @@ mod tests {
         assert_eq!((j.events.len(), ch.events.len()), (n + 1, 1));
         let stored: serde_json::Value = serde_json::from_str(&j.events[n]).unwrap();
         assert_eq!((stored["event"].as_str(), stored["reward_mean"].as_f64()), (Some("step"), Some(0.25)));
+        // Actor 0's annotation counters join the log as they are (NaN as null).
+        let oni = events::event(Body::Annotation(v1::AnnotationProgress { labelled: 7, annotate_seconds_mean: f64::NAN, ..Default::default() }));
+        j.add_events(&[oni], 2).unwrap();
+        let stored: serde_json::Value = serde_json::from_str(j.events.last().unwrap()).unwrap();
+        assert_eq!((stored["event"].as_str(), stored["labelled"].as_u64()), (Some("annotation"), Some(7)));
+        assert!(stored["annotate_seconds_mean"].is_null());
+        assert_eq!(j.rec.progress.step, 3);
     }
 
     /// Learners' fate reports: each item counted once under its first fate

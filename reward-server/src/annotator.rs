@@ -88,6 +88,9 @@ impl Annotator {
 pub struct Counters {
     pub annotated: AtomicU64,
     pub failures: AtomicU64,
+    /// Batches judged or failed, and the microseconds they took in all.
+    pub batches: AtomicU64,
+    pub annotate_micros: AtomicU64,
     /// Bumped whenever new labels reach the store: the reward model's version.
     pub version: AtomicU64,
 }
@@ -150,7 +153,10 @@ pub async fn run(
             let _ = tokio::time::timeout(Duration::from_millis(200), queue.notify.notified()).await;
             continue;
         }
+        let t0 = std::time::Instant::now();
         let outcome = judge(&batch, ranking, &mut partner, &store, &annotator).await;
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters.annotate_micros.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         match outcome {
             Ok(added) => {
                 counters.annotated.fetch_add(batch.len() as u64, Ordering::SeqCst);

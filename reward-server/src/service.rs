@@ -225,6 +225,8 @@ impl Reward for RewardService {
             classifier_labels: s.intrinsic.as_ref().filter(|m| m.learns() && !m.pairwise()).map_or(0, |m| m.trained_on()),
             preferences,
             ranker_preferences: s.intrinsic.as_ref().filter(|m| m.pairwise()).map_or(0, |m| m.trained_on()),
+            batches: s.counters.batches.load(Ordering::Relaxed),
+            annotate_seconds: s.counters.annotate_micros.load(Ordering::Relaxed) as f64 / 1e6,
         }))
     }
 }

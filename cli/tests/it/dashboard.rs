@@ -80,8 +80,11 @@ fn the_dashboard_shows_jobs_live_and_finished_in_a_real_browser() {
     let Some(browser) = browser() else { return };
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
+    // Job A also has an intrinsic (ONI) reward: captions are response lines, labelled by a rubric.
+    let oni = "[reward]\nint_coef = 0.5\nmodel = \"retrieval\"\nresponse_captions = \"lines\"\n[[reward.rubric]]\npattern = \"1\"\nlabel = \"helpful\"";
     let run_dev = |name: &str, steps: u64, watch: Option<&Browser>| -> String {
-        let job = job_file(dir.path(), name, steps, "eval_every = 4");
+        let extra = if watch.is_some() { format!("eval_every = 4\n{oni}") } else { "eval_every = 4".to_string() };
+        let job = job_file(dir.path(), name, steps, &extra);
         let mut cmd = sluice();
         cmd.args(["dev", job.to_str().unwrap(), "--json", "--redis", &redis.url]);
         let mut dev = spawn(name, cmd);
@@ -130,6 +133,9 @@ fn the_dashboard_shows_jobs_live_and_finished_in_a_real_browser() {
 
     // Each job's page shows its own steps, evaluations and completions only.
     check_job_page(&browser, &dash, &a, &dir.path().join("run-dash-a"));
+    // Actor 0 reported the reward server's annotation counters at least once.
+    let labelled = browser.eval("const o = window.sluice.plots.oni; return o.data[1].filter(x => x != null)");
+    assert!(!labelled.as_array().unwrap().is_empty(), "annotation (ONI) counters plotted: {labelled}");
     let png = browser.screenshot();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "a screenshot with something drawn ({} bytes)", png.len());
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-job.png");
