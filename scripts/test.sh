@@ -14,3 +14,7 @@ cargo test --workspace "$@"
 "$SLUICE_ROOT/scripts/bench-smoke.sh"
 # The Helm chart: lint, render, validate against the Kubernetes schemas, check ranks.
 "$SLUICE_ROOT/scripts/chart-check.sh"
+# The browser test's screenshot of a job's dashboard page (a CI artefact).
+if [ -f "$SLUICE_ROOT/target/tmp/dashboard-job.png" ]; then
+  echo "test: dashboard screenshot at target/tmp/dashboard-job.png"
+fi
