@@ -67,6 +67,8 @@ struct Supervisor {
     bin_dir: PathBuf,
     logs: PathBuf,
     token: String,
+    /// The job's id once submitted (a resource attribute of the workers).
+    job: Option<String>,
     procs: Vec<Proc>,
     lines: mpsc::Sender<Line>,
     json: bool,
@@ -92,7 +94,9 @@ impl Supervisor {
         let path = self.logs.join(format!("{role}-{rank}.log"));
         let open = || OpenOptions::new().create(true).append(true).open(&path);
         let log = open().map_err(|e| Failure::new(exit::ERROR, format!("{}: {e}", path.display())))?;
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        self.telemetry_env(&mut cmd, role, rank);
+        let mut child = cmd
             .args(args)
             .env("SLUICE_TOKEN", &self.token)
             // Children die with `sluice dev`, even when it is killed with SIGKILL.
@@ -118,6 +122,26 @@ impl Supervisor {
             }
         });
         Ok(child)
+    }
+
+    /// OpenTelemetry resource attributes of a child: `sluice.role`,
+    /// `sluice.rank` and (once submitted) `sluice.job`, before the user's own
+    /// `OTEL_RESOURCE_ATTRIBUTES` (which win). An `OTEL_SERVICE_NAME` given to
+    /// `sluice dev` becomes every child's `service.namespace`; each keeps its
+    /// binary's `service.name`, so the four roles stay four services.
+    fn telemetry_env(&self, cmd: &mut Command, role: &str, rank: usize) {
+        let mut attrs = vec![format!("sluice.role={role}"), format!("sluice.rank={rank}")];
+        if let Some(job) = &self.job {
+            attrs.push(format!("sluice.job={job}"));
+        }
+        if let Some(ns) = std::env::var("OTEL_SERVICE_NAME").ok().filter(|s| !s.is_empty()) {
+            attrs.push(format!("service.namespace={}", ns.replace([',', '='], "_")));
+            cmd.env_remove("OTEL_SERVICE_NAME");
+        }
+        if let Some(user) = std::env::var("OTEL_RESOURCE_ATTRIBUTES").ok().filter(|s| !s.is_empty()) {
+            attrs.push(user);
+        }
+        cmd.env("OTEL_RESOURCE_ATTRIBUTES", attrs.join(","));
     }
 
     fn start(&mut self, role: &'static str, rank: usize, binary: &str, args: Vec<String>, bar: &ProgressBar) -> Outcome<u32> {
@@ -271,7 +295,7 @@ pub fn run(opts: DevOptions, stop: Arc<AtomicBool>) -> Outcome<i32> {
         _ => (0..32).map(|_| format!("{:x}", rand::random::<u8>() & 15)).collect(),
     };
     let (tx, rx) = mpsc::channel::<Line>();
-    let mut sup = Supervisor { bin_dir, logs: logs.clone(), token: token.clone(), procs: Vec::new(), lines: tx, json: opts.json };
+    let mut sup = Supervisor { bin_dir, logs: logs.clone(), token: token.clone(), job: None, procs: Vec::new(), lines: tx, json: opts.json };
     let bar = if opts.json { ProgressBar::hidden() } else { ProgressBar::new(cfg.train.steps) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}").expect("valid template"),
@@ -356,6 +380,7 @@ fn supervise(
         let open = format!("{url}jobs/{}?token={}", job.id, sluice_dashboard::auth::encode_path(token));
         say(opts.json, bar, serde_json::json!({"event": "dashboard", "source": "dev", "url": open}), format!("dashboard: {open}"));
     }
+    sup.job = Some(job.id.clone());
     let worker_args = |role_args: Vec<String>| {
         let mut a = vec![s("--orchestrator"), remote.endpoint.clone(), s("--job-id"), job.id.clone()];
         a.extend([s("--models-root"), s("/"), s("--data-root"), s("/")]);

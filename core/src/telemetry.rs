@@ -148,9 +148,18 @@ fn otlp(service: &str, endpoint: &str) -> Result<Telemetry, String> {
     if std::env::var("OTEL_SERVICE_NAME").map_or(true, |s| s.is_empty()) {
         resource = resource.with_service_name(service.to_string());
     }
-    let set_by_env = std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.instance.id="));
-    if !set_by_env {
+    let env = std::env::var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    if !env.contains("service.instance.id=") {
         resource = resource.with_attribute(opentelemetry::KeyValue::new("service.instance.id", instance_id()));
+    }
+    // The role, from the binary, unless the environment says (`sluice dev` adds rank and job too).
+    if !env.contains("sluice.role=") {
+        let role = match service.strip_prefix("sluice-") {
+            Some("reward-server") => "reward",
+            Some(role) => role,
+            None => "cli",
+        };
+        resource = resource.with_attribute(opentelemetry::KeyValue::new("sluice.role", role.to_string()));
     }
     let resource = resource.build();
     let tracer = SdkTracerProvider::builder()

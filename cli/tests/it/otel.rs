@@ -25,6 +25,8 @@ struct Receiver {
     spans: Arc<Mutex<BTreeSet<(String, String)>>>,
     metrics: Arc<Mutex<BTreeSet<(String, String)>>>,
     instances: Arc<Mutex<BTreeSet<(String, String)>>>,
+    /// (service.name, service.namespace, sluice.role, sluice.rank, sluice.job) of every resource.
+    labels: Arc<Mutex<BTreeSet<(String, String, String, String, String)>>>,
     /// Every span received.
     traced: Arc<Mutex<Vec<Traced>>>,
 }
@@ -33,6 +35,8 @@ impl Receiver {
     fn saw(&self, r: &Option<Resource>) -> String {
         let svc = service(r);
         self.instances.lock().unwrap().insert((svc.clone(), attribute(r, "service.instance.id")));
+        let label = |k: &str| attribute(r, k);
+        self.labels.lock().unwrap().insert((svc.clone(), label("service.namespace"), label("sluice.role"), label("sluice.rank"), label("sluice.job")));
         svc
     }
 }
@@ -109,11 +113,13 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"))
         .env("OTEL_BSP_SCHEDULE_DELAY", "200")
         .env("OTEL_METRIC_EXPORT_INTERVAL", "500")
+        .env("OTEL_SERVICE_NAME", "otel-run")
         .env("OMP_NUM_THREADS", "1")
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
     assert!(out.status.success(), "sluice dev failed");
+    let job_id = crate::events(&out).iter().find(|v| v["event"] == "submitted").unwrap()["job"].as_str().unwrap().to_string();
     // Every process flushes on exit; the receiver has everything by now.
     let spans = receiver.spans.lock().unwrap().clone();
     let metrics = receiver.metrics.lock().unwrap().clone();
@@ -164,6 +170,18 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
     for svc in ["sluice-learner", "sluice-actor", "sluice-orchestrator", "sluice-reward-server"] {
         let ids: Vec<_> = instances.iter().filter(|(s, _)| s == svc).map(|(_, id)| id.clone()).collect();
         assert!(ids.len() == 1 && !ids[0].is_empty(), "{svc}: instance ids {ids:?}");
+    }
+    // OTEL_SERVICE_NAME given to `sluice dev` names the run (service.namespace),
+    // not every process; each resource says its role, rank and (workers) job.
+    let labels = receiver.labels.lock().unwrap().clone();
+    for (svc, role, job) in [
+        ("sluice-learner", "learner", job_id.as_str()),
+        ("sluice-actor", "actor", job_id.as_str()),
+        ("sluice-reward-server", "reward", job_id.as_str()),
+        ("sluice-orchestrator", "orchestrator", ""),
+    ] {
+        let want = (svc.to_string(), "otel-run".to_string(), role.to_string(), "0".to_string(), job.to_string());
+        assert!(labels.contains(&want), "{want:?} not among {labels:?}");
     }
 }
 
