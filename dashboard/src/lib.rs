@@ -297,3 +297,102 @@ pub async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// One finished job with three events (the HTTP layer's tests; the real
+    /// sources are tested through the orchestrator and `sluice dashboard`).
+    struct Fixed;
+
+    impl Source for Fixed {
+        async fn jobs(&self) -> Result<Vec<Value>> {
+            Ok(vec![serde_json::json!({"id": "j-1", "name": "j", "state": "succeeded"})])
+        }
+        async fn job(&self, id: &str) -> Result<Value> {
+            if id == "j-1" {
+                Ok(self.jobs().await?.remove(0))
+            } else {
+                Err(Error::NotFound(format!("job `{id}`")))
+            }
+        }
+        async fn events(&self, id: &str, from: u64) -> Result<Events> {
+            self.job(id).await?;
+            let all = ["{\"event\":\"step\",\"step\":1}", "{\"event\":\"step\",\"step\":2}", "{\"event\":\"eval\",\"step\":2}"];
+            let events = all.iter().enumerate().skip(from as usize).map(|(i, e)| (i as u64, e.to_string())).collect();
+            Ok(Events { events, finished: true })
+        }
+    }
+
+    async fn get(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), path: &str, headers: &str) -> String {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn start(tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opts = Options { token: Some("t0k".into()), tls: tls.is_some(), ..Default::default() };
+        tokio::spawn(serve(listener, router(Fixed, &opts), tls, std::future::pending()));
+        addr
+    }
+
+    #[tokio::test]
+    async fn events_stream_end_for_a_finished_job_and_resume_after_the_last_id() {
+        let addr = start(None).await;
+        let call = |path: &'static str, headers: &'static str| async move {
+            get(&mut tokio::net::TcpStream::connect(addr).await.unwrap(), path, headers).await
+        };
+        let auth = "Authorization: Bearer t0k\r\n";
+        let all = call("/api/jobs/j-1/events", auth).await;
+        assert!(all.starts_with("HTTP/1.1 200") && all.contains("text/event-stream"), "{all}");
+        let ids: Vec<&str> = all.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+        assert_eq!(ids, ["0", "1", "2"]);
+        assert!(all.contains("data: {\"event\":\"step\",\"step\":2}") && all.contains("event: end"), "{all}");
+        let resumed = call("/api/jobs/j-1/events", "Authorization: Bearer t0k\r\nLast-Event-ID: 1\r\n").await;
+        assert_eq!(resumed.lines().filter_map(|l| l.strip_prefix("id: ")).collect::<Vec<_>>(), ["2"]);
+        assert!(call("/api/jobs/nope/events", auth).await.starts_with("HTTP/1.1 404"));
+        assert!(call("/api/jobs/j-1/events", "").await.starts_with("HTTP/1.1 401"));
+        assert!(call("/api/jobs", "Cookie: sluice_token=74306b\r\n").await.contains("\"j-1\""));
+        let js = call("/assets/uPlot.iife.min.js", "").await;
+        assert!(js.starts_with("HTTP/1.1 200") && js.contains("uPlot"), "assets need no token");
+    }
+
+    #[tokio::test]
+    async fn over_tls_the_cookie_is_secure() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        let tls = tls_config(&dir.path().join("cert.pem"), &dir.path().join("key.pem")).unwrap();
+        assert!(tls_config(&dir.path().join("cert.pem"), &dir.path().join("missing.pem")).is_err());
+        let addr = start(Some(tls)).await;
+
+        use tokio_rustls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut s = connector.connect(name, tcp).await.unwrap();
+        let r = get(&mut s, "/?token=t0k", "").await;
+        assert!(r.starts_with("HTTP/1.1 303"), "{r}");
+        let cookie = r.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap();
+        assert!(cookie.contains("HttpOnly") && cookie.contains("Secure") && cookie.contains("SameSite=Strict"), "{cookie}");
+    }
+}
