@@ -228,7 +228,7 @@ pub struct Session {
 
 /// What the reporter task sends: an event, or work-item fates (merged).
 enum Report {
-    Event(v1::Event),
+    Event(Box<v1::Event>),
     Fates(v1::WorkFates),
 }
 
@@ -281,7 +281,7 @@ impl Session {
             rt.spawn(async move {
                 let (mut batch, mut fates) = (Vec::new(), None);
                 let add = |r: Report, batch: &mut Vec<v1::Event>, fates: &mut Option<v1::WorkFates>| match r {
-                    Report::Event(e) => batch.push(e),
+                    Report::Event(e) => batch.push(*e),
                     Report::Fates(f) => merge_fates(fates, f),
                 };
                 loop {
@@ -313,7 +313,7 @@ impl Session {
     /// Queues a training event for the job's log.
     pub fn event(&self, event: v1::Event) {
         if let Some(tx) = &self.events {
-            let _ = tx.send(Report::Event(event));
+            let _ = tx.send(Report::Event(Box::new(event)));
         }
     }
 

@@ -25,11 +25,13 @@ struct Receiver {
     spans: Arc<Mutex<BTreeSet<(String, String)>>>,
     metrics: Arc<Mutex<BTreeSet<(String, String)>>>,
     instances: Arc<Mutex<BTreeSet<(String, String)>>>,
-    /// (service.name, service.namespace, sluice.role, sluice.rank, sluice.job) of every resource.
-    labels: Arc<Mutex<BTreeSet<(String, String, String, String, String)>>>,
+    labels: Arc<Mutex<BTreeSet<Labels>>>,
     /// Every span received.
     traced: Arc<Mutex<Vec<Traced>>>,
 }
+
+/// (service.name, service.namespace, sluice.role, sluice.rank, sluice.job) of a resource.
+type Labels = (String, String, String, String, String);
 
 impl Receiver {
     fn saw(&self, r: &Option<Resource>) -> String {
