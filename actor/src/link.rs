@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use sluice_proto::v1::learner_client::LearnerClient;
 use sluice_proto::v1::PushAck;
 use tokio::sync::Notify;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use sluice_proto::Channel;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::error::{Error, Result};
 
@@ -77,6 +78,7 @@ pub async fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Ch
         .max_frame_size(1 << 20)
         .connect()
         .await
+        .map(sluice_proto::serve::Traced)
         .map_err(|e| transport(e.to_string()))
 }
 

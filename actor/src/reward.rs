@@ -7,7 +7,8 @@ use sluice_core::config::{JobConfig, ResponseCaptions};
 use sluice_proto::auth;
 use sluice_proto::v1::reward_client::RewardClient;
 use sluice_proto::v1;
-use tonic::transport::{Channel, ClientTlsConfig};
+use sluice_proto::Channel;
+use tonic::transport::ClientTlsConfig;
 use tonic::Code;
 
 use crate::error::{Error, Result};

@@ -20,7 +20,7 @@ use std::time::Instant;
 use sluice_model::hf::Policy;
 use sluice_proto::v1::learner_client::LearnerClient;
 use sluice_proto::v1::WeightsRequest;
-use tonic::transport::Channel;
+use sluice_proto::Channel;
 use tonic::Code;
 
 use crate::error::{Error, Result};

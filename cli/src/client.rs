@@ -9,7 +9,7 @@ use sluice_proto::auth;
 pub use sluice_proto::jobs::{is_final, job_json, state_name};
 use sluice_proto::v1::orchestrator_client::OrchestratorClient;
 use sluice_proto::v1::{self, event::Body, JobState};
-use tonic::transport::Channel;
+use sluice_proto::Channel;
 use tonic::Code;
 
 /// Exit codes scripts can rely on (also in the README).

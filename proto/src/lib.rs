@@ -14,6 +14,8 @@ pub mod events;
 pub mod jobs;
 pub mod serve;
 
+pub use serve::Channel;
+
 
 /// Packed little-endian arrays, the encoding of `Rollout`'s token, log-prob and
 /// mask fields.
@@ -84,8 +86,6 @@ pub mod auth {
         if let Some(value) = token.and_then(bearer) {
             req.metadata_mut().insert("authorization", value);
         }
-        // W3C trace context of the caller's span (when exporting traces).
-        sluice_core::telemetry::inject(&mut crate::serve::Metadata(req.metadata_mut()));
         req
     }
 

@@ -1,4 +1,4 @@
-//! The one way a sluice process serves gRPC and the flags that secure it.
+//! The one way a sluice process serves and calls gRPC, and the flags that secure it.
 //!
 //! [`serve`] runs a service (already wrapped in [`crate::auth::Check`]) next to
 //! gRPC health on a bound listener: TLS when configured, large HTTP/2 windows
@@ -6,6 +6,7 @@
 //! must not wait for Nagle's algorithm), graceful shutdown. [`ServerSecurity`]
 //! and [`ClientSecurity`] are the token and TLS flags every binary flattens
 //! into its own (`#[command(flatten)]`), with the same names and variables.
+//! Clients call through [`Channel`], whose calls are CLIENT spans.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -46,8 +47,7 @@ pub async fn serve<S: NamedService>(
 /// OpenTelemetry RPC conventions, child of the caller's span when the request
 /// carries `traceparent`. Health checks get none.
 fn rpc_span(req: &http::Request<()>) -> tracing::Span {
-    let path = req.uri().path().trim_start_matches('/');
-    let Some((service, method)) = path.split_once('/') else { return tracing::Span::none() };
+    let Some((path, service, method)) = rpc_names(req.uri().path()) else { return tracing::Span::none() };
     if service.starts_with("grpc.health") {
         return tracing::Span::none();
     }
@@ -63,6 +63,64 @@ fn rpc_span(req: &http::Request<()>) -> tracing::Span {
     span
 }
 
+/// The span name and RPC attributes of a call path `/package.Service/Method`.
+fn rpc_names(path: &str) -> Option<(&str, &str, &str)> {
+    let path = path.trim_start_matches('/');
+    let (service, method) = path.split_once('/')?;
+    Some((path, service, method))
+}
+
+/// Every sluice client's channel: a [`Traced`] tonic channel.
+pub type Channel = Traced<tonic::transport::Channel>;
+
+/// A gRPC channel whose every call is a CLIENT span named
+/// `package.Service/Method` (the OpenTelemetry RPC conventions), child of the
+/// caller's span, and carries that span's W3C `traceparent`, so the server's
+/// SERVER span is its child. The span lasts until the response headers arrive.
+#[derive(Debug, Clone)]
+pub struct Traced<S>(pub S);
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for Traced<S>
+where
+    S: tonic::codegen::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
+        let span = match rpc_names(req.uri().path()) {
+            Some((path, service, method)) => tracing::info_span!(
+                "rpc",
+                otel.name = %path,
+                otel.kind = "client",
+                rpc.system = "grpc",
+                rpc.service = %service,
+                rpc.method = %method,
+            ),
+            None => tracing::Span::none(),
+        };
+        span.in_scope(|| sluice_core::telemetry::inject(&mut HeadersMut(req.headers_mut())));
+        self.0.call(req).instrument(span)
+    }
+}
+
+/// A request's HTTP headers as an OpenTelemetry propagation carrier (write).
+struct HeadersMut<'a>(&'a mut http::HeaderMap);
+
+impl opentelemetry::propagation::Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value)) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
 /// A request's HTTP headers as an OpenTelemetry propagation carrier (read).
 struct Headers<'a>(&'a http::HeaderMap);
 
@@ -72,18 +130,6 @@ impl opentelemetry::propagation::Extractor for Headers<'_> {
     }
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-/// A request's gRPC metadata as an OpenTelemetry propagation carrier (write).
-pub(crate) struct Metadata<'a>(pub &'a mut tonic::metadata::MetadataMap);
-
-impl opentelemetry::propagation::Injector for Metadata<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes());
-        if let (Ok(k), Ok(v)) = (key, value.parse()) {
-            self.0.insert(k, v);
-        }
     }
 }
 

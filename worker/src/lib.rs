@@ -15,7 +15,8 @@ use std::time::Duration;
 use sluice_proto::auth;
 use sluice_proto::v1::orchestrator_client::OrchestratorClient;
 use sluice_proto::v1::{self, JobState};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use sluice_proto::Channel;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic::Code;
 
 pub mod error;
@@ -35,7 +36,7 @@ pub async fn connect(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Or
         .connect()
         .await
         .map_err(|e| transport(format!("{e} (is the orchestrator running?)")))?;
-    Ok(OrchestratorClient::new(channel)
+    Ok(OrchestratorClient::new(sluice_proto::serve::Traced(channel))
         .max_decoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sluice_core::limits::MAX_MESSAGE_BYTES))
 }

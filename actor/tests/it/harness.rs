@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sluice_proto::v1::learner_client::LearnerClient;
 use sluice_proto::v1::{LearnerStatus, StatusRequest};
-use tonic::transport::Channel;
+use sluice_proto::Channel;
 
 /// A sibling binary of this test's package (built by `cargo build --workspace`).
 pub fn bin(name: &str) -> PathBuf {

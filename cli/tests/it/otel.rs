@@ -15,8 +15,18 @@ use tonic::{Request, Response, Status};
 
 use crate::sluice;
 
-/// One span as received: (trace id, service, span name, span kind, trace ids of its links).
-type Traced = (Vec<u8>, String, String, i32, Vec<Vec<u8>>);
+/// One span as received.
+#[derive(Debug, Clone)]
+struct Traced {
+    trace: Vec<u8>,
+    id: Vec<u8>,
+    parent: Vec<u8>,
+    service: String,
+    name: String,
+    kind: i32,
+    /// Trace ids of its links.
+    links: Vec<Vec<u8>>,
+}
 
 /// (service.name, span or metric name) pairs received, and each service's
 /// `service.instance.id`s.
@@ -67,7 +77,15 @@ impl TraceService for Receiver {
             for ss in rs.scope_spans {
                 for span in ss.spans {
                     let links = span.links.iter().map(|l| l.trace_id.clone()).collect();
-                    self.traced.lock().unwrap().push((span.trace_id.clone(), svc.clone(), span.name.clone(), span.kind, links));
+                    self.traced.lock().unwrap().push(Traced {
+                        trace: span.trace_id.clone(),
+                        id: span.span_id.clone(),
+                        parent: span.parent_span_id.clone(),
+                        service: svc.clone(),
+                        name: span.name.clone(),
+                        kind: span.kind,
+                        links,
+                    });
                     seen.insert((svc.clone(), span.name));
                 }
             }
@@ -150,10 +168,12 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
     // and the served calls are SERVER spans named package.Service/Method.
     let traced = receiver.traced.lock().unwrap().clone();
     const SERVER: i32 = 2;
+    const CLIENT: i32 = 3;
     let in_trace = |t: &Vec<u8>, svc: &str, name: &str, kind: Option<i32>| {
-        traced.iter().any(|(id, s, n, k, _)| id == t && s == svc && n == name && kind.is_none_or(|kind| *k == kind))
+        traced.iter().any(|s| &s.trace == t && s.service == svc && s.name == name && kind.is_none_or(|kind| s.kind == kind))
     };
-    let batches: Vec<&Vec<u8>> = traced.iter().filter(|(_, s, n, ..)| s == "sluice-actor" && n == "actor_batch").map(|(t, ..)| t).collect();
+    let batches: Vec<&Vec<u8>> =
+        traced.iter().filter(|s| s.service == "sluice-actor" && s.name == "actor_batch").map(|s| &s.trace).collect();
     assert!(!batches.is_empty(), "no actor_batch span");
     assert!(
         batches.iter().any(|t| in_trace(t, "sluice-reward-server", "sluice.v1.Reward/Score", Some(SERVER))
@@ -161,10 +181,24 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
             && in_trace(t, "sluice-actor", "sample_batch", None)),
         "no trace holds an actor batch with its Score and ReportOutcome calls: {traced:?}"
     );
+    // Each call is a CLIENT span in the caller, parent of the SERVER span in the callee.
+    for (caller, callee, call) in [
+        ("sluice-actor", "sluice-reward-server", "sluice.v1.Reward/Score"),
+        ("sluice-actor", "sluice-orchestrator", "sluice.v1.Orchestrator/NextWork"),
+        ("sluice-actor", "sluice-learner", "sluice.v1.Learner/GetWeights"),
+        ("sluice-learner", "sluice-orchestrator", "sluice.v1.Orchestrator/ReportEvents"),
+    ] {
+        let clients: Vec<&Traced> = traced.iter().filter(|s| s.service == caller && s.name == call && s.kind == CLIENT).collect();
+        assert!(!clients.is_empty(), "no CLIENT span {call} from {caller}");
+        assert!(
+            traced.iter().any(|s| s.service == callee && s.name == call && s.kind == SERVER && clients.iter().any(|c| c.id == s.parent)),
+            "no SERVER span {call} in {callee} whose parent is the {caller}'s CLIENT span"
+        );
+    }
     // The learner's steps link to the batches that sampled what they trained.
-    let steps: Vec<&Traced> = traced.iter().filter(|(_, s, n, ..)| s == "sluice-learner" && n == "train_step").collect();
+    let steps: Vec<&Traced> = traced.iter().filter(|s| s.service == "sluice-learner" && s.name == "train_step").collect();
     assert!(
-        steps.iter().any(|(.., links)| !links.is_empty() && links.iter().all(|l| batches.contains(&l))),
+        steps.iter().any(|s| !s.links.is_empty() && s.links.iter().all(|l| batches.contains(&l))),
         "no train_step span links to actor batches: {steps:?}"
     );
     // Every process names itself: one non-empty instance id per role here (one of each).
