@@ -147,7 +147,8 @@ pub fn run(
     let mut held: Vec<v1::WorkItem> = Vec::new();
     // The oldest weights the held items may be sampled with (round - max_staleness).
     let mut need_version = 0u64;
-    let mut outcomes: Vec<(u64, Vec<f64>)> = Vec::new();
+    // Sent work items not yet reported: id, rewards, and the item's span (its trace).
+    let mut outcomes: Vec<(u64, Vec<f64>, tracing::Span)> = Vec::new();
     let instruments = Instruments::new();
 
     'connection: while !stop.load(Ordering::SeqCst) {
@@ -292,9 +293,19 @@ pub fn run(
                     (problems, held.iter().map(|w| w.n as usize).collect())
                 }
             };
-            // One trace per batch: sampling, the reward server's Score and the
-            // orchestrator's ReportOutcome calls below are its children.
+            // One trace per batch (sampling), and one per work item: each item's
+            // Score and ReportOutcome calls are its children, its rollouts carry
+            // its traceparent (the learner's step links to it), and it links to
+            // the batch that sampled it.
             let batch_span = tracing::info_span!("actor_batch", version, prompts = problems.len());
+            let item_spans: Vec<tracing::Span> = held
+                .iter()
+                .map(|w| {
+                    let s = tracing::info_span!(parent: None, "work_item", work = w.id, prompt = w.prompt_index, n = w.n);
+                    s.follows_from(&batch_span);
+                    s
+                })
+                .collect();
             let _in_batch = batch_span.enter();
             let span = tracing::info_span!("sample_batch", version, prompts = problems.len());
             // Interruptible generation: at a token boundary, a newer version of
@@ -343,7 +354,7 @@ pub fn run(
             let mut collected = collected?;
             let t_score = Instant::now();
             if let Some(endpoint) = &opts.reward {
-                if !rescore(&rt, endpoint, token, tls.as_ref(), &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &stop)? {
+                if !rescore(&rt, endpoint, token, tls.as_ref(), &mut reward_client, cfg, task.as_ref(), &problems, &mut collected.groups, &tokenizer, &item_spans, &stop)? {
                     break 'connection;
                 }
                 // Actor 0 passes the annotation pipeline's counters on to the job's log.
@@ -359,10 +370,14 @@ pub fn run(
             let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let timings = v1::Timings { generate_s: collected.generate_s, score_s, created_unix_ms: created };
             let (mut rollouts, mut reward, mut extrinsic) = (0usize, 0.0, 0.0);
-            // The learner links its step to this batch's trace.
-            let trace = sluice_core::telemetry::traceparent().unwrap_or_default();
+            // The learner links its step to each work item's trace (or this batch's).
+            let batch_trace = sluice_core::telemetry::traceparent().unwrap_or_default();
             for (k, group) in collected.groups.iter().enumerate() {
                 let work_id = held.get(k).map_or(0, |w| w.id);
+                let trace = match item_spans.get(k) {
+                    Some(s) => s.in_scope(sluice_core::telemetry::traceparent).unwrap_or_default(),
+                    None => batch_trace.clone(),
+                };
                 let at = Placement {
                     job: &cfg.name,
                     actor: &opts.actor_id,
@@ -386,8 +401,8 @@ pub fn run(
             instruments.record(collected.groups.len(), rollouts, collected.generate_s);
             if let Some(s) = session {
                 // Sent: the learner has them (or drops them); the items are done.
-                for (w, group) in held.drain(..).zip(&collected.groups) {
-                    outcomes.push((w.id, group.rollouts.iter().map(|r| r.extrinsic).collect()));
+                for ((w, group), span) in held.drain(..).zip(&collected.groups).zip(item_spans) {
+                    outcomes.push((w.id, group.rollouts.iter().map(|r| r.extrinsic).collect(), span));
                 }
                 report_outcomes(s, &mut outcomes);
             }
@@ -452,9 +467,10 @@ impl Instruments {
 /// could not deliver (orchestrator unreachable) for the next call. An outcome
 /// the orchestrator refuses (item unknown, e.g. after it restarted without
 /// Redis) is dropped.
-fn report_outcomes(session: &Session, outcomes: &mut Vec<(u64, Vec<f64>)>) {
-    while let Some((id, rewards)) = outcomes.first().cloned() {
-        match session.report_outcome(id, rewards) {
+fn report_outcomes(session: &Session, outcomes: &mut Vec<(u64, Vec<f64>, tracing::Span)>) {
+    while let Some((id, rewards, span)) = outcomes.first().cloned() {
+        // In the work item's trace.
+        match span.in_scope(|| session.report_outcome(id, rewards)) {
             Ok(_) => {}
             Err(sluice_worker::Error::Status(s)) if matches!(s.code(), Code::NotFound | Code::InvalidArgument) => {
                 tracing::warn!(work = id, status = %s, "outcome refused; dropped");

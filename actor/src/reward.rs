@@ -17,6 +17,9 @@ use crate::link::{channel, Backoff};
 /// Replaces each rollout's reward with the reward server's total (verifier —
 /// or, for an episode, the environment's reward — plus intrinsic reward). Keeps one connection in `client`; reconnects and
 /// retries with backoff while the server is unreachable; false when stopped first.
+///
+/// With one span per group (`spans`: the work items' traces), each group is
+/// its own `Score` call inside its span, all calls at once; else one call.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rescore(
     rt: &tokio::runtime::Runtime,
@@ -29,11 +32,16 @@ pub(crate) fn rescore(
     problems: &[sluice_core::tasks::Problem],
     groups: &mut [sluice_core::rollout::Group],
     tokenizer: &sluice_core::tokenizer::Tokenizer,
+    spans: &[tracing::Span],
     stop: &AtomicBool,
 ) -> Result<bool> {
+    use tracing::Instrument;
     let mut items = Vec::new();
+    // Where each group's items start in `items`.
+    let mut starts = Vec::with_capacity(groups.len());
     let episodes = problems.first().is_some_and(|p| task.episode(p).is_some());
     for (gi, (p, group)) in problems.iter().zip(groups.iter()).enumerate() {
+        starts.push(items.len());
         for (ri, r) in group.rollouts.iter().enumerate() {
             let id = format!("{gi}:{ri}");
             if episodes {
@@ -58,7 +66,16 @@ pub(crate) fn rescore(
             });
         }
     }
-    let request = v1::ScoreRequest { job_id: cfg.name.clone(), items };
+    starts.push(items.len());
+    let calls: Vec<(v1::ScoreRequest, tracing::Span)> = if !spans.is_empty() && spans.len() == groups.len() {
+        starts
+            .windows(2)
+            .zip(spans)
+            .map(|(w, span)| (v1::ScoreRequest { job_id: cfg.name.clone(), items: items[w[0]..w[1]].to_vec() }, span.clone()))
+            .collect()
+    } else {
+        vec![(v1::ScoreRequest { job_id: cfg.name.clone(), items }, tracing::Span::current())]
+    };
     let mut backoff = Backoff::new();
     let scores = loop {
         if stop.load(Ordering::SeqCst) {
@@ -69,11 +86,21 @@ pub(crate) fn rescore(
                 let c = channel(endpoint, tls).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                 *client = Some(RewardClient::new(c));
             }
-            let c = client.as_mut().expect("connected above");
-            c.score(auth::request(request.clone(), token)).await
+            let c = client.as_ref().expect("connected above");
+            let mut tasks = tokio::task::JoinSet::new();
+            for (k, (req, span)) in calls.iter().enumerate() {
+                let (mut c, req) = (c.clone(), auth::request(req.clone(), token));
+                tasks.spawn(async move { c.score(req).await.map(|r| (k, r.into_inner().scores)) }.instrument(span.clone()));
+            }
+            let mut parts = vec![Vec::new(); calls.len()];
+            while let Some(done) = tasks.join_next().await {
+                let (k, scores) = done.map_err(|e| tonic::Status::internal(e.to_string()))??;
+                parts[k] = scores;
+            }
+            Ok::<_, tonic::Status>(parts.concat())
         });
         match attempt {
-            Ok(r) => break r.into_inner().scores,
+            Ok(scores) => break scores,
             Err(s) if s.code() == Code::Unauthenticated => return Err(Error::Status(s)),
             Err(e) => {
                 tracing::warn!(error = %e, "reward server unavailable; retrying");

@@ -163,9 +163,10 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
     ] {
         assert!(metrics.contains(&(svc.to_string(), name.to_string())), "no metric {name} from {svc}: {metrics:?}");
     }
-    // Trace context crosses processes: an actor's batch, the reward server's
-    // Score call and the orchestrator's ReportOutcome call for it share a trace,
-    // and the served calls are SERVER spans named package.Service/Method.
+    // Trace context crosses processes: each work item is a trace holding the
+    // actor's `work_item` span, the reward server's Score call and the
+    // orchestrator's ReportOutcome call for it (SERVER spans named
+    // package.Service/Method), linked to the actor batch that sampled it.
     let traced = receiver.traced.lock().unwrap().clone();
     const SERVER: i32 = 2;
     const CLIENT: i32 = 3;
@@ -175,12 +176,20 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
     let batches: Vec<&Vec<u8>> =
         traced.iter().filter(|s| s.service == "sluice-actor" && s.name == "actor_batch").map(|s| &s.trace).collect();
     assert!(!batches.is_empty(), "no actor_batch span");
-    assert!(
-        batches.iter().any(|t| in_trace(t, "sluice-reward-server", "sluice.v1.Reward/Score", Some(SERVER))
-            && in_trace(t, "sluice-orchestrator", "sluice.v1.Orchestrator/ReportOutcome", Some(SERVER))
-            && in_trace(t, "sluice-actor", "sample_batch", None)),
-        "no trace holds an actor batch with its Score and ReportOutcome calls: {traced:?}"
-    );
+    assert!(batches.iter().any(|t| in_trace(t, "sluice-actor", "sample_batch", None)), "no batch trace holds its sampling");
+    let items: Vec<&Traced> = traced.iter().filter(|s| s.service == "sluice-actor" && s.name == "work_item").collect();
+    assert!(!items.is_empty(), "no work_item span");
+    let whole = |i: &&Traced| {
+        in_trace(&i.trace, "sluice-reward-server", "sluice.v1.Reward/Score", Some(SERVER))
+            && in_trace(&i.trace, "sluice-orchestrator", "sluice.v1.Orchestrator/ReportOutcome", Some(SERVER))
+            && i.links.iter().any(|l| batches.contains(&l))
+    };
+    assert!(items.iter().any(whole), "no work item trace holds its Score and ReportOutcome calls and links to its batch: {items:?}");
+    // One trace per work item: no two items share one.
+    let mut item_traces: Vec<&Vec<u8>> = items.iter().map(|i| &i.trace).collect();
+    item_traces.sort();
+    item_traces.dedup();
+    assert_eq!(item_traces.len(), items.len());
     // Each call is a CLIENT span in the caller, parent of the SERVER span in the callee.
     for (caller, callee, call) in [
         ("sluice-actor", "sluice-reward-server", "sluice.v1.Reward/Score"),
@@ -195,11 +204,11 @@ fn a_dev_job_exports_spans_and_metrics_over_otlp() {
             "no SERVER span {call} in {callee} whose parent is the {caller}'s CLIENT span"
         );
     }
-    // The learner's steps link to the batches that sampled what they trained.
+    // The learner's steps link to the work items whose groups they trained.
     let steps: Vec<&Traced> = traced.iter().filter(|s| s.service == "sluice-learner" && s.name == "train_step").collect();
     assert!(
-        steps.iter().any(|s| !s.links.is_empty() && s.links.iter().all(|l| batches.contains(&l))),
-        "no train_step span links to actor batches: {steps:?}"
+        steps.iter().any(|s| !s.links.is_empty() && s.links.iter().all(|l| item_traces.contains(&l))),
+        "no train_step span links to work items: {steps:?}"
     );
     // Every process names itself: one non-empty instance id per role here (one of each).
     let instances = receiver.instances.lock().unwrap().clone();
