@@ -99,6 +99,11 @@ fn the_dashboard_shows_jobs_live_and_finished_in_a_real_browser() {
             });
         }
         assert_eq!(dev.wait_exit(Duration::from_secs(300)), 0, "{name} completes");
+        if let Some(b) = watch {
+            // What the live page drew while the job ran: steps in order, none twice.
+            let x = numbers(&b.eval("return window.sluice.plots.reward.data[0]"));
+            assert!(!x.is_empty() && x.windows(2).all(|w| w[0] < w[1]) && x.iter().all(|&s| s <= steps), "live page steps: {x:?}");
+        }
         dev.lines().iter().find(|v| v["event"] == "submitted").unwrap()["job"].as_str().unwrap().to_string()
     };
     let a = run_dev("dash-a", 12, Some(&browser));
