@@ -142,7 +142,7 @@ sluice.jobPage = function () {
   let staleSeries = 0;
   plots.staleness = makePlot("staleness", [], state, { scales: { y: { range: [0, 1] } } });
   plots.budget = makePlot("budget", [["min", "#aec7e8", null], ["median", "#1f77b4", null], ["max", "#aec7e8", null], ["mean", "#ff7f0e", null]], state, { xLabel: "round", markers: false });
-  plots.oni = makePlot("oni", [["labelled", "#2ca02c", null], ["queued", "#1f77b4", null], ["dropped", "#d62728", null], ["LLM s/batch", "#9467bd", null, "y2"]], state, { xLabel: "step", points: () => true });
+  plots.oni = makePlot("oni", [["labelled", "#2ca02c", null], ["queued", "#1f77b4", null], ["dropped", "#d62728", null], ["LLM s/batch", "#9467bd", null, "y2"]], state, { xLabel: "step" });
 
   let pending = false;
   const redraw = () => {
@@ -179,8 +179,15 @@ sluice.jobPage = function () {
     const stat = (f) => r.map((x) => (x.sizes.length ? f(x.sizes) : null));
     const sorted = (s) => [...s].sort((a, b) => a - b);
     plots.budget.setData([r.map((x) => x.round), stat((s) => Math.min(...s)), stat((s) => sorted(s)[Math.floor(s.length / 2)]), stat((s) => Math.max(...s)), stat((s) => s.reduce((a, b) => a + b, 0) / s.length)]);
-    const o = state.oni;
-    plots.oni.setData([o.map((x) => x.x), o.map((x) => x.labelled), o.map((x) => x.queued), o.map((x) => x.dropped), o.map((x) => x.annotate_seconds_mean ?? null)]);
+    // Annotation counters on the same step axis: at each step, the last report made by then.
+    let j = -1;
+    const oniAt = state.steps.map((e) => {
+      while (j + 1 < state.oni.length && state.oni[j + 1].x <= e.step) j++;
+      return j >= 0 ? state.oni[j] : null;
+    });
+    const oniSeries = (f) => oniAt.map((a) => (a ? f(a) : null));
+    plots.oni.setData([xs, oniSeries((a) => a.labelled), oniSeries((a) => a.queued), oniSeries((a) => a.dropped), oniSeries((a) => a.annotate_seconds_mean ?? null)]);
+    sluice.oni = state.oni.length;
     drawCompletions();
     sluice.steps = xs.length;
   }
