@@ -47,27 +47,28 @@ pub async fn serve<S: NamedService>(
 /// OpenTelemetry RPC conventions, child of the caller's span when the request
 /// carries `traceparent`. Health checks get none.
 fn rpc_span(req: &http::Request<()>) -> tracing::Span {
-    let Some((path, service, method)) = rpc_names(req.uri().path()) else { return tracing::Span::none() };
-    if service.starts_with("grpc.health") {
+    if req.uri().path().starts_with("/grpc.health") {
         return tracing::Span::none();
     }
-    let span = tracing::info_span!(
-        "rpc",
-        otel.name = %path,
-        otel.kind = "server",
-        rpc.system = "grpc",
-        rpc.service = %service,
-        rpc.method = %method,
-    );
+    let span = call_span(req.uri().path(), "server");
     sluice_core::telemetry::set_parent(&span, &Headers(req.headers()));
     span
 }
 
-/// The span name and RPC attributes of a call path `/package.Service/Method`.
-fn rpc_names(path: &str) -> Option<(&str, &str, &str)> {
+/// The span of one call to `/package.Service/Method` (`kind`: server or
+/// client): named `package.Service/Method` with the `rpc.*` attributes of
+/// the OpenTelemetry RPC conventions. Other paths get none.
+fn call_span(path: &str, kind: &'static str) -> tracing::Span {
     let path = path.trim_start_matches('/');
-    let (service, method) = path.split_once('/')?;
-    Some((path, service, method))
+    let Some((service, method)) = path.split_once('/') else { return tracing::Span::none() };
+    tracing::info_span!(
+        "rpc",
+        otel.name = %path,
+        otel.kind = kind,
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    )
 }
 
 /// Every sluice client's channel: a [`Traced`] tonic channel.
@@ -94,17 +95,7 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         use tracing::Instrument;
-        let span = match rpc_names(req.uri().path()) {
-            Some((path, service, method)) => tracing::info_span!(
-                "rpc",
-                otel.name = %path,
-                otel.kind = "client",
-                rpc.system = "grpc",
-                rpc.service = %service,
-                rpc.method = %method,
-            ),
-            None => tracing::Span::none(),
-        };
+        let span = call_span(req.uri().path(), "client");
         span.in_scope(|| sluice_core::telemetry::inject(&mut HeadersMut(req.headers_mut())));
         self.0.call(req).instrument(span)
     }
