@@ -78,6 +78,8 @@ pub enum ActorEvent {
         send_s: f64,
     },
     Disconnected { reason: String },
+    /// Work items taken from the orchestrator (their ids), before sampling them.
+    Work { items: Vec<u64> },
     Done { groups_sent: u64, groups_accepted: u64, groups_dropped: u64, version: u64 },
 }
 
@@ -264,6 +266,7 @@ pub fn run(
                             }
                             Ok(r) => {
                                 held = r.items;
+                                report(&ActorEvent::Work { items: held.iter().map(|w| w.id).collect() });
                                 let last = held.iter().map(|w| w.round).max().unwrap_or(0);
                                 need_version = last.saturating_sub(staleness.max());
                                 if mine.is_some_and(|(v, _)| v < need_version) {

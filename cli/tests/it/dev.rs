@@ -193,23 +193,24 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
     let mut actor = pid(&mut dev, "actor", 0);
     let learner = pid(&mut dev, "learner", 0);
     dev.wait_line("step 3", Duration::from_secs(300), |v| v["event"] == "step" && v["step"].as_u64() >= Some(3));
-    // Kill actor 0 until a kill lands while it holds work items: right after a
-    // round opens (the actor polls every 20 ms, then samples its items), so
-    // its lease expires with items held and the orchestrator hands them out again.
+    // Kill actor 0 until a kill lands while it holds work items: the moment its
+    // log (its stdout, which `sluice dev` copies there) says it took items, before
+    // it has sampled and reported them, so its lease expires with items held and
+    // the orchestrator hands them out again.
     let count = |dev: &Proc, event: &str| dev.lines().iter().filter(|v| v["event"] == event).count();
+    let mut actor_log = Tail { path: dir.path().join("run-faults/logs/actor-0.log"), pos: 0 };
     // Every actor pid killed so far: `wait_line` finds the first matching line,
     // and earlier restarts' lines are still there.
     let mut killed = Vec::new();
     for attempt in 0.. {
         assert!(attempt < 16, "no kill of the actor landed while it held work");
-        let (lost, rounds) = (count(&dev, "worker_lost"), count(&dev, "round"));
+        let lost = count(&dev, "worker_lost");
+        actor_log.took_work();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while count(&dev, "round") == rounds {
-            assert!(Instant::now() < deadline, "no round opened");
-            std::thread::sleep(Duration::from_millis(5));
+        while !actor_log.took_work() {
+            assert!(Instant::now() < deadline, "actor 0 took no work items");
+            std::thread::sleep(Duration::from_micros(200));
         }
-        // The actor polls every 20 ms and samples for a few ms more: vary the delay.
-        std::thread::sleep(Duration::from_millis([5, 15, 25, 10, 20, 30, 0, 35][attempt % 8]));
         kill9(actor);
         killed.push(actor);
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -244,6 +245,31 @@ fn killed_actor_and_learner_lose_nothing_and_redis_keeps_the_job() {
     assert!(trained.iter().all(|&g| g == PPS), "{trained:?}");
     let logs = cli(&endpoint, &["logs", &id]);
     assert!(String::from_utf8_lossy(&logs.stdout).contains("worker_lost"));
+}
+
+/// What a log file gained since the last look.
+struct Tail {
+    path: PathBuf,
+    pos: u64,
+}
+
+impl Tail {
+    /// Whether the lines appended since the last call include an actor's `work` event.
+    fn took_work(&mut self) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.path) else { return false };
+        let len = f.metadata().map_or(0, |m| m.len());
+        if len <= self.pos {
+            return false;
+        }
+        let mut text = String::new();
+        f.seek(SeekFrom::Start(self.pos)).unwrap();
+        f.take(len - self.pos).read_to_string(&mut text).unwrap_or_default();
+        // Up to the last whole line; a partial one is read again next time.
+        let whole = text.rfind('\n').map_or(0, |i| i + 1);
+        self.pos += whole as u64;
+        text[..whole].contains("\"event\":\"work\"")
+    }
 }
 
 /// The `round` events of a job's log: each round's rollout budgets.
