@@ -371,7 +371,9 @@ pub fn run(
             let score_s = t_score.elapsed().as_secs_f64();
             let t_send = Instant::now();
             let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-            let timings = v1::Timings { generate_s: collected.generate_s, score_s, created_unix_ms: created };
+            // Each group carries its share of the batch's generation time, by response tokens.
+            let tokens = |g: &sluice_core::rollout::Group| g.rollouts.iter().map(|r| r.response_tokens.len()).sum::<usize>();
+            let batch_tokens = collected.groups.iter().map(tokens).sum::<usize>().max(1) as f64;
             let (mut rollouts, mut reward, mut extrinsic) = (0usize, 0.0, 0.0);
             // The learner links its step to each work item's trace (or this batch's).
             let batch_trace = sluice_core::telemetry::traceparent().unwrap_or_default();
@@ -390,6 +392,8 @@ pub fn run(
                     trace: &trace,
                 };
                 next_group_id += 1;
+                let generate_s = collected.generate_s * tokens(group) as f64 / batch_tokens;
+                let timings = v1::Timings { generate_s, score_s, created_unix_ms: created };
                 for (i, r) in group.rollouts.iter().enumerate() {
                     if tx.blocking_send(encode(r, at, i, Some(timings))).is_err() {
                         continue 'connection;

@@ -48,8 +48,11 @@ pub struct Group {
     /// a learner trains at most one group per work item, across restarts.
     pub work_id: u64,
     pub rollouts: Vec<Rollout>,
-    /// W3C traceparent of the actor batch that sampled it (tracing only).
+    /// W3C traceparent of the work item (or actor batch) that sampled it (tracing only).
     pub trace: Option<String>,
+    /// Seconds an actor spent generating it: its share of its sampling batch's
+    /// time, by response tokens (0: not known, e.g. sampled in process).
+    pub generate_s: f64,
 }
 
 impl Group {

@@ -161,7 +161,10 @@ impl Assembler {
         let rollouts: Vec<Rollout> = p.slots.into_values().collect();
         // The sampling batch's trace, for the train_step span's links (bounded).
         let trace = (!wire.traceparent.is_empty() && wire.traceparent.len() <= 256).then(|| wire.traceparent.clone());
-        Ok(Some(Group { prompt_id: p.prompt_id, work_id: wire.work_id, rollouts, trace }))
+        // The actor's generation time for it (only a sane value counts).
+        let generate_s = wire.timings.map_or(0.0, |t| t.generate_s);
+        let generate_s = if generate_s.is_finite() && (0.0..=86_400.0).contains(&generate_s) { generate_s } else { 0.0 };
+        Ok(Some(Group { prompt_id: p.prompt_id, work_id: wire.work_id, rollouts, trace, generate_s }))
     }
 
     /// Groups still waiting for members (dropped when the stream ends).
@@ -250,6 +253,18 @@ mod tests {
         let first = rollout(0);
         let g = asm.add(&first, check(&first, &limits()).unwrap()).unwrap().unwrap();
         assert_eq!((g.rollouts[0].response_tokens[0], g.rollouts[1].response_tokens[0]), (6, 7));
+    }
+
+    #[test]
+    fn a_group_keeps_its_generation_time_when_it_is_sane() {
+        for (sent, kept) in [(0.25, 0.25), (f64::NAN, 0.0), (-1.0, 0.0), (1e12, 0.0)] {
+            let mut asm = Assembler::default();
+            let timed = |i| v1::Rollout { timings: Some(v1::Timings { generate_s: sent, ..Default::default() }), ..rollout(i) };
+            let (a, b) = (timed(0), timed(1));
+            assert!(asm.add(&a, check(&a, &limits()).unwrap()).unwrap().is_none());
+            let g = asm.add(&b, check(&b, &limits()).unwrap()).unwrap().unwrap();
+            assert_eq!(g.generate_s, kept, "sent {sent}");
+        }
     }
 
     #[test]

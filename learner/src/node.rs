@@ -400,8 +400,14 @@ impl RolloutSource for ActorBuffer<'_> {
         }
         // The rewards the learner reports are those of the groups it trains on.
         self.drawn = groups.iter().map(|g| g.work_id).collect();
+        // Generation speed of the actors that sampled these groups (those that said how long it took).
+        let timed = groups.iter().filter(|g| g.generate_s > 0.0);
+        let generated: usize = timed.clone().flat_map(|g| &g.rollouts).map(|r| r.response_tokens.len()).sum();
+        let generate_s: f64 = timed.map(|g| g.generate_s).sum();
         let mut d = Drawn::of(groups);
         d.lags = lags;
+        d.generated_tokens = generated;
+        d.generate_s = generate_s;
         d.wait_s = t0.elapsed().as_secs_f64();
         Ok(Some(d))
     }

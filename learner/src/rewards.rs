@@ -211,7 +211,7 @@ mod tests {
     #[test]
     fn fixed_weights_sum_the_components() {
         let m = mix("weights = { correct = 1.0, short = 0.5, finished = 0.25 }");
-        let g = Group { prompt_id: 0, work_id: 0, rollouts: vec![rollout(1.0, 2, FinishReason::Stop), rollout(0.0, 8, FinishReason::Length)], trace: None };
+        let g = Group { prompt_id: 0, work_id: 0, rollouts: vec![rollout(1.0, 2, FinishReason::Stop), rollout(0.0, 8, FinishReason::Length)], trace: None, generate_s: 0.0 };
         let out = m.apply(std::slice::from_ref(&g));
         // 1 + 0.5 * (1 - 2/8) + 0.25 = 1.625; 0 + 0.5 * 0 + 0 = 0.
         assert_eq!(out[0].rollouts.iter().map(|r| r.reward).collect::<Vec<_>>(), vec![1.625, 0.0]);
@@ -247,7 +247,7 @@ mod tests {
         }
         assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
         assert!((seen[2] - 3.0 * 0.5 * 0.6).abs() < 1e-12);
-        let g = Group { prompt_id: 0, work_id: 0, rollouts: vec![rollout(0.0, 3, FinishReason::Stop)], trace: None };
+        let g = Group { prompt_id: 0, work_id: 0, rollouts: vec![rollout(0.0, 3, FinishReason::Stop)], trace: None, generate_s: 0.0 };
         assert!((m.apply(std::slice::from_ref(&g))[0].rollouts[0].reward - seen[2]).abs() < 1e-12, "finished now pays lambda");
         // Each step that holds lowers it by 0.5 * (1.0 - 0.9) = 0.05: 0.9 is gone after 18.
         for _ in 0..20 {

@@ -492,7 +492,7 @@ mod tests {
             version,
             finish: FinishReason::Stop,
         };
-        Group { prompt_id: 1, work_id, rollouts: vec![r.clone(), r], trace: None }
+        Group { prompt_id: 1, work_id, rollouts: vec![r.clone(), r], trace: None, generate_s: 0.0 }
     }
 
     /// Ingest records each group's fate for the orchestrator: stale when

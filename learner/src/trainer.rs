@@ -321,7 +321,7 @@ impl Trainer {
         m.reward_mean = sums[0] / sums[2].max(1.0);
         m.extrinsic_mean = sums[1] / sums[2].max(1.0);
         m.rollouts_sampled = d.rollouts_sampled;
-        m.generation_tokens_per_s = d.generated_tokens as f64 / d.generate_s.max(1e-9);
+        m.generation_tokens_per_s = if d.generate_s > 0.0 { d.generated_tokens as f64 / d.generate_s } else { 0.0 };
         m.wait_seconds = d.wait_s;
         m.staleness_mean = d.lags.iter().sum::<u64>() as f64 / d.lags.len().max(1) as f64;
         for &lag in &d.lags {

@@ -64,7 +64,7 @@ pub fn collect_groups(
                 finish: c.finish,
             });
         }
-        groups.push(Group { prompt_id: p.id, work_id: 0, rollouts, trace: None });
+        groups.push(Group { prompt_id: p.id, work_id: 0, rollouts, trace: None, generate_s: 0.0 });
     }
     Ok(Collected { groups, generate_s })
 }
@@ -286,7 +286,7 @@ pub fn collect_episodes(
     let mut groups: Vec<Group> = Vec::with_capacity(problems.len());
     let mut it = live.into_iter();
     for (p, &n) in problems.iter().zip(sizes) {
-        groups.push(Group { prompt_id: p.id, work_id: 0, rollouts: it.by_ref().take(n).map(|l| l.rollout).collect(), trace: None });
+        groups.push(Group { prompt_id: p.id, work_id: 0, rollouts: it.by_ref().take(n).map(|l| l.rollout).collect(), trace: None, generate_s: 0.0 });
     }
     Ok(Collected { groups, generate_s })
 }

@@ -48,6 +48,7 @@ return {
   held_out: r.data[0].filter((_, i) => r.data[4][i] != null),
   points: document.getElementById('plot-reward').dataset.points,
   rows: rows.map(t => +t.cells[0].textContent),
+  generation: s.plots.throughput.data[1],
   name: document.getElementById('job-name').textContent,
   state: s.state || null,
 };"#;
@@ -72,6 +73,9 @@ fn check_job_page(browser: &Browser, dash: &str, id: &str, run: &Path) -> Value 
     let all_evals = run_steps(run, "eval");
     assert!(rows.iter().all(|s| all_evals.contains(s)), "{id}: completions of its own evaluations only: {rows:?} vs {all_evals:?}");
     assert!(v["name"].as_str().unwrap().starts_with(id), "{v}");
+    // The actors' generation speed reaches the learner's steps (each group carries its share of its batch's time).
+    let generation = v["generation"].as_array().unwrap();
+    assert!(generation.iter().all(|g| g.as_f64().is_some_and(|x| x > 0.0)), "generation tokens/s per step: {generation:?}");
     v
 }
 

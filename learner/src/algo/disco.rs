@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn sides_split_groups_and_drop_one_sided_ones() {
-        let g = |r: &[f64]| Group { prompt_id: 0, work_id: 0, rollouts: r.iter().map(|&x| rollout(x)).collect(), trace: None };
+        let g = |r: &[f64]| Group { prompt_id: 0, work_id: 0, rollouts: r.iter().map(|&x| rollout(x)).collect(), trace: None, generate_s: 0.0 };
         let (s, two) = sides(&[g(&[1.0, 0.0, 0.0]), g(&[1.0, 1.0]), g(&[0.0, 0.0]), g(&[0.2, 0.5, 0.8])]);
         use Side::*;
         assert_eq!(s, vec![Positive, Negative, Negative, Neither, Neither, Neither, Neither, Negative, Neither, Positive]);

@@ -683,7 +683,7 @@ mod tests {
     #[test]
     fn advantage_clip_bounds_knapsack_sized_groups() {
         let rollout = super::super::scored_rollout;
-        let group = Group { prompt_id: 0, work_id: 0, rollouts: (0..93).map(|i| rollout(f64::from(i == 0))).collect(), trace: None };
+        let group = Group { prompt_id: 0, work_id: 0, rollouts: (0..93).map(|i| rollout(f64::from(i == 0))).collect(), trace: None, generate_s: 0.0 };
         let c = GrpoConfig::default();
         let (raw, _) = advantages(std::slice::from_ref(&group), &c, 16, 0.0);
         assert!((raw[0] - 92.0 / 93f64.sqrt()).abs() < 1e-3, "{}", raw[0]);

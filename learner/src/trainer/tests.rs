@@ -34,7 +34,7 @@ fn pair(response: &[i64], logprobs: &[f32], loss_mask: &[bool]) -> Group {
         version: 0,
         finish: FinishReason::Stop,
     };
-    Group { prompt_id: 0, work_id: 0, rollouts: vec![r(1.0), r(0.0)], trace: None }
+    Group { prompt_id: 0, work_id: 0, rollouts: vec![r(1.0), r(0.0)], trace: None, generate_s: 0.0 }
 }
 
 fn group(logprob: f32) -> Group {
@@ -66,7 +66,7 @@ fn diffusion_groups() -> Vec<Group> {
                     }
                 })
                 .collect();
-            Group { prompt_id: g as u64, work_id: 0, rollouts, trace: None }
+            Group { prompt_id: g as u64, work_id: 0, rollouts, trace: None, generate_s: 0.0 }
         })
         .collect()
 }
