@@ -95,8 +95,10 @@ impl ActorEvent {
     }
 }
 
-/// How often actor 0 reports the reward server's annotation counters.
-const ANNOTATION_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often actor 0 at most reports the reward server's annotation counters
+/// (the first time with its first batch; then only when they changed): a
+/// long job's log holds steps, not a report every few seconds.
+const ANNOTATION_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs until the learner reports the job finished, `max_groups` is reached or
 /// `stop` is set. Connection failures are retried with backoff. With a
@@ -144,6 +146,7 @@ pub fn run(
     let mut totals = (0u64, 0u64);
     let mut reward_client = None;
     let mut annotation_at: Option<Instant> = None;
+    let mut annotation_last = None;
     // Work items taken from the orchestrator and not yet delivered, and the
     // outcomes of delivered ones not yet reported.
     let mut held: Vec<v1::WorkItem> = Vec::new();
@@ -364,7 +367,14 @@ pub fn run(
                 if let Some(s) = session.filter(|_| opts.index == 0 && annotation_at.is_none_or(|t| t.elapsed() >= ANNOTATION_EVERY)) {
                     annotation_at = Some(Instant::now());
                     if let Some(e) = annotation_event(&rt, &mut reward_client, token, &cfg.name) {
-                        s.event(e);
+                        let counts = match &e.body {
+                            Some(v1::event::Body::Annotation(a)) => Some((a.labelled, a.queued, a.dropped, a.annotated, a.failures, a.lookups)),
+                            _ => None,
+                        };
+                        if counts != annotation_last {
+                            annotation_last = counts;
+                            s.event(e);
+                        }
                     }
                 }
             }

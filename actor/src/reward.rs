@@ -125,7 +125,7 @@ pub(crate) fn rescore(
 }
 
 /// The reward server's annotation pipeline as a job event (actor 0 reports
-/// it every few seconds for the dashboard); `None` without a connection or
+/// it now and then for the dashboard); `None` without a connection or
 /// when the call fails or takes over a second (it is never worth waiting for).
 pub(crate) fn annotation_event(
     rt: &tokio::runtime::Runtime,
