@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use crate::{Error, Events, Result, Source};
+use crate::source::{Error, Events, Result, Source};
 
 /// Runs whose file was written within this many seconds show as running.
 const LIVE_S: u64 = 60;
