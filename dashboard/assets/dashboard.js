@@ -256,3 +256,7 @@ sluice.jobPage = function () {
     }
   });
 };
+
+// Each page names itself (no inline script: the pages are served with a CSP that forbids it).
+if (document.body.dataset.page === "jobs") sluice.jobsPage();
+if (document.body.dataset.page === "job") sluice.jobPage();

@@ -79,9 +79,24 @@ pub fn router<S: Source>(source: S, opts: &Options) -> Router {
         .with_state(app)
 }
 
+/// What every page may load and do: only this server's scripts, styles and
+/// calls, no inline script, no framing (model output is shown as text, and
+/// this keeps it so even if a bug let markup through).
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
+                   connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
+
 fn page<S>(app: &App<S>, headers: &HeaderMap, path: &str, query: Option<String>, html: &'static str) -> Response {
     match app.auth.page(headers, path, query.as_deref()) {
-        auth::Verdict::Allowed => ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], html).into_response(),
+        auth::Verdict::Allowed => (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-store"),
+                (header::CONTENT_SECURITY_POLICY, CSP),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            html,
+        )
+            .into_response(),
         auth::Verdict::Respond(r) => r,
     }
 }
@@ -327,6 +342,9 @@ mod tests {
         assert!(call("/api/jobs", "Cookie: sluice_token=74306b\r\n").await.contains("\"j-1\""));
         let js = call("/assets/uPlot.iife.min.js", "").await;
         assert!(js.starts_with("HTTP/1.1 200") && js.contains("uPlot"), "assets need no token");
+        let page = call("/jobs/j-1", auth).await;
+        assert!(page.contains("content-security-policy: default-src 'self'; script-src 'self';"), "{page}");
+        assert!(!page.contains("<script>"), "no inline script");
     }
 
     #[tokio::test]
