@@ -188,8 +188,13 @@ fn escape_html(s: &str) -> String {
 fn login_page(next: &str, problem: &str) -> Response {
     let problem = if problem.is_empty() { String::new() } else { format!("<p class=\"problem\">{}</p>", escape_html(problem)) };
     let html = crate::assets::LOGIN_HTML.replace("{{next}}", &escape_html(next)).replace("{{problem}}", &problem);
-    (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], html)
-        .into_response()
+    let headers = [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::CONTENT_SECURITY_POLICY, crate::CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ];
+    (StatusCode::UNAUTHORIZED, headers, html).into_response()
 }
 
 #[cfg(test)]
@@ -227,6 +232,7 @@ mod tests {
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         let Verdict::Respond(r) = a.page(&HeaderMap::new(), "/", None) else { panic!("refused") };
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r.headers()[header::CONTENT_SECURITY_POLICY].to_str().unwrap().contains("frame-ancestors 'none'"), "the login form cannot be framed");
         assert!(matches!(a.page(&with_cookie(&format!("sluice_token={}", hex(b"s3 cret"))), "/", None), Verdict::Allowed));
     }
 

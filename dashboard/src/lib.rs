@@ -82,7 +82,7 @@ pub fn router<S: Source>(source: S, opts: &Options) -> Router {
 /// What every page may load and do: only this server's scripts, styles and
 /// calls, no inline script, no framing (model output is shown as text, and
 /// this keeps it so even if a bug let markup through).
-const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
+pub(crate) const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
                    connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
 
 fn page<S>(app: &App<S>, headers: &HeaderMap, path: &str, query: Option<String>, html: &'static str) -> Response {
