@@ -34,7 +34,7 @@ use tonic::Code;
 
 use crate::error::{Error, Result};
 use crate::link::{connect_with, read_acks, wait_for, Backoff, LearnerView};
-use crate::reward::{annotation_event, rescore};
+use crate::reward::{annotation_progress, rescore};
 use crate::sync::{GrpcSubscriber, WeightSubscriber};
 use sluice_proto::codec::{encode, Placement};
 
@@ -366,14 +366,11 @@ pub fn run(
                 // Actor 0 passes the annotation pipeline's counters on to the job's log.
                 if let Some(s) = session.filter(|_| opts.index == 0 && annotation_at.is_none_or(|t| t.elapsed() >= ANNOTATION_EVERY)) {
                     annotation_at = Some(Instant::now());
-                    if let Some(e) = annotation_event(&rt, &mut reward_client, token, &cfg.name) {
-                        let counts = match &e.body {
-                            Some(v1::event::Body::Annotation(a)) => Some((a.labelled, a.queued, a.dropped, a.annotated, a.failures, a.lookups)),
-                            _ => None,
-                        };
+                    if let Some(a) = annotation_progress(&rt, &mut reward_client, token, &cfg.name) {
+                        let counts = Some((a.labelled, a.queued, a.dropped, a.annotated, a.failures, a.lookups));
                         if counts != annotation_last {
                             annotation_last = counts;
-                            s.event(e);
+                            s.event(sluice_proto::events::event(v1::event::Body::Annotation(a)));
                         }
                     }
                 }

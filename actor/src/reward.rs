@@ -124,15 +124,15 @@ pub(crate) fn rescore(
     Ok(true)
 }
 
-/// The reward server's annotation pipeline as a job event (actor 0 reports
-/// it now and then for the dashboard); `None` without a connection or
+/// The reward server's annotation pipeline as the job event's body (actor 0
+/// reports it now and then for the dashboard); `None` without a connection or
 /// when the call fails or takes over a second (it is never worth waiting for).
-pub(crate) fn annotation_event(
+pub(crate) fn annotation_progress(
     rt: &tokio::runtime::Runtime,
     client: &mut Option<RewardClient<Channel>>,
     token: Option<&str>,
     job: &str,
-) -> Option<v1::Event> {
+) -> Option<v1::AnnotationProgress> {
     let c = client.as_mut()?;
     let req = auth::request(v1::AnnotationStatsRequest { job_id: job.to_string() }, token);
     let s = rt
@@ -141,7 +141,7 @@ pub(crate) fn annotation_event(
         .ok()?
         .into_inner();
     let mean = if s.batches > 0 { s.annotate_seconds / s.batches as f64 } else { f64::NAN };
-    Some(sluice_proto::events::event(v1::event::Body::Annotation(v1::AnnotationProgress {
+    Some(v1::AnnotationProgress {
         labelled: s.labelled,
         queued: s.queued,
         queue_capacity: s.queue_capacity,
@@ -152,6 +152,6 @@ pub(crate) fn annotation_event(
         hits: s.hits,
         annotate_seconds_mean: mean,
         reward_model_version: s.reward_model_version,
-    })))
+    })
 }
 

@@ -117,10 +117,9 @@ function makePlot(id, series, state, opts = {}) {
     scales: { x: { time: false }, ...(opts.scales || {}) },
     axes: [{ label: opts.xLabel || "step" }, { size: 60, values: tickLabels },
       ...(y2 ? [{ scale: "y2", side: 1, size: 60, values: tickLabels, grid: { show: false } }] : [])],
-    series: [{ label: opts.xLabel || "step" }, ...series.map(([label, stroke, , scale], i) => ({
+    series: [{ label: opts.xLabel || "step" }, ...series.map(([label, stroke, , scale]) => ({
       label, stroke, scale: scale || "y", width: 1.5, spanGaps: true,
-      points: { show: opts.points ? opts.points(i) : false },
-      ...(opts.fill ? { fill: opts.fill(i), paths: opts.paths } : {}),
+      points: { show: false },
     }))],
     plugins: opts.markers === false ? [] : [markerPlugin(state)],
   }, [[], ...series.map(() => [])], box);

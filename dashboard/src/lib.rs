@@ -158,15 +158,16 @@ async fn api_job<S: Source>(State(app): State<Arc<App<S>>>, UrlPath(id): UrlPath
     }
 }
 
+/// `?from=SEQ`: the first event to send (a reconnect's `Last-Event-ID` wins).
 #[derive(Debug, Deserialize)]
-struct From {
+struct Since {
     from: Option<u64>,
 }
 
 async fn api_events<S: Source>(
     State(app): State<Arc<App<S>>>,
     UrlPath(id): UrlPath<String>,
-    Query(q): Query<From>,
+    Query(q): Query<Since>,
     headers: HeaderMap,
 ) -> Response {
     if let Some(r) = app.auth.api(&headers) {

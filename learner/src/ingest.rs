@@ -163,7 +163,7 @@ impl Assembler {
         let trace = (!wire.traceparent.is_empty() && wire.traceparent.len() <= 256).then(|| wire.traceparent.clone());
         // The actor's generation time for it (only a sane value counts).
         let generate_s = wire.timings.map_or(0.0, |t| t.generate_s);
-        let generate_s = if generate_s.is_finite() && (0.0..=86_400.0).contains(&generate_s) { generate_s } else { 0.0 };
+        let generate_s = if (0.0..=86_400.0).contains(&generate_s) { generate_s } else { 0.0 };
         Ok(Some(Group { prompt_id: p.prompt_id, work_id: wire.work_id, rollouts, trace, generate_s }))
     }
 
