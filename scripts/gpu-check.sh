@@ -9,10 +9,12 @@
 # 1. Hugging Face parity on CUDA: the model's parity tests with sluice's side on
 #    the GPU (SLUICE_TEST_DEVICE=cuda), fp32 families within 1e-4 of transformers
 #    on the CPU, bf16 within 0.1;
-# 2. the learner's NCCL unit tests: they skip (and say so) without CUDA; on one GPU
-#    they check a one-rank communicator on real CUDA tensors and that only one NCCL
-#    library is loaded; on two or more GPUs also a two-rank all-reduce and broadcast
-#    whose ranks hold different values (on one GPU the two-rank test prints SKIPPED);
+# 2. the NCCL unit tests of sluice-collective: they skip (and say so) without CUDA;
+#    on one GPU they check a one-rank communicator on real CUDA tensors and that only
+#    one NCCL library is loaded; on two or more GPUs also a two-rank all-reduce and
+#    broadcast whose ranks hold different values, and the weights broadcast group
+#    (learner root on cuda:0, an actor member on cuda:1, bf16 bit-exact); on one GPU
+#    the two-rank tests print SKIPPED (NCCL refuses two ranks on one device);
 # 3. `sluice train examples/arithmetic.toml` for 100 GRPO steps on CUDA in f32 and
 #    in bf16, and on the CPU in f32 with the same binary (the learning curves);
 # 4. the throughput benchmark (generation and train tokens/s against transformers
@@ -30,7 +32,7 @@ case "${1:-}" in
     exe() { local name=$1; shift; cargo test "$@" --no-run --message-format=json 2>/dev/null \
       | python3 -c 'import json,sys; n=sys.argv[1]; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == n][-1])' "$name"; }
     mkdir -p gpu
-    objcopy --strip-all "$(exe sluice_learner -p sluice-learner --lib)" gpu/learner-unit-tests
+    objcopy --strip-all "$(exe sluice_collective -p sluice-collective --lib)" gpu/collective-unit-tests
     objcopy --strip-all "$(exe throughput -p sluice-learner --bench throughput)" gpu/throughput
     objcopy --strip-all "$(exe hf_parity -p sluice-model --test hf_parity)" gpu/hf-parity
     objcopy --strip-all target/debug/sluice gpu/sluice
@@ -49,7 +51,7 @@ case "${1:-}" in
     if SLUICE_TEST_DEVICE=cuda ./gpu/hf-parity --nocapture --test-threads 1 > "$out/parity.log" 2>&1; then status parity ok; else status parity failed; fi
     grep -E '^parity|test result' "$out/parity.log" || tail -20 "$out/parity.log"
     echo "== 2. NCCL"
-    if ./gpu/learner-unit-tests nccl --nocapture --test-threads 1 > "$out/nccl.log" 2>&1; then status nccl ok; else status nccl failed; fi
+    if ./gpu/collective-unit-tests nccl --nocapture --test-threads 1 > "$out/nccl.log" 2>&1; then status nccl ok; else status nccl failed; fi
     grep -E 'SKIPPED|test |test result' "$out/nccl.log" || tail -20 "$out/nccl.log"
     echo "== 3. sluice train on CUDA (f32, bf16) and CPU (f32)"
     for run in cuda-f32:cuda:f32 cuda-bf16:cuda:bf16 cpu-f32:cpu:f32; do

@@ -59,7 +59,7 @@ impl Engine {
     }
 
     pub fn all_reduce(&mut self, values: &mut [f64]) -> Result<()> {
-        all_reduce_f64(self.comm.as_mut(), values)
+        Ok(all_reduce_f64(self.comm.as_mut(), values)?)
     }
 
     /// Sums gradients over ranks (and whether any rank saw a non-finite loss),

@@ -47,4 +47,13 @@ impl Error {
     }
 }
 
+impl From<sluice_collective::Error> for Error {
+    fn from(e: sluice_collective::Error) -> Self {
+        match e {
+            sluice_collective::Error::Comm(what) => Error::Collective(what),
+            sluice_collective::Error::Torch(t) => Error::Torch(t),
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -10,8 +10,8 @@
 //! * [`metrics`] — step metrics and events, `metrics.jsonl`.
 //! * [`optim`] — AdamW with checkpointable state and gradient clipping.
 //! * [`checkpoint`] — atomic training checkpoints.
-//! * [`collective`] — all-reduce/broadcast between data-parallel ranks (TCP on CPU);
-//!   [`nccl`] — the NCCL backend for CUDA tensors.
+//! * [`collective`] — `sluice-collective` re-exported: all-reduce/broadcast between
+//!   data-parallel ranks (TCP on CPU, [`nccl`] for CUDA tensors).
 //! * [`ingest`] — checks wire rollouts and assembles complete groups.
 //! * [`publish`] — `WeightPublisher`: how each new version reaches actors (gRPC backend).
 //! * [`service`] — the `sluice.v1.Learner` gRPC service (ingest, weights, status).
@@ -19,12 +19,10 @@
 
 pub mod algo;
 pub mod checkpoint;
-pub mod collective;
 pub mod engine;
 pub mod error;
 pub mod ingest;
 pub mod metrics;
-pub mod nccl;
 pub mod node;
 pub mod optim;
 pub mod publish;
@@ -34,3 +32,5 @@ pub mod source;
 pub mod trainer;
 
 pub use error::{Error, Result};
+pub use sluice_collective as collective;
+pub use sluice_collective::nccl;

@@ -18,8 +18,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::{Collective, TcpCollective};
-use crate::error::{Error, Result};
+use crate::{Collective, Error, Result, TcpCollective};
 
 type NcclComm = *mut c_void;
 #[repr(C)]
@@ -53,7 +52,7 @@ struct Api {
 }
 
 fn nccl_err(what: impl std::fmt::Display) -> Error {
-    Error::Collective(format!("nccl: {what}"))
+    Error::Comm(format!("nccl: {what}"))
 }
 
 /// Looks `name` up among the libraries already loaded (libtorch_cuda's NCCL and cudart).
@@ -261,7 +260,7 @@ impl Drop for NcclCollective {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collective::GroupAuth;
+    use crate::GroupAuth;
     use std::time::Duration;
 
     /// On a GPU machine: a one-rank communicator all-reduces and broadcasts real
@@ -300,7 +299,7 @@ mod tests {
 #[cfg(test)]
 mod multi_rank {
     use super::*;
-    use crate::collective::GroupAuth;
+    use crate::GroupAuth;
     use std::time::Duration;
 
     /// On a machine with at least two GPUs: one rank per GPU (threads of this

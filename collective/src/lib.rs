@@ -1,12 +1,14 @@
-//! Collectives for data-parallel learners: every rank sums its gradients with
-//! the others' and steps the same optimizer on the same result.
+//! `sluice-collective`: collectives between processes. Data-parallel learners
+//! sum their gradients with them, and a learner's rank 0 broadcasts each new
+//! policy version to its actors with them ([`weights`]).
 //!
 //! [`Collective`] is the one interface; backends:
 //! * [`Single`] — world size 1, every call is a no-op;
 //! * [`TcpCollective`] — CPU collective between processes over TCP (a star
 //!   through rank 0, which sums in rank order, so every rank gets bit-identical
 //!   results); runs on any machine and is what multi-rank tests use;
-//! * `NcclCollective` (feature `nccl`) — NCCL on CUDA tensors.
+//! * [`nccl::NcclCollective`] — NCCL on CUDA tensors (the unique id and CPU
+//!   tensors go over a `TcpCollective`).
 //!
 //! Joining is authenticated: rank 0 sends each connection a fresh nonce, and a
 //! rank answers with an HMAC-SHA256, keyed by the job's bearer token, over the
@@ -18,13 +20,18 @@
 //! tensor shapes; a mismatch is detected (op tag and byte count travel with each
 //! frame) and reported as an error instead of summing garbage.
 
+pub mod error;
+pub mod nccl;
+pub mod weights;
+
+pub use error::{Error, Result};
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{Error, Result};
 
 pub trait Collective: Send {
     fn rank(&self) -> usize;
@@ -119,7 +126,7 @@ pub struct TcpCollective {
 }
 
 fn comm_err(what: impl std::fmt::Display) -> Error {
-    Error::Collective(what.to_string())
+    Error::Comm(what.to_string())
 }
 
 impl TcpCollective {
@@ -195,6 +202,17 @@ impl TcpCollective {
         }
         tracing::info!(rank, world, rendezvous, "collective group formed");
         Ok(TcpCollective { rank, world, peers })
+    }
+}
+
+impl TcpCollective {
+    /// A group over streams already connected and authenticated (rank 0: the
+    /// streams of ranks 1..world in rank order; others: the stream to rank 0).
+    pub(crate) fn from_streams(rank: usize, world: usize, peers: Vec<TcpStream>) -> Self {
+        for s in &peers {
+            let _ = s.set_nodelay(true);
+        }
+        TcpCollective { rank, world, peers }
     }
 }
 

@@ -1,0 +1,2 @@
+// Shared with every binary crate that links libtorch.
+include!("../build/link_libtorch.rs");
