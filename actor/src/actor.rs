@@ -33,9 +33,10 @@ use sluice_proto::auth;
 use tonic::Code;
 
 use crate::error::{Error, Result};
-use crate::link::{connect_with, read_acks, wait_for, Backoff, LearnerView};
+use crate::link::{broadcast_addr, connect_with, read_acks, wait_for, Backoff, LearnerView};
 use crate::reward::{annotation_progress, rescore};
-use crate::sync::{GrpcSubscriber, WeightSubscriber};
+use crate::sync::{BroadcastSubscriber, GrpcSubscriber, WeightSubscriber};
+use sluice_core::kinds::WeightTransport;
 use sluice_proto::codec::{encode, Placement};
 
 /// Who this actor is and where it sends.
@@ -64,8 +65,9 @@ pub struct ActorOptions {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ActorEvent {
     Connected { endpoint: String, learner_version: u64 },
-    /// `bytes` downloaded: the changes since `delta_from` when set, else the whole blob.
-    Synced { version: u64, bytes: usize, delta_from: Option<u64>, resumed_from: u64, seconds: f64 },
+    /// `bytes` downloaded: the changes since `delta_from` when set, else the
+    /// whole blob; `broadcast`: staged by the weights broadcast group instead.
+    Synced { version: u64, bytes: usize, delta_from: Option<u64>, resumed_from: u64, seconds: f64, broadcast: bool },
     /// `extrinsic_mean`: the task's own reward (verifier, or environment for
     /// episodes); `reward_mean`: what the learner trains on (with intrinsic reward).
     Sent {
@@ -91,6 +93,7 @@ impl ActorEvent {
             delta_from: s.delta_from,
             resumed_from: s.resumed_from,
             seconds: s.seconds,
+            broadcast: s.broadcast,
         }
     }
 }
@@ -134,7 +137,10 @@ pub fn run(
     let tls = opts.tls_ca.as_deref().map(sluice_proto::tls::client_config).transpose().map_err(|reason| {
         Error::Transport { endpoint: endpoint.clone(), reason }
     })?;
-    let mut weights = GrpcSubscriber::new(&cfg.name, opts.token.clone(), cfg.rollout.delta_weights, rt.handle().clone());
+    let grpc = GrpcSubscriber::new(&cfg.name, opts.token.clone(), cfg.rollout.delta_weights, rt.handle().clone());
+    // The learner's groups are the job's: its orchestrator id, or its name.
+    let group = session.map_or(cfg.name.as_str(), |s| s.link.job_id.as_str());
+    let mut weights = BroadcastSubscriber::new(grpc, opts.token.as_deref(), group, cfg.rollout.weights_dtype);
     let token = opts.token.as_deref();
     let mut mine: Option<(u64, u64)> = None; // (version, incarnation) the policy holds
     let mut sent_at: Option<(u64, u64)> = None;
@@ -183,6 +189,9 @@ pub fn run(
         }
         rt.spawn(read_acks(acks, view.clone(), notify.clone()));
         weights.attach(client.clone());
+        if cfg.rollout.weight_transport == WeightTransport::Broadcast {
+            join_broadcast(&rt, &mut client, token, &cfg.name, &endpoint, &mut weights, &policy);
+        }
         // The learner's first message says where it stands.
         if !wait_for(&rt, &view, &notify, &stop, |v| v.heard || v.closed.is_some()) {
             break;
@@ -219,7 +228,7 @@ pub fn run(
                 Some((v, inc)) => inc != linc || staleness.must_resync(v, lv) || (v < need_version && lv > v),
             };
             if behind {
-                match weights.pull(&policy) {
+                match weights.pull(&policy, (lv, linc)) {
                     Ok(s) => {
                         mine = Some((s.version, s.incarnation));
                         report(&ActorEvent::synced(&s));
@@ -327,7 +336,7 @@ pub fn run(
                 if lost || linc != incarnation || lv <= cur {
                     return None;
                 }
-                match weights.pull(&policy) {
+                match weights.pull(&policy, (lv, linc)) {
                     Ok(s) if s.incarnation == incarnation && s.version > cur => {
                         newer = Some(s.version);
                         report(&ActorEvent::synced(&s));
@@ -451,6 +460,32 @@ pub fn run(
         version: mine.map_or(0, |m| m.0),
     });
     Ok(())
+}
+
+/// Joins the weights broadcast group the learner names in its status (a
+/// learner without one, or an unreachable status, leaves the actor on gRPC
+/// downloads; a learner restart may name a new address).
+fn join_broadcast(
+    rt: &tokio::runtime::Runtime,
+    client: &mut sluice_proto::v1::learner_client::LearnerClient<sluice_proto::Channel>,
+    token: Option<&str>,
+    job: &str,
+    endpoint: &str,
+    weights: &mut BroadcastSubscriber,
+    policy: &sluice_model::hf::Policy,
+) {
+    let req = auth::request(v1::StatusRequest { job_id: job.into() }, token);
+    match rt.block_on(client.status(req)) {
+        Ok(s) => match broadcast_addr(endpoint, &s.into_inner().weights_broadcast) {
+            Some(addr) => {
+                if let Err(e) = weights.join(&addr, policy) {
+                    tracing::warn!(error = %e, "cannot join the weights broadcast group; downloading over gRPC");
+                }
+            }
+            None => tracing::warn!("the learner names no weights broadcast group; downloading over gRPC"),
+        },
+        Err(status) => tracing::warn!(%status, "learner status unavailable; weights over gRPC for now"),
+    }
 }
 
 /// The actor's OpenTelemetry instruments (no-ops unless exporting).

@@ -27,6 +27,24 @@ pub(crate) struct LearnerView {
     pub heard: bool,
 }
 
+/// The weights broadcast group's address an actor dials: the learner's
+/// advertised `host:port`, with an unspecified host (`0.0.0.0`, `[::]`)
+/// replaced by the host of the learner `endpoint` the actor reached; `None`
+/// when nothing usable was advertised.
+pub fn broadcast_addr(endpoint: &str, advertised: &str) -> Option<String> {
+    if advertised.is_empty() {
+        return None;
+    }
+    match advertised.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let uri = endpoint.parse::<tonic::codegen::http::Uri>().ok()?;
+            let host = uri.host()?;
+            Some(format!("{host}:{}", a.port()))
+        }
+        _ => Some(advertised.to_string()),
+    }
+}
+
 /// Doubling backoff between `min` and `max`, reset after a success.
 #[derive(Debug)]
 pub(crate) struct Backoff {
@@ -151,5 +169,14 @@ mod tests {
         assert_eq!(seen, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         b.reset();
         assert_eq!(b.next, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn an_unspecified_broadcast_host_is_the_learners() {
+        assert_eq!(broadcast_addr("http://learner-0.ns.svc:50051", "0.0.0.0:7000").as_deref(), Some("learner-0.ns.svc:7000"));
+        assert_eq!(broadcast_addr("https://[::1]:50051", "[::]:7000").as_deref(), Some("[::1]:7000"));
+        assert_eq!(broadcast_addr("http://127.0.0.1:1", "10.0.0.5:7000").as_deref(), Some("10.0.0.5:7000"));
+        assert_eq!(broadcast_addr("http://127.0.0.1:1", "learner-0:7000").as_deref(), Some("learner-0:7000"));
+        assert_eq!(broadcast_addr("http://127.0.0.1:1", ""), None);
     }
 }

@@ -12,10 +12,21 @@
 //! may answer with only the elements that changed since
 //! (`sluice_model::weights::apply_deltas` rebuilds the new blob byte for
 //! byte), else with the whole blob.
+//!
+//! [`BroadcastSubscriber`] (`rollout.weight_transport = "broadcast"`) is a
+//! member of the learner's weights broadcast group (`sluice_collective::weights`):
+//! every version arrives in its staging tensors as it is published, and a pull
+//! copies the newest staged version into the policy; a version the broadcast
+//! did not bring (the actor just joined, or the group re-formed) comes over
+//! `GetWeights` as above.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use sluice_collective::weights::Member;
+use sluice_collective::GroupAuth;
+use tch::Tensor;
 
 use sluice_model::hf::Policy;
 use sluice_proto::v1::learner_client::LearnerClient;
@@ -53,6 +64,8 @@ pub struct Synced {
     /// Byte the download resumed at (0 for a fresh one).
     pub resumed_from: u64,
     pub seconds: f64,
+    /// Came through the weights broadcast group (staged), not `GetWeights`.
+    pub broadcast: bool,
 }
 
 /// Download state kept across attempts.
@@ -183,6 +196,7 @@ impl WeightSync {
                     delta_from: p.delta_from,
                     resumed_from,
                     seconds: t0.elapsed().as_secs_f64(),
+                    broadcast: false,
                 };
                 return Ok(synced);
             }
@@ -194,8 +208,9 @@ impl WeightSync {
 pub trait WeightSubscriber {
     /// Brings `policy` to the newest published version (finishing an
     /// interrupted fetch when it can) and says what it did; on error the
-    /// policy is untouched.
-    fn pull(&mut self, policy: &Policy) -> Result<Synced>;
+    /// policy is untouched. `announced` is the `(version, incarnation)` the
+    /// learner last announced: what the newest version is at least.
+    fn pull(&mut self, policy: &Policy, announced: (u64, u64)) -> Result<Synced>;
 }
 
 /// [`WeightSubscriber`] over the learner's `GetWeights` stream. The download
@@ -220,12 +235,91 @@ impl GrpcSubscriber {
 }
 
 impl WeightSubscriber for GrpcSubscriber {
-    fn pull(&mut self, policy: &Policy) -> Result<Synced> {
+    fn pull(&mut self, policy: &Policy, _announced: (u64, u64)) -> Result<Synced> {
         let client = self.client.as_mut().ok_or_else(|| Error::Sync("no learner connection".into()))?;
         let synced = self.rt.block_on(self.state.download(client, &self.job))?;
         apply(policy, self.state.blob().expect("a finished download holds its blob"), synced.version)?;
         self.state.release();
         Ok(synced)
+    }
+}
+
+/// How long a pull waits at most for a version the group will bring (one
+/// published after this member was admitted: the learner broadcasts before it
+/// announces, so its bytes are on their way; a generation that fails ends the
+/// wait at once) before it downloads the version instead.
+const BROADCAST_WAIT: Duration = Duration::from_secs(10);
+
+/// [`WeightSubscriber`] in the learner's weights broadcast group, with
+/// `GetWeights` for what the broadcast did not bring. Until it
+/// [`joins`](BroadcastSubscriber::join) a group it is a [`GrpcSubscriber`].
+pub struct BroadcastSubscriber {
+    grpc: GrpcSubscriber,
+    member: Option<Member>,
+    auth: GroupAuth,
+    kind: tch::Kind,
+}
+
+impl BroadcastSubscriber {
+    /// `group` is the job (its orchestrator id, or its name for a job file)
+    /// and `dtype` the job's `rollout.weights_dtype`, as the learner has them.
+    pub fn new(grpc: GrpcSubscriber, token: Option<&str>, group: &str, dtype: sluice_core::kinds::Dtype) -> Self {
+        BroadcastSubscriber { grpc, member: None, auth: GroupAuth::new(token, group), kind: sluice_model::device::kind(dtype) }
+    }
+
+    /// Fetches through this learner connection from now on.
+    pub fn attach(&mut self, client: LearnerClient<Channel>) {
+        self.grpc.attach(client);
+    }
+
+    /// Joins the group at `addr` with staging tensors shaped like `policy`'s
+    /// parameters (on its device); a member of another address is left.
+    pub fn join(&mut self, addr: &str, policy: &Policy) -> Result<()> {
+        if self.member.as_ref().is_some_and(|m| m.addr() == addr) {
+            return Ok(());
+        }
+        self.member = None;
+        let device = policy.device();
+        let staging = tch::no_grad(|| {
+            policy.named_parameters().into_iter().map(|(n, t)| (n, Tensor::zeros(t.size(), (self.kind, device)))).collect()
+        });
+        self.member = Some(Member::join(addr, &self.auth, staging).map_err(|e| Error::Sync(e.to_string()))?);
+        tracing::info!(%addr, "joining the learner's weights broadcast group");
+        Ok(())
+    }
+
+    /// The group member, if it joined one.
+    pub fn member(&self) -> Option<&Member> {
+        self.member.as_ref()
+    }
+}
+
+impl WeightSubscriber for BroadcastSubscriber {
+    fn pull(&mut self, policy: &Policy, announced: (u64, u64)) -> Result<Synced> {
+        if let Some(m) = &self.member {
+            let t0 = Instant::now();
+            let (want, incarnation) = announced;
+            let staged = m.with_version(
+                want,
+                incarnation,
+                BROADCAST_WAIT,
+                |version, incarnation, tensors| -> Result<Synced> {
+                    let map = tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+                    policy.set_parameters(map, Path::new(&format!("<broadcast version {version}>")))?;
+                    let bytes = tensors.iter().map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
+                    let seconds = t0.elapsed().as_secs_f64();
+                    Ok(Synced { version, incarnation, bytes, delta_from: None, resumed_from: 0, seconds, broadcast: true })
+                },
+            );
+            if let Some(synced) = staged {
+                return synced;
+            }
+            if let Some(why) = m.failed() {
+                tracing::warn!(reason = %why, "the weights broadcast group cannot be used; downloading over gRPC");
+                self.member = None;
+            }
+        }
+        self.grpc.pull(policy, announced)
     }
 }
 

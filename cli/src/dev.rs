@@ -399,6 +399,8 @@ fn supervise(
     // Learners.
     let world = cfg.resources.learners;
     let rendezvous = format!("127.0.0.1:{}", free_port()?);
+    // Rank 0's weights broadcast group, which every rank names to its actors.
+    let broadcast = format!("127.0.0.1:{}", free_port()?);
     let mut learners = Vec::new();
     for rank in 0..world {
         let port = free_port()?;
@@ -407,6 +409,9 @@ fn supervise(
         a.extend([s("--out"), cfg.train.out_dir.display().to_string()]);
         if world > 1 {
             a.extend([s("--rendezvous"), rendezvous.clone()]);
+        }
+        if cfg.rollout.weight_transport == sluice_core::kinds::WeightTransport::Broadcast {
+            a.extend([s("--weights-broadcast"), broadcast.clone()]);
         }
         sup.start("learner", rank, "sluice-learner", worker_args(a), bar)?;
         learners.push(format!("http://127.0.0.1:{port}"));

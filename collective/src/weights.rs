@@ -16,6 +16,12 @@
 //! generation builds its communicator first (for NCCL it takes part in the
 //! unique-id exchange over its stream), then every member receives the payload.
 //!
+//! Once authenticated, a joiner is told where it comes in: the root's
+//! incarnation and the last version it broadcast before the joiner was
+//! admitted (a *welcome*). The joiner receives every later version for as long
+//! as its connection lasts, so an actor waits for the broadcast only for a
+//! version it will get, and downloads any other at once.
+//!
 //! Any failure during a version (a member gone, a stalled reader past the
 //! write timeout) ends the generation: the root closes every stream and the
 //! members reconnect and join the next one. Nobody is told what they missed: a
@@ -26,7 +32,8 @@
 //! a member whose staging tensors do not have it leaves the group for good
 //! ([`Member::failed`] says why).
 //!
-//! Wire per member stream, after the hello: `Header`, then (new generation,
+//! Wire per member stream, after the hello: the welcome (magic, incarnation,
+//! last version broadcast or `u64::MAX` for none); per version a `Header`, then (new generation,
 //! NCCL only) the unique-id frame of the TCP collective, then the payload
 //! (TCP: one broadcast frame of the flattened tensors; NCCL: on the device).
 
@@ -43,6 +50,8 @@ use crate::nccl::NcclCollective;
 use crate::{comm_err, Collective, GroupAuth, Result, TcpCollective, MAC, NONCE};
 
 const HEADER_MAGIC: &[u8; 8] = b"SLUICEW1";
+const WELCOME_MAGIC: &[u8; 8] = b"SLUICEW0";
+const WELCOME_BYTES: usize = 8 + 2 * 8;
 const HEADER_BYTES: usize = 8 + 6 * 8 + 3 * 4;
 /// How long the root waits on one member's socket before it gives up on the
 /// generation (a member that stopped reading cannot stall the learner longer).
@@ -157,10 +166,19 @@ pub struct Sent {
     pub seconds: f64,
 }
 
+/// Joiners admitted since the last version, and that version (under one lock:
+/// a joiner's welcome names exactly the last version it will not get).
+#[derive(Default)]
+struct Pending {
+    streams: Vec<TcpStream>,
+    last: Option<u64>,
+}
+
 /// The learner's side: accepts members and broadcasts each version to them.
 pub struct Root {
     local: SocketAddr,
-    pending: Arc<Mutex<Vec<TcpStream>>>,
+    incarnation: u64,
+    pending: Arc<Mutex<Pending>>,
     members: Vec<TcpStream>,
     comm: Option<Box<dyn Collective>>,
     generation: u64,
@@ -169,20 +187,21 @@ pub struct Root {
 
 impl Root {
     /// Listens on `addr` (port 0 picks one: [`Root::local_addr`]) and accepts
-    /// members proving `auth` (the job's token and id) in the background.
-    pub fn bind(addr: &str, auth: &GroupAuth) -> Result<Root> {
+    /// members proving `auth` (the job's token and id) in the background;
+    /// `incarnation` is the learner process's (its versions are comparable).
+    pub fn bind(addr: &str, auth: &GroupAuth, incarnation: u64) -> Result<Root> {
         let listener = TcpListener::bind(addr).map_err(|e| comm_err(format!("weights broadcast cannot listen on {addr}: {e}")))?;
         let local = listener.local_addr().map_err(comm_err)?;
         listener.set_nonblocking(true).map_err(comm_err)?;
-        let pending = Arc::new(Mutex::new(Vec::new()));
+        let pending = Arc::new(Mutex::new(Pending::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (p, s, auth) = (pending.clone(), stop.clone(), weights_auth(auth));
         std::thread::Builder::new()
             .name("weights-accept".into())
-            .spawn(move || accept_loop(listener, auth, p, s))
+            .spawn(move || accept_loop(listener, auth, incarnation, p, s))
             .map_err(comm_err)?;
         tracing::info!(%local, "weights broadcast group listening");
-        Ok(Root { local, pending, members: Vec::new(), comm: None, generation: 0, stop })
+        Ok(Root { local, incarnation, pending, members: Vec::new(), comm: None, generation: 0, stop })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -198,9 +217,13 @@ impl Root {
     /// device) as `version` to every member, forming a new generation first
     /// when anyone joined or the last version failed. On error the generation
     /// is over (every member reconnects); the caller goes on training.
-    pub fn broadcast(&mut self, version: u64, incarnation: u64, tensors: &[(String, Tensor)]) -> Result<Sent> {
+    pub fn broadcast(&mut self, version: u64, tensors: &[(String, Tensor)]) -> Result<Sent> {
         let t0 = Instant::now();
-        let joined = std::mem::take(&mut *self.pending.lock().expect("pending lock"));
+        let joined = {
+            let mut p = self.pending.lock().expect("pending lock");
+            p.last = Some(version);
+            std::mem::take(&mut p.streams)
+        };
         if !joined.is_empty() {
             self.members.extend(joined);
             self.comm = None;
@@ -216,7 +239,7 @@ impl Root {
         if self.comm.is_none() {
             self.generation += 1;
         }
-        let result = self.send(version, incarnation, tensors, bytes, transport);
+        let result = self.send(version, tensors, bytes, transport);
         if let Err(e) = result {
             tracing::warn!(error = %e, generation = self.generation, members = self.members.len(), "weights broadcast failed; the members rejoin");
             self.comm = None;
@@ -228,7 +251,8 @@ impl Root {
         Ok(Sent { members: self.members.len(), generation: self.generation, bytes, seconds: t0.elapsed().as_secs_f64() })
     }
 
-    fn send(&mut self, version: u64, incarnation: u64, tensors: &[(String, Tensor)], bytes: u64, transport: Transport) -> Result<()> {
+    fn send(&mut self, version: u64, tensors: &[(String, Tensor)], bytes: u64, transport: Transport) -> Result<()> {
+        let incarnation = self.incarnation;
         let world = self.members.len() + 1;
         let layout = layout(tensors);
         for (i, s) in self.members.iter_mut().enumerate() {
@@ -264,16 +288,26 @@ impl Drop for Root {
     }
 }
 
-fn accept_loop(listener: TcpListener, auth: GroupAuth, pending: Arc<Mutex<Vec<TcpStream>>>, stop: Arc<AtomicBool>) {
+fn accept_loop(listener: TcpListener, auth: GroupAuth, incarnation: u64, pending: Arc<Mutex<Pending>>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((s, from)) => {
                 let (auth, pending) = (auth.clone(), pending.clone());
                 // One thread per joiner: a slow or silent one holds up nobody.
                 let _ = std::thread::Builder::new().name("weights-hello".into()).spawn(move || match challenge(s, &auth) {
-                    Ok(s) => {
-                        tracing::info!(%from, "a member joined the weights broadcast group (from the next version)");
-                        pending.lock().expect("pending lock").push(s);
+                    Ok(mut s) => {
+                        let mut p = pending.lock().expect("pending lock");
+                        let mut w = WELCOME_MAGIC.to_vec();
+                        w.extend(incarnation.to_le_bytes());
+                        w.extend(p.last.unwrap_or(u64::MAX).to_le_bytes());
+                        // Written under the lock: no header can come before it.
+                        match s.write_all(&w) {
+                            Ok(()) => {
+                                tracing::info!(%from, after = ?p.last, "a member joined the weights broadcast group");
+                                p.streams.push(s);
+                            }
+                            Err(e) => tracing::warn!(%from, error = %e, "a joiner left before its welcome"),
+                        }
                     }
                     Err(e) => tracing::warn!(%from, error = %e, "dropping a weights broadcast connection"),
                 });
@@ -313,8 +347,10 @@ pub struct Staged {
     pub version: Option<(u64, u64)>,
     /// Versions received in this process.
     pub received: u64,
-    /// In a generation of the group (has received a header since it last connected).
-    pub joined: bool,
+    /// In the group: `(incarnation, last version it will not get)` from the
+    /// root's welcome; every later version of that incarnation reaches it
+    /// while it stays connected. `None` while out of the group.
+    pub member_of: Option<(u64, Option<u64>)>,
     /// The member left for good, and why (e.g. its layout is not the root's).
     pub failed: Option<String>,
 }
@@ -339,7 +375,7 @@ impl Member {
     /// shapes and dtype, on the CPU (TCP payloads) or on CUDA (either).
     pub fn join(addr: &str, auth: &GroupAuth, staging: Vec<(String, Tensor)>) -> Result<Member> {
         let slot = Arc::new(Slot {
-            state: Mutex::new(Staged { tensors: staging, version: None, received: 0, joined: false, failed: None }),
+            state: Mutex::new(Staged { tensors: staging, version: None, received: 0, member_of: None, failed: None }),
             changed: Condvar::new(),
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -356,10 +392,10 @@ impl Member {
         &self.addr
     }
 
-    /// A snapshot of the counters (`joined`, `received`, `version`, `failed`).
+    /// A snapshot: in the group, versions received, the staged version, why it left.
     pub fn status(&self) -> (bool, u64, Option<(u64, u64)>, Option<String>) {
         let s = self.slot.state.lock().expect("staging lock");
-        (s.joined, s.received, s.version, s.failed.clone())
+        (s.member_of.is_some(), s.received, s.version, s.failed.clone())
     }
 
     /// Why the member left for good, if it did.
@@ -367,19 +403,21 @@ impl Member {
         self.slot.state.lock().expect("staging lock").failed.clone()
     }
 
-    /// Runs `f` on the staged tensors once they hold a complete version that
-    /// `wanted` accepts. Waits for one while the member is in a generation,
-    /// at most `wait` (longer only while a version is being received, which
-    /// holds the lock); `None` when none came.
-    pub fn with_version<R>(&self, wanted: impl Fn(u64, u64) -> bool, wait: Duration, f: impl FnOnce(u64, u64, &[(String, Tensor)]) -> R) -> Option<R> {
+    /// Runs `f` on the staged tensors once they hold a complete version of
+    /// `incarnation` no older than `at_least`. Waits for it (at most `wait`,
+    /// longer only while a version is being received, which holds the lock)
+    /// only while the member is in the group and that version will reach it;
+    /// `None` when it did not come.
+    pub fn with_version<R>(&self, at_least: u64, incarnation: u64, wait: Duration, f: impl FnOnce(u64, u64, &[(String, Tensor)]) -> R) -> Option<R> {
         let deadline = Instant::now() + wait;
         let mut s = self.slot.state.lock().expect("staging lock");
         loop {
-            if let Some((v, inc)) = s.version.filter(|&(v, inc)| wanted(v, inc)) {
+            if let Some((v, inc)) = s.version.filter(|&(v, inc)| inc == incarnation && v >= at_least) {
                 return Some(f(v, inc, &s.tensors));
             }
+            let coming = matches!(s.member_of, Some((inc, last)) if inc == incarnation && last.is_none_or(|l| at_least > l));
             let now = Instant::now();
-            if !s.joined || s.failed.is_some() || now >= deadline {
+            if !coming || now >= deadline {
                 return None;
             }
             s = self.slot.changed.wait_timeout(s, deadline - now).expect("staging lock").0;
@@ -411,12 +449,22 @@ impl From<crate::Error> for End {
     }
 }
 
+/// First wait before reconnecting; it doubles (up to 2 s) while attempts fail
+/// and starts over once a version came through: a member rejoins a re-formed
+/// group in time for the next version or the one after.
+const REJOIN_FIRST: Duration = Duration::from_millis(20);
+
 fn member_loop(addr: &str, auth: &GroupAuth, slot: &Slot, stop: &AtomicBool) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = REJOIN_FIRST;
+    let mut received = 0;
     while !stop.load(Ordering::SeqCst) {
         let end = session(addr, auth, slot, stop);
         let mut s = slot.state.lock().expect("staging lock");
-        s.joined = false;
+        s.member_of = None;
+        if s.received > received {
+            received = s.received;
+            backoff = REJOIN_FIRST;
+        }
         slot.changed.notify_all();
         match end {
             End::Stopped => break,
@@ -462,6 +510,21 @@ fn session(addr: &str, auth: &GroupAuth, slot: &Slot, stop: &AtomicBool) -> End 
     })();
     if let Err(e) = hello {
         return End::Retry(comm_err(format!("hello to {addr}: {e}")));
+    }
+    // The welcome: the root admitted us (a refused hello is a closed connection).
+    let mut w = [0u8; WELCOME_BYTES];
+    if let Err(e) = s.read_exact(&mut w) {
+        return End::Retry(comm_err(format!("no welcome from {addr} (is the job token right?): {e}")));
+    }
+    if &w[..8] != WELCOME_MAGIC {
+        return End::Leave(format!("{addr} is not a weights broadcast group (protocol mismatch)"));
+    }
+    let incarnation = u64::from_le_bytes(w[8..16].try_into().expect("8 bytes"));
+    let last = u64::from_le_bytes(w[16..24].try_into().expect("8 bytes"));
+    {
+        let mut st = lock(slot);
+        st.member_of = Some((incarnation, (last != u64::MAX).then_some(last)));
+        slot.changed.notify_all();
     }
     match receive(&mut s, slot, stop) {
         Ok(never) => match never {},
@@ -514,7 +577,6 @@ fn receive(s: &mut TcpStream, slot: &Slot, stop: &AtomicBool) -> Result<std::con
             )));
         }
         let mut st = lock(slot);
-        st.joined = true;
         st.version = None;
         let mut ts: Vec<Tensor> = st.tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
         comm.as_mut().expect("formed above").1.broadcast_from_root(&mut ts)?;
@@ -553,7 +615,7 @@ mod tests {
         loop {
             version += 1;
             // A version fails when a member left during it; the rest rejoin.
-            let sent = root.broadcast(version, 7, &params(version as f32)).map_or(0, |s| s.members);
+            let sent = root.broadcast(version, &params(version as f32)).map_or(0, |s| s.members);
             if sent == n {
                 return version;
             }
@@ -562,12 +624,12 @@ mod tests {
         }
     }
 
-    /// The member's values once it holds version `v` or newer (a member that
-    /// just rejoined is out of a generation until it reads its first header).
+    /// The member's values once it holds version `v` or newer (polled: a
+    /// member that just rejoined waits only for versions after its welcome).
     fn got(m: &Member, v: u64) -> Option<Vec<f32>> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = m.with_version(|x, inc| x >= v && inc == 7, Duration::from_millis(200), |_, _, ts| values(ts));
+            let r = m.with_version(v, 7, Duration::from_millis(200), |_, _, ts| values(ts));
             if r.is_some() || Instant::now() > deadline {
                 return r;
             }
@@ -577,17 +639,17 @@ mod tests {
 
     #[test]
     fn members_join_leave_and_rejoin_and_always_hold_the_roots_exact_values() {
-        let mut root = Root::bind("127.0.0.1:0", &auth()).unwrap();
+        let mut root = Root::bind("127.0.0.1:0", &auth(), 7).unwrap();
         let addr = root.local_addr().to_string();
-        assert_eq!(root.broadcast(1, 7, &params(1.0)).unwrap().members, 0);
+        assert_eq!(root.broadcast(1, &params(1.0)).unwrap().members, 0);
         let a = Member::join(&addr, &auth(), zeros()).unwrap();
         let b = Member::join(&addr, &auth(), zeros()).unwrap();
         let v = until_members(&mut root, 2, 1);
-        assert_eq!(root.broadcast(v + 1, 7, &params(42.5)).unwrap().members, 2);
+        assert_eq!(root.broadcast(v + 1, &params(42.5)).unwrap().members, 2);
         for m in [&a, &b] {
             assert_eq!(got(m, v + 1).unwrap(), vec![42.5, 43.5, 44.5, 45.5, 425.0]);
         }
-        let generation = root.broadcast(v + 2, 7, &params(0.25)).unwrap().generation;
+        let generation = root.broadcast(v + 2, &params(0.25)).unwrap().generation;
         // One member leaves: the next version fails or reaches only the other;
         // either way the survivor is back in a later generation.
         drop(b);
@@ -595,7 +657,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             v += 1;
-            if let Ok(s) = root.broadcast(v, 7, &params(v as f32)) {
+            if let Ok(s) = root.broadcast(v, &params(v as f32)) {
                 if s.members == 1 && s.generation > generation {
                     break;
                 }
@@ -614,13 +676,13 @@ mod tests {
         // A version the members never got is not waited for past `wait` once out of the group.
         drop(root);
         let t0 = Instant::now();
-        assert!(c.with_version(|x, _| x > v, Duration::from_millis(300), |_, _, _| ()).is_none());
+        assert!(c.with_version(v + 1, 7, Duration::from_millis(300), |_, _, _| ()).is_none());
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
     fn a_wrong_token_never_joins_and_a_wrong_layout_leaves_for_good() {
-        let mut root = Root::bind("127.0.0.1:0", &auth()).unwrap();
+        let mut root = Root::bind("127.0.0.1:0", &auth(), 7).unwrap();
         let addr = root.local_addr().to_string();
         let intruder = Member::join(&addr, &GroupAuth::new(Some("guess"), "job-1"), zeros()).unwrap();
         let other_job = Member::join(&addr, &GroupAuth::new(Some("job-token"), "job-2"), zeros()).unwrap();
@@ -632,7 +694,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(20);
         while misfit.failed().is_none() {
             v += 1;
-            let _ = root.broadcast(v, 7, &params(v as f32));
+            let _ = root.broadcast(v, &params(v as f32));
             assert!(Instant::now() < deadline, "misfit: {:?}, good: {:?}", misfit.status(), good.status());
             std::thread::sleep(Duration::from_millis(30));
         }
@@ -657,13 +719,13 @@ mod tests {
         let on = |d: usize, ts: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
             ts.into_iter().map(|(n, t)| (n, t.to_kind(tch::Kind::BFloat16).to_device(Device::Cuda(d)))).collect()
         };
-        let mut root = Root::bind("127.0.0.1:0", &auth()).unwrap();
+        let mut root = Root::bind("127.0.0.1:0", &auth(), 7).unwrap();
         let m = Member::join(&root.local_addr().to_string(), &auth(), on(1, zeros())).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut v = 0;
         loop {
             v += 1;
-            let sent = root.broadcast(v, 7, &on(0, params(v as f32))).map_or(0, |s| s.members);
+            let sent = root.broadcast(v, &on(0, params(v as f32))).map_or(0, |s| s.members);
             if sent == 1 {
                 break;
             }
@@ -671,7 +733,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         let want = values(&on(0, params(v as f32)).into_iter().map(|(n, t)| (n, t.to_kind(tch::Kind::Float))).collect::<Vec<_>>());
-        let held = m.with_version(|x, _| x == v, Duration::from_secs(30), |_, _, ts| {
+        let held = m.with_version(v, 7, Duration::from_secs(30), |_, _, ts| {
             ts.iter().map(|(n, t)| (n.clone(), t.to_kind(tch::Kind::Float).to_device(Device::Cpu))).collect::<Vec<_>>()
         });
         assert_eq!(values(&held.expect("version received")), want);

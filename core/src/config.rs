@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::kinds::{DeviceSpec, Dtype, Label, StoreUrl};
+use crate::kinds::{DeviceSpec, Dtype, Label, StoreUrl, WeightTransport};
 use crate::limits as L;
 use crate::sampling::SamplingParams;
 
@@ -385,6 +385,14 @@ pub struct RolloutConfig {
     /// would not be under half its size). The actor keeps a host copy of its
     /// weights blob.
     pub delta_weights: bool,
+    /// `grpc`: each actor downloads the versions it needs from its learner;
+    /// `broadcast`: the learner's rank 0 pushes every version to the actors
+    /// that joined its weights broadcast group, over the TCP collective on CPU
+    /// or NCCL on CUDA (`sluice_collective::weights`), and an actor downloads
+    /// over gRPC only a version the broadcast did not bring it (when it just
+    /// joined or the group re-formed). Each actor keeps one more copy of the
+    /// weights (the staging buffers the broadcast writes into).
+    pub weight_transport: WeightTransport,
     /// Interruptible generation: an actor that hears of a newer policy version
     /// while sampling fetches it and goes on with the new weights at the next
     /// token (its KV cache kept); each rollout records the versions its tokens
@@ -414,6 +422,7 @@ impl Default for RolloutConfig {
             weights_dtype: Dtype::F32,
             weight_chunk_bytes: 1 << 20,
             delta_weights: true,
+            weight_transport: WeightTransport::Grpc,
             interruptible: false,
             max_rollout_bytes: 1 << 20,
             max_group_size: 1024,
@@ -1208,6 +1217,7 @@ mod tests {
             (format!("{MIN}[train]\nlr = \"fast\"\n"), "train.lr"),
             (format!("{MIN}[sampling]\ntop_p = 0\n"), "sampling.top_p"),
             (format!("{MIN}[rollout]\nweights_dtype = \"f16\"\n"), "rollout.weights_dtype"),
+            (format!("{MIN}[rollout]\nweight_transport = \"nccl\"\n"), "rollout.weight_transport"),
             (format!("{MIN}[rollout]\nmax_staleness = -1\n"), "rollout.max_staleness"),
             (format!("{MIN}[rollout]\nmax_staleness = 9223372036854775807\n"), "rollout.max_staleness"),
             (format!("{MIN}[train]\nprompts_per_step = 1000000000000\n"), "train.prompts_per_step"),

@@ -102,6 +102,20 @@ impl fmt::Display for StoreUrl {
     }
 }
 
+/// How actors get each new policy version (`rollout.weight_transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightTransport {
+    /// Each actor downloads the versions it needs (`GetWeights`, chunked,
+    /// resumable, deltas).
+    #[default]
+    Grpc,
+    /// The learner's rank 0 pushes every version to the actors that joined its
+    /// weights broadcast group (TCP collective on CPU, NCCL on CUDA); an actor
+    /// that missed a version, or just joined, downloads it over gRPC.
+    Broadcast,
+}
+
 /// What an annotator says of a caption.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -49,6 +49,12 @@ struct Args {
     /// Rank 0's collective address, host:port (rank 0 listens there).
     #[arg(long, env = "SLUICE_RENDEZVOUS")]
     rendezvous: Option<String>,
+    /// With rollout.weight_transport = "broadcast": rank 0's weights broadcast
+    /// group, host:port. Rank 0 listens there (default: the --listen host, a
+    /// free port); other ranks tell their actors this address, so give them
+    /// rank 0's, as actors reach it.
+    #[arg(long, env = "SLUICE_WEIGHTS_BROADCAST")]
+    weights_broadcast: Option<String>,
     /// Gradient collective between ranks: auto (NCCL for CUDA policies, else TCP), tcp, nccl.
     #[arg(long, env = "SLUICE_COLLECTIVE", default_value = "auto")]
     collective: CollectiveKind,
@@ -96,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         rank: args.rank,
         world_size: args.world_size,
         rendezvous: args.rendezvous,
+        weights_broadcast: args.weights_broadcast,
         resume: !args.fresh,
         collective: args.collective,
         linger: Duration::from_secs_f64(args.linger_s.max(0.0)),

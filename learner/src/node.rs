@@ -31,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::ingest::Limits;
 use crate::service::{Fate, LearnerService, Shared};
 use crate::metrics::{Event, StepMetrics};
-use crate::publish::{GrpcPublisher, WeightPublisher};
+use crate::publish::{BroadcastPublisher, GrpcPublisher, WeightPublisher};
+use sluice_core::kinds::WeightTransport;
 use crate::source::{informative, Drawn, Feed, RolloutSource};
 use crate::trainer::Trainer;
 
@@ -45,6 +46,11 @@ pub struct NodeOptions {
     pub world_size: usize,
     /// Rank 0's collective address (`host:port`); needed when world_size > 1.
     pub rendezvous: Option<String>,
+    /// With `rollout.weight_transport = "broadcast"`: where rank 0's weights
+    /// broadcast group listens (default: the gRPC listen host, a free port),
+    /// and, on other ranks, the address they tell their actors (rank 0's,
+    /// reachable from the actors).
+    pub weights_broadcast: Option<String>,
     /// Resume from the newest checkpoint in the job's out_dir.
     pub resume: bool,
     /// Gradient collective between ranks.
@@ -84,8 +90,36 @@ impl std::str::FromStr for CollectiveKind {
     }
 }
 
-/// The ranks' group: they prove the job's token and agree on the job (its
-/// orchestrator id, or its name for a job file) and the world size.
+/// What members of the job's groups prove: the job's token, and the job (its
+/// orchestrator id, or its name for a job file).
+fn group_auth(opts: &NodeOptions, session: Option<&Session>) -> GroupAuth {
+    let group = session.map_or(opts.job.name.as_str(), |s| s.link.job_id.as_str());
+    GroupAuth::new(opts.token.as_deref(), group)
+}
+
+/// How this rank publishes versions: `GetWeights` always; with
+/// `rollout.weight_transport = "broadcast"`, rank 0 also pushes each version to
+/// its weights broadcast group, and every rank tells actors where it is.
+fn build_publisher(opts: &NodeOptions, session: Option<&Session>, shared: &Arc<Shared>, listen: std::net::SocketAddr) -> Result<Box<dyn WeightPublisher>> {
+    let r = &opts.job.rollout;
+    let grpc = GrpcPublisher::new(shared.clone(), r.weights_dtype, r.delta_weights);
+    if r.weight_transport != WeightTransport::Broadcast {
+        return Ok(Box::new(grpc));
+    }
+    if opts.rank > 0 {
+        match &opts.weights_broadcast {
+            Some(a) => drop(shared.weights_broadcast.set(a.clone())),
+            None => tracing::warn!("no --weights-broadcast address on this rank: its actors download every version"),
+        }
+        return Ok(Box::new(grpc));
+    }
+    let bind = opts.weights_broadcast.clone().unwrap_or_else(|| std::net::SocketAddr::new(listen.ip(), 0).to_string());
+    let root = sluice_collective::weights::Root::bind(&bind, &group_auth(opts, session), shared.incarnation)?;
+    let _ = shared.weights_broadcast.set(root.local_addr().to_string());
+    Ok(Box::new(BroadcastPublisher::new(grpc, root, r.weights_dtype)))
+}
+
+/// The ranks' group: they prove the job's token and agree on the job and the world size.
 fn build_collective(opts: &NodeOptions, session: Option<&Session>, world: usize) -> Result<Box<dyn Collective>> {
     if world == 1 {
         return Ok(Box::new(Single));
@@ -94,9 +128,7 @@ fn build_collective(opts: &NodeOptions, session: Option<&Session>, world: usize)
         .rendezvous
         .as_deref()
         .ok_or_else(|| Error::Collective("a rendezvous address is required with more than one rank".into()))?;
-    let group = session.map_or(opts.job.name.as_str(), |s| s.link.job_id.as_str());
-    let auth = GroupAuth::new(opts.token.as_deref(), group);
-    let tcp = TcpCollective::connect(opts.rank, world, addr, &auth, Duration::from_secs(300))?;
+    let tcp = TcpCollective::connect(opts.rank, world, addr, &group_auth(opts, session), Duration::from_secs(300))?;
     let device = sluice_model::device::device(opts.job.model.device);
     match (opts.collective, device) {
         (CollectiveKind::Tcp, _) | (CollectiveKind::Auto, Device::Cpu) => Ok(Box::new(tcp)),
@@ -114,8 +146,18 @@ fn build_collective(opts: &NodeOptions, session: Option<&Session>, world: usize)
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum NodeEvent<'a> {
     Listening { addr: String, rank: usize, world_size: usize, version: u64 },
-    /// `delta_bytes`: the delta from the version before (0: none).
-    Published { version: u64, bytes: usize, delta_bytes: usize, seconds: f64 },
+    /// `delta_bytes`: the delta from the version before (0: none);
+    /// `broadcast_members`: actors it was broadcast to (broadcast transport only).
+    Published {
+        version: u64,
+        bytes: usize,
+        delta_bytes: usize,
+        seconds: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        broadcast_members: Option<usize>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        broadcast_seconds: Option<f64>,
+    },
     Finished { version: u64 },
     #[serde(untagged)]
     Train(&'a Event),
@@ -214,10 +256,17 @@ fn run_rank(
     report(&NodeEvent::Listening { addr: addr.to_string(), rank: opts.rank, world_size: world, version: shared.version() });
     tracing::info!(%addr, rank = opts.rank, world, "learner serving");
 
-    let publisher = RefCell::new(GrpcPublisher::new(shared.clone(), cfg.rollout.weights_dtype, cfg.rollout.delta_weights));
+    let publisher = RefCell::new(build_publisher(opts, session, &shared, addr)?);
     let publish = |trainer: &Trainer, report: &mut dyn FnMut(&NodeEvent)| -> Result<()> {
         let p = publisher.borrow_mut().publish(trainer.state().step, trainer.policy())?;
-        report(&NodeEvent::Published { version: p.version, bytes: p.bytes, delta_bytes: p.delta_bytes, seconds: p.seconds });
+        report(&NodeEvent::Published {
+            version: p.version,
+            bytes: p.bytes,
+            delta_bytes: p.delta_bytes,
+            seconds: p.seconds,
+            broadcast_members: p.broadcast.map(|b| b.0),
+            broadcast_seconds: p.broadcast.map(|b| b.1),
+        });
         Ok(())
     };
 

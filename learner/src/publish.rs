@@ -4,15 +4,20 @@
 //! `GetWeights` backend: the parameters as one safetensors blob (f32, or bf16
 //! to halve the bytes) that the learner service streams in chunks, with the
 //! delta from the version before (`rollout.delta_weights`) for actors that hold
-//! it. An NCCL broadcast is another implementation of the trait.
+//! it. [`BroadcastPublisher`] also pushes every version to the actors that
+//! joined rank 0's weights broadcast group (`sluice_collective::weights`: the
+//! TCP collective on CPU, NCCL on CUDA), keeping `GetWeights` for actors that
+//! just joined or missed a version.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use prost::bytes::Bytes;
 
+use sluice_collective::weights::Root;
 use sluice_core::kinds::Dtype;
 use sluice_model::hf::Policy;
+use tch::Tensor;
 
 use crate::error::Result;
 use crate::service::{Delta, Shared};
@@ -25,6 +30,8 @@ pub struct Publication {
     /// Size of the delta from the version before (0: none).
     pub delta_bytes: usize,
     pub seconds: f64,
+    /// Actors the version was broadcast to, and how long that took (broadcast only).
+    pub broadcast: Option<(usize, f64)>,
 }
 
 /// Where a learner puts each policy version.
@@ -72,6 +79,40 @@ impl WeightPublisher for GrpcPublisher {
             self.last = Some((version, bytes.clone()));
         }
         self.shared.publish(version, bytes, self.dtype, delta);
-        Ok(Publication { version, bytes: n, delta_bytes, seconds: t0.elapsed().as_secs_f64() })
+        Ok(Publication { version, bytes: n, delta_bytes, seconds: t0.elapsed().as_secs_f64(), broadcast: None })
+    }
+}
+
+/// [`WeightPublisher`] of rank 0 with `rollout.weight_transport = "broadcast"`:
+/// every version goes to the members of the weights broadcast group, in the
+/// wire dtype, from the policy's device (NCCL when it is CUDA), after it was
+/// made available for `GetWeights` (which joiners and members that missed a
+/// version use). A failed broadcast is logged and training goes on: the
+/// members rejoin at the next version and download this one.
+pub struct BroadcastPublisher {
+    grpc: GrpcPublisher,
+    root: Root,
+    dtype: Dtype,
+}
+
+impl BroadcastPublisher {
+    /// `root` was bound with this learner's incarnation (`Shared::incarnation`).
+    pub fn new(grpc: GrpcPublisher, root: Root, dtype: Dtype) -> Self {
+        BroadcastPublisher { grpc, root, dtype }
+    }
+}
+
+impl WeightPublisher for BroadcastPublisher {
+    fn publish(&mut self, version: u64, policy: &Policy) -> Result<Publication> {
+        let mut p = self.grpc.publish(version, policy)?;
+        let kind = sluice_model::device::kind(self.dtype);
+        let params: Vec<(String, Tensor)> = tch::no_grad(|| {
+            policy.named_parameters().into_iter().map(|(n, t)| (n, t.detach().to_kind(kind).contiguous())).collect()
+        });
+        match self.root.broadcast(version, &params) {
+            Ok(sent) => p.broadcast = Some((sent.members, sent.seconds)),
+            Err(e) => tracing::warn!(version, error = %e, "weights broadcast failed; its members download this version"),
+        }
+        Ok(p)
     }
 }

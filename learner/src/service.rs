@@ -79,6 +79,8 @@ pub struct Shared {
     pub open_groups: Arc<std::sync::atomic::AtomicUsize>,
     /// What became of work items since the last report to the orchestrator.
     fates: Mutex<v1::WorkFates>,
+    /// Rank 0's weights broadcast group (`LearnerStatus.weights_broadcast`), once known.
+    pub weights_broadcast: std::sync::OnceLock<String>,
 }
 
 /// What became of a work item's group at this learner (`v1::WorkFates`).
@@ -139,6 +141,7 @@ impl Shared {
             work_ids: Mutex::new(trained),
             open_groups: Arc::default(),
             fates: Mutex::default(),
+            weights_broadcast: std::sync::OnceLock::new(),
         };
         (Arc::new(shared), rx)
     }
@@ -468,6 +471,7 @@ impl Learner for LearnerService {
             finished: s.finished.load(Ordering::SeqCst),
             dropped_future_groups: stats.dropped_future_groups,
             dropped_duplicate_groups: stats.dropped_duplicate_groups,
+            weights_broadcast: s.weights_broadcast.get().cloned().unwrap_or_default(),
         }))
     }
 }

@@ -279,3 +279,69 @@ fn learner_reward_server_and_actor_talk_over_tls() {
     let synced = a.lines().iter().filter(|v| v["event"] == "synced").count();
     assert!(synced >= 2, "weights came over TLS: {synced} syncs");
 }
+
+/// `rollout.weight_transport = "broadcast"`: the learner pushes each version to
+/// the actors in its weights broadcast group (TCP collective on CPU). Actors
+/// download only what the group did not bring them: version 0 (published
+/// before they joined) and a version during which the group re-formed. An
+/// actor killed mid-run ends its generation; the survivor and the restarted
+/// actor rejoin and get the later versions by broadcast. Synchronous
+/// training, so every version is needed by both actors.
+#[test]
+fn actors_get_weights_by_broadcast_and_rejoin_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{TINY}[sampling]\nmax_new_tokens = 6\n[grpo]\ngroup_size = 4\n\
+         [train]\nsteps = 40\nprompts_per_step = 8\nlr = 0.001\neval_prompts = 4\neval_every = 100\n\
+         [rollout]\nmax_staleness = 0\nweights_dtype = \"bf16\"\nweight_transport = \"broadcast\"\n"
+    );
+    let job = write_job(dir.path(), "bcast", &body);
+    let out = dir.path().join("out");
+    let mut learner = Learner::start(&job, &["--out", out.to_str().unwrap(), "--linger-s", "60"]);
+    let st = status(&learner.endpoint);
+    assert!(st.weights_broadcast.starts_with("127.0.0.1:"), "rank 0 names its group: {st:?}");
+    let mut a0 = actor(&job, &learner.endpoint, 0, 2, &[]);
+    let mut a1 = actor(&job, &learner.endpoint, 1, 2, &[]);
+    // Both joined: a version went to two members; then actor 1 is killed.
+    learner.proc.wait_line("a version broadcast to both actors", Duration::from_secs(120), |v| {
+        v["event"] == "published" && v["broadcast_members"] == 2
+    });
+    a1.wait_line("a broadcast sync", Duration::from_secs(60), |v| v["event"] == "synced" && v["broadcast"] == true);
+    a1.kill9();
+    let mut a1b = actor(&job, &learner.endpoint, 1, 2, &["--seed", "1"]);
+    learner.wait_finished(Duration::from_secs(240));
+    let st = status(&learner.endpoint);
+    assert_eq!(st.version, 40);
+    assert_eq!(st.staleness_histogram, vec![320], "synchronous: every group trained at its own version");
+    for a in [&mut a0, &mut a1b] {
+        a.wait_line("done", Duration::from_secs(60), |v| v["event"] == "done");
+        assert_eq!(a.wait_exit(Duration::from_secs(30)), 0, "{} failed", a.name);
+    }
+    let synced = |p: &Proc| -> Vec<(u64, bool)> {
+        p.lines().into_iter().filter(|v| v["event"] == "synced").map(|v| (v["version"].as_u64().unwrap(), v["broadcast"] == true)).collect()
+    };
+    let published: Vec<_> = learner.proc.lines().into_iter().filter(|v| v["event"] == "published").collect();
+    let (s0, s1) = (synced(&a0), synced(&a1b));
+    let members: Vec<String> = published.iter().map(|v| format!("{}:{}", v["version"], v["broadcast_members"])).collect();
+    let report = format!("actor 0 synced {s0:?}; restarted actor 1 synced {s1:?}; version:members {members:?}");
+    let version = |v: &serde_json::Value| v["version"].as_u64().unwrap();
+    // The version whose broadcast failed on the killed actor's socket, and the
+    // first after it that reached both the survivor and the restarted actor.
+    let failed = published.iter().find(|v| v["broadcast_members"].is_null()).map(version).expect(&report);
+    let reformed = published.iter().filter(|v| version(v) > failed && v["broadcast_members"] == 2).map(version).next().expect(&report);
+    assert!(reformed <= failed + 20, "the group took too long to re-form: {report}");
+    // Every version either actor needed while in the group came by broadcast:
+    // actor 0's before the failure, and both actors' once the group re-formed.
+    // Version 0 (published before anyone joined) was downloaded; in between,
+    // either (a member may rejoin alone, or have taken the failed version whole).
+    assert_eq!(s0.len(), 41, "actor 0 needed every version: {report}");
+    for &(v, by_broadcast) in &s0 {
+        if v == 0 || v < failed || v >= reformed {
+            assert_eq!(by_broadcast, v > 0, "actor 0, version {v}: {report}");
+        }
+    }
+    assert!(s1.iter().filter(|s| s.0 >= reformed).all(|s| s.1), "{report}");
+    assert!(s1.iter().filter(|s| s.1).count() >= 10, "{report}");
+    // The root counted its members each version: both until the job's end.
+    assert!(published.iter().filter(|v| version(v) >= reformed).all(|v| v["broadcast_members"] == 2), "{report}");
+}

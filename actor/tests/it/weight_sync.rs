@@ -259,3 +259,91 @@ fn delta_sync_after_real_steps_is_bit_exact_with_a_full_sync() {
         assert_eq!(first_chunk(ask(shared.incarnation ^ 2)).delta_from, None);
     }
 }
+
+/// The weights broadcast group after real GRPO steps (a trainer in this
+/// process publishing through the learner's `BroadcastPublisher`): an actor's
+/// `BroadcastSubscriber` that joined gets each version staged by the group,
+/// and its policy equals, bit for bit, one synced over `GetWeights` — the
+/// trainer's weights rounded to the wire dtype. Before it was a member (and
+/// for a version it cannot have, e.g. another incarnation's) it downloads.
+#[test]
+fn broadcast_sync_after_real_steps_is_bit_exact_with_a_grpc_sync() {
+    use sluice_actor::sync::{BroadcastSubscriber, GrpcSubscriber, WeightSubscriber};
+    use sluice_learner::publish::{BroadcastPublisher, GrpcPublisher, WeightPublisher};
+    use sluice_learner::service::Shared;
+    for wire in [sluice_core::kinds::Dtype::Bf16, sluice_core::kinds::Dtype::F32] {
+        let dir = tempfile::tempdir().unwrap();
+        let body = format!("{TINY}[sampling]\nmax_new_tokens = 4\n[grpo]\ngroup_size = 4\n[train]\nsteps = 8\nprompts_per_step = 4\nlr = 1e-3\n");
+        let job = write_job(dir.path(), "bcast", &body);
+        let mut cfg = JobConfig::from_file(&job).unwrap();
+        cfg.train.out_dir = dir.path().join("out");
+        let mut trainer = sluice_learner::trainer::Trainer::new(cfg.clone(), false).unwrap();
+        let limits = sluice_learner::ingest::Limits {
+            job: "bcast".into(),
+            vocab_size: 100,
+            max_tokens: 64,
+            max_rollout_bytes: 4096,
+            max_group_size: 8,
+            needs_logprobs: true,
+        };
+        let rt = runtime();
+        let (shared, _rx) = Shared::new(limits, 0, 1, 0, 1, 4, 8, 1 << 16, Default::default());
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        rt.spawn(sluice_learner::node::serve(shared.clone(), listener, None, None, std::future::pending()));
+        let auth = sluice_learner::collective::GroupAuth::new(Some("t0k"), "bcast");
+        let root = sluice_collective::weights::Root::bind("127.0.0.1:0", &auth, shared.incarnation).unwrap();
+        let group = root.local_addr().to_string();
+        let mut publisher = BroadcastPublisher::new(GrpcPublisher::new(shared.clone(), wire, false), root, wire);
+        let inc = shared.incarnation;
+        let p0 = publisher.publish(0, trainer.policy()).unwrap();
+        assert_eq!(p0.broadcast.map(|b| b.0), Some(0), "nobody joined yet");
+
+        let subscriber = |seed: i64| {
+            let mut m = cfg.model.clone();
+            m.init_seed = seed;
+            load_policy(&m).unwrap().0
+        };
+        let mut grpc = GrpcSubscriber::new("bcast", None, false, rt.handle().clone());
+        grpc.attach(rt.block_on(client(&endpoint)));
+        let mut sub = BroadcastSubscriber::new(grpc, Some("t0k"), "bcast", wire);
+        let policy = subscriber(99);
+        let first = sub.pull(&policy, (0, inc)).unwrap();
+        assert_eq!((first.version, first.broadcast), (0, false), "version 0 was published before the group had members");
+        sub.join(&group, &policy).unwrap();
+        // The member is in the group from the next version on.
+        let joined = loop {
+            trainer.grpo_step().unwrap();
+            let v = trainer.state().step;
+            let p = publisher.publish(v, trainer.policy()).unwrap();
+            if p.broadcast.map(|b| b.0) == Some(1) {
+                break v;
+            }
+            assert!(v < 8, "the subscriber never joined the group: {:?}", sub.member().map(|m| m.status()));
+        };
+        let got = sub.pull(&policy, (joined, inc)).unwrap();
+        assert_eq!((got.version, got.broadcast, got.delta_from), (joined, true, None), "{wire}");
+        // One more version, by broadcast too.
+        trainer.grpo_step().unwrap();
+        let v = joined + 1;
+        publisher.publish(v, trainer.policy()).unwrap();
+        let got = sub.pull(&policy, (v, inc)).unwrap();
+        assert_eq!((got.version, got.broadcast), (v, true), "{wire}");
+
+        let mut full = WeightSync::default();
+        let whole = rt.block_on(async { full.download(&mut client(&endpoint).await, "bcast").await }).unwrap();
+        assert_eq!(whole.version, v);
+        let by_grpc = subscriber(5);
+        apply(&by_grpc, full.blob().unwrap(), v).unwrap();
+        let kind = sluice_model::device::kind(wire);
+        let trained = params(trainer.policy());
+        let (ours, theirs) = (params(&policy), params(&by_grpc));
+        for (name, p) in &ours {
+            assert!(p.equal(&theirs[name]), "{wire}: {name} differs between broadcast and GetWeights");
+            assert!(p.equal(&trained[name].to_kind(kind).to_kind(p.kind())), "{wire}: {name} is not the trainer's");
+        }
+        // A version of another incarnation is never taken from the group: download.
+        let other = sub.pull(&policy, (v, inc ^ 2)).unwrap();
+        assert!(!other.broadcast, "{wire}");
+    }
+}
