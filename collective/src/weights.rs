@@ -351,6 +351,9 @@ pub struct Staged {
     /// root's welcome; every later version of that incarnation reaches it
     /// while it stays connected. `None` while out of the group.
     pub member_of: Option<(u64, Option<u64>)>,
+    /// Connected to the root and waiting for its welcome (a pull waits: the
+    /// root may already count this member in the version it just sent).
+    pub connecting: bool,
     /// The member left for good, and why (e.g. its layout is not the root's).
     pub failed: Option<String>,
 }
@@ -375,7 +378,7 @@ impl Member {
     /// shapes and dtype, on the CPU (TCP payloads) or on CUDA (either).
     pub fn join(addr: &str, auth: &GroupAuth, staging: Vec<(String, Tensor)>) -> Result<Member> {
         let slot = Arc::new(Slot {
-            state: Mutex::new(Staged { tensors: staging, version: None, received: 0, member_of: None, failed: None }),
+            state: Mutex::new(Staged { tensors: staging, version: None, received: 0, member_of: None, connecting: false, failed: None }),
             changed: Condvar::new(),
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -415,7 +418,8 @@ impl Member {
             if let Some((v, inc)) = s.version.filter(|&(v, inc)| inc == incarnation && v >= at_least) {
                 return Some(f(v, inc, &s.tensors));
             }
-            let coming = matches!(s.member_of, Some((inc, last)) if inc == incarnation && last.is_none_or(|l| at_least > l));
+            let coming = s.connecting
+                || matches!(s.member_of, Some((inc, last)) if inc == incarnation && last.is_none_or(|l| at_least > l));
             let now = Instant::now();
             if !coming || now >= deadline {
                 return None;
@@ -461,6 +465,7 @@ fn member_loop(addr: &str, auth: &GroupAuth, slot: &Slot, stop: &AtomicBool) {
         let end = session(addr, auth, slot, stop);
         let mut s = slot.state.lock().expect("staging lock");
         s.member_of = None;
+        s.connecting = false;
         if s.received > received {
             received = s.received;
             backoff = REJOIN_FIRST;
@@ -501,6 +506,7 @@ fn session(addr: &str, auth: &GroupAuth, slot: &Slot, stop: &AtomicBool) -> End 
         Ok(s) => s,
         Err(e) => return End::Retry(comm_err(format!("connect {addr}: {e}"))),
     };
+    lock(slot).connecting = true;
     let hello = (|| -> std::io::Result<()> {
         s.set_read_timeout(Some(HELLO_TIMEOUT))?;
         let mut nonce = [0u8; NONCE];
@@ -524,6 +530,7 @@ fn session(addr: &str, auth: &GroupAuth, slot: &Slot, stop: &AtomicBool) -> End 
     {
         let mut st = lock(slot);
         st.member_of = Some((incarnation, (last != u64::MAX).then_some(last)));
+        st.connecting = false;
         slot.changed.notify_all();
     }
     match receive(&mut s, slot, stop) {

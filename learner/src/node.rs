@@ -244,6 +244,8 @@ fn run_rank(
         .block_on(tokio::net::TcpListener::bind(&opts.listen))
         .map_err(|e| Error::io(format!("listen address {}", opts.listen), e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("listener", e))?;
+    // Before the server answers: its status names the weights broadcast group.
+    let publisher = RefCell::new(build_publisher(opts, session, &shared, addr)?);
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let tls = opts.tls.as_ref().map(ServerFiles::config).transpose().map_err(Error::Server)?;
     let (token, shared_for_server) = (opts.token.clone(), shared.clone());
@@ -256,7 +258,6 @@ fn run_rank(
     report(&NodeEvent::Listening { addr: addr.to_string(), rank: opts.rank, world_size: world, version: shared.version() });
     tracing::info!(%addr, rank = opts.rank, world, "learner serving");
 
-    let publisher = RefCell::new(build_publisher(opts, session, &shared, addr)?);
     let publish = |trainer: &Trainer, report: &mut dyn FnMut(&NodeEvent)| -> Result<()> {
         let p = publisher.borrow_mut().publish(trainer.state().step, trainer.policy())?;
         report(&NodeEvent::Published {
