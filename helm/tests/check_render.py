@@ -64,13 +64,18 @@ def main(path, ns):
     container = pod["spec"]["containers"][0]
     rdv_port = [p["containerPort"] for p in container["ports"] if p["name"] == "rendezvous"][0]
     want_rdv = f"{sts['metadata']['name']}-0.{svc[0]['metadata']['name']}.{ns}.svc:{rdv_port}"
+    weights_port = [p["containerPort"] for p in container["ports"] if p["name"] == "weights"][0]
+    want_weights = f"{sts['metadata']['name']}-0.{svc[0]['metadata']['name']}.{ns}.svc:{weights_port}"
+    if weights_port not in [p["port"] for p in svc[0]["spec"]["ports"]]:
+        fail(f"the learners' Service does not expose the weights broadcast port {weights_port}")
 
-    ranks, rendezvous = [], set()
+    ranks, rendezvous, weights = [], set(), set()
     for ordinal in range(replicas):
         labels = dict(pod["metadata"]["labels"], **{"apps.kubernetes.io/pod-index": str(ordinal)})
         env = env_of(container, labels)
         ranks.append(env["SLUICE_RANK"])
         rendezvous.add(env["SLUICE_RENDEZVOUS"])
+        weights.add(env["SLUICE_WEIGHTS_BROADCAST"])
         if env["SLUICE_WORLD_SIZE"] != str(replicas):
             fail(f"pod {ordinal}: SLUICE_WORLD_SIZE {env['SLUICE_WORLD_SIZE']}")
         if env.get("NCCL_DEBUG") != "WARN" or env.get("SLUICE_COLLECTIVE") != "nccl":
@@ -79,6 +84,8 @@ def main(path, ns):
         fail(f"ranks {ranks}: want one distinct rank per pod ordinal")
     if rendezvous != {want_rdv}:
         fail(f"rendezvous {rendezvous}: want every rank to use {want_rdv}")
+    if weights != {want_weights}:
+        fail(f"weights broadcast {weights}: want every rank to name rank 0's, {want_weights}")
     limits = container["resources"]["limits"]
     if str(limits.get("nvidia.com/gpu")) != "1":
         fail(f"learner GPU limit {limits}")
