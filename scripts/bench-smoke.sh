@@ -36,7 +36,7 @@ run objectives --seeds 1 --steps 2 --sft-steps 2
 run bgpo_memory --ns 1,2 --batch 1 --prompt 4 --response 8
 run long_tail --preset tiny --rows 8 --slots 2 --iters 1 --threads 1
 run head_memory --vocab 300 --hidden 32 --layers 1 --batch 2 --len 8
-run dataplane ingest weights delta staleness stale-objective time-to-reward --smoke
+run dataplane ingest weights broadcast delta staleness stale-objective time-to-reward --smoke
 run reward score annotate --smoke
 run oni stalled claim --steps 2 --seeds 1 --rooms 2 --out "$out"
 expected=9

@@ -7,6 +7,10 @@
 //! * `weights`: one full GetWeights download of a Qwen2-0.5B-sized tensor set
 //!   (through the actor's resumable client), against a raw loopback copy of the
 //!   same bytes.
+//! * `broadcast`: one version of the same Qwen2-0.5B-sized tensor set (bf16)
+//!   pushed by the learner's weights broadcast group (TCP collective) to 1
+//!   and 2 members until each has it staged, against as many concurrent
+//!   GetWeights downloads and as many raw loopback copies of the same bytes.
 //! * `delta`: weight sync after real GRPO steps of the small preset in bf16
 //!   (a trainer in this process publishing through the learner's
 //!   `GrpcPublisher`): bytes and seconds of an actor's delta download one
@@ -24,7 +28,7 @@
 //!   against asynchronous (max_staleness 4, decoupled PPO), without and with
 //!   interruptible generation and continuous batching, on long-tailed responses.
 //!
-//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|delta|staleness|stale-objective|time-to-reward]... [--smoke]`
+//! `cargo bench -p sluice-actor --bench dataplane -- [ingest|weights|broadcast|delta|staleness|stale-objective|time-to-reward]... [--smoke]`
 //! (scripts/bench-dataplane.sh builds the release binaries first).
 
 use std::io::{Read, Write};
@@ -225,6 +229,79 @@ fn weights() {
             bytes.len() as f64 / 1e9 / grpc_s,
             tcp_s / grpc_s
         );
+    }
+}
+
+/// The weights broadcast group against GetWeights and raw TCP (see the module docs).
+fn broadcast() {
+    use sluice_collective::weights::{Member, Root};
+    use sluice_collective::GroupAuth;
+    let cfg = if smoke() {
+        sluice_model::model::ModelConfig::preset("tiny", 100).unwrap()
+    } else {
+        sluice_model::model::ModelConfig::preset("qwen2-0.5b", 151_936).unwrap()
+    };
+    let policy = sluice_model::hf::Policy::random(&cfg, tch::Device::Cpu, tch::Kind::BFloat16, 0);
+    let params = policy.named_parameters();
+    let bytes = sluice_model::weights::encode(&params, tch::Kind::BFloat16).unwrap();
+    let payload: usize = params.iter().map(|(_, t)| t.numel() * 2).sum();
+    println!("## broadcast: {:.2} GB of bf16 parameters per member", payload as f64 / 1e9);
+    println!("| members | broadcast s | gRPC GetWeights s (concurrent) | raw TCP s (concurrent) | broadcast / raw TCP | broadcast / gRPC |");
+    println!("|---|---|---|---|---|---|");
+    let auth = GroupAuth::new(Some("bench"), JOB);
+    for members in [1usize, 2] {
+        let mut root = Root::bind("127.0.0.1:0", &auth, 1).unwrap();
+        let addr = root.local_addr().to_string();
+        let staging = || params.iter().map(|(n, t)| (n.clone(), t.zeros_like())).collect::<Vec<_>>();
+        let joined: Vec<Member> = (0..members).map(|_| Member::join(&addr, &auth, staging()).unwrap()).collect();
+        // Version 1 forms the generation (once every member was admitted); version 2 is timed.
+        let mut v = 0;
+        loop {
+            v += 1;
+            if root.broadcast(v, &params).unwrap().members == members {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        for m in &joined {
+            m.with_version(v, 1, std::time::Duration::from_secs(600), |_, _, _| ()).expect("first version staged");
+        }
+        let t0 = Instant::now();
+        root.broadcast(v + 1, &params).unwrap();
+        for m in &joined {
+            m.with_version(v + 1, 1, std::time::Duration::from_secs(600), |_, _, _| ()).expect("version staged");
+        }
+        let bcast_s = t0.elapsed().as_secs_f64();
+        drop(joined);
+        drop(root);
+
+        let rt = runtime();
+        let (endpoint, shared) = start_learner(&rt, 1 << 20);
+        shared.publish(0, bytes.clone().into(), sluice_core::kinds::Dtype::Bf16, None);
+        let t0 = Instant::now();
+        rt.block_on(async {
+            let downloads = (0..members).map(|_| {
+                let endpoint = endpoint.clone();
+                async move {
+                    let mut client = sluice_actor::link::connect(&endpoint).await.unwrap();
+                    let mut sync = WeightSync::default();
+                    sync.download(&mut client, JOB).await.unwrap();
+                }
+            });
+            futures_join(downloads).await;
+        });
+        let grpc_s = t0.elapsed().as_secs_f64();
+        drop(rt);
+        let tcp_s = raw_tcp(members, &bytes[..payload.min(bytes.len())]);
+        println!("| {members} | {bcast_s:.2} | {grpc_s:.2} | {tcp_s:.2} | {:.2} | {:.2} |", tcp_s / bcast_s, grpc_s / bcast_s);
+    }
+}
+
+/// Runs every future to completion concurrently (on the current task).
+async fn futures_join<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    for h in handles {
+        h.await.unwrap();
     }
 }
 
@@ -528,6 +605,9 @@ fn main() {
     }
     if want("weights") {
         weights();
+    }
+    if want("broadcast") {
+        broadcast();
     }
     if want("delta") {
         delta();
