@@ -494,6 +494,7 @@ fn a_bgpo_job_on_a_diffusion_policy_runs_through_dev_mode() {
          [task]\nkind = \"arithmetic\"\ndigits = 1\noperators = [\"+\"]\n\
          [sampling]\nmax_new_tokens = 4\ndiffusion_steps = 4\nblock_length = 2\n[grpo]\ngroup_size = 4\n[bgpo]\nmc_samples = 2\n\
          [train]\nsteps = 6\nprompts_per_step = 8\nsft_steps = 20\nsft_lr = 3e-3\neval_prompts = 16\ncheckpoint_every = 3\nout_dir = \"{}\"\n\
+         [rollout]\nmax_staleness = 0\nweight_transport = \"broadcast\"\nweights_dtype = \"bf16\"\n\
          [resources]\nreward_server = false\n",
         run.display()
     );
@@ -510,6 +511,14 @@ fn a_bgpo_job_on_a_diffusion_policy_runs_through_dev_mode() {
         assert_eq!(s["response_len_mean"], 4.0, "diffusion responses have the fixed length: {s}");
         assert!(s["grad_norm"].as_f64().unwrap().is_finite() && s["skipped_updates"] == 0, "{s}");
     }
+    // Weights went by broadcast through dev mode (learner and actor in the
+    // orchestrator's job group): every version after the first, synchronously.
+    let log = |name: &str| -> Vec<Value> {
+        std::fs::read_to_string(run.join("logs").join(name)).unwrap().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    let synced: Vec<Value> = log("actor-0.log").into_iter().filter(|v| v["event"] == "synced").collect();
+    assert!(synced.iter().filter(|v| v["broadcast"] == true).count() >= 4, "{synced:?}");
+    assert!(log("learner-0.log").iter().any(|v| v["event"] == "published" && v["broadcast_members"] == 1));
     // The checkpoint is a diffusion policy directory (its config names the mask token).
     let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints").join(latest.trim()).join("config.json")).unwrap()).unwrap();
