@@ -310,6 +310,9 @@ impl Collective for TcpCollective {
         if tensors.is_empty() {
             return Ok(());
         }
+        if tensors.iter().all(|t| t.device() == Device::Cpu && t.is_contiguous()) {
+            return self.broadcast_in_place(tensors);
+        }
         let (flat, kind) = flatten(tensors)?;
         let n = flat.numel();
         if self.rank == 0 {
@@ -323,6 +326,76 @@ impl Collective for TcpCollective {
         }
         Ok(())
     }
+}
+
+impl TcpCollective {
+    /// [`Collective::broadcast_from_root`] for contiguous CPU tensors: the same
+    /// frame (one op tag, the total byte count, the tensors' bytes in order),
+    /// written from and read into the tensors' own memory, with no flattened
+    /// copy on either side (a weights broadcast moves a whole model this way).
+    fn broadcast_in_place(&mut self, tensors: &mut [Tensor]) -> Result<()> {
+        let kind = tensors[0].kind();
+        if tensors.iter().any(|t| t.kind() != kind) {
+            return Err(comm_err("all tensors of one collective call must have the same dtype"));
+        }
+        let len: usize = tensors.iter().map(|t| t.numel() * kind.elt_size_in_bytes()).sum();
+        let mut header = [0u8; 9];
+        header[0] = OP_BROADCAST;
+        header[1..].copy_from_slice(&(len as u64).to_le_bytes());
+        if self.rank == 0 {
+            for peer in &mut self.peers {
+                peer.write_all(&header).map_err(|e| comm_err(format!("send to peer: {e}")))?;
+                for t in tensors.iter() {
+                    peer.write_all(host_bytes(t)).map_err(|e| comm_err(format!("send to peer: {e}")))?;
+                }
+            }
+        } else {
+            let peer = &mut self.peers[0];
+            let mut got = [0u8; 9];
+            peer.read_exact(&mut got).map_err(|e| comm_err(format!("receive from peer: {e}")))?;
+            if got != header {
+                let sent = u64::from_le_bytes(got[1..].try_into().expect("8 bytes"));
+                return Err(comm_err(format!(
+                    "ranks disagree: expected op {OP_BROADCAST} with {len} bytes, peer sent op {} with {sent} bytes",
+                    got[0]
+                )));
+            }
+            for t in tensors.iter_mut() {
+                peer.read_exact(host_bytes_mut(t)).map_err(|e| comm_err(format!("receive from peer: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The memory of a contiguous CPU tensor.
+#[allow(unsafe_code)]
+fn host_bytes(t: &Tensor) -> &[u8] {
+    debug_assert!(t.device() == Device::Cpu && t.is_contiguous());
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: a contiguous CPU tensor's data pointer (storage offset included)
+    // addresses `numel * element size` initialised bytes, alive while `t` is
+    // borrowed; nothing writes them during the borrow (the collective's
+    // callers own these tensors for the call).
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
+}
+
+/// The memory of a contiguous CPU tensor, to overwrite.
+#[allow(unsafe_code)]
+fn host_bytes_mut(t: &mut Tensor) -> &mut [u8] {
+    debug_assert!(t.device() == Device::Cpu && t.is_contiguous());
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: as in `host_bytes`; the exclusive borrow of the tensor handle is
+    // the caller's promise that no one reads or writes this storage meanwhile
+    // (the weights member holds its staging lock), and any byte pattern is a
+    // valid value of the numeric dtypes broadcast here.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, n) }
 }
 
 /// Sums plain numbers over all ranks (metrics, loss denominators).
@@ -453,6 +526,27 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
+    }
+
+    /// A broadcast from tensors that are not contiguous (flattened copy) and
+    /// into ones that are (read in place) carry the same frame.
+    #[test]
+    fn in_place_and_flattened_broadcasts_interoperate() {
+        let addr = free_addr();
+        let a2 = addr.clone();
+        let peer = std::thread::spawn(move || {
+            let mut c = TcpCollective::connect(1, 2, &a2, &auth(), Duration::from_secs(20)).unwrap();
+            let mut ts = [Tensor::zeros([2, 3], (Kind::BFloat16, Device::Cpu)), Tensor::zeros([0], (Kind::BFloat16, Device::Cpu))];
+            c.broadcast_from_root(&mut ts).unwrap();
+            Vec::<f32>::try_from(&ts[0].to_kind(Kind::Float).reshape([-1])).unwrap()
+        });
+        let mut c = TcpCollective::connect(0, 2, &addr, &auth(), Duration::from_secs(20)).unwrap();
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([3, 2]).to_kind(Kind::BFloat16).transpose(0, 1);
+        assert!(!t.is_contiguous());
+        let want = Vec::<f32>::try_from(&t.to_kind(Kind::Float).reshape([-1])).unwrap();
+        c.broadcast_from_root(&mut [t, Tensor::zeros([0], (Kind::BFloat16, Device::Cpu))]).unwrap();
+        assert_eq!(peer.join().unwrap(), want);
+        assert_eq!(want, vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]);
     }
 
     #[test]
