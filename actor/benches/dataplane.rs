@@ -250,6 +250,24 @@ fn broadcast() {
     println!("|---|---|---|---|---|---|");
     let auth = GroupAuth::new(Some("bench"), JOB);
     for members in [1usize, 2] {
+        // Downloads first: each measurement starts on a machine the others left alone.
+        let rt = runtime();
+        let (endpoint, shared) = start_learner(&rt, 1 << 20);
+        shared.publish(0, bytes.clone().into(), sluice_core::kinds::Dtype::Bf16, None);
+        let t0 = Instant::now();
+        rt.block_on(async {
+            let downloads = (0..members).map(|_| {
+                let endpoint = endpoint.clone();
+                async move {
+                    let mut client = sluice_actor::link::connect(&endpoint).await.unwrap();
+                    let mut sync = WeightSync::default();
+                    sync.download(&mut client, JOB).await.unwrap();
+                }
+            });
+            futures_join(downloads).await;
+        });
+        let grpc_s = t0.elapsed().as_secs_f64();
+        drop(rt);
         let mut root = Root::bind("127.0.0.1:0", &auth, 1).unwrap();
         let addr = root.local_addr().to_string();
         let staging = || params.iter().map(|(n, t)| (n.clone(), t.zeros_like())).collect::<Vec<_>>();
@@ -275,23 +293,6 @@ fn broadcast() {
         drop(joined);
         drop(root);
 
-        let rt = runtime();
-        let (endpoint, shared) = start_learner(&rt, 1 << 20);
-        shared.publish(0, bytes.clone().into(), sluice_core::kinds::Dtype::Bf16, None);
-        let t0 = Instant::now();
-        rt.block_on(async {
-            let downloads = (0..members).map(|_| {
-                let endpoint = endpoint.clone();
-                async move {
-                    let mut client = sluice_actor::link::connect(&endpoint).await.unwrap();
-                    let mut sync = WeightSync::default();
-                    sync.download(&mut client, JOB).await.unwrap();
-                }
-            });
-            futures_join(downloads).await;
-        });
-        let grpc_s = t0.elapsed().as_secs_f64();
-        drop(rt);
         let tcp_s = raw_tcp(members, &bytes[..payload.min(bytes.len())]);
         println!("| {members} | {bcast_s:.2} | {grpc_s:.2} | {tcp_s:.2} | {:.2} | {:.2} |", tcp_s / bcast_s, grpc_s / bcast_s);
     }
