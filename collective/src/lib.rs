@@ -343,11 +343,22 @@ impl TcpCollective {
         header[0] = OP_BROADCAST;
         header[1..].copy_from_slice(&(len as u64).to_le_bytes());
         if self.rank == 0 {
-            for peer in &mut self.peers {
+            // Every peer at once, each from the same memory (one thread per peer
+            // beyond the first): N peers take about as long as the slowest one.
+            let parts: Vec<&[u8]> = tensors.iter().map(host_bytes).collect();
+            let send = |peer: &mut TcpStream| -> Result<()> {
                 peer.write_all(&header).map_err(|e| comm_err(format!("send to peer: {e}")))?;
-                for t in tensors.iter() {
-                    peer.write_all(host_bytes(t)).map_err(|e| comm_err(format!("send to peer: {e}")))?;
+                for part in &parts {
+                    peer.write_all(part).map_err(|e| comm_err(format!("send to peer: {e}")))?;
                 }
+                Ok(())
+            };
+            if let Some((first, rest)) = self.peers.split_first_mut() {
+                std::thread::scope(|sc| {
+                    let others: Vec<_> = rest.iter_mut().map(|p| sc.spawn(|| send(p))).collect();
+                    let mine = send(first);
+                    others.into_iter().map(|h| h.join().expect("send thread")).chain([mine]).collect::<Result<Vec<()>>>()
+                })?;
             }
         } else {
             let peer = &mut self.peers[0];

@@ -167,6 +167,39 @@ fn trained_weights_reach_the_actor_bit_for_bit_in_f32_and_bf16() {
     }
 }
 
+/// A trainer in this process and a learner service on loopback that serves
+/// what it publishes: job `name` (`body` after the job line), chunks of `chunk` bytes.
+struct Served {
+    cfg: JobConfig,
+    trainer: sluice_learner::trainer::Trainer,
+    rt: tokio::runtime::Runtime,
+    shared: Arc<sluice_learner::service::Shared>,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+fn served(name: &str, body: &str, chunk: usize) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), name, body);
+    let mut cfg = JobConfig::from_file(&job).unwrap();
+    cfg.train.out_dir = dir.path().join("out");
+    let trainer = sluice_learner::trainer::Trainer::new(cfg.clone(), false).unwrap();
+    let limits = sluice_learner::ingest::Limits {
+        job: name.into(),
+        vocab_size: 100,
+        max_tokens: 64,
+        max_rollout_bytes: 4096,
+        max_group_size: 8,
+        needs_logprobs: true,
+    };
+    let rt = runtime();
+    let (shared, _rx) = sluice_learner::service::Shared::new(limits, 0, 1, 0, 1, 4, 8, chunk, Default::default());
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(sluice_learner::node::serve(shared.clone(), listener, None, None, std::future::pending()));
+    Served { cfg, trainer, rt, shared, endpoint, _dir: dir }
+}
+
 /// Delta sync after real GRPO steps (a trainer in this process publishing
 /// through the learner's `GrpcPublisher` and service on loopback): an actor
 /// that holds a version gets only the changes since — one version behind, and
@@ -177,30 +210,12 @@ fn trained_weights_reach_the_actor_bit_for_bit_in_f32_and_bf16() {
 #[test]
 fn delta_sync_after_real_steps_is_bit_exact_with_a_full_sync() {
     use sluice_learner::publish::{GrpcPublisher, WeightPublisher};
-    use sluice_learner::service::Shared;
     for wire in [sluice_core::kinds::Dtype::Bf16, sluice_core::kinds::Dtype::F32] {
-        let dir = tempfile::tempdir().unwrap();
         let body = format!(
             "{TINY}[sampling]\nmax_new_tokens = 4\n[grpo]\ngroup_size = 4\n[train]\nsteps = 3\nprompts_per_step = 4\nlr = 1e-6\n\
              [rollout]\nweight_chunk_bytes = 1024\n"
         );
-        let job = write_job(dir.path(), "delta", &body);
-        let mut cfg = JobConfig::from_file(&job).unwrap();
-        cfg.train.out_dir = dir.path().join("out");
-        let mut trainer = sluice_learner::trainer::Trainer::new(cfg.clone(), false).unwrap();
-        let limits = sluice_learner::ingest::Limits {
-            job: "delta".into(),
-            vocab_size: 100,
-            max_tokens: 64,
-            max_rollout_bytes: 4096,
-            max_group_size: 8,
-            needs_logprobs: true,
-        };
-        let rt = runtime();
-        let (shared, _rx) = Shared::new(limits, 0, 1, 0, 1, 4, 8, 1024, Default::default());
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        rt.spawn(sluice_learner::node::serve(shared.clone(), listener, None, None, std::future::pending()));
+        let Served { cfg, mut trainer, rt, shared, endpoint, _dir } = served("delta", &body, 1024);
         let mut publisher = GrpcPublisher::new(shared.clone(), wire, true);
         let step = |trainer: &mut sluice_learner::trainer::Trainer, publisher: &mut GrpcPublisher| {
             trainer.grpo_step().unwrap();
@@ -270,27 +285,9 @@ fn delta_sync_after_real_steps_is_bit_exact_with_a_full_sync() {
 fn broadcast_sync_after_real_steps_is_bit_exact_with_a_grpc_sync() {
     use sluice_actor::sync::{BroadcastSubscriber, GrpcSubscriber, WeightSubscriber};
     use sluice_learner::publish::{BroadcastPublisher, GrpcPublisher, WeightPublisher};
-    use sluice_learner::service::Shared;
     for wire in [sluice_core::kinds::Dtype::Bf16, sluice_core::kinds::Dtype::F32] {
-        let dir = tempfile::tempdir().unwrap();
         let body = format!("{TINY}[sampling]\nmax_new_tokens = 4\n[grpo]\ngroup_size = 4\n[train]\nsteps = 8\nprompts_per_step = 4\nlr = 1e-3\n");
-        let job = write_job(dir.path(), "bcast", &body);
-        let mut cfg = JobConfig::from_file(&job).unwrap();
-        cfg.train.out_dir = dir.path().join("out");
-        let mut trainer = sluice_learner::trainer::Trainer::new(cfg.clone(), false).unwrap();
-        let limits = sluice_learner::ingest::Limits {
-            job: "bcast".into(),
-            vocab_size: 100,
-            max_tokens: 64,
-            max_rollout_bytes: 4096,
-            max_group_size: 8,
-            needs_logprobs: true,
-        };
-        let rt = runtime();
-        let (shared, _rx) = Shared::new(limits, 0, 1, 0, 1, 4, 8, 1 << 16, Default::default());
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        rt.spawn(sluice_learner::node::serve(shared.clone(), listener, None, None, std::future::pending()));
+        let Served { cfg, mut trainer, rt, shared, endpoint, _dir } = served("bcast", &body, 1 << 16);
         let auth = sluice_learner::collective::GroupAuth::new(Some("t0k"), "bcast");
         let root = sluice_collective::weights::Root::bind("127.0.0.1:0", &auth, shared.incarnation).unwrap();
         let group = root.local_addr().to_string();
