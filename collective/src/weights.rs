@@ -18,7 +18,9 @@
 //!
 //! Once authenticated, a joiner is told where it comes in: the root's
 //! incarnation and the last version it broadcast before the joiner was
-//! admitted (a *welcome*). The joiner receives every later version for as long
+//! admitted (a *welcome*), with the root's own proof of the token over a nonce
+//! the joiner sent (a member never takes weights from a root that cannot
+//! prove it). The joiner receives every later version for as long
 //! as its connection lasts, so an actor waits for the broadcast only for a
 //! version it will get, and downloads any other at once.
 //!
@@ -32,8 +34,9 @@
 //! a member whose staging tensors do not have it leaves the group for good
 //! ([`Member::failed`] says why).
 //!
-//! Wire per member stream, after the hello: the welcome (magic, incarnation,
-//! last version broadcast or `u64::MAX` for none); per version a `Header`, then (new generation,
+//! Wire per member stream: the root's nonce, the member's hello and nonce, the
+//! welcome (magic, incarnation, last version broadcast or `u64::MAX` for none,
+//! the root's MAC over the member's nonce); per version a `Header`, then (new generation,
 //! NCCL only) the unique-id frame of the TCP collective, then the payload
 //! (TCP: one broadcast frame of the flattened tensors; NCCL: on the device).
 
@@ -51,7 +54,12 @@ use crate::{comm_err, Collective, GroupAuth, Result, TcpCollective, MAC, NONCE};
 
 const HEADER_MAGIC: &[u8; 8] = b"SLUICEW1";
 const WELCOME_MAGIC: &[u8; 8] = b"SLUICEW0";
-const WELCOME_BYTES: usize = 8 + 2 * 8;
+const WELCOME_BYTES: usize = 8 + 2 * 8 + MAC;
+/// Joiners whose hello may be pending at once; more connections are dropped
+/// (each pending hello holds a thread for at most `HELLO_TIMEOUT`).
+const MAX_PENDING_HELLOS: usize = 64;
+/// The (world, rank) the root's proof is keyed with: no rank or member hello uses it.
+const ROOT_PROOF: (u32, u32) = (u32::MAX, u32::MAX);
 const HEADER_BYTES: usize = 8 + 6 * 8 + 3 * 4;
 /// How long the root waits on one member's socket before it gives up on the
 /// generation (a member that stopped reading cannot stall the learner longer).
@@ -289,28 +297,41 @@ impl Drop for Root {
 }
 
 fn accept_loop(listener: TcpListener, auth: GroupAuth, incarnation: u64, pending: Arc<Mutex<Pending>>, stop: Arc<AtomicBool>) {
+    let hellos = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((s, from)) => {
-                let (auth, pending) = (auth.clone(), pending.clone());
+                if hellos.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HELLOS {
+                    hellos.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(%from, "too many weights broadcast hellos pending; connection dropped");
+                    continue;
+                }
+                let (auth, pending, count) = (auth.clone(), pending.clone(), hellos.clone());
                 // One thread per joiner: a slow or silent one holds up nobody.
-                let _ = std::thread::Builder::new().name("weights-hello".into()).spawn(move || match challenge(s, &auth) {
-                    Ok(mut s) => {
-                        let mut p = pending.lock().expect("pending lock");
-                        let mut w = WELCOME_MAGIC.to_vec();
-                        w.extend(incarnation.to_le_bytes());
-                        w.extend(p.last.unwrap_or(u64::MAX).to_le_bytes());
-                        // Written under the lock: no header can come before it.
-                        match s.write_all(&w) {
-                            Ok(()) => {
-                                tracing::info!(%from, after = ?p.last, "a member joined the weights broadcast group");
-                                p.streams.push(s);
+                let spawned = std::thread::Builder::new().name("weights-hello".into()).spawn(move || {
+                    match challenge(s, &auth) {
+                        Ok((mut s, theirs)) => {
+                            let mut p = pending.lock().expect("pending lock");
+                            let mut w = WELCOME_MAGIC.to_vec();
+                            w.extend(incarnation.to_le_bytes());
+                            w.extend(p.last.unwrap_or(u64::MAX).to_le_bytes());
+                            w.extend(hmac::Mac::finalize(auth.mac(ROOT_PROOF.0, ROOT_PROOF.1, &theirs)).into_bytes());
+                            // Written under the lock: no header can come before it.
+                            match s.write_all(&w) {
+                                Ok(()) => {
+                                    tracing::info!(%from, after = ?p.last, "a member joined the weights broadcast group");
+                                    p.streams.push(s);
+                                }
+                                Err(e) => tracing::warn!(%from, error = %e, "a joiner left before its welcome"),
                             }
-                            Err(e) => tracing::warn!(%from, error = %e, "a joiner left before its welcome"),
                         }
+                        Err(e) => tracing::warn!(%from, error = %e, "dropping a weights broadcast connection"),
                     }
-                    Err(e) => tracing::warn!(%from, error = %e, "dropping a weights broadcast connection"),
+                    count.fetch_sub(1, Ordering::SeqCst);
                 });
+                if spawned.is_err() {
+                    hellos.fetch_sub(1, Ordering::SeqCst);
+                }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => {
@@ -321,13 +342,15 @@ fn accept_loop(listener: TcpListener, auth: GroupAuth, incarnation: u64, pending
     }
 }
 
-/// The root's half of the hello: a nonce out, a member's proof back.
-fn challenge(mut s: TcpStream, auth: &GroupAuth) -> Result<TcpStream> {
+/// The root's half of the hello: a nonce out, a member's proof and its own
+/// nonce back (which the welcome answers with the root's proof).
+fn challenge(mut s: TcpStream, auth: &GroupAuth) -> Result<(TcpStream, [u8; NONCE])> {
     s.set_nonblocking(false).map_err(comm_err)?;
     s.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(comm_err)?;
     let nonce: [u8; NONCE] = rand::random();
     let mut hello = [0u8; 16 + MAC];
-    s.write_all(&nonce).and_then(|()| s.read_exact(&mut hello)).map_err(comm_err)?;
+    let mut theirs = [0u8; NONCE];
+    s.write_all(&nonce).and_then(|()| s.read_exact(&mut hello)).and_then(|()| s.read_exact(&mut theirs)).map_err(comm_err)?;
     match auth.verify(&hello, &nonce) {
         Some((0, 0)) => {}
         _ => return Err(comm_err("the hello did not prove the job token")),
@@ -335,7 +358,7 @@ fn challenge(mut s: TcpStream, auth: &GroupAuth) -> Result<TcpStream> {
     s.set_read_timeout(None).map_err(comm_err)?;
     s.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(comm_err)?;
     s.set_nodelay(true).map_err(comm_err)?;
-    Ok(s)
+    Ok((s, theirs))
 }
 
 /// What a member holds.
@@ -507,11 +530,14 @@ fn session(addr: &str, auth: &GroupAuth, slot: &Slot, stop: &AtomicBool) -> End 
         Err(e) => return End::Retry(comm_err(format!("connect {addr}: {e}"))),
     };
     lock(slot).connecting = true;
+    let mine: [u8; NONCE] = rand::random();
     let hello = (|| -> std::io::Result<()> {
         s.set_read_timeout(Some(HELLO_TIMEOUT))?;
         let mut nonce = [0u8; NONCE];
         s.read_exact(&mut nonce)?;
-        s.write_all(&auth.hello(0, 0, &nonce))?;
+        let mut out = auth.hello(0, 0, &nonce);
+        out.extend(mine);
+        s.write_all(&out)?;
         s.set_nodelay(true)
     })();
     if let Err(e) = hello {
@@ -524,6 +550,9 @@ fn session(addr: &str, auth: &GroupAuth, slot: &Slot, stop: &AtomicBool) -> End 
     }
     if &w[..8] != WELCOME_MAGIC {
         return End::Leave(format!("{addr} is not a weights broadcast group (protocol mismatch)"));
+    }
+    if hmac::Mac::verify_slice(auth.mac(ROOT_PROOF.0, ROOT_PROOF.1, &mine), &w[24..]).is_err() {
+        return End::Leave(format!("{addr} did not prove the job token; no weights are taken from it"));
     }
     let incarnation = u64::from_le_bytes(w[8..16].try_into().expect("8 bytes"));
     let last = u64::from_le_bytes(w[16..24].try_into().expect("8 bytes"));
@@ -745,6 +774,37 @@ mod tests {
         });
         assert_eq!(values(&held.expect("version received")), want);
         eprintln!("nccl weights broadcast: bit-exact bf16 from cuda:0 to cuda:1");
+    }
+
+    /// A server at the group's address that answers the hello but cannot prove
+    /// the token (it does not hold it) is left for good; nothing is staged.
+    #[test]
+    fn a_root_that_cannot_prove_the_token_is_left() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let fake = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(&[3u8; NONCE]).unwrap();
+            let mut hello = [0u8; 16 + MAC + NONCE];
+            s.read_exact(&mut hello).unwrap();
+            let mut w = WELCOME_MAGIC.to_vec();
+            w.extend(7u64.to_le_bytes());
+            w.extend(u64::MAX.to_le_bytes());
+            w.extend([0u8; MAC]);
+            s.write_all(&w).unwrap();
+            let h = Header { generation: 1, version: 1, incarnation: 7, layout: layout(&zeros()), bytes: 20, world: 2, rank: 1, transport: Transport::Tcp };
+            let _ = s.write_all(&h.encode());
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let m = Member::join(&addr, &auth(), zeros()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while m.failed().is_none() {
+            assert!(Instant::now() < deadline, "{:?}", m.status());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(m.failed().unwrap().contains("did not prove"), "{:?}", m.failed());
+        assert_eq!(m.status().1, 0);
+        fake.join().unwrap();
     }
 
     #[test]
