@@ -30,11 +30,14 @@
 //! member just holds an older version, and the actor falls back to fetching
 //! the newest over gRPC when the broadcast has not brought what it needs.
 //!
-//! The layout (names, shapes, dtype of every tensor) is hashed into the header;
-//! a member whose staging tensors do not have it leaves the group for good
-//! ([`Member::failed`] says why).
+//! The layout (names, shapes, dtype of every tensor) is fingerprinted: a
+//! joiner sends its own, and the root refuses (a header saying so, no payload)
+//! a member whose layout is not the version's before any communicator
+//! includes it; the header carries the root's too, checked again by the member.
+//! A refused member leaves the group for good ([`Member::failed`] says why).
 //!
-//! Wire per member stream: the root's nonce, the member's hello and nonce, the
+//! Wire per member stream: the root's nonce, the member's hello, nonce and
+//! layout fingerprint, the
 //! welcome (magic, incarnation, last version broadcast or `u64::MAX` for none,
 //! the root's MAC over the member's nonce); per version a `Header`, then (new generation,
 //! NCCL only) the unique-id frame of the TCP collective, then the payload
@@ -74,6 +77,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Transport {
     Tcp = 0,
     Nccl = 1,
+    /// No payload: the root refuses this member (its layout is not the root's).
+    Refused = 2,
 }
 
 /// What the root writes on a member's stream before each version.
@@ -115,10 +120,11 @@ impl Header {
         let transport = match u32_at(2) {
             0 => Transport::Tcp,
             1 => Transport::Nccl,
+            2 => Transport::Refused,
             t => return Err(comm_err(format!("weights broadcast: unknown transport {t}"))),
         };
         let (world, rank) = (u32_at(0), u32_at(1));
-        if rank == 0 || rank >= world {
+        if transport != Transport::Refused && (rank == 0 || rank >= world) {
             return Err(comm_err(format!("weights broadcast: rank {rank} in a group of {world}")));
         }
         Ok(Header {
@@ -174,11 +180,21 @@ pub struct Sent {
     pub seconds: f64,
 }
 
+/// What a joiner says of its staging tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Joiner {
+    /// Their [`layout`] fingerprint.
+    layout: u64,
+    /// On CUDA: it can take an NCCL payload.
+    on_cuda: bool,
+}
+
 /// Joiners admitted since the last version, and that version (under one lock:
 /// a joiner's welcome names exactly the last version it will not get).
 #[derive(Default)]
 struct Pending {
-    streams: Vec<TcpStream>,
+    /// Each joiner's stream and the layout its staging tensors have.
+    streams: Vec<(TcpStream, Joiner)>,
     last: Option<u64>,
 }
 
@@ -187,7 +203,8 @@ pub struct Root {
     local: SocketAddr,
     incarnation: u64,
     pending: Arc<Mutex<Pending>>,
-    members: Vec<TcpStream>,
+    /// The members' streams and layouts, in rank order.
+    members: Vec<(TcpStream, Joiner)>,
     comm: Option<Box<dyn Collective>>,
     generation: u64,
     stop: Arc<AtomicBool>,
@@ -236,6 +253,21 @@ impl Root {
             self.members.extend(joined);
             self.comm = None;
         }
+        // A member that could not hold this version is refused before any
+        // communicator includes it (an NCCL rank that left would hang the rest).
+        let layout = layout(tensors);
+        let nccl = tensors.first().is_some_and(|(_, t)| t.device().is_cuda());
+        let fits = |j: &Joiner| j.layout == layout && (j.on_cuda || !nccl);
+        if self.members.iter().any(|m| !fits(&m.1)) {
+            let (fit, misfits): (Vec<_>, Vec<_>) = std::mem::take(&mut self.members).into_iter().partition(|m| fits(&m.1));
+            for (mut s, _) in misfits {
+                let refusal = Header { generation: 0, version, incarnation: self.incarnation, layout, bytes: 0, world: 0, rank: 0, transport: Transport::Refused };
+                let _ = s.write_all(&refusal.encode());
+                tracing::warn!("refused a weights broadcast member: its parameters (names, shapes, dtype) are not this learner's, or NCCL needs them on CUDA");
+            }
+            self.members = fit;
+            self.comm = None;
+        }
         let bytes = payload_bytes(tensors);
         if self.members.is_empty() {
             return Ok(Sent { members: 0, generation: self.generation, bytes, seconds: 0.0 });
@@ -251,7 +283,7 @@ impl Root {
         if let Err(e) = result {
             tracing::warn!(error = %e, generation = self.generation, members = self.members.len(), "weights broadcast failed; the members rejoin");
             self.comm = None;
-            for s in self.members.drain(..) {
+            for (s, _) in self.members.drain(..) {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
             return Err(e);
@@ -263,7 +295,7 @@ impl Root {
         let incarnation = self.incarnation;
         let world = self.members.len() + 1;
         let layout = layout(tensors);
-        for (i, s) in self.members.iter_mut().enumerate() {
+        for (i, (s, _)) in self.members.iter_mut().enumerate() {
             let h = Header {
                 generation: self.generation,
                 version,
@@ -277,7 +309,7 @@ impl Root {
             s.write_all(&h.encode()).map_err(|e| comm_err(format!("weights header to member {}: {e}", i + 1)))?;
         }
         if self.comm.is_none() {
-            let streams = self.members.iter().map(TcpStream::try_clone).collect::<std::io::Result<Vec<_>>>().map_err(comm_err)?;
+            let streams = self.members.iter().map(|m| m.0.try_clone()).collect::<std::io::Result<Vec<_>>>().map_err(comm_err)?;
             let tcp = TcpCollective::from_streams(0, world, streams);
             self.comm = Some(match tensors.first().map(|(_, t)| t.device()) {
                 Some(Device::Cuda(d)) => Box::new(NcclCollective::new(tcp, d)?),
@@ -310,7 +342,7 @@ fn accept_loop(listener: TcpListener, auth: GroupAuth, incarnation: u64, pending
                 // One thread per joiner: a slow or silent one holds up nobody.
                 let spawned = std::thread::Builder::new().name("weights-hello".into()).spawn(move || {
                     match challenge(s, &auth) {
-                        Ok((mut s, theirs)) => {
+                        Ok((mut s, theirs, joiner)) => {
                             let mut p = pending.lock().expect("pending lock");
                             let mut w = WELCOME_MAGIC.to_vec();
                             w.extend(incarnation.to_le_bytes());
@@ -320,7 +352,7 @@ fn accept_loop(listener: TcpListener, auth: GroupAuth, incarnation: u64, pending
                             match s.write_all(&w) {
                                 Ok(()) => {
                                     tracing::info!(%from, after = ?p.last, "a member joined the weights broadcast group");
-                                    p.streams.push(s);
+                                    p.streams.push((s, joiner));
                                 }
                                 Err(e) => tracing::warn!(%from, error = %e, "a joiner left before its welcome"),
                             }
@@ -344,13 +376,18 @@ fn accept_loop(listener: TcpListener, auth: GroupAuth, incarnation: u64, pending
 
 /// The root's half of the hello: a nonce out, a member's proof and its own
 /// nonce back (which the welcome answers with the root's proof).
-fn challenge(mut s: TcpStream, auth: &GroupAuth) -> Result<(TcpStream, [u8; NONCE])> {
+fn challenge(mut s: TcpStream, auth: &GroupAuth) -> Result<(TcpStream, [u8; NONCE], Joiner)> {
     s.set_nonblocking(false).map_err(comm_err)?;
     s.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(comm_err)?;
     let nonce: [u8; NONCE] = rand::random();
     let mut hello = [0u8; 16 + MAC];
     let mut theirs = [0u8; NONCE];
-    s.write_all(&nonce).and_then(|()| s.read_exact(&mut hello)).and_then(|()| s.read_exact(&mut theirs)).map_err(comm_err)?;
+    let mut layout = [0u8; 9];
+    s.write_all(&nonce)
+        .and_then(|()| s.read_exact(&mut hello))
+        .and_then(|()| s.read_exact(&mut theirs))
+        .and_then(|()| s.read_exact(&mut layout))
+        .map_err(comm_err)?;
     match auth.verify(&hello, &nonce) {
         Some((0, 0)) => {}
         _ => return Err(comm_err("the hello did not prove the job token")),
@@ -358,7 +395,7 @@ fn challenge(mut s: TcpStream, auth: &GroupAuth) -> Result<(TcpStream, [u8; NONC
     s.set_read_timeout(None).map_err(comm_err)?;
     s.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(comm_err)?;
     s.set_nodelay(true).map_err(comm_err)?;
-    Ok((s, theirs))
+    Ok((s, theirs, Joiner { layout: u64::from_le_bytes(layout[..8].try_into().expect("8 bytes")), on_cuda: layout[8] == 1 }))
 }
 
 /// What a member holds.
@@ -537,6 +574,12 @@ fn session(addr: &str, auth: &GroupAuth, slot: &Slot, stop: &AtomicBool) -> End 
         s.read_exact(&mut nonce)?;
         let mut out = auth.hello(0, 0, &nonce);
         out.extend(mine);
+        let (fingerprint, on_cuda) = {
+            let st = lock(slot);
+            (layout(&st.tensors), st.tensors.first().is_some_and(|(_, t)| t.device().is_cuda()))
+        };
+        out.extend(fingerprint.to_le_bytes());
+        out.push(u8::from(on_cuda));
         s.write_all(&out)?;
         s.set_nodelay(true)
     })();
@@ -592,6 +635,11 @@ fn receive(s: &mut TcpStream, slot: &Slot, stop: &AtomicBool) -> Result<std::con
         let mut b = [0u8; HEADER_BYTES];
         s.read_exact(&mut b).map_err(|e| comm_err(format!("version header: {e}")))?;
         let h = Header::decode(&b)?;
+        if h.transport == Transport::Refused {
+            return Err(End::Leave(
+                "the root refused this member: its parameters (names, shapes or dtype) are not the learner's, or the root sends over NCCL and they are not on CUDA".into(),
+            ));
+        }
         if comm.as_ref().is_none_or(|(g, _)| *g != h.generation) {
             // An NCCL communicator is destroyed before the next is made.
             drop(comm.take());
@@ -602,6 +650,7 @@ fn receive(s: &mut TcpStream, slot: &Slot, stop: &AtomicBool) -> Result<std::con
                 (Transport::Nccl, other) => {
                     return Err(End::Leave(format!("the root broadcasts over NCCL and this member's weights are on {other:?}")))
                 }
+                (Transport::Refused, _) => unreachable!("refusals end the session above"),
             };
             comm = Some((h.generation, c));
             tracing::info!(generation = h.generation, rank = h.rank, world = h.world, "joined a weights broadcast generation");
@@ -734,7 +783,7 @@ mod tests {
             assert!(Instant::now() < deadline, "misfit: {:?}, good: {:?}", misfit.status(), good.status());
             std::thread::sleep(Duration::from_millis(30));
         }
-        assert!(misfit.failed().unwrap().contains("layout"), "{:?}", misfit.failed());
+        assert!(misfit.failed().unwrap().contains("refused"), "{:?}", misfit.failed());
         let v = until_members(&mut root, 1, v);
         assert_eq!(got(&good, v).unwrap(), values(&params(v as f32)));
         for m in [&intruder, &other_job] {
@@ -785,7 +834,7 @@ mod tests {
         let fake = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             s.write_all(&[3u8; NONCE]).unwrap();
-            let mut hello = [0u8; 16 + MAC + NONCE];
+            let mut hello = [0u8; 16 + MAC + NONCE + 9];
             s.read_exact(&mut hello).unwrap();
             let mut w = WELCOME_MAGIC.to_vec();
             w.extend(7u64.to_le_bytes());
@@ -812,6 +861,8 @@ mod tests {
         let h = Header { generation: 3, version: u64::MAX, incarnation: 9, layout: 0xdead, bytes: 1 << 40, world: 5, rank: 4, transport: Transport::Nccl };
         assert_eq!(Header::decode(&h.encode()).unwrap(), h);
         assert!(Header::decode(&[0u8; HEADER_BYTES]).is_err());
+        let refusal = Header { world: 0, rank: 0, transport: Transport::Refused, ..h };
+        assert_eq!(Header::decode(&refusal.encode()).unwrap(), refusal);
         let bad_rank = Header { rank: 5, ..h };
         assert!(Header::decode(&bad_rank.encode()).is_err());
         assert_ne!(layout(&params(1.0)), layout(&[("a.weight".into(), Tensor::zeros([4], (tch::Kind::Float, Device::Cpu)))]));
