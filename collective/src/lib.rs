@@ -15,6 +15,8 @@
 //! group (the job id), the world size, its rank and the nonce ([`GroupAuth`]).
 //! A connection that cannot prove it is dropped and rank 0 keeps waiting; only
 //! an authenticated rank that disagrees (world size, duplicate rank) is an error.
+//! The proof goes both ways: each rank sends a nonce of its own, and rank 0
+//! answers it with its HMAC, so a rank never joins a rank 0 without the token.
 //!
 //! Every call must be made by every rank in the same order with the same
 //! tensor shapes; a mismatch is detected (op tag and byte count travel with each
@@ -101,6 +103,20 @@ impl GroupAuth {
         out
     }
 
+    /// Rank 0's (or a weights root's) answer to a joiner's own nonce: proof
+    /// that the side being joined holds the key too. Keyed with a (world,
+    /// rank) no joiner's hello uses.
+    fn root_proof(&self, nonce: &[u8]) -> [u8; MAC] {
+        use hmac::Mac;
+        self.mac(u32::MAX, u32::MAX, nonce).finalize().into_bytes().into()
+    }
+
+    /// Whether `proof` is [`GroupAuth::root_proof`] of `nonce` (constant time).
+    fn check_root_proof(&self, nonce: &[u8], proof: &[u8]) -> bool {
+        use hmac::Mac;
+        self.mac(u32::MAX, u32::MAX, nonce).verify_slice(proof).is_ok()
+    }
+
     /// The (rank, world) a hello proves, or `None` (constant-time comparison).
     fn verify(&self, hello: &[u8; 16 + MAC], nonce: &[u8]) -> Option<(u32, u32)> {
         use hmac::Mac;
@@ -148,8 +164,13 @@ impl TcpCollective {
                         s.set_nonblocking(false).map_err(comm_err)?;
                         s.set_read_timeout(Some(Duration::from_secs(5))).map_err(comm_err)?;
                         let nonce: [u8; NONCE] = rand::random();
-                        let mut hello = [0u8; 16 + MAC];
-                        let proven = s.write_all(&nonce).and_then(|()| s.read_exact(&mut hello)).ok().and_then(|()| auth.verify(&hello, &nonce));
+                        // The rank's hello, then its own nonce for rank 0 to answer.
+                        let mut hello = [0u8; 16 + MAC + NONCE];
+                        let proven = s
+                            .write_all(&nonce)
+                            .and_then(|()| s.read_exact(&mut hello))
+                            .ok()
+                            .and_then(|()| auth.verify(hello[..16 + MAC].try_into().expect("hello bytes"), &nonce));
                         let Some((r, w)) = proven else {
                             tracing::warn!(%from, "dropping a collective connection that did not prove the job token");
                             continue;
@@ -160,6 +181,7 @@ impl TcpCollective {
                                 "rank {r} of world {w} joined a world of size {world} (duplicate or out of range)"
                             )));
                         }
+                        s.write_all(&auth.root_proof(&hello[16 + MAC..])).map_err(comm_err)?;
                         s.set_read_timeout(None).map_err(comm_err)?;
                         s.set_nodelay(true).map_err(comm_err)?;
                         slots[r - 1] = Some(s);
@@ -195,7 +217,15 @@ impl TcpCollective {
             s.set_read_timeout(Some(Duration::from_secs(30))).map_err(comm_err)?;
             let mut nonce = [0u8; NONCE];
             s.read_exact(&mut nonce).map_err(|e| comm_err(format!("rank 0 at {rendezvous} sent no challenge: {e}")))?;
-            s.write_all(&auth.hello(world as u32, rank as u32, &nonce)).map_err(comm_err)?;
+            let mine: [u8; NONCE] = rand::random();
+            let mut hello = auth.hello(world as u32, rank as u32, &nonce);
+            hello.extend(mine);
+            s.write_all(&hello).map_err(comm_err)?;
+            let mut proof = [0u8; MAC];
+            s.read_exact(&mut proof).map_err(|e| comm_err(format!("rank 0 at {rendezvous} did not answer the hello: {e}")))?;
+            if !auth.check_root_proof(&mine, &proof) {
+                return Err(comm_err(format!("rank 0 at {rendezvous} did not prove the job token")));
+            }
             s.set_read_timeout(None).map_err(comm_err)?;
             s.set_nodelay(true).map_err(comm_err)?;
             peers.push(s);
@@ -489,7 +519,9 @@ mod tests {
         for wrong in [GroupAuth::new(Some("guess"), "job-1"), GroupAuth::new(Some("job-token"), "job-2")] {
             let mut s = connect();
             s.read_exact(&mut nonce).unwrap();
-            s.write_all(&wrong.hello(2, 1, &nonce)).unwrap();
+            let mut hello = wrong.hello(2, 1, &nonce);
+            hello.extend([9u8; NONCE]);
+            s.write_all(&hello).unwrap();
             // Dropped: the next read sees the connection closed.
             let mut b = [0u8; 1];
             assert_eq!(s.read(&mut b).unwrap_or(0), 0);
@@ -497,13 +529,37 @@ mod tests {
         // Random bytes.
         let mut s = connect();
         s.read_exact(&mut nonce).unwrap();
-        let _ = s.write_all(&[7u8; 48]);
+        let _ = s.write_all(&[7u8; 16 + MAC + NONCE]);
         drop(s);
         let mut c = TcpCollective::connect(1, 2, &addr, &auth(), Duration::from_secs(30)).unwrap();
         let mut t = [Tensor::from_slice(&[2.0f32])];
         c.all_reduce_sum(&mut t).unwrap();
         assert_eq!(Vec::<f32>::try_from(&t[0]).unwrap(), vec![3.0]);
         assert_eq!(root.join().unwrap(), vec![3.0]);
+    }
+
+    /// A listener at the rendezvous that reads the hello but does not hold the
+    /// token: the rank refuses to form a group with it.
+    #[test]
+    fn a_rank_never_joins_a_rank_0_without_the_token() {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let impostor = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let nonce = [1u8; NONCE];
+            s.write_all(&nonce).unwrap();
+            let mut hello = [0u8; 16 + MAC + NONCE];
+            s.read_exact(&mut hello).unwrap();
+            // The hello is genuine (so the impostor learns the rank's claim), but
+            // it cannot answer the rank's nonce without the key.
+            assert_eq!(auth().verify(hello[..16 + MAC].try_into().unwrap(), &nonce), Some((1, 2)));
+            s.write_all(&GroupAuth::new(Some("guess"), "job-1").root_proof(&hello[16 + MAC..])).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let err = TcpCollective::connect(1, 2, &addr, &auth(), Duration::from_secs(10)).unwrap_err().to_string();
+        assert!(err.contains("did not prove the job token"), "{err}");
+        impostor.join().unwrap();
     }
 
     #[test]

@@ -61,8 +61,6 @@ const WELCOME_BYTES: usize = 8 + 2 * 8 + MAC;
 /// Joiners whose hello may be pending at once; more connections are dropped
 /// (each pending hello holds a thread for at most `HELLO_TIMEOUT`).
 const MAX_PENDING_HELLOS: usize = 64;
-/// The (world, rank) the root's proof is keyed with: no rank or member hello uses it.
-const ROOT_PROOF: (u32, u32) = (u32::MAX, u32::MAX);
 const HEADER_BYTES: usize = 8 + 6 * 8 + 3 * 4;
 /// How long the root waits on one member's socket before it gives up on the
 /// generation (a member that stopped reading cannot stall the learner longer).
@@ -347,7 +345,7 @@ fn accept_loop(listener: TcpListener, auth: GroupAuth, incarnation: u64, pending
                             let mut w = WELCOME_MAGIC.to_vec();
                             w.extend(incarnation.to_le_bytes());
                             w.extend(p.last.unwrap_or(u64::MAX).to_le_bytes());
-                            w.extend(hmac::Mac::finalize(auth.mac(ROOT_PROOF.0, ROOT_PROOF.1, &theirs)).into_bytes());
+                            w.extend(auth.root_proof(&theirs));
                             // Written under the lock: no header can come before it.
                             match s.write_all(&w) {
                                 Ok(()) => {
@@ -594,7 +592,7 @@ fn session(addr: &str, auth: &GroupAuth, slot: &Slot, stop: &AtomicBool) -> End 
     if &w[..8] != WELCOME_MAGIC {
         return End::Leave(format!("{addr} is not a weights broadcast group (protocol mismatch)"));
     }
-    if hmac::Mac::verify_slice(auth.mac(ROOT_PROOF.0, ROOT_PROOF.1, &mine), &w[24..]).is_err() {
+    if !auth.check_root_proof(&mine, &w[24..]) {
         return End::Leave(format!("{addr} did not prove the job token; no weights are taken from it"));
     }
     let incarnation = u64::from_le_bytes(w[8..16].try_into().expect("8 bytes"));
