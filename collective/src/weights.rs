@@ -254,8 +254,11 @@ impl Root {
         // A member that could not hold this version is refused before any
         // communicator includes it (an NCCL rank that left would hang the rest).
         let layout = layout(tensors);
-        let nccl = tensors.first().is_some_and(|(_, t)| t.device().is_cuda());
-        let fits = |j: &Joiner| j.layout == layout && (j.on_cuda || !nccl);
+        let transport = match tensors.first().map(|(_, t)| t.device()) {
+            Some(Device::Cuda(_)) => Transport::Nccl,
+            _ => Transport::Tcp,
+        };
+        let fits = |j: &Joiner| j.layout == layout && (j.on_cuda || transport != Transport::Nccl);
         if self.members.iter().any(|m| !fits(&m.1)) {
             let (fit, misfits): (Vec<_>, Vec<_>) = std::mem::take(&mut self.members).into_iter().partition(|m| fits(&m.1));
             for (mut s, _) in misfits {
@@ -270,14 +273,10 @@ impl Root {
         if self.members.is_empty() {
             return Ok(Sent { members: 0, generation: self.generation, bytes, seconds: 0.0 });
         }
-        let transport = match tensors.first().map(|(_, t)| t.device()) {
-            Some(Device::Cuda(_)) => Transport::Nccl,
-            _ => Transport::Tcp,
-        };
         if self.comm.is_none() {
             self.generation += 1;
         }
-        let result = self.send(version, tensors, bytes, transport);
+        let result = self.send(Header { generation: self.generation, version, incarnation: self.incarnation, layout, bytes, world: 0, rank: 0, transport }, tensors);
         if let Err(e) = result {
             tracing::warn!(error = %e, generation = self.generation, members = self.members.len(), "weights broadcast failed; the members rejoin");
             self.comm = None;
@@ -289,21 +288,13 @@ impl Root {
         Ok(Sent { members: self.members.len(), generation: self.generation, bytes, seconds: t0.elapsed().as_secs_f64() })
     }
 
-    fn send(&mut self, version: u64, tensors: &[(String, Tensor)], bytes: u64, transport: Transport) -> Result<()> {
-        let incarnation = self.incarnation;
+    /// Writes `header` (with each member's rank and the world) on every
+    /// member's stream, forms the communicator if this is a new generation,
+    /// and broadcasts the payload.
+    fn send(&mut self, header: Header, tensors: &[(String, Tensor)]) -> Result<()> {
         let world = self.members.len() + 1;
-        let layout = layout(tensors);
         for (i, (s, _)) in self.members.iter_mut().enumerate() {
-            let h = Header {
-                generation: self.generation,
-                version,
-                incarnation,
-                layout,
-                bytes,
-                world: world as u32,
-                rank: i as u32 + 1,
-                transport,
-            };
+            let h = Header { world: world as u32, rank: i as u32 + 1, ..header };
             s.write_all(&h.encode()).map_err(|e| comm_err(format!("weights header to member {}: {e}", i + 1)))?;
         }
         if self.comm.is_none() {
@@ -313,7 +304,7 @@ impl Root {
                 Some(Device::Cuda(d)) => Box::new(NcclCollective::new(tcp, d)?),
                 _ => Box::new(tcp),
             });
-            tracing::info!(generation = self.generation, members = world - 1, ?transport, "weights broadcast group formed");
+            tracing::info!(generation = header.generation, members = world - 1, transport = ?header.transport, "weights broadcast group formed");
         }
         let mut ts: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
         self.comm.as_mut().expect("formed above").broadcast_from_root(&mut ts)
