@@ -246,11 +246,16 @@ impl TcpCollective {
     }
 }
 
-fn send(s: &mut TcpStream, op: u8, bytes: &[u8]) -> Result<()> {
+/// A frame's header: the op tag and the payload's byte count.
+fn frame_header(op: u8, len: usize) -> [u8; 9] {
     let mut header = [0u8; 9];
     header[0] = op;
-    header[1..].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-    s.write_all(&header).and_then(|_| s.write_all(bytes)).map_err(|e| comm_err(format!("send to peer: {e}")))
+    header[1..].copy_from_slice(&(len as u64).to_le_bytes());
+    header
+}
+
+fn send(s: &mut TcpStream, op: u8, bytes: &[u8]) -> Result<()> {
+    s.write_all(&frame_header(op, bytes.len())).and_then(|_| s.write_all(bytes)).map_err(|e| comm_err(format!("send to peer: {e}")))
 }
 
 fn recv(s: &mut TcpStream, op: u8, expected_len: usize) -> Result<Vec<u8>> {
@@ -369,9 +374,7 @@ impl TcpCollective {
             return Err(comm_err("all tensors of one collective call must have the same dtype"));
         }
         let len: usize = tensors.iter().map(|t| t.numel() * kind.elt_size_in_bytes()).sum();
-        let mut header = [0u8; 9];
-        header[0] = OP_BROADCAST;
-        header[1..].copy_from_slice(&(len as u64).to_le_bytes());
+        let header = frame_header(OP_BROADCAST, len);
         if self.rank == 0 {
             // Every peer at once, each from the same memory (one thread per peer
             // beyond the first): N peers take about as long as the slowest one.

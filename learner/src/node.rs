@@ -108,7 +108,9 @@ fn build_publisher(opts: &NodeOptions, session: Option<&Session>, shared: &Arc<S
     }
     if opts.rank > 0 {
         match &opts.weights_broadcast {
-            Some(a) => drop(shared.weights_broadcast.set(a.clone())),
+            Some(a) => {
+                let _ = shared.weights_broadcast.set(a.clone());
+            }
             None => tracing::warn!("no --weights-broadcast address on this rank: its actors download every version"),
         }
         return Ok(Box::new(grpc));

@@ -58,8 +58,16 @@ impl GrpcPublisher {
 
 impl WeightPublisher for GrpcPublisher {
     fn publish(&mut self, version: u64, policy: &Policy) -> Result<Publication> {
+        self.publish_tensors(version, &policy.named_parameters())
+    }
+}
+
+impl GrpcPublisher {
+    /// [`WeightPublisher::publish`] of these named tensors (converted to the
+    /// wire dtype here unless they already have it).
+    fn publish_tensors(&mut self, version: u64, named: &[(String, Tensor)]) -> Result<Publication> {
         let t0 = Instant::now();
-        let bytes = Bytes::from(sluice_model::weights::encode(&policy.named_parameters(), sluice_model::device::kind(self.dtype))?);
+        let bytes = Bytes::from(sluice_model::weights::encode(named, sluice_model::device::kind(self.dtype))?);
         let n = bytes.len();
         let delta = match self.last.take().filter(|(v, _)| self.deltas && *v < version) {
             Some((base, old)) => match sluice_model::weights::delta(&old, &bytes) {
@@ -104,11 +112,12 @@ impl BroadcastPublisher {
 
 impl WeightPublisher for BroadcastPublisher {
     fn publish(&mut self, version: u64, policy: &Policy) -> Result<Publication> {
-        let mut p = self.grpc.publish(version, policy)?;
+        // Converted to the wire dtype once, for the blob and the broadcast.
         let kind = sluice_model::device::kind(self.dtype);
         let params: Vec<(String, Tensor)> = tch::no_grad(|| {
             policy.named_parameters().into_iter().map(|(n, t)| (n, t.detach().to_kind(kind).contiguous())).collect()
         });
+        let mut p = self.grpc.publish_tensors(version, &params)?;
         match self.root.broadcast(version, &params) {
             Ok(sent) => p.broadcast = Some((sent.members, sent.seconds)),
             Err(e) => tracing::warn!(version, error = %e, "weights broadcast failed; its members download this version"),
